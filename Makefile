@@ -1,0 +1,38 @@
+# itdiffusion: one-command setup, tests, smoke run, reproduction and benchmarks.
+# Every target depends on `setup`, so a fresh clone needs no other step.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+ARGS   ?=
+
+.PHONY: setup test test-slow lint smoke reproduce bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests scripts
+
+smoke: $(STAMP)
+	bash scripts/reproduce.sh experiment=smoke $(ARGS)
+
+reproduce: $(STAMP)
+	bash scripts/reproduce.sh experiment=paper $(ARGS)
+
+bench: $(STAMP)
+	@for f in scripts/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

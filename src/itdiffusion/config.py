@@ -1,0 +1,144 @@
+"""Structured configs: the schema behind ``conf/``.
+
+Each config group has a dataclass registered in Hydra's ConfigStore, so a mistyped key or a value
+of the wrong type in an override is an error (``estimator.npoint=5`` fails), never a silent default.
+YAML files in ``conf/<group>/`` extend these schemas through their ``defaults`` list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class PathsConfig:
+    data_dir: str = "data"
+    checkpoint_dir: str = "checkpoints"
+    output_dir: str = "outputs"
+    cache_dir: str = "${paths.output_dir}/cache"
+    results_dir: str = "${paths.output_dir}/results"
+
+
+@dataclass
+class DataConfig:
+    """A dataset of 32x32 RGB uint8 images, scaled to [-1, 1] by the loader."""
+
+    name: str = MISSING  # cifar10 | image_folder | npz | patches
+    root: str = MISSING  # folder (cifar10, image_folder) or file prefix (npz)
+    download: bool = False  # cifar10 only: fetch through torchvision
+    train_split: str = "train"
+    test_split: str = "test"
+    num_images: int | None = None  # limit on test images evaluated (None: all)
+    num_train_images: int | None = None  # limit on training images used by finetune
+    stats_images: int = 12500  # training images for the Gaussian reference (paper: 12,500)
+    hflip: bool = True  # random horizontal flips, fine-tuning only
+    num_workers: int = 2
+    # patches: 32x32 crops of scikit-image's photos, split into train / test by source photo
+    patches_per_photo: int = 64
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """Keys named exactly as improved-diffusion's flags, plus where the weights come from."""
+
+    name: str = MISSING
+    kind: str = "iddpm"  # iddpm | masked_pixels
+    image_size: int = 32
+    num_channels: int = 128
+    num_res_blocks: int = 3
+    num_heads: int = 4
+    num_heads_upsample: int = -1
+    attention_resolutions: str = "16,8"
+    dropout: float = 0.3
+    learn_sigma: bool = True
+    sigma_small: bool = False
+    class_cond: bool = False
+    diffusion_steps: int = 4000
+    noise_schedule: str = "cosine"
+    timestep_respacing: str = ""
+    use_kl: bool = True
+    predict_xstart: bool = False
+    rescale_timesteps: bool = True
+    rescale_learned_sigmas: bool = True
+    use_checkpoint: bool = False
+    use_scale_shift_norm: bool = True
+    checkpoint: str | None = None  # local path; None with checkpoint_url: download on first use
+    checkpoint_url: str | None = None
+    training_objective: str = "L_vlb"  # label for the report's "training objective" column
+
+
+@dataclass
+class EstimatorConfig:
+    """How bits/dim are estimated by the evaluate stage."""
+
+    it: bool = True  # information-theoretic estimates (continuous, discrete, dequantized)
+    vlb: bool = True  # IDDPM's variational bound (discrete and continuous-density)
+    npoints: int = 1000  # log-SNR points per image for the IT estimates
+    logsnr_sampling: str = "stratified"  # stratified | random
+    rounding: str = "soft"  # soft | hard | none: how x_hat is rounded for the discrete estimate
+    clip: float = 4.0  # truncate the logistic log-SNR proposal at this many scales
+    batch_size: int = 256  # network inputs per forward pass
+    vlb_steps_per_batch: int = 8  # VLB timesteps evaluated in one forward pass
+    seed: int = 0
+
+
+@dataclass
+class FinetuneConfig:
+    objective: str = "it"  # it (the IT bound) | iddpm (the model's own IDDPM loss)
+    init: str | None = None  # checkpoint to start from; None: the model's checkpoint (or scratch)
+    run_name: str = "${model.name}_${finetune.objective}"
+    epochs: int = 10
+    max_steps: int | None = None
+    batch_size: int = 32  # per process
+    lr: float = 2.5e-5
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+    bf16: bool = False
+    ema_decay: float | None = None
+    save_every_steps: int | None = None
+    heldout_images: int = 256
+    skip_nonfinite: bool = False
+    seed: int = 0
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "wandb"  # wandb | none
+    project: str = "itdiffusion"
+    entity: str | None = None
+    mode: str = "offline"  # offline | online | disabled
+    group: str | None = None  # runs of one reproduction share a group
+    dir: str = "${paths.output_dir}"
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = MISSING
+    model: ModelConfig = MISSING
+    estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    experiment: str = "default"
+    run_id: str = "${now:%Y%m%d-%H%M%S}"
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def register_configs() -> None:
+    """Register the schemas; YAML files name them in their defaults list (``- /schema/model``)."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    cs.store(group="schema/paths", name="paths", node=PathsConfig)
+    cs.store(group="schema/data", name="data", node=DataConfig)
+    cs.store(group="schema/model", name="model", node=ModelConfig)
+    cs.store(group="schema/estimator", name="estimator", node=EstimatorConfig)
+    cs.store(group="schema/finetune", name="finetune", node=FinetuneConfig)
+    cs.store(group="schema/logger", name="logger", node=LoggerConfig)
