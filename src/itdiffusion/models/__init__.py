@@ -1,0 +1,1 @@
+"""Model adapters: the IDDPM U-Net (improved-diffusion) and the masked-pixel denoiser."""
