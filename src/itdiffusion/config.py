@@ -98,6 +98,7 @@ class FinetuneConfig:
     lr: float = 2.5e-5
     weight_decay: float = 0.0
     grad_clip: float | None = None
+    warmup_steps: int = 0  # linear LR warm-up from lr/warmup_steps to lr (0: constant lr, the paper)
     bf16: bool = False
     ema_decay: float | None = None
     save_every_steps: int | None = None
