@@ -27,6 +27,7 @@ step, before anything is written, so the last good checkpoint stays the newest; 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import random
 import signal
@@ -49,6 +50,8 @@ from itdiffusion import distributed
 from itdiffusion.config import FinetuneConfig
 from itdiffusion.io import atomic_write_json
 from itdiffusion.units import nats_to_bpd
+
+log = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 """``loss_fn(model, x [B,C,H,W] in [-1, 1], seeds int64 [B]) -> per-image loss [B]``."""
@@ -408,8 +411,8 @@ class Trainer:
             self._seed_process_rngs(step=progress.step)
         self._saved_at_step = progress.step
         if distributed.is_main():
-            print(f"[finetune] resumed from {path} at step {progress.step}/{self.total_steps} "
-                  f"(epoch {progress.epoch}, batch {progress.batch_in_epoch})", flush=True)
+            log.info("resumed from %s at step %d/%d (epoch %d, batch %d)", path, progress.step, self.total_steps,
+                     progress.epoch, progress.batch_in_epoch)
 
     def _wrap(self) -> nn.Module:
         if not distributed.is_distributed():
