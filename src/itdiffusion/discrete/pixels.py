@@ -2,7 +2,9 @@
 
 Images are uint8 [B, 3, s, s]; every sub-pixel is one token, so bits/dim = nats / (3 s^2 ln 2) is
 directly a discrete NLL over the 256 pixel values (comparable with IDDPM's discrete VLB, no
-dequantization offset).
+dequantization offset). The examples default to the time-integral schedule: at L >= 512 tokens it
+has 2-4x lower variance per network evaluation than the time-free one
+(scripts/bench_discrete_variance.py), and an image has 3072.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def bottom_half(image_size: int) -> Tensor:
 
 
 def bottom_given_top_nll(model: MaskedPixelUNet, images: Tensor, *, num_masks: int,
-                         schedule: str = "time_free", **kwargs) -> tuple[MaskedEstimate, int]:
+                         schedule: str = "time_integral", **kwargs) -> tuple[MaskedEstimate, int]:
     """-log p(bottom half | top half) in nats per image, and the number of scored sub-pixels.
 
     Bits/dim of the bottom half: ``estimate.bpd(dim)`` with the returned ``dim``.
@@ -73,7 +75,7 @@ def corrupt_images(images: Tensor, *, fraction: float, generator: torch.Generato
 
 
 def corrupted_log_ratio(model: MaskedPixelUNet, images: Tensor, *, num_masks: int, fraction: float = 0.05,
-                        schedule: str = "time_free", generator: torch.Generator | None = None,
+                        schedule: str = "time_integral", generator: torch.Generator | None = None,
                         **kwargs) -> tuple[Tensor, MaskedEstimate]:
     """(corrupted copies y, estimate of log p(y) - log p(x) in nats with coupled masks)."""
     model.eval()
