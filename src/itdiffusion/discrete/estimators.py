@@ -111,10 +111,15 @@ def _masked_sums(term_fn: Callable[[Tensor, Tensor, Tensor], Tensor], tokens: Te
     return sums.reshape(batch, k), evals
 
 
+def _log_probs(logits: Tensor) -> Tensor:
+    """log-softmax over the vocabulary in at least float32 (half-precision logits under autocast)."""
+    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+
 def _cross_entropy_fn(denoiser) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     """Per-token -log p(x_i | unmasked) from a masked denoiser's logits."""
     def term(noisy: Tensor, targets: Tensor, rows: Tensor) -> Tensor:
-        logp = torch.log_softmax(denoiser(noisy), dim=-1)
+        logp = _log_probs(denoiser(noisy))
         return -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return term
 
@@ -252,7 +257,7 @@ def any_order_loss(denoiser, tokens: Tensor, *, scheme: str = "uniform",
     masks, weights = zip(*(subset_masks(torch.ones(length, dtype=torch.bool), 1, generator, scheme=scheme,
                                         stratified=False) for _ in range(batch)), strict=True)
     mask = torch.cat(masks).to(tokens.device)
-    logp = torch.log_softmax(denoiser(tokens.masked_fill(mask, vocab)), dim=-1)
+    logp = _log_probs(denoiser(tokens.masked_fill(mask, vocab)))
     nll = -logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     weight = torch.cat(weights).to(device=tokens.device, dtype=logp.dtype)
     return weight * torch.where(mask, nll, 0.0).sum(dim=1)

@@ -108,7 +108,10 @@ class MarkovChain(ExactDistribution):
         """e_t[b, s] = 1 if state s at step t agrees with the unmasked tokens it holds (t = k-1..L-1)."""
         k = self.order
         free = tokens == self.mask_id
-        agree = lambda t, j: free[:, t, None] | (self.digits[None, :, j] == tokens[:, t, None])  # noqa: E731
+
+        def agree(t: int, j: int) -> Tensor:  # token t is masked or equals digit j of every state
+            return free[:, t, None] | (self.digits[None, :, j] == tokens[:, t, None])
+
         first = torch.stack([agree(t, t) for t in range(k)]).all(dim=0)
         return [first.double()] + [agree(t, k - 1).double() for t in range(k, self.length)]
 

@@ -31,6 +31,7 @@ def masked_pixel_metrics(model: MaskedPixelUNet, images: Tensor, *, num_masks: i
     ``mdce_timefree_nats`` / ``mdce_timefree_bpd`` (time-free), each with a ``_stderr`` twin (Monte
     Carlo error over the ``num_masks`` masks), and ``*_network_evals``. Averaging the per-image bpd
     over images (``units.mean_and_stderr``) gives the dataset value and its total standard error.
+    Puts the model in eval mode.
     """
     model.eval()
     tokens = _tokens_on(model, images)
@@ -60,7 +61,7 @@ def bottom_given_top_nll(model: MaskedPixelUNet, images: Tensor, *, num_masks: i
     """
     model.eval()
     response = bottom_half(model.image_size)
-    est = conditional_nll(model, _tokens_on(model, images), response.to(images.device), schedule=schedule,
+    est = conditional_nll(model, _tokens_on(model, images), response, schedule=schedule,
                           num_masks=num_masks, **kwargs)
     return est, int(response.sum())
 
