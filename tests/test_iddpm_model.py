@@ -125,7 +125,7 @@ def test_denoiser_is_differentiable_for_fine_tuning():
     cfg = tiny_cfg(diffusion_steps=50)
     model, _ = build_model_and_diffusion(cfg)
     den = IDDPMDenoiser(model.train(), cfg)
-    den(torch.randn(2, 3, 32, 32), torch.tensor([-2.0, 3.0])).square().mean().backward()
+    den(torch.randn(1, 3, 32, 32), torch.tensor([3.0])).square().mean().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
@@ -143,17 +143,16 @@ def test_timestep_to_logsnr_is_the_schedules_logsnr():
 def test_training_loss_is_improved_diffusions_loss_on_uniform_steps(use_kl):
     cfg = tiny_cfg(diffusion_steps=50, use_kl=use_kl)
     model, diffusion = build_model_and_diffusion(cfg)
-    model = randomized(model).train()
-    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    loss = iddpm_training_loss(model, diffusion, x, generator=torch.Generator().manual_seed(7))
-    assert loss.shape == (4,) and torch.isfinite(loss).all()
-    # the same draws (t uniform on 0..T-1, then eps) given to improved-diffusion's training_losses
+    model = randomized(model)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    # the same draws (t uniform on 0..T-1, then eps) handed to improved-diffusion's training_losses
     g = torch.Generator().manual_seed(7)
-    t = torch.randint(0, 50, (4,), generator=g)
+    t = torch.randint(0, 50, (2,), generator=g)
     noise = torch.randn(x.shape, generator=g)
     with torch.no_grad():
-        ref = diffusion.training_losses(model.eval(), x, t, noise=noise)["loss"]
-        again = iddpm_training_loss(model, diffusion, x, generator=torch.Generator().manual_seed(7))
-    torch.testing.assert_close(again, ref)
+        ref = diffusion.training_losses(model, x, t, noise=noise)["loss"]
+    loss = iddpm_training_loss(model, diffusion, x, generator=torch.Generator().manual_seed(7))
+    assert loss.shape == (2,) and torch.isfinite(loss).all()
+    torch.testing.assert_close(loss.detach(), ref)
     loss.mean().backward()
     assert model.input_blocks[0][0].weight.grad.abs().sum() > 0
