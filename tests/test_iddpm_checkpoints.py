@@ -159,3 +159,21 @@ def test_download_reports_sha256_and_fails_clearly(official_style_file, tmp_path
     with pytest.raises(CheckpointError, match=f"place it at {dest}"):
         download((tmp_path / "no-such-file.pt").as_uri(), dest, progress=False)
     assert not dest.exists()
+
+
+def test_download_script_keeps_present_files_and_rejects_unknown_names(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("download_checkpoints",
+                                                  CONF.parent / "scripts" / "download_checkpoints.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for name in ("cifar10_uncond_vlb_50M_500K.pt", "cifar10_uncond_50M_500K.pt"):  # the official names
+        (tmp_path / "iddpm").mkdir(exist_ok=True)
+        (tmp_path / "iddpm" / name).write_bytes(name.encode())
+    assert script.main(["--checkpoint-dir", str(tmp_path)]) == 0  # nothing to download
+    out = capsys.readouterr().out
+    assert hashlib.sha256(b"cifar10_uncond_50M_500K.pt").hexdigest() in out
+    assert "iddpm_cifar10_vlb" in out and "iddpm_cifar10_hybrid" in out
+    with pytest.raises(SystemExit):
+        script.main(["iddpm_cifar10_typo"])

@@ -7,9 +7,11 @@ For data x_0 (pixels scaled to [-1, 1]) and a chain of T steps with ``abar_t = p
 
     L_prior = KL(q(x_{T-1} | x_0) || N(0, I)),   q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I),
     L_t     = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)),   x_t ~ q(x_t | x_0) (one draw per t),
-    L_0     = -log p(x_0 | x_1-step-0 sample): IDDPM's discretized Gaussian decoder (bins of 2/255,
-              open-ended at -1 and 1), or with ``continuous_density=True`` the Gaussian density
+    L_0     = -log p(x_0 | x_{t=0}): IDDPM's discretized Gaussian decoder (bins of 2/255, open-ended
+              at -1 and 1), or with ``continuous_density=True`` the Gaussian density
               -log N(x_0; mu_theta, sigma_theta^2) (ITD's ``cont_density`` benchmark, a continuous NLL).
+
+Terms are in bits/dim: nats summed over the d dimensions of an image, divided by d ln 2.
 
 The posterior is ``q(x_{t-1} | x_t, x_0) = N(c0_t x_0 + ct_t x_t, beta~_t)`` with
 ``c0_t = beta_t sqrt(abar_{t-1}) / (1 - abar_t)``,
