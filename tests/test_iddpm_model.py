@@ -41,9 +41,11 @@ def test_cifar10_configs_build_exactly_improved_diffusions_model_on_meta():
     script_util = improved_diffusion().script_util
     for name, use_kl in [("iddpm_cifar10_vlb", True), ("iddpm_cifar10_hybrid", False)]:
         flags = {**script_util.model_and_diffusion_defaults(), **readme, "use_kl": use_kl}
+        cfg = OmegaConf.load(CONF / "model" / f"{name}.yaml")
+        assert iddpm_flags(cfg) == flags  # every flag, dropout and diffusion flags included
         with torch.device("meta"):
             reference, ref_diffusion = script_util.create_model_and_diffusion(**flags)
-            model, diffusion = build_model_and_diffusion(OmegaConf.load(CONF / "model" / f"{name}.yaml"))
+            model, diffusion = build_model_and_diffusion(cfg)
         got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         want = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
         assert list(got) == list(want) and got == want
