@@ -177,3 +177,30 @@ def test_download_script_keeps_present_files_and_rejects_unknown_names(tmp_path,
     assert "iddpm_cifar10_vlb" in out and "iddpm_cifar10_hybrid" in out
     with pytest.raises(SystemExit):
         script.main(["iddpm_cifar10_typo"])
+
+
+def test_interrupted_http_download_leaves_no_file(tmp_path):
+    import http.server
+    import threading
+
+    class Truncating(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # promises 1000 bytes, sends 10, hangs up
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"0123456789")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Truncating)
+    thread = threading.Thread(target=server.handle_request, daemon=True)
+    thread.start()
+    dest = tmp_path / "iddpm" / "weights.pt"
+    try:
+        with pytest.raises(CheckpointError, match="stopped after 10 of 1000 bytes"):
+            download(f"http://127.0.0.1:{server.server_port}/weights.pt", dest, progress=False, timeout=10)
+    finally:
+        thread.join(timeout=10)
+        server.server_close()
+    assert not dest.exists() and list(dest.parent.iterdir()) == []

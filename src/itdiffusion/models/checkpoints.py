@@ -9,6 +9,7 @@ shapes) and the first mismatched keys; an unreadable file fails saying to delete
 from __future__ import annotations
 
 import hashlib
+import http.client
 import pickle
 import re
 import urllib.error
@@ -62,10 +63,11 @@ def download(url: str, dest: str | Path, *, progress: bool = True, timeout: floa
                         received += len(chunk)
                         bar.update(len(chunk))
                 if total is not None and received != total:
-                    raise CheckpointError(f"download of {url} stopped after {received} of {total} bytes")
+                    raise CheckpointError(f"download of {url} stopped after {received} of {total} bytes; "
+                                          f"nothing was written to {dest}: run it again")
 
             atomic_write(dest, write)
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         raise CheckpointError(
             f"could not download {url} to {dest} ({e}). Without network access, fetch the file "
             f"elsewhere and place it at {dest}, or point model.checkpoint at a local copy."
@@ -97,8 +99,8 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
 def _unreadable(path: Path, e: Exception) -> CheckpointError:
     return CheckpointError(
         f"{path} ({path.stat().st_size} bytes) is not a readable PyTorch file ({type(e).__name__}). "
-        f"It is probably truncated or corrupted, e.g. by an "
-        f"interrupted download: delete it and download it again (python scripts/download_checkpoints.py)."
+        f"It is probably truncated or corrupted, e.g. by an interrupted download: delete it and "
+        f"download it again (python scripts/download_checkpoints.py)."
     )
 
 
