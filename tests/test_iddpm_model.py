@@ -88,9 +88,12 @@ def test_flags_accept_dict_omegaconf_and_dataclass_and_reject_incomplete():
         iddpm_flags({**as_dict, "kind": "masked_pixels"})
 
 
-@pytest.mark.parametrize("learn_sigma,predict_xstart", [(True, False), (False, False), (True, True)])
-def test_denoiser_at_a_discrete_steps_logsnr_is_the_networks_eps_at_that_step(learn_sigma, predict_xstart):
-    cfg = tiny_cfg(learn_sigma=learn_sigma, predict_xstart=predict_xstart, diffusion_steps=50)
+@pytest.mark.parametrize("learn_sigma,predict_xstart,schedule", [
+    (True, False, "cosine"), (False, False, "linear"), (True, True, "cosine")])
+def test_denoiser_at_a_discrete_steps_logsnr_is_the_networks_eps_at_that_step(learn_sigma, predict_xstart,
+                                                                              schedule):
+    cfg = tiny_cfg(learn_sigma=learn_sigma, predict_xstart=predict_xstart, noise_schedule=schedule,
+                   diffusion_steps=50)
     model, diffusion = build_model_and_diffusion(cfg)
     model = randomized(model)
     steps = torch.tensor([0, 13, 48])  # not 49: IDDPM clips the last cosine step (beta <= 0.999)
