@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,9 @@ DEFAULT_MIN_EIGVAL = 1e-10
 # of the proposal (or K if fewer points). Wider bins pool more of the other images' errors, so the choice is
 # less noisy; narrower bins follow the error curves more closely.
 DECISION_BINS = 32
+
+# it_nll warns when the discrete right-tail bound exceeds this many nats per dimension.
+RIGHT_TAIL_WARN_NATS_PER_DIM = 1e-3
 
 SAMPLING_MODES = ("stratified", "random", "grid")
 ROUNDING_MODES = ("none", "hard", "soft")
@@ -710,6 +714,13 @@ def it_nll(denoiser: Denoiser, x: Tensor, reference: GaussianReference, *, npoin
         est.discrete, est.discrete_stderr = disc.nll, disc.stderr
         est.discrete_left_tail = left_tail(reference, images, proposal.bounds[0])
         est.discrete_right_tail = right_tail_bound(reference.dim, delta, proposal.bounds[1])
+        if est.discrete_right_tail > RIGHT_TAIL_WARN_NATS_PER_DIM * reference.dim:
+            resolved = 2 * math.log(12 / delta)  # where delta e^{a/2} / 2 = 6
+            warnings.warn(f"it_nll: the discrete right-tail bound is {est.discrete_right_tail:.3g} nats "
+                          f"({est.discrete_right_tail / reference.dim:.2e} per dim): the log-SNR proposal "
+                          f"ends at {proposal.bounds[1]:.2f}, short of {resolved:.1f} where the lattice is "
+                          "resolved; widen it (clip, variance_factor or an explicit LogSNRProposal)",
+                          stacklevel=2)
     if dequantize:
         est.mmse_dequantized = curves["mmse_dequantized"]
         deq = continuous_nll_from_curve(est.mmse_dequantized, logsnr, log_q, reference, clamp, x=x_deq,
