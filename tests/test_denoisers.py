@@ -45,7 +45,7 @@ def _tweedie(log_marginal, z: torch.Tensor, logsnr: float) -> torch.Tensor:
     """E[eps | z] = -sqrt(1 - s) grad_z ln p_a(z)."""
     z = z.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(log_marginal(z).sum(), z)
-    return -math.sqrt(torch.sigmoid(torch.tensor(-logsnr)).item()) * grad
+    return -math.sqrt(torch.sigmoid(torch.tensor(-logsnr, dtype=torch.float64)).item()) * grad
 
 
 def _noisy_points(dist, logsnr: float, n: int = 64) -> torch.Tensor:
@@ -58,11 +58,11 @@ def _noisy_points(dist, logsnr: float, n: int = 64) -> torch.Tensor:
 def test_gaussian_denoiser_is_tweedie(logsnr):
     dist = _gaussian()
     s = torch.sigmoid(torch.tensor(logsnr, dtype=torch.float64))
-    noisy_cov = s * dist.cov + (1 - s) * torch.eye(3)
+    noisy_cov = s * dist.cov + (1 - s) * torch.eye(3, dtype=torch.float64)
     marginal = MultivariateNormal(s.sqrt() * dist.mean, covariance_matrix=noisy_cov)
     z = _noisy_points(dist, logsnr)
     eps_hat = dist(z, torch.full((z.shape[0],), logsnr))
-    torch.testing.assert_close(eps_hat, _tweedie(marginal.log_prob, z, logsnr), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(eps_hat, _tweedie(marginal.log_prob, z, logsnr), rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.parametrize("diagonal", [True, False])
@@ -74,7 +74,7 @@ def test_mixture_denoiser_is_tweedie(logsnr, diagonal):
     marginal = MixtureSameFamily(Categorical(logits=dist.log_weights), comps)
     z = _noisy_points(dist, logsnr)
     eps_hat = dist(z, torch.full((z.shape[0],), logsnr))
-    torch.testing.assert_close(eps_hat, _tweedie(marginal.log_prob, z, logsnr), rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(eps_hat, _tweedie(marginal.log_prob, z, logsnr), rtol=1e-9, atol=1e-11)
 
 
 def _all_lattice_points(lattice: Lattice) -> torch.Tensor:
@@ -96,7 +96,7 @@ def test_lattice_denoiser_is_tweedie(logsnr):
 
     z = _noisy_points(lattice, logsnr)
     eps_hat = lattice(z, torch.full((z.shape[0],), logsnr))
-    torch.testing.assert_close(eps_hat, _tweedie(log_marginal, z, logsnr), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(eps_hat, _tweedie(log_marginal, z, logsnr), rtol=1e-9, atol=1e-11)
 
 
 def test_log_probs_are_exact():
