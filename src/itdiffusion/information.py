@@ -672,15 +672,16 @@ def it_nll(denoiser: Denoiser, x: Tensor, reference: GaussianReference, *, npoin
     images = x.detach().to(torch.float64)
     interval = None if xinterval is None else (float(xinterval[0]), float(xinterval[1]))
 
+    # Each image's seed draws, in order: its log-SNR points, its dequantisation noise and the seed of its
+    # channel noise, which is drawn only when the image is queued (memory: one image's [K, *shape] noise).
     logsnr = torch.empty(num, npoints, dtype=torch.float64)
     uniform = torch.empty_like(images, device="cpu")
-    per_image = []
+    noise_seeds = []
     for b, seed in enumerate(_seeds(num, image_seeds, generator)):
         gen = torch.Generator().manual_seed(seed)
         logsnr[b] = proposal.points(npoints, logsnr_sampling, gen)
-        eps = torch.randn((npoints,) + tuple(x.shape[1:]), dtype=torch.float64, generator=gen)
         uniform[b] = torch.rand(x.shape[1:], dtype=torch.float64, generator=gen)
-        per_image.append(eps)
+        noise_seeds.append(int(torch.randint(0, 2**62, (1,), generator=gen)))
 
     passes = [(images, _error_fn(interval, delta, rounding, "mmse"))]
     x_deq = None
@@ -690,8 +691,9 @@ def it_nll(denoiser: Denoiser, x: Tensor, reference: GaussianReference, *, npoin
         passes.append((x_deq, _error_fn(wide, None, "none", "mmse_dequantized")))
     evaluator = _CurveEvaluator(denoiser, x.dtype, batch_size, passes, num, npoints)
     for b in range(num):
-        evaluator.add(b, logsnr[b], per_image[b])
-        per_image[b] = None  # free each image's noise once it is queued
+        noise = torch.Generator().manual_seed(noise_seeds[b])
+        evaluator.add(b, logsnr[b], torch.randn((npoints,) + tuple(x.shape[1:]), dtype=torch.float64,
+                                                generator=noise))
     evaluator.flush()
 
     # Post-processing on the reference's device; results come back on the CPU.
