@@ -19,6 +19,7 @@ from itdiffusion.information import (
     cross_fitted_choice,
     left_tail,
     mc_mean_and_stderr,
+    resolving_logsnr,
     right_tail_bound,
     round_to_lattice,
 )
@@ -126,9 +127,11 @@ def test_state_dict_round_trip_and_device_move():
 # ----- proposal -------------------------------------------------------------------------------------
 
 
-def test_proposal_density_integrates_to_one_and_matches_its_samples():
-    prop = LogSNRProposal(loc=1.5, scale=2.0, clip=4.0)
+@pytest.mark.parametrize("high", [None, 17.0])
+def test_proposal_density_integrates_to_one_and_matches_its_samples(high):
+    prop = LogSNRProposal(loc=1.5, scale=2.0, clip=4.0, high=high)
     lo, hi = prop.bounds
+    assert hi == (9.5 if high is None else high)
     grid = torch.linspace(lo, hi, 200_001, dtype=torch.float64)
     assert torch.trapezoid(prop.log_prob(grid).exp(), grid).item() == pytest.approx(1.0, abs=1e-8)
     assert torch.isinf(prop.log_prob(torch.tensor([lo - 0.1, hi + 0.1]))).all()
@@ -141,6 +144,18 @@ def test_proposal_density_integrates_to_one_and_matches_its_samples():
     mid = (prop.cdf(torch.tensor(2.0)) - prop.cdf(torch.tensor(0.0))).item()
     assert ((a > 0) & (a < 2)).double().mean().item() == pytest.approx(mid, abs=0.01)
     torch.testing.assert_close(prop.quantile(prop.cdf(sorted_a[::997])), sorted_a[::997])
+
+
+def test_proposal_reaches_the_snr_that_resolves_a_lattice():
+    ref = GaussianReference(torch.zeros(3), torch.tensor([0.5, 1.0, 2.0]))
+    plain = LogSNRProposal.from_reference(ref)
+    assert LogSNRProposal.from_reference(ref, delta=10.0) == plain  # a coarse lattice is resolved already
+    fine = LogSNRProposal.from_reference(ref, delta=0.01)
+    assert fine.bounds == (plain.bounds[0], pytest.approx(resolving_logsnr(0.01)))
+    assert right_tail_bound(3, 0.01, fine.bounds[1]) < 1e-10
+    assert resolving_logsnr(2 / 255) == pytest.approx(2 * math.log(14 * 127.5))
+    with pytest.raises(ValueError, match="below the lower end"):
+        LogSNRProposal(loc=0.0, scale=1.0, clip=4.0, high=-5.0)
 
 
 def test_stratified_and_grid_points_fill_one_stratum_each():
@@ -199,7 +214,7 @@ def test_right_tail_bound_holds_for_the_rounding_decoder():
         exact = 0.5 * _quadrature(eps_error, a_hi, 40.0, 20_001).item()
         bound = right_tail_bound(1, delta, a_hi)
         assert exact <= bound <= 20 * exact + 1e-12, (a_hi, exact, bound)
-    assert right_tail_bound(3072, 2 / 255, 16.0) < 1e-20  # CIFAR-10 once the proposal reaches a = 16
+    assert right_tail_bound(3072, 2 / 255, resolving_logsnr(2 / 255)) < 1e-7  # CIFAR-10 at a = 16.2
 
 
 # ----- standard errors, cross-fitted choice, rounding ----------------------------------------------

@@ -203,53 +203,68 @@ class GaussianReference:
 
 @dataclass(frozen=True)
 class LogSNRProposal:
-    """Logistic(loc, scale) truncated to ``loc +- clip * scale``.
+    """Logistic(loc, scale) truncated to ``[loc - clip * scale, high]`` (``high`` defaults to
+    ``loc + clip * scale``; a higher end lets the discrete estimate reach the SNRs that resolve a lattice).
 
-    Density ``q(a) = sigmoid(u) sigmoid(-u) / (scale * tanh(clip / 2))`` with ``u = (a - loc) / scale``
-    (``tanh(clip/2) = sigmoid(clip) - sigmoid(-clip)`` is the kept mass). Points come from the quantile
-    function at ``p`` in [0, 1): ``random`` i.i.d. uniform p; ``stratified`` one uniform p in each of K
-    equal-probability strata, ``p_k = (k + U_k) / K`` (unbiased, lower variance); ``grid`` the midpoints
-    ``(k + 1/2) / K`` (deterministic points; quadrature error O(1/K^2) not in the standard error).
+    Density ``q(a) = sigmoid(u) sigmoid(-u) / (scale * mass)`` with ``u = (a - loc) / scale`` and
+    ``mass = sigmoid(u_hi) - sigmoid(u_lo)`` the kept probability (``tanh(clip/2)`` when symmetric). Points
+    come from the quantile function at ``p`` in [0, 1): ``random`` i.i.d. uniform p; ``stratified`` one
+    uniform p in each of K equal-probability strata, ``p_k = (k + U_k) / K`` (unbiased, lower variance);
+    ``grid`` the midpoints ``(k + 1/2) / K`` (deterministic points; quadrature error O(1/K^2) is not in
+    the standard error).
     """
 
     loc: float
     scale: float
     clip: float = 4.0
+    high: float | None = None
 
     def __post_init__(self):
         if not (self.scale > 0 and self.clip > 0):
             raise ValueError(f"LogSNRProposal: scale and clip must be positive, "
                              f"got {self.scale}, {self.clip}")
+        if self.high is not None and not self.high > self.loc - self.clip * self.scale:
+            raise ValueError(f"LogSNRProposal: high={self.high} is below the lower end {self.bounds[0]}")
 
     @classmethod
     def from_reference(cls, reference: GaussianReference, clip: float = 4.0,
-                       variance_factor: float = ITD_VARIANCE_FACTOR) -> LogSNRProposal:
-        return cls(*reference.logsnr_loc_scale(variance_factor), clip)
+                       variance_factor: float = ITD_VARIANCE_FACTOR,
+                       delta: float | None = None) -> LogSNRProposal:
+        """The reference's proposal; with a lattice spacing ``delta``, its upper end is raised (if needed)
+        to :func:`resolving_logsnr`, where the discrete estimate's right tail is negligible."""
+        loc, scale = reference.logsnr_loc_scale(variance_factor)
+        high = None
+        if delta is not None and resolving_logsnr(delta) > loc + clip * scale:
+            high = resolving_logsnr(delta)
+        return cls(loc, scale, clip, high)
 
     @property
     def bounds(self) -> tuple[float, float]:
         """``(a_lo, a_hi)``: the sampled log-SNR range."""
-        return self.loc - self.clip * self.scale, self.loc + self.clip * self.scale
+        high = self.loc + self.clip * self.scale if self.high is None else self.high
+        return self.loc - self.clip * self.scale, high
 
-    def _mass(self) -> float:
-        return math.tanh(self.clip / 2)
+    def _sigmoid_bounds(self) -> tuple[float, float]:
+        lo, hi = self.bounds
+        return 1.0 / (1.0 + math.exp(self.clip)), 1.0 / (1.0 + math.exp(-(hi - self.loc) / self.scale))
 
     def quantile(self, p: Tensor) -> Tensor:
-        lo = torch.sigmoid(torch.tensor(-self.clip, dtype=torch.float64))
-        return self.loc + self.scale * torch.logit(lo + self._mass() * p.to(torch.float64))
+        s_lo, s_hi = self._sigmoid_bounds()
+        return self.loc + self.scale * torch.logit(s_lo + (s_hi - s_lo) * p.to(torch.float64))
 
     def cdf(self, a: Tensor) -> Tensor:
         """Probability of the truncated proposal below ``a``, in [0, 1]."""
         u = (torch.as_tensor(a, dtype=torch.float64) - self.loc) / self.scale
-        lo = 1.0 / (1.0 + math.exp(self.clip))
-        return ((torch.sigmoid(u) - lo) / self._mass()).clamp(0.0, 1.0)
+        s_lo, s_hi = self._sigmoid_bounds()
+        return ((torch.sigmoid(u) - s_lo) / (s_hi - s_lo)).clamp(0.0, 1.0)
 
     def log_prob(self, a: Tensor) -> Tensor:
         """``ln q(a)`` inside the range, ``-inf`` outside."""
         a = torch.as_tensor(a, dtype=torch.float64)
         u = (a - self.loc) / self.scale
+        s_lo, s_hi = self._sigmoid_bounds()
         log_q = torch.nn.functional.logsigmoid(u) + torch.nn.functional.logsigmoid(-u) \
-            - math.log(self.scale * self._mass())
+            - math.log(self.scale * (s_hi - s_lo))
         lo, hi = self.bounds
         return torch.where((a >= lo) & (a <= hi), log_q, torch.full_like(log_q, -math.inf))
 
@@ -363,6 +378,15 @@ def left_tail(reference: GaussianReference, x: Tensor, a_lo: float) -> Tensor:
     return 0.5 * (torch.nn.functional.softplus(u) + (rho - 1) * torch.sigmoid(u)).sum(-1)
 
 
+def resolving_logsnr(delta: float, tau: float = 7.0) -> float:
+    """The log-SNR where the channel noise ``e^{-a/2}`` is ``delta / (2 tau)``: ``2 ln(2 tau / delta)``.
+
+    Above it the discrete integrand is negligible: :func:`right_tail_bound` is ``8 d phi(7) / 7 ~ 1e-11 d``
+    nats. For CIFAR-10 (``delta = 2/255``) it is 16.2.
+    """
+    return 2.0 * math.log(2.0 * tau / delta)
+
+
 def right_tail_bound(dim: int, delta: float, a_hi: float) -> float:
     """Upper bound on ``1/2 int_{a_hi}^inf mse(x, a) da`` for the decoder that rounds ``z / sqrt(s)``.
 
@@ -375,8 +399,8 @@ def right_tail_bound(dim: int, delta: float, a_hi: float) -> float:
         1/2 int_{a_hi}^inf mse da  <=  8 d phi(T) / T,      T = delta e^{a_hi / 2} / 2.
 
     Holds for every x (clamping to the data interval only lowers the error). ITD's code uses the looser
-    ``8 n_bins^2 d exp(-e^{a_hi} delta^2 / 8)``. Negligible once T >~ 6; large when the proposal stops short
-    of the SNRs that resolve the lattice (widen it with ``clip`` or the ``variance_factor``).
+    ``8 n_bins^2 d exp(-e^{a_hi} delta^2 / 8)``. Negligible once T >~ 6 (:func:`resolving_logsnr`); large
+    when the proposal stops short of the SNRs that resolve the lattice.
     """
     tau = 0.5 * delta * math.exp(0.5 * a_hi)
     return 8.0 * dim * math.exp(-0.5 * tau * tau) / (math.sqrt(2.0 * math.pi) * tau)
@@ -453,7 +477,7 @@ def discrete_nll_from_curve(mmse: Tensor, logsnr: Tensor, log_q: Tensor, referen
     plus the Gaussian decoder if ``clamp``. Inside the sampled range: ``1/2 E_q[mse / q]``; below it the
     Gaussian decoder (:func:`left_tail`); above it the rounding decoder (:func:`right_tail_bound`).
     """
-    proposal = proposal or LogSNRProposal.from_reference(reference)
+    proposal = proposal or LogSNRProposal.from_reference(reference, delta=delta)
     logsnr = logsnr.to(torch.float64)
     weight = torch.exp(-log_q.to(torch.float64))
     candidates = [_as_candidates(mmse) * weight]
@@ -629,8 +653,9 @@ def it_nll(denoiser: Denoiser, x: Tensor, reference: GaussianReference, *, npoin
     """Information-theoretic NLL estimates of the images ``x`` ``[B, *shape]`` under ``denoiser`` (nats).
 
     For each image, ``npoints`` log-SNRs are drawn from ``proposal`` (default: the reference's truncated
-    logistic, :class:`LogSNRProposal`) with ``logsnr_sampling`` (``stratified``, ``random``, ``grid``), one
-    noise draw per point, and ONE denoiser call per (image, point) gives x_hat for every estimate:
+    logistic, :class:`LogSNRProposal`, reaching :func:`resolving_logsnr` when ``delta`` is given) with
+    ``logsnr_sampling`` (``stratified``, ``random``, ``grid``), one noise draw per point, and ONE denoiser
+    call per (image, point) gives x_hat for every estimate:
 
     - ``continuous``: :func:`continuous_nll_from_curve` of the raw error curve (x_hat clamped to
       ``xinterval`` if given), the Gaussian decoder as a cross-fitted alternative if ``clamp``.
@@ -667,7 +692,7 @@ def it_nll(denoiser: Denoiser, x: Tensor, reference: GaussianReference, *, npoin
                          "the lattice is low + delta * k")
     if dequantize and delta is None:
         raise ValueError("it_nll: dequantize=True needs delta (the bin width of the uniform noise)")
-    proposal = proposal or LogSNRProposal.from_reference(reference)
+    proposal = proposal or LogSNRProposal.from_reference(reference, delta=delta)
     num = x.shape[0]
     images = x.detach().to(torch.float64)
     interval = None if xinterval is None else (float(xinterval[0]), float(xinterval[1]))
@@ -717,11 +742,12 @@ def it_nll(denoiser: Denoiser, x: Tensor, reference: GaussianReference, *, npoin
         est.discrete_left_tail = left_tail(reference, images, proposal.bounds[0])
         est.discrete_right_tail = right_tail_bound(reference.dim, delta, proposal.bounds[1])
         if est.discrete_right_tail > RIGHT_TAIL_WARN_NATS_PER_DIM * reference.dim:
-            resolved = 2 * math.log(12 / delta)  # where delta e^{a/2} / 2 = 6
+            resolved = resolving_logsnr(delta)
             warnings.warn(f"it_nll: the discrete right-tail bound is {est.discrete_right_tail:.3g} nats "
                           f"({est.discrete_right_tail / reference.dim:.2e} per dim): the log-SNR proposal "
                           f"ends at {proposal.bounds[1]:.2f}, short of {resolved:.1f} where the lattice is "
-                          "resolved; widen it (clip, variance_factor or an explicit LogSNRProposal)",
+                          "resolved; raise the proposal's upper end, e.g. "
+                          "LogSNRProposal.from_reference(reference, delta=delta)",
                           stacklevel=2)
     if dequantize:
         est.mmse_dequantized = curves["mmse_dequantized"]
