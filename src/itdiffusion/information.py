@@ -20,10 +20,13 @@ upper bounds on the expected NLL (cross-entropy); per image they are estimates.
 at a given x is known in closed form (:meth:`GaussianReference.pointwise_mmse`), so the tails cost no network
 call and add no noise. Inside the range a *decoder choice* may replace the network where it is worse than an
 alternative (the Gaussian decoder: the "clamp"; rounding x_hat to the lattice; another model: ensembles).
-Choosing per log-SNR point by the smaller error *of the same sample* would be an oracle (biased low), so the
-choice is cross-fitted: for image b and log-SNR bin j it is made on the mean error of the *other* images in
-bin j (:func:`cross_fitted_choice`). The choice is then independent of image b's noise, the estimate stays
-unbiased for the bound of the decoder actually used, and it is a valid bound whatever the choice.
+Choosing per log-SNR point by the smaller error *of the same sample* would be an oracle (biased low), and
+clamping each image's own curve would bias it too (an image's pointwise error may exceed the average). So
+the choice is cross-fitted: for image b and log-SNR bin j it is made on the *other* images' errors in bin j,
+and the network is replaced only where an alternative is better by more than two standard errors
+(:func:`cross_fitted_choice`). The choice is then independent of image b's noise: the estimate stays
+unbiased for the bound of the decoders actually used, a valid bound whatever the choice, and exact for an
+exact denoiser. Being made on the other images, the choices depend on which images are evaluated together.
 
 Units: everything here returns nats per sample; convert with :mod:`itdiffusion.units`.
 """
@@ -438,14 +441,16 @@ def continuous_nll_from_curve(mmse: Tensor, logsnr: Tensor, log_q: Tensor, refer
 
     ``mmse``: ``[B, K]`` eps-unit errors at the points ``logsnr`` ``[B, K]`` with proposal log-densities
     ``log_q`` ``[B, K]``; or ``[M, B, K]`` for M models evaluated on the same points and noise (an
-    ensemble: per bin the model with the smallest cross-fitted error is used, ITD's pointwise minimum made
-    unbiased). ``clamp=True`` adds the reference's Gaussian decoder as a candidate (the test-time clamp where
+    ensemble: ITD's pointwise minimum over models, made unbiased by :func:`cross_fitted_choice`; the first
+    model is the default, another takes over in the bins where it is clearly better).
+    ``clamp=True`` adds the reference's Gaussian decoder as a candidate (the test-time clamp where
     ``mmse > mmse_G``). ``x`` (the images, ``[B, *shape]``) makes the Gaussian decoder exact per image and
     adds the closed-form tails outside the sampled range (:func:`continuous_tails`); without it the
     Gaussian decoder counts as its data average ``mmse_G(a)`` and the tails as zero (ITD's convention,
     right on average over data with the reference's moments). ``gaussian_mmse`` ``[B, K]`` saves recomputing
-    :meth:`GaussianReference.pointwise_mmse`. ``proposal`` (default: from the reference)
-    defines the bins and range; ``sampling`` picks the standard error (:func:`mc_mean_and_stderr`).
+    :meth:`GaussianReference.pointwise_mmse`. ``proposal``: the one the points were drawn from (default:
+    the reference's); it defines the bins and the range. ``sampling``: how they were drawn, for the
+    standard error (:func:`mc_mean_and_stderr`).
     Differentiable in ``mmse`` (``it_loss`` uses it with K = 1 and no clamp).
     """
     proposal = proposal or LogSNRProposal.from_reference(reference)
@@ -525,7 +530,8 @@ def round_to_lattice(x_hat: Tensor, delta: float, interval: tuple[float, float],
     den = torch.ones_like(x_hat)  # j = 0 term
     for j in range(1, 9):  # |j| > 8 has weight < exp(-28) relative to j = 0 while tau <= delta
         for sj in (j, -j):
-            w = torch.exp((2 * r * sj - sj * sj) * inv_two_var)  # exponent <= 0 since |r| <= 1/2
+            # exponent <= 0 since |r| <= 1/2; floored at -600 to keep exp() away from slow denormals
+            w = torch.exp(((2 * r * sj - sj * sj) * inv_two_var).clamp_min(-600.0))
             num = num + sj * w
             den = den + w
     soft = (nearest + delta * num / den).clamp(low, high)
