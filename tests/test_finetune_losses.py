@@ -3,17 +3,21 @@ N DDP processes see the same noise as one process with N times the batch."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
+from itdiffusion.denoisers import GaussianMixture
+from itdiffusion.information import GaussianReference, it_loss
 from itdiffusion.models.iddpm import build_model_and_diffusion, iddpm_training_loss
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
 def tiny_unet(**overrides):
+    """The smoke U-Net (``iddpm_tiny``) with random weights everywhere."""
     cfg = OmegaConf.merge(OmegaConf.load(CONF / "model" / "iddpm_tiny.yaml"), overrides)
     torch.manual_seed(0)
     model, diffusion = build_model_and_diffusion(cfg)
@@ -38,7 +42,24 @@ def test_iddpm_loss_with_image_seeds_draws_each_images_step_and_noise_from_its_s
     with torch.no_grad():
         ref = diffusion.training_losses(model, x, t, noise=noise)["loss"]
         batch = iddpm_training_loss(model, diffusion, x, image_seeds=seeds)
-        alone = torch.cat([iddpm_training_loss(model, diffusion, x[i:i + 1], image_seeds=seeds[i:i + 1])
-                           for i in range(3)])
     torch.testing.assert_close(batch, ref)
-    torch.testing.assert_close(alone, batch, rtol=1e-5, atol=1e-6)
+
+
+def test_it_loss_with_image_seeds_is_unbiased_for_the_exact_nll():
+    """Exact denoiser of a mixture (far from the Gaussian reference): mean loss over seeds = -log p(x)."""
+    g = torch.Generator().manual_seed(0)
+    mixture = GaussianMixture(1.5 * torch.randn(3, 2, dtype=torch.float64, generator=g),
+                              0.3 + 0.7 * torch.rand(3, 2, dtype=torch.float64, generator=g),
+                              torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    reference = GaussianReference.from_data(mixture.sample(20_000, g))
+    x = mixture.sample(3, g)
+    repeats = 6000
+    seeds = torch.arange(3 * repeats)
+    losses = it_loss(mixture, x.repeat(repeats, 1), reference, image_seeds=seeds).reshape(repeats, 3)
+    mean, se = losses.mean(0), losses.std(0) / math.sqrt(repeats)
+    truth = -mixture.log_prob(x)
+    assert ((mean - truth).abs() < 3.5 * se).all(), f"{(mean - truth) / se}"
+    alone = torch.cat([it_loss(mixture, x[i % 3:i % 3 + 1], reference, image_seeds=seeds[i:i + 1])
+                       for i in range(6)])
+    torch.testing.assert_close(alone, losses[:2].reshape(-1))
+

@@ -411,8 +411,8 @@ class Trainer:
             self._seed_process_rngs(step=progress.step)
         self._saved_at_step = progress.step
         if distributed.is_main():
-            log.info("resumed from %s at step %d/%d (epoch %d, batch %d)", path, progress.step, self.total_steps,
-                     progress.epoch, progress.batch_in_epoch)
+            log.info("resumed from %s at step %d/%d (epoch %d, batch %d)", path, progress.step,
+                     self.total_steps, progress.epoch, progress.batch_in_epoch)
 
     def _wrap(self) -> nn.Module:
         if not distributed.is_distributed():
