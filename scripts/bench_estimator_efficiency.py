@@ -285,7 +285,7 @@ def main(argv=None):
         return
     bench_gaussian_mixture(dim=64, num_images=64, repeats=8, ref_points=1000, our_points=[16, 64])
     if not args.skip_unet:
-        bench_tiny_unet(num_images=16, repeats=4, ref_points=50, our_points=16, image_size=32, train_steps=60)
+        bench_tiny_unet(num_images=8, repeats=3, ref_points=16, our_points=8, image_size=32, train_steps=30)
 
 
 if __name__ == "__main__":
