@@ -15,7 +15,7 @@ ours needs for the same standard error.
 
 Denoisers: the exact posterior mean of a Gaussian mixture (d = 64; exact log-likelihoods give the bias),
 and a tiny IDDPM U-Net (improved-diffusion's class, 32x32 photo patches, a few Adam steps).
-Prints markdown tables; about 3 minutes on 2 CPU cores at the default sizes (``--quick``: seconds).
+Prints markdown tables; a few minutes on 2 CPU cores at the default sizes (``--quick``: seconds).
 """
 
 from __future__ import annotations
