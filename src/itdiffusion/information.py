@@ -180,6 +180,37 @@ class GaussianReference:
             out[b] = (rho[b] * t * (1 - t) + t.square()).sum(-1)
         return out
 
+    def decoder_errors(self, x: Tensor, logsnr: Tensor, eps: Tensor) -> Tensor:
+        """Eps-unit error of this reference's Bayes (linear) decoder on given samples ``[n]``.
+
+        ``z = sqrt(s) x + sqrt(1 - s) eps`` with ``s = sigmoid(a)``; in the eigenbasis
+        (``y = U^T (x - mean)``, ``e = U^T eps``) the decoder predicts
+        ``eps_hat_i = (1 - t_i) (e^{a/2} y_i + e_i)`` with ``t_i = sigmoid(a + ln lambda_i)``, so
+        ``||eps - eps_hat||^2 = sum_i (t_i e_i - (1 - t_i) e^{a/2} y_i)^2``.
+        Its mean over eps is :meth:`pointwise_mmse`. ``x``, ``eps``: ``[n, *shape]``; ``logsnr``: ``[n]``.
+        """
+        dev = self.mean.device
+        y = x.reshape(x.shape[0], -1).to(device=dev, dtype=torch.float64) - self.mean
+        e = eps.reshape(eps.shape[0], -1).to(device=dev, dtype=torch.float64)
+        if self.eigvecs is not None:
+            y, e = y @ self.eigvecs, e @ self.eigvecs
+        a = torch.as_tensor(logsnr, dtype=torch.float64, device=dev).reshape(-1, 1)
+        t = torch.sigmoid(a + self.log_eigvals)
+        return (t * e - (1 - t) * (0.5 * a).exp() * y).square().sum(-1)
+
+    def pointwise_mmse_antiderivative(self, x: Tensor, logsnr: Tensor) -> Tensor:
+        """``A(x, a)`` with ``dA/da =`` :meth:`pointwise_mmse`, for every image and log-SNR ``[B, M]``.
+
+        ``d t / d a = t (1 - t)`` gives ``int t (1 - t) da = t`` and ``int t^2 da = softplus(u) - t``, so
+        ``A = sum_i [(rho_i - 1) t_i + softplus(a + ln lambda_i)]``. ``logsnr``: ``[M]`` (shared) or
+        ``[B, M]``.
+        """
+        rho = self.whiten_coords(x)  # [B, d]
+        a = torch.as_tensor(logsnr, dtype=torch.float64, device=self.mean.device)
+        a = a.expand(rho.shape[0], -1) if a.dim() == 1 else a
+        u = a[..., None] + self.log_eigvals  # [B, M, d]
+        return ((rho[:, None, :] - 1) * torch.sigmoid(u) + torch.nn.functional.softplus(u)).sum(-1)
+
     def to(self, device) -> GaussianReference:
         return GaussianReference(self.mean.to(device), self.eigvals.to(device),
                                  None if self.eigvecs is None else self.eigvecs.to(device), self.shape,
@@ -330,9 +361,15 @@ def cross_fitted_choice(integrands: Tensor, bins: Tensor, nbins: int, z_threshol
     estimate stays unbiased for the decoder it uses; the threshold keeps noise from switching away from a
     network that is in fact better (which would bias the bound upwards).
     """
+    chosen = _cross_fitted_index(integrands, bins, nbins, z_threshold).gather(1, bins)  # [B, K]
+    return integrands.gather(0, chosen[None]).squeeze(0)
+
+
+def _cross_fitted_index(integrands: Tensor, bins: Tensor, nbins: int, z_threshold: float = 2.0) -> Tensor:
+    """The candidate index :func:`cross_fitted_choice` uses for each image and bin ``[B, nbins]``."""
     c, b, k = integrands.shape
     if c == 1:
-        return integrands[0]
+        return torch.zeros(b, nbins, dtype=torch.long, device=integrands.device)
     diff = integrands[1:] - integrands[:1]  # [C-1, B, K]
     idx = bins.expand(c - 1, b, k)
 
@@ -346,9 +383,27 @@ def cross_fitted_choice(integrands: Tensor, bins: Tensor, nbins: int, z_threshol
     significant = (n > 1) & (mean < -z_threshold * (var / n.clamp_min(1)).sqrt())
     score = torch.where(significant, mean, torch.zeros_like(mean))
     best = score.min(0)  # lowest significant mean, 0 when none
-    choice = torch.where(best.values < 0, best.indices + 1, torch.zeros_like(best.indices))  # [B, nbins]
-    chosen = choice.gather(1, bins)  # [B, K]
-    return integrands.gather(0, chosen[None]).squeeze(0)
+    return torch.where(best.values < 0, best.indices + 1, torch.zeros_like(best.indices))  # [B, nbins]
+
+
+def cross_fitted_coefficient(integrand: Tensor, control: Tensor, bins: Tensor, nbins: int) -> Tensor:
+    """Regression coefficient of ``integrand`` on ``control`` (both ``[..., B, K]``) per image and bin,
+    fitted on the *other* images' points of the bin: ``Cov / Var`` -> ``[..., B, nbins]`` (0 where the other
+    images have fewer than two points in the bin or no spread). Image b's own values never enter, so a
+    control variate with this coefficient leaves its estimate unbiased."""
+    idx = bins.expand_as(integrand)
+
+    def others(values: Tensor) -> Tensor:
+        own = values.new_zeros(*values.shape[:-1], nbins).scatter_add_(-1, idx, values)
+        return own.sum(-2, keepdim=True) - own
+
+    control = control.expand_as(integrand)
+    n = others(torch.ones_like(integrand))
+    mean_f, mean_g = others(integrand) / n.clamp_min(1), others(control) / n.clamp_min(1)
+    cov = others(integrand * control) / n.clamp_min(1) - mean_f * mean_g
+    var = others(control.square()) / n.clamp_min(1) - mean_g.square()
+    ok = (n > 1) & (var > 1e-12 * others(control.square()) / n.clamp_min(1))
+    return torch.where(ok, cov / torch.where(ok, var, torch.ones_like(var)), torch.zeros_like(var))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -433,10 +488,52 @@ def _choose(integrands: list[Tensor], logsnr: Tensor, proposal: LogSNRProposal) 
     return cross_fitted_choice(stacked, proposal.bins(logsnr, nbins).to(stacked.device), nbins)
 
 
+def _gaussian_control_variate(candidates: Tensor, control: Tensor, logsnr: Tensor, x: Tensor,
+                              reference: GaussianReference, proposal: LogSNRProposal, fitted: bool,
+                              sampling: str) -> tuple[Tensor, Tensor]:
+    """``int_{a_lo}^{a_hi} f(x, a) da`` per image with the reference's decoder as a control variate.
+
+    ``candidates`` ``[C, B, K]``: integrands ``f_c / q`` of C decoders; ``control`` ``[B, K]``: the
+    reference decoder's sampled error over q on the same points and noise, ``g / q``. With the
+    cross-fitted decoder choice c(b, j) and a coefficient ``beta`` per image and bin j (1, or
+    :func:`cross_fitted_coefficient` if ``fitted``), the estimate is
+
+        mean_k [f_c / q - beta g / q] + sum_j beta_j int_{bin j} E_eps g(x, a) da,
+
+    the last integral exact (:meth:`GaussianReference.pointwise_mmse_antiderivative`). Unbiased since
+    ``beta`` and the choice do not depend on the image's own noise; the error and g share that noise, so
+    their difference varies far less than either. Returns (mean, standard error) in the integrand's units.
+    """
+    k = logsnr.shape[1]
+    nbins = min(k, DECISION_BINS)
+    bins = proposal.bins(logsnr, nbins).to(candidates.device)
+    index = _cross_fitted_index(candidates, bins, nbins)  # [B, nbins]
+    if fitted:
+        coef = cross_fitted_coefficient(candidates, control[None], bins, nbins)  # [C, B, nbins]
+        coef = coef.gather(0, index[None]).squeeze(0)
+    else:
+        coef = torch.ones(index.shape, dtype=candidates.dtype, device=candidates.device)
+    chosen = candidates.gather(0, index.gather(1, bins)[None]).squeeze(0)
+    values = chosen - coef.gather(1, bins) * control
+    edges = proposal.quantile(torch.arange(nbins + 1, dtype=torch.float64) / nbins)
+    bin_integrals = reference.pointwise_mmse_antiderivative(x, edges).diff(dim=1).to(coef.device)
+    mean, stderr = mc_mean_and_stderr(values, sampling)
+    return mean + (coef * bin_integrals).sum(1), stderr
+
+
+def _reference_mmse_integral(reference: GaussianReference, bounds: tuple[float, float]) -> float:
+    """``int_{a_lo}^{a_hi} mmse_G(a) da``
+    ``= sum_i [softplus(a_hi + ln lambda_i) - softplus(a_lo + ln lambda_i)]`` (eps units times log-SNR)."""
+    softplus = torch.nn.functional.softplus
+    lo, hi = bounds
+    return (softplus(hi + reference.log_eigvals) - softplus(lo + reference.log_eigvals)).sum().item()
+
+
 def continuous_nll_from_curve(mmse: Tensor, logsnr: Tensor, log_q: Tensor, reference: GaussianReference,
                               clamp: bool = True, *, x: Tensor | None = None,
                               gaussian_mmse: Tensor | None = None, proposal: LogSNRProposal | None = None,
-                              sampling: str = "stratified") -> CurveNLL:
+                              sampling: str = "stratified",
+                              gaussian_errors: Tensor | None = None) -> CurveNLL:
     """``-ln p(x) = h_G + 1/2 E_q[(mmse(x, a) - mmse_G(a)) / q(a)]`` (+ tails), per image, in nats.
 
     ``mmse``: ``[B, K]`` eps-unit errors at the points ``logsnr`` ``[B, K]`` with proposal log-densities
@@ -451,11 +548,25 @@ def continuous_nll_from_curve(mmse: Tensor, logsnr: Tensor, log_q: Tensor, refer
     :meth:`GaussianReference.pointwise_mmse`. ``proposal``: the one the points were drawn from (default:
     the reference's); it defines the bins and the range. ``sampling``: how they were drawn, for the
     standard error (:func:`mc_mean_and_stderr`).
+    ``gaussian_errors`` ``[B, K]`` (needs ``x``): the reference decoder's errors on the same points and noise
+    (:meth:`GaussianReference.decoder_errors`), used as a control variate with coefficient 1
+    (:func:`_gaussian_control_variate`): ``-ln p(x) = -ln p_G(x) + 1/2 int E[mse - g] da``, so only the
+    network's departure from the Gaussian decoder is sampled; the clamp's candidate is then g itself.
     Differentiable in ``mmse`` (``it_loss`` uses it with K = 1 and no clamp).
     """
     proposal = proposal or LogSNRProposal.from_reference(reference)
     logsnr = logsnr.to(torch.float64)
     weight = torch.exp(-log_q.to(torch.float64))
+    if gaussian_errors is not None:
+        if x is None:
+            raise ValueError("continuous_nll_from_curve: gaussian_errors (the control variate) needs x")
+        control = gaussian_errors.to(torch.float64) * weight
+        candidates = torch.cat([_as_candidates(mmse) * weight] + ([control[None]] if clamp else []))
+        mean, stderr = _gaussian_control_variate(candidates, control, logsnr, x, reference, proposal,
+                                                 fitted=False, sampling=sampling)
+        mean = mean - _reference_mmse_integral(reference, proposal.bounds)
+        nll = reference.entropy + 0.5 * mean + continuous_tails(reference, x, proposal.bounds)
+        return CurveNLL(nll, 0.5 * stderr)
     mmse_g = reference.mmse(logsnr)
     candidates = [(_as_candidates(mmse) - mmse_g) * weight]
     if clamp:
@@ -474,22 +585,31 @@ def continuous_nll_from_curve(mmse: Tensor, logsnr: Tensor, log_q: Tensor, refer
 def discrete_nll_from_curve(mmse: Tensor, logsnr: Tensor, log_q: Tensor, reference: GaussianReference,
                             delta: float, clamp: bool = True, *, x: Tensor,
                             gaussian_mmse: Tensor | None = None, proposal: LogSNRProposal | None = None,
-                            sampling: str = "stratified") -> CurveNLL:
+                            sampling: str = "stratified", gaussian_errors: Tensor | None = None) -> CurveNLL:
     """``-ln P(x) = 1/2 int mse(x, a) da`` for data on a lattice of spacing ``delta``, per image, in nats.
 
     ``mmse``: ``[C, B, K]`` (or ``[B, K]``) eps-unit errors of C candidate decoders on the same points
     (e.g. the raw and the rounded x_hat of one network evaluation); per bin the cross-fitted best is used,
     plus the Gaussian decoder if ``clamp``. Inside the sampled range: ``1/2 E_q[mse / q]``; below it the
     Gaussian decoder (:func:`left_tail`); above it the rounding decoder (:func:`right_tail_bound`).
+    ``gaussian_errors`` ``[B, K]``: the reference decoder's errors on the same points and noise, a control
+    variate with a coefficient per bin fitted on the other images (:func:`cross_fitted_coefficient`; near
+    1 at low SNR, near 0 at high SNR where a rounded x_hat's error vanishes and the Gaussian's does not).
     """
     proposal = proposal or LogSNRProposal.from_reference(reference, delta=delta)
     logsnr = logsnr.to(torch.float64)
     weight = torch.exp(-log_q.to(torch.float64))
-    candidates = [_as_candidates(mmse) * weight]
-    if clamp:
-        gaussian_mmse = reference.pointwise_mmse(x, logsnr) if gaussian_mmse is None else gaussian_mmse
-        candidates.append(gaussian_mmse * weight)
-    mean, stderr = mc_mean_and_stderr(_choose(candidates, logsnr, proposal), sampling)
+    if gaussian_errors is not None:
+        control = gaussian_errors.to(torch.float64) * weight
+        candidates = torch.cat([_as_candidates(mmse) * weight] + ([control[None]] if clamp else []))
+        mean, stderr = _gaussian_control_variate(candidates, control, logsnr, x, reference, proposal,
+                                                 fitted=True, sampling=sampling)
+    else:
+        candidates = [_as_candidates(mmse) * weight]
+        if clamp:
+            gaussian_mmse = reference.pointwise_mmse(x, logsnr) if gaussian_mmse is None else gaussian_mmse
+            candidates.append(gaussian_mmse * weight)
+        mean, stderr = mc_mean_and_stderr(_choose(candidates, logsnr, proposal), sampling)
     a_lo, a_hi = proposal.bounds
     tails = left_tail(reference, x, a_lo) + right_tail_bound(reference.dim, delta, a_hi)
     return CurveNLL(0.5 * mean + tails, 0.5 * stderr)
@@ -551,7 +671,9 @@ class ITEstimate:
     ``discrete - tails``). ``dequantized`` already includes ``d ln(1/delta)``: it is a discrete NLL.
     Curves are ``[B, K]``: ``logsnr``, ``log_q`` (log proposal density), ``mmse`` (network, eps units),
     ``mmse_rounded`` (the rounded x_hat), ``mmse_dequantized`` (second pass), ``gaussian_mmse`` (the
-    reference's decoder at each image, exact). ``network_evals``: denoiser calls per image.
+    reference's decoder at each image, exact), ``gaussian_errors`` (with ``control_variate``: the reference
+    decoder's sampled errors on the same noise; ``gaussian_errors_dequantized`` on the dequantized images).
+    ``network_evals``: denoiser calls per image.
     """
 
     continuous: Tensor
@@ -569,6 +691,8 @@ class ITEstimate:
     dequantized: Tensor | None = None
     dequantized_stderr: Tensor | None = None
     mmse_dequantized: Tensor | None = None
+    gaussian_errors: Tensor | None = None
+    gaussian_errors_dequantized: Tensor | None = None
 
 
 def _seeds(num: int, image_seeds, generator: torch.Generator | None) -> list[int]:
@@ -632,11 +756,15 @@ class _CurveEvaluator:
         self.pending, self.filled = [], 0
 
 
-def _error_fn(interval: tuple[float, float] | None, delta: float | None, rounding: str, prefix: str):
-    """Errors (eps units) of the raw and, for discrete data, the rounded x_hat of one prediction."""
+def _error_fn(interval: tuple[float, float] | None, delta: float | None, rounding: str, prefix: str,
+              reference: GaussianReference | None = None):
+    """Errors (eps units) of the raw and, for discrete data, the rounded x_hat of one prediction; with a
+    ``reference``, also its linear decoder's errors on the same noise (``<prefix>_gaussian``)."""
 
     def errors(x, z, logsnr, eps, eps_hat):
         out = {}
+        if reference is not None:
+            out[prefix + "_gaussian"] = reference.decoder_errors(x, logsnr, eps).to(x.device)
         if interval is None:
             out[prefix] = (eps - eps_hat).flatten(1).square().sum(1)
             return out
@@ -655,7 +783,7 @@ def it_nll(denoiser: Denoiser, x: Tensor, reference: GaussianReference, *, npoin
            delta: float | None = None, xinterval: tuple[float, float] | None = None, rounding: str = "soft",
            dequantize: bool = False, clamp: bool = True, logsnr_sampling: str = "stratified",
            proposal: LogSNRProposal | None = None, image_seeds=None, generator: torch.Generator | None = None,
-           batch_size: int = 256) -> ITEstimate:
+           batch_size: int = 256, control_variate: bool = False) -> ITEstimate:
     """Information-theoretic NLL estimates of the images ``x`` ``[B, *shape]`` under ``denoiser`` (nats).
 
     For each image, ``npoints`` log-SNRs are drawn from ``proposal`` (default: the reference's truncated
@@ -681,6 +809,11 @@ def it_nll(denoiser: Denoiser, x: Tensor, reference: GaussianReference, *, npoin
     do not depend on batching or sharding (except the cross-fitted choices, which by design look at the
     other images; recompute them on the gathered curves with the ``*_from_curve`` functions). Without it,
     per-image seeds are drawn from ``generator``. ``batch_size``: denoiser inputs per call.
+
+    ``control_variate=True``: the reference's linear decoder, applied to the same z (no network call),
+    serves as a control variate whose integral is known exactly per image (``gaussian_errors`` of
+    :func:`continuous_nll_from_curve` and :func:`discrete_nll_from_curve`). Same expectation, much smaller
+    standard error (see ``scripts/bench_estimator_efficiency.py``); costs a ``d x d`` product per point.
     """
     if npoints < 2:
         raise ValueError(f"it_nll: npoints must be at least 2 (for a standard error), got {npoints}")
@@ -714,12 +847,13 @@ def it_nll(denoiser: Denoiser, x: Tensor, reference: GaussianReference, *, npoin
         uniform[b] = torch.rand(x.shape[1:], dtype=torch.float64, generator=gen)
         noise_seeds.append(int(torch.randint(0, 2**62, (1,), generator=gen)))
 
-    passes = [(images, _error_fn(interval, delta, rounding, "mmse"))]
+    cv_reference = reference if control_variate else None
+    passes = [(images, _error_fn(interval, delta, rounding, "mmse", cv_reference))]
     x_deq = None
     if dequantize:
         x_deq = images + delta * (uniform.to(images.device) - 0.5)
         wide = None if interval is None else (interval[0] - delta / 2, interval[1] + delta / 2)
-        passes.append((x_deq, _error_fn(wide, None, "none", "mmse_dequantized")))
+        passes.append((x_deq, _error_fn(wide, None, "none", "mmse_dequantized", cv_reference)))
     evaluator = _CurveEvaluator(denoiser, x.dtype, batch_size, passes, num, npoints)
     for b in range(num):
         noise = torch.Generator().manual_seed(noise_seeds[b])
@@ -736,14 +870,16 @@ def it_nll(denoiser: Denoiser, x: Tensor, reference: GaussianReference, *, npoin
     gaussian = reference.pointwise_mmse(images, logsnr)
     common = dict(proposal=proposal, sampling=logsnr_sampling)
     cont = continuous_nll_from_curve(curves["mmse"], logsnr, log_q, reference, clamp, x=images,
-                                     gaussian_mmse=gaussian, **common)
+                                     gaussian_mmse=gaussian, gaussian_errors=curves.get("mmse_gaussian"),
+                                     **common)
     est = ITEstimate(continuous=cont.nll, continuous_stderr=cont.stderr, logsnr=logsnr, log_q=log_q,
-                     mmse=curves["mmse"], gaussian_mmse=gaussian, network_evals=npoints * len(passes))
+                     mmse=curves["mmse"], gaussian_mmse=gaussian, network_evals=npoints * len(passes),
+                     gaussian_errors=curves.get("mmse_gaussian"))
     if delta is not None:
         est.mmse_rounded = curves.get("mmse_rounded")
         cands = torch.stack([curves["mmse"]] + ([est.mmse_rounded] if est.mmse_rounded is not None else []))
         disc = discrete_nll_from_curve(cands, logsnr, log_q, reference, delta, clamp, x=images,
-                                       gaussian_mmse=gaussian, **common)
+                                       gaussian_mmse=gaussian, gaussian_errors=est.gaussian_errors, **common)
         est.discrete, est.discrete_stderr = disc.nll, disc.stderr
         est.discrete_left_tail = left_tail(reference, images, proposal.bounds[0])
         est.discrete_right_tail = right_tail_bound(reference.dim, delta, proposal.bounds[1])
@@ -757,8 +893,9 @@ def it_nll(denoiser: Denoiser, x: Tensor, reference: GaussianReference, *, npoin
                           stacklevel=2)
     if dequantize:
         est.mmse_dequantized = curves["mmse_dequantized"]
+        est.gaussian_errors_dequantized = curves.get("mmse_dequantized_gaussian")
         deq = continuous_nll_from_curve(est.mmse_dequantized, logsnr, log_q, reference, clamp, x=x_deq,
-                                        **common)
+                                        gaussian_errors=est.gaussian_errors_dequantized, **common)
         est.dequantized = deq.nll + reference.dim * math.log(1.0 / delta)
         est.dequantized_stderr = deq.stderr
     for f in dataclasses.fields(est):
