@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from itdiffusion import distributed
 from itdiffusion.config import FinetuneConfig
 from itdiffusion.training import Trainer
 
@@ -62,19 +60,11 @@ def make_trainer(run_dir: Path, *, dropout: float = 0.1, n_train: int = 24, loss
                    heldout_loss=denoising_loss, hflip=True, on_step_end=on_step_end)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def ddp_worker(rank: int, world: int, port: int, run_dir: str, overrides: dict) -> None:
-    """One process of a gloo process group training the toy model (for torch.multiprocessing.spawn)."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny convolutions: one thread is fastest and does not fight other test processes."""
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
-    distributed.init(torch.device("cpu"))
-    try:
-        make_trainer(Path(run_dir), **overrides).run()
-    finally:
-        distributed.shutdown()
+    yield
+    torch.set_num_threads(before)

@@ -550,6 +550,7 @@ class Trainer:
             "step": p.step,
             "epoch": p.step / self.steps_per_epoch,
             "train_loss_nats": None, "train_loss_bpd": None,
+            **({} if self.train_loss_is_nll else {f"train_loss_{self.cfg.objective}": None}),
             "heldout_loss_nats": heldout,
             "heldout_loss_bpd": None if heldout is None else float(nats_to_bpd(heldout, self.dim)),
         }
