@@ -175,4 +175,6 @@ def register_configs() -> None:
     schemas = {"paths": PathsConfig, "data": DataConfig, "model": ModelConfig, "estimator": EstimatorConfig,
                "finetune": FinetuneConfig, "logger": LoggerConfig}
     for group, node in schemas.items():
-        cs.store(group="schema", name=group, node=node)  # a group file extends it: `- /schema/<group>@_here_`
+        # group files extend a schema with `- /schema/<group>@_here_` or `- /schema/<group>@_here_: <group>`
+        cs.store(group="schema", name=group, node=node)
+        cs.store(group=f"schema/{group}", name=group, node=node)

@@ -3,27 +3,32 @@
 ``python -m itdiffusion.stages.evaluate model=iddpm_cifar10_vlb estimator.npoints=1000 data.num_images=512``
 ``torchrun --nproc_per_node=8 -m itdiffusion.stages.evaluate run_id=base ...`` (images sharded over ranks)
 
-Estimates per test image (all in nats inside, bits/dim in the outputs):
+Estimates per test image (nats inside, bits/dim in the outputs):
 
-- IDDPM's variational bound with its discretized decoder (``vlb``) and with the continuous Gaussian
-  density of x_0 instead (``vlb_continuous``), from :func:`itdiffusion.variational.vlb`;
-- the IT bound (:func:`itdiffusion.information.it_nll`): continuous density, discrete (x_hat
-  rounded to the pixel lattice) and dequantized (uniform noise of one bin, already a discrete NLL).
+- IDDPM's variational bound with its discretized decoder (``vlb``) and with the Gaussian density of
+  x_0 instead (``vlb_continuous``), :func:`itdiffusion.variational.vlb`;
+- the IT bound from the MMSE curves of :func:`itdiffusion.information.it_nll`: continuous density,
+  discrete (x_hat raw or rounded to the pixel lattice, tails included; ``it_discrete_notails`` is
+  ITD's table convention without them) and dequantized (images plus uniform noise of one bin, the
+  continuous estimate plus d ln(1/delta): a discrete NLL).
 
-Every image draws its log-SNR points and noise from its own seed (``estimator.seed``, image index),
-so the numbers do not depend on batching or on how many processes share the work. Rank 0 writes
-``per_image.npz`` and ``metrics.json`` (means with standard errors over images) into the run dir
-and records the row in ``<paths.results_dir>/results.json``.
+Every image draws its log-SNR points, noise and dequantization noise from its own seeds
+(``estimator.seed``, image index), so the curves do not depend on batching or on how many
+processes share the work. The decoder choices inside the estimators (clamp to the Gaussian
+decoder, rounding, ensemble member) are cross-fitted over the other images, so rank 0 recomputes
+every estimate from the gathered curves (``*_nll_from_curve``): one process and many give the same
+per-image numbers. Rank 0 writes ``per_image.npz`` and ``metrics.json`` (means and standard errors
+over images) into the run dir and records the row in ``<paths.results_dir>/results.json``.
 
-Ensemble (``ensemble=[ckpt_a, ckpt_b, ...]``, checkpoints of ``model``): every member sees the
-same log-SNR points and noise; in each stratum k of the log-SNR proposal the ensemble uses the
-member (or the Gaussian reference) with the lowest mean MMSE over the test images, as ITD does with
-its pointwise minimum of MMSE curves, and the NLL follows from that curve.
+Ensemble (``ensemble=[ckpt_a, ckpt_b, ...]``, checkpoints of ``model``): every member sees the same
+log-SNR points and noise, and per log-SNR bin the estimate uses the member (or the Gaussian decoder)
+with the lowest cross-fitted error: ITD's pointwise minimum of the MMSE curves, without its bias.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,8 +43,17 @@ from tqdm import tqdm
 from itdiffusion import distributed
 from itdiffusion.data import load_images, to_model_range
 from itdiffusion.errors import UserError
-from itdiffusion.information import GaussianReference, continuous_nll_from_curve, it_nll
+from itdiffusion.information import (
+    GaussianReference,
+    LogSNRProposal,
+    continuous_nll_from_curve,
+    discrete_nll_from_curve,
+    it_nll,
+    left_tail,
+    right_tail_bound,
+)
 from itdiffusion.io import atomic_savez, atomic_write_json
+from itdiffusion.models.checkpoints import CheckpointError
 from itdiffusion.models.iddpm import (
     IDDPMDenoiser,
     build_model_and_diffusion,
@@ -55,8 +69,16 @@ from itdiffusion.variational import vlb
 
 log = logging.getLogger(__name__)
 
-IT_ESTIMATES = ("continuous", "discrete", "dequantized")
-XINTERVAL = (-1.0, 1.0)
+XINTERVAL = (-1.0, 1.0)  # pixels scaled to [-1, 1]: the lattice is -1 + PIXEL_BIN * k
+STREAM_POINTS, STREAM_DEQUANT, STREAM_VLB = 0, 1, 2  # independent random streams per image
+METRIC_KEYS = (
+    "vlb_bpd",
+    "vlb_continuous_bpd",
+    "it_continuous_bpd",
+    "it_discrete_bpd",
+    "it_discrete_notails_bpd",
+    "it_dequantized_bpd",
+)
 
 
 @dataclass
@@ -70,83 +92,112 @@ class Member:
     sha256: str
 
 
-def image_seed(seed: int, index: int) -> int:
-    """The seed of test image ``index``: a 63-bit hash of (estimator seed, index)."""
-    hi, lo = np.random.SeedSequence([seed, index]).generate_state(2)
+def image_seed(seed: int, index: int, stream: int = STREAM_POINTS) -> int:
+    """The seed of test image ``index`` for one random ``stream``: a 63-bit hash of (seed, index, stream)."""
+    hi, lo = np.random.SeedSequence([seed, index, stream]).generate_state(2)
     return ((int(hi) << 32) | int(lo)) & (2**63 - 1)
+
+
+def dequantize(x: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+    """``x + delta (U - 1/2)`` with U ~ Uniform[0, 1)^d from each image's seed: uniform in the pixel bin."""
+    u = torch.stack(
+        [
+            torch.rand(x.shape[1:], dtype=torch.float64, generator=torch.Generator().manual_seed(s))
+            for s in seeds
+        ]
+    )
+    return x.to(torch.float64) + PIXEL_BIN * (u.to(x.device) - 0.5)
 
 
 def load_members(cfg: DictConfig, device: torch.device) -> list[Member]:
     """The model of ``cfg.model`` with its checkpoint, or one per ``cfg.ensemble`` checkpoint."""
     if len(cfg.ensemble) == 1:
         raise UserError(
-            "ensemble= needs at least two checkpoints (or leave it empty to evaluate model.checkpoint)"
+            "ensemble= needs at least two checkpoints (leave it empty to evaluate model.checkpoint)"
         )
-    with rank_zero_first():  # rank 0 downloads a missing official checkpoint, the others wait
-        paths = [Path(p) for p in cfg.ensemble] or [resolve_checkpoint(cfg.model, cfg.paths.checkpoint_dir)]
-    members = []
-    for path in paths:
-        if not path.is_file():
-            raise UserError(f"checkpoint not found: {path.resolve()}")
-        model, diffusion = build_model_and_diffusion(cfg.model)
-        sha256 = load_checkpoint(model, path)
-        model.to(device).eval()
-        members.append(Member(model, diffusion, IDDPMDenoiser(model, cfg.model), str(path), sha256))
+    try:
+        with rank_zero_first():  # rank 0 downloads a missing official checkpoint, the others wait
+            paths = [Path(p) for p in cfg.ensemble] or [
+                resolve_checkpoint(cfg.model, cfg.paths.checkpoint_dir)
+            ]
+        members = []
+        for path in paths:
+            if not path.is_file():
+                raise FileNotFoundError(f"checkpoint not found: {path.resolve()}")
+            model, diffusion = build_model_and_diffusion(cfg.model)
+            sha256 = load_checkpoint(model, path)
+            model.to(device).eval()
+            members.append(Member(model, diffusion, IDDPMDenoiser(model, cfg.model), str(path), sha256))
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
+        raise UserError(str(e)) from e
     return members
 
 
 @torch.no_grad()
-def evaluate_images(
+def evaluate_curves(
     members: Sequence[Member],
     images: torch.Tensor,
     indices: Sequence[int],
     reference: GaussianReference,
+    proposal: LogSNRProposal,
     est_cfg,
     device: torch.device,
 ) -> dict[str, torch.Tensor]:
-    """Per-image estimates for ``images`` (uint8 ``[B, 3, H, W]``, global test indices ``indices``).
+    """Per-image MMSE curves and VLBs of ``images`` (uint8 ``[B, 3, H, W]`` with test indices ``indices``).
 
-    Returns float64 tensors on the CPU, one row per image: ``index``; per member j (prefix
-    ``m{j}_``) ``it_<estimate>_nats`` and ``it_<estimate>_mc_stderr_nats`` (Monte Carlo standard
-    error of that image's estimate), ``vlb_bpd``, ``vlb_continuous_bpd``, ``network_evals``, and
-    the MMSE curve ``mmse`` [B, K] (eps units) at ``logsnr`` [B, K] with log proposal density
-    ``log_q`` and the reference's ``mmse_gaussian``; members share ``logsnr`` and the noise.
+    Float64 CPU tensors, one row per image: ``index``; ``logsnr``, ``log_q`` ``[B, K]`` (shared by
+    all members); the reference's decoder errors ``gaussian_mmse`` at x and ``gaussian_mmse_deq``
+    at the dequantized x; per member j (prefix ``m{j}_``): eps-unit errors ``mmse`` (x_hat clamped
+    to [-1, 1]), ``mmse_rounded`` (x_hat rounded to the lattice), ``mmse_deq`` (dequantized images),
+    ``vlb_bpd`` and ``vlb_continuous_bpd``, and ``network_evals``.
     """
     x = to_model_range(images).to(device)
-    seeds = [image_seed(est_cfg.seed, int(i)) for i in indices]
+    point_seeds = [image_seed(est_cfg.seed, int(i), STREAM_POINTS) for i in indices]
+    x_deq = dequantize(x, [image_seed(est_cfg.seed, int(i), STREAM_DEQUANT) for i in indices]).to(x.dtype)
+    wide = (XINTERVAL[0] - PIXEL_BIN / 2, XINTERVAL[1] + PIXEL_BIN / 2)  # where dequantized pixels live
     out: dict[str, torch.Tensor] = {"index": torch.as_tensor(list(indices), dtype=torch.float64)}
+    common = dict(
+        npoints=est_cfg.npoints,
+        logsnr_sampling=est_cfg.logsnr_sampling,
+        proposal=proposal,
+        image_seeds=point_seeds,
+        batch_size=est_cfg.batch_size,
+    )
     for j, member in enumerate(members):
         p = f"m{j}_"
-        evals = torch.zeros(len(seeds), dtype=torch.float64)
+        evals = torch.zeros(len(indices), dtype=torch.float64)
         if est_cfg.it:
             est = it_nll(
                 member.denoiser,
                 x,
                 reference,
-                npoints=est_cfg.npoints,
                 delta=PIXEL_BIN,
                 xinterval=XINTERVAL,
                 rounding=est_cfg.rounding,
-                dequantize=True,
-                logsnr_sampling=est_cfg.logsnr_sampling,
-                image_seeds=seeds,
-                batch_size=est_cfg.batch_size,
+                **common,
             )
-            for name in IT_ESTIMATES:
-                out[f"{p}it_{name}_nats"] = _cpu(getattr(est, name))
-                out[f"{p}it_{name}_mc_stderr_nats"] = _cpu(getattr(est, f"{name}_stderr"))
-            out[f"{p}mmse"] = _cpu(est.mmse)
-            if j == 0:
-                out["logsnr"], out["log_q"] = _cpu(est.logsnr), _cpu(est.log_q)
-                out["mmse_gaussian"] = _cpu(reference.mmse(est.logsnr.to(device)))
-            elif not torch.equal(_cpu(est.logsnr), out["logsnr"]):
-                raise RuntimeError("ensemble members were evaluated at different log-SNR points")
-            evals += _cpu(torch.as_tensor(est.network_evals))
+            deq = it_nll(member.denoiser, x_deq, reference, xinterval=wide, **common)  # same points and noise
+            if "logsnr" not in out:
+                out.update(
+                    logsnr=_cpu(est.logsnr),
+                    log_q=_cpu(est.log_q),
+                    gaussian_mmse=_cpu(est.gaussian_mmse),
+                    gaussian_mmse_deq=_cpu(deq.gaussian_mmse),
+                )
+            for other in (est.logsnr, deq.logsnr):
+                if not torch.equal(_cpu(other), out["logsnr"]):
+                    raise RuntimeError("members / passes were evaluated at different log-SNR points")
+            out[f"{p}mmse"], out[f"{p}mmse_deq"] = _cpu(est.mmse), _cpu(deq.mmse)
+            if est.mmse_rounded is not None:
+                out[f"{p}mmse_rounded"] = _cpu(est.mmse_rounded)
+            evals += est.network_evals + deq.network_evals
         if est_cfg.vlb:
             for key, continuous in (("vlb_bpd", False), ("vlb_continuous_bpd", True)):
                 rows = []
-                for b, seed in enumerate(seeds):  # one image at a time: its noise comes from its own seed
-                    gen = torch.Generator(device=device).manual_seed(seed)
+                for b, i in enumerate(indices):  # one image at a time: its noise comes from its own seed
+                    gen = torch.Generator(device=device).manual_seed(
+                        image_seed(est_cfg.seed, int(i), STREAM_VLB)
+                    )
                     res = vlb(
                         member.model,
                         member.diffusion,
@@ -162,53 +213,90 @@ def evaluate_images(
     return out
 
 
-def ensemble_mmse(
-    member_mmse: Sequence[torch.Tensor], logsnr: torch.Tensor, mmse_gaussian: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image MMSE curve of the ensemble: in each log-SNR stratum, the curve with the lowest mean.
+def estimates_from_curves(
+    curves: dict[str, torch.Tensor],
+    members: Sequence[int],
+    x: torch.Tensor,
+    x_deq: torch.Tensor,
+    reference: GaussianReference,
+    proposal: LogSNRProposal,
+    est_cfg,
+) -> dict[str, torch.Tensor]:
+    """Per-image IT estimates (nats) of the model ``members`` (one index; several: their ensemble).
 
-    ``member_mmse``: [N, K] per member at the shared points ``logsnr`` [N, K]. Within each image the
-    points are ordered by log-SNR; point k of every image lies in stratum k of the proposal (with
-    stratified sampling), so the ensemble picks, per k, the member or the Gaussian reference whose
-    MMSE averaged over the N images is smallest. Returns the per-image curve [N, K] (in the
-    original point order) and the choice per stratum [K] (index M means the Gaussian reference).
+    ``continuous``: -ln p(x) from the raw curves; ``discrete``: -ln P(x) with candidates the raw and
+    rounded curves, tails included, and ``discrete_notails`` without them (ITD's table);
+    ``dequantized``: the continuous estimate at the dequantized images plus d ln(1/delta). Each
+    with ``<name>_mc_stderr``, the Monte Carlo standard error of that image's estimate.
     """
-    order = logsnr.argsort(dim=1)
-    curves = torch.stack([m.gather(1, order) for m in (*member_mmse, mmse_gaussian)])  # [M+1, N, K]
-    choice = curves.mean(dim=1).argmin(dim=0)  # [K]
-    picked = curves.gather(0, choice.view(1, 1, -1).expand(1, *curves.shape[1:]))[0]
-    return picked.scatter(1, order, picked.clone()), choice
+    dev = reference.mean.device
+    logsnr, log_q = curves["logsnr"].to(dev), curves["log_q"].to(dev)
+    common = dict(proposal=proposal, sampling=est_cfg.logsnr_sampling)
+
+    def stack(names: Sequence[str]) -> torch.Tensor:
+        return torch.stack([curves[f"m{j}_{n}"] for j in members for n in names if f"m{j}_{n}" in curves]).to(
+            dev
+        )
+
+    out = {}
+    cont = continuous_nll_from_curve(
+        stack(["mmse"]),
+        logsnr,
+        log_q,
+        reference,
+        True,
+        x=x,
+        gaussian_mmse=curves["gaussian_mmse"].to(dev),
+        **common,
+    )
+    disc = discrete_nll_from_curve(
+        stack(["mmse", "mmse_rounded"]),
+        logsnr,
+        log_q,
+        reference,
+        PIXEL_BIN,
+        True,
+        x=x,
+        gaussian_mmse=curves["gaussian_mmse"].to(dev),
+        **common,
+    )
+    deq = continuous_nll_from_curve(
+        stack(["mmse_deq"]),
+        logsnr,
+        log_q,
+        reference,
+        True,
+        x=x_deq,
+        gaussian_mmse=curves["gaussian_mmse_deq"].to(dev),
+        **common,
+    )
+    a_lo, a_hi = proposal.bounds
+    tails = left_tail(reference, x, a_lo) + right_tail_bound(reference.dim, PIXEL_BIN, a_hi)
+    for name, nll, stderr in (
+        ("continuous", cont.nll, cont.stderr),
+        ("discrete", disc.nll, disc.stderr),
+        ("discrete_notails", disc.nll - tails, disc.stderr),
+        ("dequantized", deq.nll + reference.dim * math.log(1.0 / PIXEL_BIN), deq.stderr),
+    ):
+        out[name], out[f"{name}_mc_stderr"] = _cpu(nll), _cpu(stderr)
+    return out
 
 
-def summarize(
-    per_image: dict[str, torch.Tensor], n_members: int, reference: GaussianReference, est_cfg
-) -> dict:
-    """Means and standard errors over images, in bits/dim, for the metrics.json keys."""
-    dim = reference.dim
-    metrics: dict = {
-        "num_images": int(per_image["index"].numel()),
-        "npoints": est_cfg.npoints if est_cfg.it else None,
-        "dim": dim,
-    }
-    members = []
-    for j in range(n_members):
-        p, m = f"m{j}_", {}
-        for name in IT_ESTIMATES:
-            if f"{p}it_{name}_nats" in per_image:
-                _put(m, f"it_{name}_bpd", nats_to_bpd(per_image[f"{p}it_{name}_nats"], dim))
-        for key in ("vlb_bpd", "vlb_continuous_bpd"):
-            if f"{p}{key}" in per_image:
-                _put(m, key, per_image[f"{p}{key}"])
-        m["network_evals"] = int(per_image[f"{p}network_evals"].sum().item())
-        members.append(m)
-    if n_members == 1:
-        metrics.update(members[0])
-        return metrics
-    metrics["members"] = members
-    metrics["network_evals"] = sum(m["network_evals"] for m in members)
-    if "ensemble_it_continuous_nats" in per_image:
-        _put(metrics, "it_continuous_bpd", nats_to_bpd(per_image["ensemble_it_continuous_nats"], dim))
-    return metrics
+def summarize(per_image: dict[str, torch.Tensor], prefix: str, dim: int) -> dict:
+    """Means over images with standard errors (bits/dim) of the per-image values under ``prefix``."""
+    out: dict = {}
+    for name in ("continuous", "discrete", "discrete_notails", "dequantized"):
+        if f"{prefix}it_{name}_nats" in per_image:
+            values = nats_to_bpd(per_image[f"{prefix}it_{name}_nats"], dim)
+            out[f"it_{name}_bpd"], out[f"it_{name}_bpd_stderr"] = mean_and_stderr(values)
+            mc = nats_to_bpd(per_image[f"{prefix}it_{name}_mc_stderr_nats"], dim)
+            out[f"it_{name}_bpd_mc_stderr"] = float(mc.square().sum().sqrt() / mc.numel())  # MC noise alone
+    for key in ("vlb_bpd", "vlb_continuous_bpd"):
+        if f"{prefix}{key}" in per_image:
+            out[key], out[f"{key}_stderr"] = mean_and_stderr(per_image[f"{prefix}{key}"])
+    if f"{prefix}network_evals" in per_image:
+        out["network_evals"] = int(per_image[f"{prefix}network_evals"].sum().item())
+    return out
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict | None:
@@ -218,67 +306,48 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
         log.info("skip_done: %s exists, nothing to do", metrics_path)
         return None
     est_cfg = cfg.estimator
-    if est_cfg.it and est_cfg.npoints < 2:
-        raise UserError(f"estimator.npoints must be >= 2 (got {est_cfg.npoints})")
-    if not (est_cfg.it or est_cfg.vlb):
-        raise UserError("nothing to evaluate: estimator.it and estimator.vlb are both false")
-    if cfg.ensemble and not est_cfg.it:
-        raise UserError("an ensemble combines MMSE curves: it needs estimator.it=true")
-    if cfg.ensemble and est_cfg.logsnr_sampling != "stratified":
-        raise UserError(
-            "an ensemble needs estimator.logsnr_sampling=stratified (strata align the members' curves)"
-        )
+    _check_settings(cfg)
     started = time.time()
     device = setup_device(cfg)
     reference = load_or_compute_reference(cfg, device)
+    proposal = LogSNRProposal.from_reference(reference, clip=est_cfg.clip)
     with rank_zero_first():
         test = load_images(cfg.data, "test")
     members = load_members(cfg, device)
     mine = distributed.shard_indices(len(test))
-    chunk = max(1, est_cfg.batch_size // max(1, est_cfg.npoints if est_cfg.it else 1))
+    chunk = max(1, est_cfg.batch_size // est_cfg.npoints) if est_cfg.it else max(1, est_cfg.batch_size)
     parts = []
-    bar = tqdm(
+    with tqdm(
         total=len(test),
         desc=f"evaluate {cfg.label}",
         unit="img",
         disable=not distributed.is_main(),
         dynamic_ncols=True,
-    )
-    for start in range(mine.start, mine.stop, chunk):
-        idx = list(range(start, min(start + chunk, mine.stop)))
-        images = torch.stack([test[i][0] for i in idx])
-        parts.append(evaluate_images(members, images, idx, reference, est_cfg, device))
-        bar.update(len(idx) * distributed.world_size())
-    bar.close()
+    ) as bar:
+        for start in range(mine.start, mine.stop, chunk):
+            idx = list(range(start, min(start + chunk, mine.stop)))
+            images = torch.stack([test[i][0] for i in idx])
+            parts.append(evaluate_curves(members, images, idx, reference, proposal, est_cfg, device))
+            bar.update(len(idx) * distributed.world_size())
     per_image = _gather(parts)
     if not distributed.is_main():
         distributed.barrier()
         return None
-    if len(members) > 1:
-        mmse, choice = ensemble_mmse(
-            [per_image[f"m{j}_mmse"] for j in range(len(members))],
-            per_image["logsnr"],
-            per_image["mmse_gaussian"],
-        )
-        per_image["ensemble_mmse"], per_image["ensemble_choice"] = mmse, choice.double()
-        per_image["ensemble_it_continuous_nats"] = _cpu(
-            continuous_nll_from_curve(
-                mmse.to(device), per_image["logsnr"].to(device), per_image["log_q"].to(device), reference
-            )
-        )
-    metrics = summarize(per_image, len(members), reference, est_cfg)
-    metrics.update(_provenance(cfg, members))
+    metrics = _finish(cfg, per_image, members, test, reference, proposal)
     metrics["elapsed_s"] = round(time.time() - started, 2)
     atomic_savez(run_dir / "per_image.npz", **{k: _compact(k, v) for k, v in per_image.items()})
     atomic_write_json(metrics_path, metrics)
-    record_run(cfg.paths.results_dir, metrics)
+    try:
+        record_run(cfg.paths.results_dir, {**metrics, "metrics_path": str(metrics_path)})
+    except RuntimeError as e:  # an unreadable results store: keep metrics.json, say how to recover
+        log.error("could not add this run to the results table (%s); its metrics are in %s", e, metrics_path)
     _log_to_tracker(cfg, metrics)
     log.info(
         "%s: %s",
         cfg.label,
         ", ".join(
             f"{k} {metrics[k]:.4f} ± {metrics[k + '_stderr']:.4f}"
-            for k in _METRIC_KEYS
+            for k in METRIC_KEYS
             if metrics.get(k) is not None
         ),
     )
@@ -286,7 +355,58 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     return metrics
 
 
-_METRIC_KEYS = ("vlb_bpd", "vlb_continuous_bpd", "it_continuous_bpd", "it_discrete_bpd", "it_dequantized_bpd")
+def _check_settings(cfg: DictConfig) -> None:
+    est_cfg = cfg.estimator
+    if est_cfg.it and est_cfg.npoints < 2:
+        raise UserError(
+            f"estimator.npoints must be >= 2 (a standard error needs two points), got {est_cfg.npoints}"
+        )
+    if not (est_cfg.it or est_cfg.vlb):
+        raise UserError("nothing to evaluate: estimator.it and estimator.vlb are both false")
+    if cfg.ensemble and not est_cfg.it:
+        raise UserError("an ensemble combines MMSE curves: it needs estimator.it=true")
+    if est_cfg.batch_size < 1 or est_cfg.vlb_steps_per_batch < 1:
+        raise UserError("estimator.batch_size and estimator.vlb_steps_per_batch must be >= 1")
+
+
+def _finish(
+    cfg: DictConfig,
+    per_image: dict[str, torch.Tensor],
+    members: Sequence[Member],
+    test,
+    reference: GaussianReference,
+    proposal: LogSNRProposal,
+) -> dict:
+    """Rank 0: estimates from the gathered curves, then the metrics (single model or ensemble)."""
+    est_cfg, dim = cfg.estimator, reference.dim
+    groups = [[j] for j in range(len(members))] + ([list(range(len(members)))] if len(members) > 1 else [])
+    if est_cfg.it:
+        index = per_image["index"].long().tolist()
+        x = to_model_range(torch.stack([test[i][0] for i in index])).to(reference.mean.device, torch.float64)
+        x_deq = dequantize(x, [image_seed(est_cfg.seed, i, STREAM_DEQUANT) for i in index])
+        for group in groups:
+            prefix = "ensemble_" if len(group) > 1 else f"m{group[0]}_"
+            estimates = estimates_from_curves(per_image, group, x, x_deq, reference, proposal, est_cfg)
+            per_image.update({f"{prefix}it_{name}_nats": values for name, values in estimates.items()})
+        per_image["mmse_gaussian"] = _cpu(reference.mmse(per_image["logsnr"].to(reference.mean.device)))
+    metrics: dict = {
+        "num_images": int(per_image["index"].numel()),
+        "npoints": est_cfg.npoints if est_cfg.it else None,
+        "dim": dim,
+        "gaussian_entropy_bpd": float(nats_to_bpd(float(reference.entropy), dim)),
+        "logsnr_range": list(proposal.bounds),
+    }
+    if len(members) == 1:
+        metrics.update(summarize(per_image, "m0_", dim))
+    else:
+        metrics["members"] = [
+            {"checkpoint": m.checkpoint, "checkpoint_sha256": m.sha256, **summarize(per_image, f"m{j}_", dim)}
+            for j, m in enumerate(members)
+        ]
+        metrics.update(summarize(per_image, "ensemble_", dim))
+        metrics["network_evals"] = sum(m["network_evals"] for m in metrics["members"])
+    metrics.update(_provenance(cfg, members))
+    return metrics
 
 
 def _provenance(cfg: DictConfig, members: Sequence[Member]) -> dict:
@@ -309,17 +429,12 @@ def _provenance(cfg: DictConfig, members: Sequence[Member]) -> dict:
 
 
 def _log_to_tracker(cfg: DictConfig, metrics: dict) -> None:
-    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     with Tracker(
         cfg.logger, metrics["config"], job_type="evaluate", name=f"evaluate-{cfg.run_id}"
     ) as tracker:
         tracker.log({f"eval/{k}": v for k, v in scalars.items()})
         tracker.summary(scalars)
-
-
-def _put(target: dict, key: str, per_image_values: torch.Tensor) -> None:
-    mean, stderr = mean_and_stderr(per_image_values)
-    target[key], target[f"{key}_stderr"] = mean, stderr
 
 
 def _gather(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -82,7 +82,9 @@ def plot_mmse_gap(runs: Sequence[Mapping], path: Path) -> Path | None:
 
     curves = []
     for run in runs:
-        npz = Path(run.get("metrics_path", "")).with_name("per_image.npz")
+        if not run.get("metrics_path"):
+            continue
+        npz = Path(run["metrics_path"]).with_name("per_image.npz")
         if not npz.is_file():
             continue
         with np.load(npz) as f:
@@ -108,24 +110,39 @@ def plot_mmse_gap(runs: Sequence[Mapping], path: Path) -> Path | None:
 
 
 def find_loss_curves(*roots: str | Path) -> list[tuple[str, list[dict]]]:
-    """(run name, records) for every ``loss_curve.json`` below ``roots`` (records: step, epoch, losses)."""
+    """(run name, points) for every ``loss_curve.json`` below ``roots``; the run name is its folder's name.
+
+    A curve is a list of points ``{step, epoch, train_loss_<unit>, heldout_loss_<unit>}`` as the
+    finetune stage writes them (``<unit>``: ``bpd`` and ``nats`` for the IT loss, the objective's
+    name otherwise).
+    """
     found = []
     for root in roots:
         for path in sorted(Path(root).rglob(LOSS_CURVE)) if Path(root).is_dir() else []:
             try:
-                data = json.loads(path.read_text())
+                points = json.loads(path.read_text())
             except (OSError, json.JSONDecodeError) as e:
                 log.warning("skipping unreadable %s (%s)", path, e)
                 continue
-            records = data.get("records", data) if isinstance(data, dict) else data
-            name = data.get("run_name", path.parent.name) if isinstance(data, dict) else path.parent.name
-            if isinstance(records, list) and records:
-                found.append((str(name), records))
+            if isinstance(points, list) and points:
+                found.append((path.parent.name, points))
     return found
 
 
+def loss_series(points: Sequence[Mapping], kind: str) -> tuple[str, list[tuple[float, float]]] | None:
+    """The ``kind`` ("train" or "heldout") loss of a curve as (unit, [(step, value)]), bits/dim preferred."""
+    keys = sorted({k for p in points for k in p if k.startswith(f"{kind}_loss")},
+                  key=lambda k: (not k.endswith("_bpd"), k))
+    for key in keys:
+        series = [(p["step"], p[key]) for p in points if p.get(key) is not None]
+        if series:
+            unit = key[len(f"{kind}_loss") :].lstrip("_") or "loss"
+            return unit, series
+    return None
+
+
 def plot_loss_curves(curves: Sequence[tuple[str, list[dict]]], path: Path) -> Path | None:
-    """Train and held-out loss against optimizer step, one colour per fine-tuning run."""
+    """Train (solid) and held-out (dashed, markers) loss against optimizer step, a colour per run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,16 +151,16 @@ def plot_loss_curves(curves: Sequence[tuple[str, list[dict]]], path: Path) -> Pa
     if not curves:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for k, (name, records) in enumerate(curves):
-        colour = f"C{k % 10}"
-        for field, style in (("train_loss", "-"), ("heldout_loss", "o--")):
-            points = [(r["step"], r[field]) for r in records if r.get(field) is not None]
-            if points:
-                steps, values = zip(*points, strict=True)
-                ax.plot(steps, values, style, color=colour, label=f"{name}: {field.replace('_', ' ')}")
+    for k, (name, points) in enumerate(curves):
+        for kind, style in (("train", "-"), ("heldout", "o--")):
+            found = loss_series(points, kind)
+            if found:
+                unit, series = found
+                steps, values = zip(*series, strict=True)
+                ax.plot(steps, values, style, color=f"C{k % 10}", label=f"{name}: {kind} ({unit})")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (bits/dim)")
-    ax.set_title("Fine-tuning loss")
+    ax.set_ylabel("loss (bits/dim where available)")
+    ax.set_title("Training and held-out loss")
     ax.legend(fontsize="small")
     fig.tight_layout()
     _save_figure(fig, path)
