@@ -101,12 +101,13 @@ class ImageFileDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))), i
 
 
-def load_images(data_cfg, split: str) -> Dataset:
+def load_images(data_cfg, split: str, limit: bool = True) -> Dataset:
     """The ``split`` ("train" or "test") of the dataset described by ``data_cfg`` (a ``DataConfig``).
 
-    The test split is limited to its first ``data.num_images`` images and the train split to its
-    first ``data.num_train_images`` (None: all). Raises :class:`DatasetError` with the expected
-    path and how to obtain the data when it is missing, and for empty sets or wrong image shapes.
+    With ``limit`` the test split is cut to its first ``data.num_images`` images (evaluation) and the
+    train split to its first ``data.num_train_images`` (fine-tuning); None means all. Raises
+    :class:`DatasetError` with the expected path and how to obtain the data when it is missing, and
+    for empty sets or wrong image shapes.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -123,16 +124,17 @@ def load_images(data_cfg, split: str) -> Dataset:
         raise DatasetError(f"unknown dataset data.name={name!r}; choose one of {', '.join(SOURCES)}")
     if len(dataset) == 0:
         raise DatasetError(f"the {split} split of data.name={name} ({_describe(data_cfg, split)}) is empty")
-    limit = data_cfg.num_images if split == "test" else data_cfg.num_train_images
-    if limit is not None:
-        if limit < 1:
-            raise DatasetError(f"the image limit for the {split} split must be >= 1, got {limit}")
-        dataset = _first(dataset, limit)
+    count = data_cfg.num_images if split == "test" else data_cfg.num_train_images
+    if limit and count is not None:
+        if count < 1:
+            name = "data.num_images" if split == "test" else "data.num_train_images"
+            raise DatasetError(f"{name} must be >= 1 (or null for all images), got {count}")
+        dataset = _first(dataset, count)
     return dataset
 
 
 def dataset_key(data_cfg) -> str:
-    """A short name that identifies the training data (used to key caches such as the reference)."""
+    """A short name that identifies the full training split (used to key caches such as the reference)."""
     if data_cfg.name == "cifar10":
         return "cifar10"
     if data_cfg.name == "patches":
@@ -147,8 +149,6 @@ def dataset_key(data_cfg) -> str:
         )
     else:
         ident = repr((str(Path(data_cfg.root).resolve()), _split_name(data_cfg, "train")))
-    if data_cfg.num_train_images is not None:
-        ident += f"|first{data_cfg.num_train_images}"
     return f"{data_cfg.name}-{hashlib.sha256(ident.encode()).hexdigest()[:10]}"
 
 

@@ -63,7 +63,7 @@ def load_or_compute_reference(cfg: DictConfig, device: torch.device | str = "cpu
 
 def compute_reference(cfg: DictConfig) -> GaussianReference:
     """``GaussianReference.from_data`` on a seeded random subset of the training images (in [-1, 1])."""
-    train = load_images(cfg.data, "train")
+    train = load_images(cfg.data, "train", limit=False)  # data.num_train_images limits fine-tuning only
     images = random_subset(train, cfg.data.stats_images, seed=cfg.data.seed)
     log.info(
         "computing the Gaussian reference of %d training images (%s covariance)",
