@@ -35,13 +35,19 @@ def make_cfg(tmp_path):
     return make
 
 
-def run_cli(module: str, *overrides: str, cwd: Path, env: dict | None = None, timeout: float = 300):
-    """``python -m itdiffusion.stages.<module> overrides...`` in ``cwd``; returns the CompletedProcess."""
+def run_cli(
+    module: str, *overrides: str, cwd: Path, env: dict | None = None, torchrun: int = 0, timeout: float = 300
+):
+    """``python -m itdiffusion.stages.<module> overrides...`` in ``cwd`` (under torchrun with that many
+    processes if ``torchrun``); returns the CompletedProcess."""
     import subprocess
 
     full_env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "WANDB_SILENT": "true", **(env or {})}
+    launcher = [sys.executable]
+    if torchrun:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
     return subprocess.run(
-        [sys.executable, "-m", f"itdiffusion.stages.{module}", *overrides],
+        [*launcher, "-m", f"itdiffusion.stages.{module}", *overrides],
         cwd=cwd,
         env=full_env,
         capture_output=True,
@@ -86,3 +92,44 @@ def write_png_folder(folder: Path, images: np.ndarray) -> list[Path]:
         Image.fromarray(image).save(path)
         paths.append(path)
     return paths
+
+
+# Tiny end-to-end settings: 4 test crops, 4 log-SNR points, a 4-step chain, a diagonal reference.
+TINY = [
+    "experiment=smoke",
+    "device=cpu",
+    "logger=none",
+    "data.patches_per_photo=8",
+    "data.stats_images=40",
+    "data.stats_diagonal=true",
+    "data.num_images=4",
+    "estimator.npoints=4",
+    "estimator.batch_size=16",
+    "model.diffusion_steps=4",
+    "estimator.vlb_steps_per_batch=4",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """Two iddpm_tiny checkpoints with different random weights (plain state_dicts)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from itdiffusion.models.iddpm import build_model_and_diffusion
+
+    folder = tmp_path_factory.mktemp("tiny_checkpoints")
+    model_cfg = OmegaConf.load(REPO / "conf" / "model" / "iddpm_tiny.yaml")
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model, _ = build_model_and_diffusion(model_cfg)
+        paths.append(folder / f"tiny_{seed}.pt")
+        torch.save(model.state_dict(), paths[-1])
+    return paths
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory):
+    """One reference cache for the whole session (the reference of the TINY patches is computed once)."""
+    return tmp_path_factory.mktemp("cache")

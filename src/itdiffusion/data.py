@@ -43,11 +43,11 @@ PATCH_PHOTOS = (
 )
 
 
-def to_model_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels p in {0..255} -> float32 x = p / 127.5 - 1 in [-1, 1]."""
+def to_model_range(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 pixels p in {0..255} -> x = p / 127.5 - 1 in [-1, 1] (float32, or ``dtype``)."""
     if images.dtype != torch.uint8:
         raise TypeError(f"to_model_range expects uint8 pixels, got {images.dtype}")
-    return images.to(torch.float32) / 127.5 - 1.0
+    return images.to(dtype) / 127.5 - 1.0
 
 
 def hflip_batch(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -382,8 +382,9 @@ def _finish(
     groups = [[j] for j in range(len(members))] + ([list(range(len(members)))] if len(members) > 1 else [])
     if est_cfg.it:
         index = per_image["index"].long().tolist()
-        x = to_model_range(torch.stack([test[i][0] for i in index])).to(reference.mean.device, torch.float64)
-        x_deq = dequantize(x, [image_seed(est_cfg.seed, i, STREAM_DEQUANT) for i in index])
+        x = to_model_range(torch.stack([test[i][0] for i in index]))  # float32, as the network saw them
+        x_deq = dequantize(x, [image_seed(est_cfg.seed, i, STREAM_DEQUANT) for i in index]).to(x.dtype)
+        x, x_deq = (t.to(reference.mean.device, torch.float64) for t in (x, x_deq))
         for group in groups:
             prefix = "ensemble_" if len(group) > 1 else f"m{group[0]}_"
             estimates = estimates_from_curves(per_image, group, x, x_deq, reference, proposal, est_cfg)

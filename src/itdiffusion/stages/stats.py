@@ -70,7 +70,7 @@ def compute_reference(cfg: DictConfig) -> GaussianReference:
         len(images),
         "diagonal" if cfg.data.stats_diagonal else "full",
     )
-    x = to_model_range(images).to(torch.float64)
+    x = to_model_range(images, torch.float64)
     return GaussianReference.from_data(x, diagonal=cfg.data.stats_diagonal)
 
 
