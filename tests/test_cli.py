@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli
 from hydra.errors import ConfigCompositionException
 
+from conftest import run_cli
 from itdiffusion.stages import evaluate
 
 

@@ -8,16 +8,16 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, run_cli
-
-from itdiffusion.data import load_images, to_model_range
-from itdiffusion.errors import UserError
 from itdiffusion.models.checkpoints import file_sha256
 from itdiffusion.models.iddpm import build_model_and_diffusion
+from itdiffusion.variational import vlb
+
+from conftest import TINY, run_cli
+from itdiffusion.data import load_images, to_model_range
+from itdiffusion.errors import UserError
 from itdiffusion.results import load_runs
 from itdiffusion.stages import evaluate
 from itdiffusion.units import PIXEL_BIN
-from itdiffusion.variational import vlb
 
 METRICS = ("vlb_bpd", "vlb_continuous_bpd", "it_continuous_bpd", "it_discrete_bpd", "it_dequantized_bpd")
 

@@ -8,8 +8,8 @@ import logging
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
 
+from conftest import run_cli
 from itdiffusion.data import load_images, random_subset
 from itdiffusion.stages import stats
 
