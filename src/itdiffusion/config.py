@@ -83,6 +83,22 @@ class ModelConfig:
 
 
 @dataclass
+class MaskedPixelsModelConfig(ModelConfig):
+    """A masked (absorbing) diffusion model over sub-pixels: improved-diffusion's UNetModel with a
+    token embedding in and ``vocab_size`` logits per channel out (``discrete.build_masked_pixel_model``).
+
+    Uses the U-Net keys of ``ModelConfig`` (image_size, num_channels, num_res_blocks, num_heads,
+    num_heads_upsample, attention_resolutions, dropout, use_checkpoint, use_scale_shift_norm) and
+    ``checkpoint``; the Gaussian-diffusion keys do not apply.
+    """
+
+    kind: str = "masked_pixels"
+    vocab_size: int = 256  # values per sub-pixel; the mask id is vocab_size
+    embed_dim: int = 32  # token embedding width per colour channel (U-Net input: 3 * embed_dim)
+    training_objective: str = "any-order (I-MDCE)"
+
+
+@dataclass
 class EstimatorConfig:
     """How bits/dim are estimated by the evaluate stage."""
 
@@ -178,3 +194,4 @@ def register_configs() -> None:
         # group files extend a schema with `- /schema/<group>@_here_` or `- /schema/<group>@_here_: <group>`
         cs.store(group="schema", name=group, node=node)
         cs.store(group=f"schema/{group}", name=group, node=node)
+    cs.store(group="schema/model", name="masked_pixels", node=MaskedPixelsModelConfig)

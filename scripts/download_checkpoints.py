@@ -1,0 +1,49 @@
+"""Download the official IDDPM CIFAR-10 checkpoints into <checkpoint_dir>/iddpm/.
+
+    python scripts/download_checkpoints.py                      # both
+    python scripts/download_checkpoints.py iddpm_cifar10_vlb    # one
+    python scripts/download_checkpoints.py --checkpoint-dir /data/checkpoints
+
+The URLs are those of conf/model/<name>.yaml; files already present are kept. Prints each file's
+path and sha256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from itdiffusion.models.checkpoints import CheckpointError, file_sha256
+from itdiffusion.models.iddpm import resolve_checkpoint
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "model"
+OFFICIAL = ("iddpm_cifar10_vlb", "iddpm_cifar10_hybrid")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="*", metavar="MODEL",
+                        help=f"model configs whose checkpoint_url to fetch, of {OFFICIAL} (default: both)")
+    parser.add_argument("--checkpoint-dir", default="checkpoints", help="default: checkpoints")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.models) - set(OFFICIAL))
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {OFFICIAL}")
+    for name in args.models or OFFICIAL:
+        cfg = OmegaConf.load(CONF_DIR / f"{name}.yaml")
+        try:
+            source = {"name": name, "checkpoint": None, "checkpoint_url": cfg.checkpoint_url}
+            path = resolve_checkpoint(source, args.checkpoint_dir)
+        except CheckpointError as e:
+            print(f"{name}: {e}", file=sys.stderr)
+            return 1
+        print(f"{name}: {path} sha256={file_sha256(path)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

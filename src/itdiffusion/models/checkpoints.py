@@ -1,0 +1,218 @@
+"""IDDPM weight files: find or download them, verify them, load them with clear errors.
+
+The official files are ``torch.save(model.state_dict())`` of improved-diffusion's ``UNetModel``.
+They are loaded with ``torch.load(..., weights_only=True)``. A file that does not fit the model
+built from the config fails with the flags that are probably wrong (read off the file's tensor
+shapes) and the first mismatched keys; an unreadable file fails saying to delete and re-download it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import pickle
+import re
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from torch import Tensor, nn
+
+from itdiffusion.io import atomic_write
+
+_SHOW_KEYS = 5  # mismatched keys listed per kind in an error message
+
+
+class CheckpointError(RuntimeError):
+    """A weights file that cannot be read, downloaded or loaded into the configured model."""
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url: str, dest: str | Path, *, progress: bool = True, timeout: float = 60.0) -> str:
+    """Stream ``url`` to ``dest`` atomically (tqdm progress bar); returns the file's sha256.
+
+    A short read (fewer bytes than Content-Length) raises and leaves no file behind.
+    """
+    from tqdm.auto import tqdm
+
+    dest = Path(dest)
+    sha = hashlib.sha256()
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": "itdiffusion"})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length else None
+
+            def write(f: IO[bytes]) -> None:
+                received = 0
+                bar = tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress)
+                with bar:
+                    while chunk := response.read(1 << 20):
+                        f.write(chunk)
+                        sha.update(chunk)
+                        received += len(chunk)
+                        bar.update(len(chunk))
+                if total is not None and received != total:
+                    raise CheckpointError(f"download of {url} stopped after {received} of {total} bytes; "
+                                          f"nothing was written to {dest}: run it again")
+
+            atomic_write(dest, write)
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+        raise CheckpointError(
+            f"could not download {url} to {dest} ({e}). Without network access, fetch the file "
+            f"elsewhere and place it at {dest}, or point model.checkpoint at a local copy."
+        ) from e
+    return sha.hexdigest()
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if unsupported:  # a well-formed pickle holding more than tensors
+            raise CheckpointError(
+                f"{path} holds Python objects other than tensors ({unsupported.group(1)}), which "
+                f"torch.load(weights_only=True) refuses to unpickle. Give a file of plain tensors "
+                f"(a state_dict)."
+            ) from e
+        raise _unreadable(path, e) from e
+    except Exception as e:  # truncated zip, random bytes, empty file: torch raises many types
+        raise _unreadable(path, e) from e
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        obj = obj["model"]  # a training checkpoint holding the weights under "model"
+    if not (isinstance(obj, Mapping) and obj and all(isinstance(v, Tensor) for v in obj.values())):
+        raise CheckpointError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
+    return dict(obj)
+
+
+def _unreadable(path: Path, e: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"{path} ({path.stat().st_size} bytes) is not a readable PyTorch file ({type(e).__name__}). "
+        f"It is probably truncated or corrupted, e.g. by an interrupted download: delete it and "
+        f"download it again (python scripts/download_checkpoints.py)."
+    )
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> str:
+    """Load a state_dict file into ``model`` (strict); returns the file's sha256 (hex).
+
+    Raises :class:`CheckpointError` for an unreadable file or one that does not fit the model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    state = _read_state_dict(path)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        raise CheckpointError(_mismatch_message(path, model, state, missing, unexpected, mismatched))
+    model.load_state_dict(state)
+    return file_sha256(path)
+
+
+def _mismatch_message(path: Path, model: nn.Module, state: Mapping[str, Tensor],
+                      missing: list[str], unexpected: list[str], mismatched: list[str]) -> str:
+    lines = [f"{path} does not fit the model built from the config."]
+    suspects = suspect_flags(model, state)
+    if suspects:
+        lines.append("Probably wrong flag(s):")
+        lines += [f"  - {s}" for s in suspects]
+    else:
+        lines.append("No flag could be read off the file's shapes (num_heads, dropout and the "
+                     "diffusion flags do not show in the weights); compare the keys below.")
+    expected = model.state_dict()
+    if mismatched:
+        lines.append(f"Shape mismatches ({len(mismatched)}): " + "; ".join(
+            f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+            for k in mismatched[:_SHOW_KEYS]))
+    if missing:
+        lines.append(f"Missing from the file ({len(missing)}): {', '.join(missing[:_SHOW_KEYS])}")
+    if unexpected:
+        lines.append(f"Unexpected in the file ({len(unexpected)}): {', '.join(unexpected[:_SHOW_KEYS])}")
+    return "\n".join(lines)
+
+
+def _unet_structure(state: Mapping[str, Tensor]) -> dict[str, Any]:
+    """What an improved-diffusion UNetModel state_dict shows of its flags (keys absent if unknown)."""
+    found: dict[str, Any] = {}
+    if "out.2.weight" in state:
+        found["out_channels"] = state["out.2.weight"].shape[0]
+    if "input_blocks.0.0.weight" not in state:
+        return found
+    width = state["input_blocks.0.0.weight"].shape[0]
+    found["model_channels"] = width
+    found["class_cond"] = "label_emb.weight" in state
+    blocks = sorted({int(k.split(".")[1]) for k in state if k.startswith("input_blocks.")})
+    # Walk the encoder: ResBlocks ("i.0.in_layers"), optionally followed by attention ("i.1.qkv"),
+    # levels separated by Downsample blocks ("i.0.op").
+    levels: list[list[int]] = [[]]
+    for i in blocks[1:]:
+        if f"input_blocks.{i}.0.op.weight" in state:
+            levels.append([])
+        elif f"input_blocks.{i}.0.in_layers.2.weight" in state:
+            levels[-1].append(i)
+    if not all(levels):
+        return found
+    if len({len(level) for level in levels}) == 1:
+        found["num_res_blocks"] = len(levels[0])
+    found["channel_mult"] = tuple(
+        state[f"input_blocks.{level[0]}.0.in_layers.2.weight"].shape[0] // width for level in levels)
+    found["attention_ds"] = tuple(2**n for n, level in enumerate(levels)
+                                  if any(f"input_blocks.{i}.1.qkv.weight" in state for i in level))
+    first = levels[0][0]
+    emb_out = state.get(f"input_blocks.{first}.0.emb_layers.1.weight")
+    if emb_out is not None:
+        out = state[f"input_blocks.{first}.0.in_layers.2.weight"].shape[0]
+        found["use_scale_shift_norm"] = emb_out.shape[0] == 2 * out
+    return found
+
+
+def _fractions(ds: tuple[int, ...]) -> str:
+    if not ds:
+        return "no attention"
+    at = ", ".join(f"1/{d}" for d in sorted(ds))
+    for32 = ",".join(str(32 // d) for d in sorted(ds))
+    return f"attention at {at} of image_size (attention_resolutions={for32} for 32x32 images)"
+
+
+# structure key -> (flag, how a value reads)
+_FLAGS = {
+    "out_channels": ("learn_sigma", lambda v: f"learn_sigma={v == 6} ({v} output channels)"),
+    "model_channels": ("num_channels", lambda v: f"num_channels={v}"),
+    "num_res_blocks": ("num_res_blocks", lambda v: f"num_res_blocks={v}"),
+    "attention_ds": ("attention_resolutions", _fractions),
+    "use_scale_shift_norm": ("use_scale_shift_norm", lambda v: f"use_scale_shift_norm={v}"),
+    "class_cond": ("class_cond", lambda v: f"class_cond={v}"),
+    "channel_mult": ("image_size", lambda v: f"channel_mult={v} (improved-diffusion sets it by image_size)"),
+}
+
+
+def suspect_flags(model: nn.Module, state: Mapping[str, Tensor]) -> list[str]:
+    """Sentences naming the flags whose config value disagrees with what the file's shapes show."""
+    got = _unet_structure(state)
+    if "model_channels" not in got:
+        return ["the file does not look like an improved-diffusion UNetModel (no input_blocks.0.0.weight)"]
+    want = {
+        "out_channels": model.out_channels,
+        "model_channels": model.model_channels,
+        "num_res_blocks": model.num_res_blocks,
+        "attention_ds": tuple(sorted(model.attention_resolutions)),
+        "use_scale_shift_norm": model.input_blocks[1][0].use_scale_shift_norm,
+        "class_cond": model.num_classes is not None,
+        "channel_mult": tuple(model.channel_mult),
+    }
+    return [f"{flag}: the file has {describe(got[k])}, the config gives {describe(want[k])}"
+            for k, (flag, describe) in _FLAGS.items() if k in got and got[k] != want[k]]

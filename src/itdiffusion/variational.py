@@ -1,0 +1,193 @@
+"""IDDPM's variational bound, per image, in bits/dim, with its terms.
+
+For data x_0 (pixels scaled to [-1, 1]) and a chain of T steps with ``abar_t = prod_{s<=t} (1 - beta_s)``
+(t = 0..T-1, ``abar_{-1} = 1``),
+
+    -log p(x_0) <= L_prior + sum_{t=1}^{T-1} L_t + L_0,
+
+    L_prior = KL(q(x_{T-1} | x_0) || N(0, I)),   q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I),
+    L_t     = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)),   x_t ~ q(x_t | x_0) (one draw per t),
+    L_0     = -log p(x_0 | x_{t=0}): IDDPM's discretized Gaussian decoder (bins of 2/255, open-ended
+              at -1 and 1), or with ``continuous_density=True`` the Gaussian density
+              -log N(x_0; mu_theta, sigma_theta^2) (ITD's ``cont_density`` benchmark, a continuous NLL).
+
+Terms are in bits/dim: nats summed over the d dimensions of an image, divided by d ln 2.
+
+The posterior is ``q(x_{t-1} | x_t, x_0) = N(c0_t x_0 + ct_t x_t, beta~_t)`` with
+``c0_t = beta_t sqrt(abar_{t-1}) / (1 - abar_t)``,
+``ct_t = (1 - abar_{t-1}) sqrt(1 - beta_t) / (1 - abar_t)``,
+``beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t)`` (log-variance clipped at t = 0 to that of t = 1).
+The model's mean is the same expression at ``x_0 = x_hat`` (from its eps or x_0 prediction, clipped to
+[-1, 1] when ``clip_denoised``); its log-variance is IDDPM's (learned range between ``log beta~_t`` and
+``log beta_t``, or fixed). This is ``GaussianDiffusion.calc_bpd_loop`` term for term (same noise
+order), with several timesteps per forward pass and float64 arithmetic outside the network.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from itdiffusion.models.upstream import improved_diffusion
+from itdiffusion.units import nats_to_bpd
+
+
+@dataclass
+class VLBResult:
+    """Per-image bits/dim (float64). ``terms_bpd[:, t]`` is the term of step t: ``L_t`` for t >= 1 and
+    the decoder ``L_0`` at t = 0 (``calc_bpd_loop``'s ``vb`` lists the same terms from t = T-1 down)."""
+
+    total_bpd: Tensor  # [B] prior + sum of terms
+    prior_bpd: Tensor  # [B]
+    terms_bpd: Tensor  # [B, T]
+    decoder_bpd: Tensor  # [B] = terms_bpd[:, 0]
+    continuous_density: bool  # True: decoder is a density, total a continuous NLL
+
+
+def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats."""
+    return 0.5 * (logvar2 - logvar1 - 1.0 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def gaussian_nll(x: Tensor, mean: Tensor, logvar: Tensor) -> Tensor:
+    """-log N(x; mean, e^logvar) elementwise, in nats."""
+    return 0.5 * (math.log(2 * math.pi) + logvar + (x - mean) ** 2 * torch.exp(-logvar))
+
+
+class _Chain:
+    """The chain's per-step constants (float64 tensors indexed by step t) and the model's parametrization."""
+
+    def __init__(self, diffusion: Any, device: torch.device):
+        beta = np.asarray(diffusion.betas, dtype=np.float64)
+        if len(beta) < 2:
+            raise ValueError("the variational bound needs at least 2 diffusion steps")
+        abar = np.cumprod(1.0 - beta)
+        abar_prev = np.append(1.0, abar[:-1])
+        post_var = beta * (1.0 - abar_prev) / (1.0 - abar)
+        post_logvar = np.log(np.append(post_var[1], post_var[1:]))
+
+        def tensor(a: np.ndarray) -> Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+        self.sqrt_abar, self.sqrt_1m_abar = tensor(np.sqrt(abar)), tensor(np.sqrt(1.0 - abar))
+        self.c0 = tensor(beta * np.sqrt(abar_prev) / (1.0 - abar))
+        self.ct = tensor((1.0 - abar_prev) * np.sqrt(1.0 - beta) / (1.0 - abar))
+        self.post_logvar = tensor(post_logvar)
+        self.log_beta = tensor(np.log(beta))
+        self.fixed_large_logvar = tensor(np.log(np.append(post_var[1], beta[1:])))
+
+        self.var_type = diffusion.model_var_type.name
+        self.mean_type = diffusion.model_mean_type.name
+        if self.mean_type not in ("EPSILON", "START_X"):
+            raise NotImplementedError(f"model_mean_type {self.mean_type} (only EPSILON and START_X)")
+        # The U-Net's timestep for step t, as improved-diffusion computes it (respacing included).
+        step_map = getattr(diffusion, "timestep_map", None)
+        self.step_map = tensor(np.asarray(step_map if step_map is not None else range(len(beta)), np.int64))
+        self.original_steps = getattr(diffusion, "original_num_steps", len(beta))
+        self.rescale_timesteps = diffusion.rescale_timesteps
+
+    def model_timesteps(self, t: Tensor) -> Tensor:
+        steps = self.step_map[t]
+        return steps.float() * (1000.0 / self.original_steps) if self.rescale_timesteps else steps
+
+    def model_logvar(self, t: Tensor, var_out: Tensor | None, like: Tensor) -> Tensor:
+        """log-variance of p(x_{t-1} | x_t), shaped like ``like``."""
+        if self.var_type == "LEARNED_RANGE":
+            frac = (var_out + 1) / 2  # the network's [-1, 1] spans [log beta~_t, log beta_t]
+            return frac * _col(self.log_beta[t], like) + (1 - frac) * _col(self.post_logvar[t], like)
+        if self.var_type == "LEARNED":
+            return var_out
+        table = self.fixed_large_logvar if self.var_type == "FIXED_LARGE" else self.post_logvar
+        return _col(table[t], like).expand_as(like)
+
+
+def _col(v: Tensor, like: Tensor) -> Tensor:
+    """A per-row value [N] as a column broadcasting against ``like`` [N, ...]."""
+    return v.view(-1, *([1] * (like.ndim - 1)))
+
+
+@torch.no_grad()
+def vlb(model: nn.Module, diffusion: Any, x: Tensor, *, continuous_density: bool = False,
+        clip_denoised: bool = True, steps_per_batch: int = 8, generator: torch.Generator | None = None,
+        progress: bool = False) -> VLBResult:
+    """IDDPM's variational bound of images ``x`` ([B, C, H, W] in [-1, 1]) in bits/dim.
+
+    ``diffusion`` is improved-diffusion's (Spaced)GaussianDiffusion for the model (its betas,
+    parametrization and timestep rescaling are used). One noise draw per step and image, drawn
+    from ``generator`` (the global RNG if None) in ``calc_bpd_loop``'s order (t = T-1 down to 0,
+    a [B, C, H, W] float64 draw each), so seeding reproduces its noise. ``steps_per_batch``
+    timesteps share a forward pass (``B * steps_per_batch`` images). The model should be in eval
+    mode (dropout off). ``clip_denoised`` clips x_hat to [-1, 1] as ``calc_bpd_loop`` does by default.
+    """
+    if steps_per_batch < 1:
+        raise ValueError(f"steps_per_batch must be >= 1, got {steps_per_batch}")
+    chain = _Chain(diffusion, x.device)
+    model_dtype = next(model.parameters()).dtype
+    x0 = x.to(torch.float64)
+    batch, dim = x0.shape[0], x0[0].numel()
+    steps = torch.arange(diffusion.num_timesteps - 1, -1, -1, device=x.device)
+    terms = x0.new_zeros(batch, len(steps))
+    chunks = steps.split(steps_per_batch)
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc="VLB", unit="chunk")
+    for chunk in chunks:
+        t = chunk.repeat_interleave(batch)  # [K*B]: K steps, each for all B images
+        x0_rep = x0.repeat(len(chunk), *([1] * (x0.ndim - 1)))
+        noise = torch.cat([_randn(x0.shape, generator, x0.device) for _ in chunk])
+        nats = _step_nats(model, chain, x0_rep, t, noise, model_dtype, clip_denoised, continuous_density)
+        terms[:, chunk] = nats_to_bpd(nats, dim).view(len(chunk), batch).T
+    prior = normal_kl(chain.sqrt_abar[-1] * x0, 2 * torch.log(chain.sqrt_1m_abar[-1]),
+                      torch.zeros_like(x0), torch.zeros_like(x0))
+    prior_bpd = nats_to_bpd(prior.flatten(1).sum(1), dim)
+    return VLBResult(total_bpd=prior_bpd + terms.sum(1), prior_bpd=prior_bpd, terms_bpd=terms,
+                     decoder_bpd=terms[:, 0], continuous_density=continuous_density)
+
+
+def _step_nats(model: nn.Module, chain: _Chain, x0: Tensor, t: Tensor, noise: Tensor,
+               model_dtype: torch.dtype, clip_denoised: bool, continuous_density: bool) -> Tensor:
+    """The bound's term (nats per image) of step ``t[i]`` for row i: L_t, or the decoder where t = 0."""
+    xt = _col(chain.sqrt_abar[t], x0) * x0 + _col(chain.sqrt_1m_abar[t], x0) * noise
+    out = model(xt.to(model_dtype), chain.model_timesteps(t)).to(torch.float64)
+    channels = x0.shape[1]
+    learned = chain.var_type in ("LEARNED", "LEARNED_RANGE")
+    if out.shape[1] != (2 if learned else 1) * channels:
+        raise ValueError(f"the model returned {out.shape[1]} channels for {channels}-channel images with "
+                         f"{chain.var_type} variances: check learn_sigma")
+    pred, var_out = (out[:, :channels], out[:, channels:]) if learned else (out, None)
+    if chain.mean_type == "EPSILON":
+        x_hat = (xt - _col(chain.sqrt_1m_abar[t], xt) * pred) / _col(chain.sqrt_abar[t], xt)
+    else:
+        x_hat = pred
+    if clip_denoised:
+        x_hat = x_hat.clamp(-1, 1)
+    mean_p = _col(chain.c0[t], xt) * x_hat + _col(chain.ct[t], xt) * xt
+    logvar_p = chain.model_logvar(t, var_out, xt)
+    mean_q = _col(chain.c0[t], xt) * x0 + _col(chain.ct[t], xt) * xt
+    nats = normal_kl(mean_q, _col(chain.post_logvar[t], xt), mean_p, logvar_p).flatten(1).sum(1)
+    last = t == 0
+    if last.any():
+        nats[last] = _decoder_nll(x0[last], mean_p[last], logvar_p[last], continuous_density)
+    return nats
+
+
+def _decoder_nll(x0: Tensor, mean: Tensor, logvar: Tensor, continuous_density: bool) -> Tensor:
+    """-log p(x_0 | x_1) summed over dims (nats): discretized Gaussian (IDDPM) or Gaussian density."""
+    if continuous_density:
+        nll = gaussian_nll(x0, mean, logvar)
+    else:
+        nll = -improved_diffusion().losses.discretized_gaussian_log_likelihood(
+            x0, means=mean, log_scales=0.5 * logvar)
+    return nll.flatten(1).sum(1)
+
+
+def _randn(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    draw_on = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, dtype=torch.float64, device=draw_on).to(device)
