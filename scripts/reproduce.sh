@@ -122,7 +122,7 @@ if [[ -f "$OUT/evaluate/$REPRO_ID-ensemble/metrics.json" ]]; then
   done_already "$OUT/evaluate/$REPRO_ID-ensemble/metrics.json"
 else
   stage evaluate "${COMMON[@]}" "run_id=$REPRO_ID-ensemble" "ensemble=[$BASE,$TUNED]" estimator.vlb=false \
-    label=Ensemble paper_row=Ensemble "model.training_objective=—"
+    label=Ensemble paper_row=Ensemble "model.training_objective='—'"
 fi
 
 step "7/7 report"

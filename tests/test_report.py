@@ -93,6 +93,7 @@ def test_paper_conventions_and_columns(tmp_path):
     md = (tmp_path / "results.md").read_text()
     line = next(x for x in md.splitlines() if x.startswith("| base [IDDPM] | L_vlb"))
     assert f"{2.95 - math.log2(127.5):.3f} ± 0.020" in line and "-4.05" in line and "-4.09" in line
+    assert "| Paper: variational | Paper: IT |" in md
     discrete = [x for x in md.splitlines() if x.startswith("| base [IDDPM] |")][1]
     assert "2.950 ± 0.020" in discrete and "3.16" in discrete and "3.17" in discrete
     assert "I-MDCE" not in md  # the masked-diffusion table only appears once such runs exist
@@ -133,6 +134,16 @@ def test_mmse_gap_curve_recovers_a_known_gap(tmp_path):
     # each bin is 0.6 wide: the binned mean of a smooth gap is close to its value at the bin centre
     np.testing.assert_allclose(means, 10 * np.exp(-(centres**2) / 4), atol=0.2)
     assert np.all(np.isfinite(errs))
+    # an ensemble's curve: per bin the best member, never below the Gaussian decoder (gap 0)
+    np.savez(
+        tmp_path / "pair.npz",
+        logsnr=logsnr,
+        mmse_gaussian=mmse_g,
+        m0_mmse=mmse_g - gap,
+        m1_mmse=mmse_g - 5 + 0 * gap,
+    )
+    _, best, _ = report.mmse_gap_curve(tmp_path / "pair.npz", ["m0_mmse", "m1_mmse"], bins=20)
+    np.testing.assert_allclose(best, np.maximum(means, 5.0), atol=1e-9)
 
 
 def fake_evaluation(outputs: Path, run_id: str, group: str, **values) -> None:

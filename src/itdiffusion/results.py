@@ -77,6 +77,7 @@ CONTINUOUS_COLUMNS = (
         "Variational bound (paper: VLB − log2 127.5)",
         "vlb_bpd",
         -DEQUANT_OFFSET_BPD,
+        short="variational",
     ),
     Column("vlb_continuous", "Variational bound (continuous-density decoder)", "vlb_continuous_bpd"),
     Column("it_continuous", "IT bound", "it_continuous_bpd", short="IT"),

@@ -56,25 +56,38 @@ def find_metrics(root: str | Path) -> list[dict]:
     return found
 
 
-def mmse_gap_curve(per_image_npz: str | Path, key: str = "m0_mmse", bins: int = 50) -> tuple[np.ndarray, ...]:
+def mmse_gap_curve(
+    per_image_npz: str | Path, keys: Sequence[str] = ("m0_mmse",), bins: int = 50
+) -> tuple[np.ndarray, ...]:
     """Binned mean of mmse_G(a) - mmse(a) (eps units, summed over dimensions) against log-SNR a.
 
     Each image has its own log-SNR points, so the points of all images are pooled into ``bins``
-    equal-count bins of a. Returns (bin centre, mean gap, standard error of the mean gap).
+    equal-count bins of a. With several curves ``keys`` (an ensemble's members, evaluated on the
+    same points), each bin shows the best of them or of the Gaussian decoder (gap 0): ITD's
+    pointwise minimum of the MMSE curves. Returns (bin centre, mean gap, its standard error).
     """
     with np.load(per_image_npz) as f:
-        logsnr, gap = f["logsnr"].ravel(), (f["mmse_gaussian"] - f[key]).ravel()
+        logsnr = f["logsnr"].ravel()
+        gaps = [(f["mmse_gaussian"] - f[key]).ravel() for key in keys]
     order = np.argsort(logsnr)
     centres, means, errs = [], [], []
     for chunk in np.array_split(order, min(bins, len(order))):
         centres.append(logsnr[chunk].mean())
-        means.append(gap[chunk].mean())
-        errs.append(gap[chunk].std(ddof=1) / math.sqrt(len(chunk)) if len(chunk) > 1 else float("nan"))
+        candidates = [(gap[chunk].mean(), _sem(gap[chunk])) for gap in gaps]
+        if len(keys) > 1:
+            candidates.append((0.0, 0.0))
+        mean, err = max(candidates, key=lambda c: c[0])
+        means.append(mean)
+        errs.append(err)
     return np.array(centres), np.array(means), np.array(errs)
 
 
+def _sem(values: np.ndarray) -> float:
+    return values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+
+
 def plot_mmse_gap(runs: Sequence[Mapping], path: Path) -> Path | None:
-    """One figure, one curve per evaluated model (and the ensemble's curve when there is one)."""
+    """One figure: a curve per evaluated model, and for an ensemble the best of its members per bin."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,16 +95,14 @@ def plot_mmse_gap(runs: Sequence[Mapping], path: Path) -> Path | None:
 
     curves = []
     for run in runs:
-        if not run.get("metrics_path"):
-            continue
-        npz = Path(run["metrics_path"]).with_name("per_image.npz")
-        if not npz.is_file():
+        npz = Path(run["metrics_path"]).with_name("per_image.npz") if run.get("metrics_path") else None
+        if npz is None or not npz.is_file():
             continue
         with np.load(npz) as f:
-            keys = set(f.files)
-        key = "ensemble_mmse" if "ensemble_mmse" in keys else "m0_mmse"
-        if {"logsnr", "mmse_gaussian", key} <= keys:
-            curves.append((str(run.get("label") or run["run_id"]), mmse_gap_curve(npz, key)))
+            files = set(f.files)
+        members = sorted(k for k in files if k.startswith("m") and k.endswith("_mmse") and k[1:-5].isdigit())
+        if members and {"logsnr", "mmse_gaussian"} <= files:
+            curves.append((str(run.get("label") or run["run_id"]), mmse_gap_curve(npz, members)))
     if not curves:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -131,8 +142,10 @@ def find_loss_curves(*roots: str | Path) -> list[tuple[str, list[dict]]]:
 
 def loss_series(points: Sequence[Mapping], kind: str) -> tuple[str, list[tuple[float, float]]] | None:
     """The ``kind`` ("train" or "heldout") loss of a curve as (unit, [(step, value)]), bits/dim preferred."""
-    keys = sorted({k for p in points for k in p if k.startswith(f"{kind}_loss")},
-                  key=lambda k: (not k.endswith("_bpd"), k))
+    keys = sorted(
+        {k for p in points for k in p if k.startswith(f"{kind}_loss")},
+        key=lambda k: (not k.endswith("_bpd"), k),
+    )
     for key in keys:
         series = [(p["step"], p[key]) for p in points if p.get(key) is not None]
         if series:
