@@ -8,16 +8,16 @@ import os
 import numpy as np
 import pytest
 import torch
-from itdiffusion.models.checkpoints import file_sha256
-from itdiffusion.models.iddpm import build_model_and_diffusion
-from itdiffusion.variational import vlb
 
 from conftest import TINY, run_cli
 from itdiffusion.data import load_images, to_model_range
 from itdiffusion.errors import UserError
+from itdiffusion.models.checkpoints import file_sha256
+from itdiffusion.models.iddpm import build_model_and_diffusion
 from itdiffusion.results import load_runs
 from itdiffusion.stages import evaluate
 from itdiffusion.units import PIXEL_BIN
+from itdiffusion.variational import vlb
 
 METRICS = ("vlb_bpd", "vlb_continuous_bpd", "it_continuous_bpd", "it_discrete_bpd", "it_dequantized_bpd")
 
@@ -143,3 +143,11 @@ def test_two_processes_give_the_per_image_numbers_of_one(tiny_cfg, tiny_checkpoi
         assert a.files == b.files
         for key in a.files:
             np.testing.assert_allclose(b[key], a[key], rtol=1e-6, atol=1e-9, err_msg=key)
+
+
+def test_a_checkpoint_for_other_flags_is_a_user_error(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("model.num_channels=64")
+    model, _ = build_model_and_diffusion(cfg.model)
+    torch.save(model.state_dict(), tmp_path / "wide.pt")
+    with pytest.raises(UserError, match="does not fit the model"):
+        evaluate.run(tiny_cfg(f"model.checkpoint={tmp_path / 'wide.pt'}"), tmp_path / "run")
