@@ -93,7 +93,7 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = (outputs / "results" / "results.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| iddpm_tiny")]
-    assert len(rows) == 5  # base and tuned in Table 1, Table 2 and the runs table
+    assert len(rows) == 6  # base and tuned in Table 1, Table 2 and the runs table
     for row in rows[:4]:  # Tables 1 and 2
         assert "—" not in row and "nan" not in row
     assert "| Ensemble |" in table
