@@ -310,7 +310,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     started = time.time()
     device = setup_device(cfg)
     reference = load_or_compute_reference(cfg, device)
-    proposal = LogSNRProposal.from_reference(reference, clip=est_cfg.clip)
+    # the upper end reaches the log-SNR that resolves the pixel lattice (the discrete right tail vanishes)
+    proposal = LogSNRProposal.from_reference(reference, clip=est_cfg.clip, delta=PIXEL_BIN)
     with rank_zero_first():
         test = load_images(cfg.data, "test")
     members = load_members(cfg, device)
