@@ -14,6 +14,7 @@ from PIL import Image
 from itdiffusion.results import (
     CONTINUOUS_COLUMNS,
     DISCRETE_COLUMNS,
+    ResultsStoreError,
     cell_value,
     load_runs,
     record_run,
@@ -221,6 +222,6 @@ def test_report_without_any_metrics_says_what_to_run(make_cfg, tmp_path):
 
 def test_record_runs_refuses_to_overwrite_an_unreadable_store(tmp_path):
     (tmp_path / "results.json").write_text("{ not json")
-    with pytest.raises(RuntimeError, match="move it aside"):
+    with pytest.raises(ResultsStoreError, match="move it aside"):
         record_runs(tmp_path, [metrics("a")])
     assert (tmp_path / "results.json").read_text() == "{ not json"

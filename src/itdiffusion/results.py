@@ -30,6 +30,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from itdiffusion.errors import UserError
 from itdiffusion.io import atomic_write_json, atomic_write_text, file_lock
 from itdiffusion.units import DEQUANT_OFFSET_BPD
 
@@ -58,6 +59,10 @@ PAPER = {
     "Ensemble": {"it_discrete_notails": 2.90},
 }
 PAPER_ORDER = tuple(PAPER)
+
+
+class ResultsStoreError(UserError):
+    """results.json exists but cannot be read: it is left as it is, never overwritten."""
 
 
 @dataclass(frozen=True)
@@ -130,11 +135,9 @@ def load_runs(results_dir: str | Path) -> dict[str, dict]:
     try:
         stored = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise RuntimeError(
-            f"{path} is not valid JSON ({e}); move it aside to start a new results store"
-        ) from e
-    if stored.get("format") != FORMAT:
-        raise RuntimeError(f"{path} is not an itdiffusion results store (format {stored.get('format')!r})")
+        raise ResultsStoreError(f"{path} is not valid JSON ({e}); move it aside to start a new store") from e
+    if not isinstance(stored, dict) or stored.get("format") != FORMAT:
+        raise ResultsStoreError(f"{path} is no itdiffusion results store; move it aside to start a new one")
     return stored["runs"]
 
 

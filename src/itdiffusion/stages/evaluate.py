@@ -60,7 +60,7 @@ from itdiffusion.models.iddpm import (
     load_checkpoint,
     resolve_checkpoint,
 )
-from itdiffusion.results import record_run
+from itdiffusion.results import ResultsStoreError, record_run
 from itdiffusion.stages import CONFIG_DIR, config_dict, git_commit, launch, rank_zero_first, setup_device
 from itdiffusion.stages.stats import load_or_compute_reference
 from itdiffusion.tracking import Tracker
@@ -340,7 +340,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     atomic_write_json(metrics_path, metrics)
     try:
         record_run(cfg.paths.results_dir, {**metrics, "metrics_path": str(metrics_path)})
-    except RuntimeError as e:  # an unreadable results store: keep metrics.json, say how to recover
+    except ResultsStoreError as e:  # an unreadable results store: keep metrics.json, say how to recover
         log.error("could not add this run to the results table (%s); its metrics are in %s", e, metrics_path)
     _log_to_tracker(cfg, metrics)
     log.info(
