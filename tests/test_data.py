@@ -10,7 +10,6 @@ from conftest import random_images, write_cifar_pickles, write_png_folder
 from itdiffusion.data import (
     PATCH_PHOTOS,
     dataset_key,
-    hflip_batch,
     load_images,
     random_subset,
     to_model_range,
@@ -35,16 +34,6 @@ def test_to_model_range_maps_pixels_onto_the_lattice():
     torch.testing.assert_close(x[1:] - x[:-1], torch.full((255,), 2 / 255), rtol=0, atol=1e-6)
     with pytest.raises(TypeError):
         to_model_range(p.float())
-
-
-def test_hflip_batch_flips_each_image_or_leaves_it():
-    images = torch.arange(64 * 3 * 4 * 4).reshape(64, 3, 4, 4)
-    out = hflip_batch(images, torch.Generator().manual_seed(1))
-    flipped = [bool(torch.equal(o, i.flip(-1))) for o, i in zip(out, images, strict=True)]
-    kept = [bool(torch.equal(o, i)) for o, i in zip(out, images, strict=True)]
-    assert all(f != k for f, k in zip(flipped, kept, strict=True))  # exactly one of the two, image by image
-    assert 16 < sum(flipped) < 48
-    assert torch.equal(out, hflip_batch(images, torch.Generator().manual_seed(1)))  # seeded: reproducible
 
 
 def test_cifar10_pickles_load_through_torchvision(tmp_path, make_cfg):

@@ -50,19 +50,11 @@ def to_model_range(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> 
     return images.to(dtype) / 127.5 - 1.0
 
 
-def hflip_batch(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Flip each image of ``[B, C, H, W]`` left-right with probability 1/2 (fine-tuning augmentation)."""
-    flip = torch.rand(images.shape[0], generator=generator, device=generator.device if generator else "cpu")
-    flip = (flip < 0.5).to(images.device).view(-1, *([1] * (images.dim() - 1)))
-    return torch.where(flip, images.flip(-1), images)
-
-
 class ImageTensorDataset(Dataset):
     """Images held in memory: uint8 ``[N, 3, H, W]``; item ``i`` is ``(images[i], i)``."""
 
-    def __init__(self, images: torch.Tensor, source: str):
+    def __init__(self, images: torch.Tensor):
         self.images = images
-        self.source = source
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -77,7 +69,6 @@ class ImageFileDataset(Dataset):
     def __init__(self, paths: Sequence[Path], size: int):
         self.paths = list(paths)
         self.size = size
-        self.source = str(Path(self.paths[0]).parent) if self.paths else ""
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -186,7 +177,7 @@ def _load_cifar10(data_cfg, split: str) -> ImageTensorDataset:
         raise DatasetError(f"downloading CIFAR-10 into {root.resolve()} failed: {e}") from e
     images = np.asarray(ds.data)
     _check_nhwc(images, data_cfg.image_size, str(folder))
-    return ImageTensorDataset(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), str(folder))
+    return ImageTensorDataset(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
 
 
 def _cifar10_class(verify: bool):
@@ -238,7 +229,7 @@ def _load_npz(data_cfg, split: str) -> ImageTensorDataset:
     if images.dtype != np.uint8:
         raise DatasetError(f"{path}: 'x' must hold uint8 pixels in 0..255, got dtype {images.dtype}")
     _check_nhwc(images, data_cfg.image_size, str(path))
-    return ImageTensorDataset(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), str(path))
+    return ImageTensorDataset(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
 
 
 def _load_patches(data_cfg, split: str) -> ImageTensorDataset:
@@ -267,7 +258,7 @@ def _load_patches(data_cfg, split: str) -> ImageTensorDataset:
         ]
     images = torch.stack(crops)
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(data_cfg.seed))
-    return ImageTensorDataset(images[order].contiguous(), f"skimage photos {', '.join(photos)}")
+    return ImageTensorDataset(images[order].contiguous())
 
 
 def _patch_photos(data_cfg, split: str) -> list[str]:
@@ -322,7 +313,7 @@ def _first(dataset: Dataset, n: int) -> Dataset:
     if n >= len(dataset):
         return dataset
     if isinstance(dataset, ImageTensorDataset):
-        return ImageTensorDataset(dataset.images[:n], dataset.source)
+        return ImageTensorDataset(dataset.images[:n])
     return ImageFileDataset(dataset.paths[:n], dataset.size)
 
 
