@@ -153,7 +153,10 @@ def test_dataset_key_and_subset(tmp_path, make_cfg):
     a = make_cfg("data=patches", "data.patches_per_photo=4")
     b = make_cfg("data=patches", "data.patches_per_photo=5")
     assert dataset_key(a.data) != dataset_key(b.data)
-    assert dataset_key(make_cfg("data=cifar10").data) == "cifar10"
+    cifar = dataset_key(make_cfg("data=cifar10").data)
+    assert cifar.startswith("cifar10-") and cifar != dataset_key(
+        make_cfg("data=cifar10", "data.root=elsewhere").data
+    )
     train = load_images(a.data, "train")
     subset = random_subset(train, 10, seed=0)
     assert subset.shape == (10, 3, 32, 32)

@@ -125,9 +125,8 @@ def load_images(data_cfg, split: str, limit: bool = True) -> Dataset:
 
 
 def dataset_key(data_cfg) -> str:
-    """A short name that identifies the full training split (used to key caches such as the reference)."""
-    if data_cfg.name == "cifar10":
-        return "cifar10"
+    """A short name that identifies the full training split (used to key caches such as the reference):
+    the source and a hash of where it lives (or, for patches, of how the crops are made)."""
     if data_cfg.name == "patches":
         ident = repr(
             (
