@@ -114,8 +114,9 @@ TINY = [
 def tiny_checkpoints(tmp_path_factory):
     """Two iddpm_tiny checkpoints with different random weights (plain state_dicts)."""
     import torch
-    from itdiffusion.models.iddpm import build_model_and_diffusion
     from omegaconf import OmegaConf
+
+    from itdiffusion.models.iddpm import build_model_and_diffusion
 
     folder = tmp_path_factory.mktemp("tiny_checkpoints")
     model_cfg = OmegaConf.load(REPO / "conf" / "model" / "iddpm_tiny.yaml")
