@@ -72,8 +72,9 @@ def test_conditional_matches_exact(name, schedule):
     x = dist.sample(5, _gen(12))
     response = torch.arange(dist.length) >= dist.length // 2
     exact = -(dist.log_prob(x) - dist.log_prob(x.masked_fill(response, dist.mask_id)))
-    est = conditional_nll(dist, x, response, schedule=schedule, num_masks=K, batch_size=BATCH,
-                          generator=_gen(13))
+    est = conditional_nll(
+        dist, x, response, schedule=schedule, num_masks=K, batch_size=BATCH, generator=_gen(13)
+    )
     _assert_within_3_stderr(est, exact)
     assert (est.nats < 0.8 * -dist.log_prob(x)).all()  # a conditional, not the full NLL
 
@@ -108,8 +109,9 @@ def test_worse_denoiser_gives_larger_estimate():
     x = dist.sample(200, _gen(18))
     exact = -dist.log_prob(x)
     for schedule in ("time_integral", "time_free"):
-        worse = masked_nll(Tempered(dist), x, schedule=schedule, num_masks=64, batch_size=BATCH,
-                           generator=_gen(19))
+        worse = masked_nll(
+            Tempered(dist), x, schedule=schedule, num_masks=64, batch_size=BATCH, generator=_gen(19)
+        )
         assert _excess_z(worse, exact) > 3
 
     class DoubledScore(ExactScore):  # unnormalised: every ratio twice the exact one

@@ -63,11 +63,14 @@ def test_independent_matches_enumeration():
     torch.testing.assert_close(ind(tokens).exp()[masked], table(tokens).exp()[masked], rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("dist", [
-    IndependentCategorical.random(3, 4, generator=_gen(5)),
-    MarkovChain.random(2, 2, 5, generator=_gen(6)),
-    JointTable.random(3, 4, generator=_gen(7)),
-])
+@pytest.mark.parametrize(
+    "dist",
+    [
+        IndependentCategorical.random(3, 4, generator=_gen(5)),
+        MarkovChain.random(2, 2, 5, generator=_gen(6)),
+        JointTable.random(3, 4, generator=_gen(7)),
+    ],
+)
 def test_distribution_normalised_and_sampler_matches(dist):
     configs = JointTable.configurations(dist.vocab_size, dist.length)
     probs = dist.log_prob(configs).exp()
@@ -88,11 +91,14 @@ def _exact_terms(dist, x, subset):
     return -(logp.gather(-1, x[..., None]).squeeze(-1) * mask).sum(1)
 
 
-@pytest.mark.parametrize("dist", [
-    IndependentCategorical.random(4, 5, generator=_gen(9)),
-    MarkovChain.random(3, 2, 5, generator=_gen(10)),
-    JointTable.random(3, 4, generator=_gen(11)),
-])
+@pytest.mark.parametrize(
+    "dist",
+    [
+        IndependentCategorical.random(4, 5, generator=_gen(9)),
+        MarkovChain.random(3, 2, 5, generator=_gen(10)),
+        JointTable.random(3, 4, generator=_gen(11)),
+    ],
+)
 def test_imdce_integral_is_exact(dist):
     """int_0^1 (1/lam) E_M[sum_masked -log p] dlam, with the expectation over masks enumerated and the
     lambda integral by Gauss-Legendre (exact: the integrand is a polynomial of degree L-1), equals
@@ -113,8 +119,11 @@ def test_imdce_integral_is_exact(dist):
     time_free = sum(harmonic * (1 / len(s)) / harmonic / math.comb(n, len(s)) * terms[s] for s in subsets)
     torch.testing.assert_close(time_free, exact, rtol=0, atol=1e-10)
     # the reference script's sum without m = L misses a term of the size of -log p(x_i | nothing)
-    without_full = sum(harmonic * (1 / len(s)) / (harmonic - 1 / n) / math.comb(n, len(s)) * terms[s]
-                       for s in subsets if len(s) < n)
+    without_full = sum(
+        harmonic * (1 / len(s)) / (harmonic - 1 / n) / math.comb(n, len(s)) * terms[s]
+        for s in subsets
+        if len(s) < n
+    )
     assert (without_full - exact).abs().min() > 1e-3
 
 
@@ -127,8 +136,11 @@ def test_conditional_identity_is_exact():
     prompt_only = x.clone()
     prompt_only[:, response] = mc.mask_id
     exact = -(mc.log_prob(x) - mc.log_prob(prompt_only))
-    total = sum(_exact_terms(mc, x, s) / (len(s) * math.comb(n, len(s)))
-                for m in range(1, n + 1) for s in itertools.combinations(response, m))
+    total = sum(
+        _exact_terms(mc, x, s) / (len(s) * math.comb(n, len(s)))
+        for m in range(1, n + 1)
+        for s in itertools.combinations(response, m)
+    )
     torch.testing.assert_close(total, exact, rtol=0, atol=1e-10)
 
 

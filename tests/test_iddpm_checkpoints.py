@@ -22,9 +22,17 @@ def tiny_cfg(**overrides):
 def upstream_model(**overrides):
     """A tiny U-Net from improved-diffusion's own create_model_and_diffusion, randomly initialized."""
     script_util = improved_diffusion().script_util
-    flags = {**script_util.model_and_diffusion_defaults(), "image_size": 32, "num_channels": 32,
-             "num_res_blocks": 1, "attention_resolutions": "16", "learn_sigma": True,
-             "diffusion_steps": 100, "noise_schedule": "cosine", **overrides}
+    flags = {
+        **script_util.model_and_diffusion_defaults(),
+        "image_size": 32,
+        "num_channels": 32,
+        "num_res_blocks": 1,
+        "attention_resolutions": "16",
+        "learn_sigma": True,
+        "diffusion_steps": 100,
+        "noise_schedule": "cosine",
+        **overrides,
+    }
     torch.manual_seed(3)
     model, _ = script_util.create_model_and_diffusion(**flags)
     with torch.no_grad():
@@ -62,15 +70,19 @@ def test_training_checkpoint_with_model_key_loads(official_style_file, tmp_path)
     assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
-@pytest.mark.parametrize("overrides,flag,first_key", [
-    ({"learn_sigma": False}, "learn_sigma", "out.2.weight"),
-    ({"num_res_blocks": 2}, "num_res_blocks", None),
-    ({"num_channels": 64}, "num_channels", "input_blocks.0.0.weight"),
-    ({"attention_resolutions": "16,8"}, "attention_resolutions", None),
-    ({"use_scale_shift_norm": False}, "use_scale_shift_norm", "emb_layers.1.weight"),
-])
-def test_wrong_flag_names_the_flag_and_the_first_mismatched_keys(official_style_file, overrides, flag,
-                                                                 first_key):
+@pytest.mark.parametrize(
+    "overrides,flag,first_key",
+    [
+        ({"learn_sigma": False}, "learn_sigma", "out.2.weight"),
+        ({"num_res_blocks": 2}, "num_res_blocks", None),
+        ({"num_channels": 64}, "num_channels", "input_blocks.0.0.weight"),
+        ({"attention_resolutions": "16,8"}, "attention_resolutions", None),
+        ({"use_scale_shift_norm": False}, "use_scale_shift_norm", "emb_layers.1.weight"),
+    ],
+)
+def test_wrong_flag_names_the_flag_and_the_first_mismatched_keys(
+    official_style_file, overrides, flag, first_key
+):
     path, _ = official_style_file
     model, _ = build_model_and_diffusion(tiny_cfg(**overrides))
     with pytest.raises(CheckpointError) as err:
@@ -87,8 +99,10 @@ def test_wrong_flag_names_the_flag_and_the_first_mismatched_keys(official_style_
 def test_wrong_flag_message_reads_well_for_learn_sigma(official_style_file):
     path, _ = official_style_file
     model, _ = build_model_and_diffusion(tiny_cfg(learn_sigma=False))
-    expected = (r"learn_sigma: the file has learn_sigma=True \(6 output channels\), "
-                r"the config gives learn_sigma=False \(3 output channels\)")
+    expected = (
+        r"learn_sigma: the file has learn_sigma=True \(6 output channels\), "
+        r"the config gives learn_sigma=False \(3 output channels\)"
+    )
     with pytest.raises(CheckpointError, match=expected):
         load_checkpoint(model, path)
 
@@ -164,8 +178,9 @@ def test_download_reports_sha256_and_fails_clearly(official_style_file, tmp_path
 def test_download_script_keeps_present_files_and_rejects_unknown_names(tmp_path, capsys):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("download_checkpoints",
-                                                  CONF.parent / "scripts" / "download_checkpoints.py")
+    spec = importlib.util.spec_from_file_location(
+        "download_checkpoints", CONF.parent / "scripts" / "download_checkpoints.py"
+    )
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     for name in ("cifar10_uncond_vlb_50M_500K.pt", "cifar10_uncond_50M_500K.pt"):  # the official names

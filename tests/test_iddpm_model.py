@@ -36,8 +36,15 @@ def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def test_cifar10_configs_build_exactly_improved_diffusions_model_on_meta():
     # The official flags, written out from improved-diffusion's README (not read from our YAMLs).
-    readme = dict(image_size=32, num_channels=128, num_res_blocks=3, learn_sigma=True, dropout=0.3,
-                  diffusion_steps=4000, noise_schedule="cosine")
+    readme = dict(
+        image_size=32,
+        num_channels=128,
+        num_res_blocks=3,
+        learn_sigma=True,
+        dropout=0.3,
+        diffusion_steps=4000,
+        noise_schedule="cosine",
+    )
     script_util = improved_diffusion().script_util
     for name, use_kl in [("iddpm_cifar10_vlb", True), ("iddpm_cifar10_hybrid", False)]:
         flags = {**script_util.model_and_diffusion_defaults(), **readme, "use_kl": use_kl}
@@ -62,8 +69,9 @@ def test_model_yamls_compose_with_hydra_against_the_schema(tmp_path):
     from itdiffusion.config import register_configs
 
     register_configs()
-    (tmp_path / "config.yaml").write_text("defaults:\n  - model: iddpm_tiny\n  - _self_\n"
-                                          f"hydra:\n  searchpath:\n    - file://{CONF}\n")
+    (tmp_path / "config.yaml").write_text(
+        f"defaults:\n  - model: iddpm_tiny\n  - _self_\nhydra:\n  searchpath:\n    - file://{CONF}\n"
+    )
     with initialize_config_dir(config_dir=str(tmp_path), version_base=None):
         for name in ("iddpm_tiny", "iddpm_cifar10_vlb", "iddpm_cifar10_hybrid"):
             cfg = compose("config", overrides=[f"model={name}"])
@@ -88,12 +96,16 @@ def test_flags_accept_dict_omegaconf_and_dataclass_and_reject_incomplete():
         iddpm_flags({**as_dict, "kind": "masked_pixels"})
 
 
-@pytest.mark.parametrize("learn_sigma,predict_xstart,schedule", [
-    (True, False, "cosine"), (False, False, "linear"), (True, True, "cosine")])
-def test_denoiser_at_a_discrete_steps_logsnr_is_the_networks_eps_at_that_step(learn_sigma, predict_xstart,
-                                                                              schedule):
-    cfg = tiny_cfg(learn_sigma=learn_sigma, predict_xstart=predict_xstart, noise_schedule=schedule,
-                   diffusion_steps=50)
+@pytest.mark.parametrize(
+    "learn_sigma,predict_xstart,schedule",
+    [(True, False, "cosine"), (False, False, "linear"), (True, True, "cosine")],
+)
+def test_denoiser_at_a_discrete_steps_logsnr_is_the_networks_eps_at_that_step(
+    learn_sigma, predict_xstart, schedule
+):
+    cfg = tiny_cfg(
+        learn_sigma=learn_sigma, predict_xstart=predict_xstart, noise_schedule=schedule, diffusion_steps=50
+    )
     model, diffusion = build_model_and_diffusion(cfg)
     model = randomized(model)
     steps = torch.tensor([0, 13, 48])  # not 49: IDDPM clips the last cosine step (beta <= 0.999)
@@ -140,8 +152,9 @@ def test_timestep_to_logsnr_is_the_schedules_logsnr():
     abar = torch.from_numpy(diffusion.alphas_cumprod[:-1])  # the last cosine step is clipped upstream
     # the timesteps improved-diffusion feeds the U-Net at steps 0..48
     timesteps = diffusion._wrap_model(lambda x, ts: ts)(None, torch.arange(49)).double()
-    torch.testing.assert_close(timestep_to_logsnr(timesteps, cfg), torch.log(abar) - torch.log1p(-abar),
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        timestep_to_logsnr(timesteps, cfg), torch.log(abar) - torch.log1p(-abar), rtol=0, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("use_kl", [False, True])

@@ -59,16 +59,24 @@ def test_cosine_matches_the_closed_form_of_design_md_up_to_iddpms_one_step_offse
     a = torch.linspace(-12, 12, 101, dtype=torch.float64)
     angle = torch.acos(torch.sigmoid(a).sqrt() * math.cos(math.pi / 2 * s / (1 + s)))
     itd = (angle * 2 * (1 + s) / math.pi - s) * 1000
-    cfg = {**improved_diffusion().script_util.model_and_diffusion_defaults(),
-           "noise_schedule": "cosine", "diffusion_steps": steps, "rescale_timesteps": True}
+    cfg = {
+        **improved_diffusion().script_util.model_and_diffusion_defaults(),
+        "noise_schedule": "cosine",
+        "diffusion_steps": steps,
+        "rescale_timesteps": True,
+    }
     torch.testing.assert_close(logsnr_to_timestep(a, cfg), itd - 1000 / steps, rtol=0, atol=1e-7)
 
 
 @pytest.mark.parametrize("rescale", [True, False])
 def test_timestep_scale_follows_rescale_timesteps(rescale):
     steps = 200
-    cfg = {**improved_diffusion().script_util.model_and_diffusion_defaults(),
-           "noise_schedule": "linear", "diffusion_steps": steps, "rescale_timesteps": rescale}
+    cfg = {
+        **improved_diffusion().script_util.model_and_diffusion_defaults(),
+        "noise_schedule": "linear",
+        "diffusion_steps": steps,
+        "rescale_timesteps": rescale,
+    }
     abar = upstream_alpha_bar("linear", steps)
     i = torch.tensor([0, 17, 199])
     expected = i.double() * (1000 / steps) if rescale else i.double()

@@ -44,8 +44,14 @@ def pixels(n: int, size: int = 8, seed: int = 0) -> torch.Tensor:
 
 def upstream_diffusion(**flags):
     script_util = improved_diffusion().script_util
-    defaults = dict(steps=50, learn_sigma=True, noise_schedule="cosine", use_kl=False,
-                    rescale_timesteps=True, rescale_learned_sigmas=True)
+    defaults = dict(
+        steps=50,
+        learn_sigma=True,
+        noise_schedule="cosine",
+        use_kl=False,
+        rescale_timesteps=True,
+        rescale_learned_sigmas=True,
+    )
     return script_util.create_gaussian_diffusion(**{**defaults, **flags})
 
 
@@ -80,12 +86,15 @@ def test_vlb_equals_calc_bpd_loop(steps, learn_sigma, use_kl):
     assert not ours.continuous_density
 
 
-@pytest.mark.parametrize("flags", [
-    dict(learn_sigma=False, sigma_small=True),  # FIXED_SMALL variances
-    dict(predict_xstart=True),  # the network predicts x_0
-    dict(noise_schedule="linear", rescale_timesteps=False),  # raw integer timesteps
-    dict(timestep_respacing="20"),  # 20 of the 50 steps (SpacedDiffusion's timestep map)
-])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        dict(learn_sigma=False, sigma_small=True),  # FIXED_SMALL variances
+        dict(predict_xstart=True),  # the network predicts x_0
+        dict(noise_schedule="linear", rescale_timesteps=False),  # raw integer timesteps
+        dict(timestep_respacing="20"),  # 20 of the 50 steps (SpacedDiffusion's timestep map)
+    ],
+)
 def test_vlb_equals_calc_bpd_loop_for_other_parametrizations(flags):
     diffusion = upstream_diffusion(**flags)
     model = ToyNet(6 if flags.get("learn_sigma", True) else 3, seed=1)
@@ -119,8 +128,9 @@ def test_continuous_density_replaces_the_decoder_by_the_gaussian_density_of_x0()
     model = ToyNet(6, seed=2)
     x = pixels(2, seed=2)
     discrete = vlb(model, diffusion, x, generator=torch.Generator().manual_seed(seed))
-    continuous = vlb(model, diffusion, x, continuous_density=True,
-                     generator=torch.Generator().manual_seed(seed))
+    continuous = vlb(
+        model, diffusion, x, continuous_density=True, generator=torch.Generator().manual_seed(seed)
+    )
     assert continuous.continuous_density
     torch.testing.assert_close(continuous.terms_bpd[:, 1:], discrete.terms_bpd[:, 1:], rtol=0, atol=0)
     torch.testing.assert_close(continuous.prior_bpd, discrete.prior_bpd, rtol=0, atol=0)
@@ -164,8 +174,9 @@ def test_batching_of_steps_and_the_rng_do_not_change_the_result():
     diffusion = upstream_diffusion(steps=30)
     model, x = ToyNet(6, seed=5), pixels(2, seed=5)
     one = vlb(model, diffusion, x, steps_per_batch=1, generator=torch.Generator().manual_seed(9))
-    seven = vlb(model, diffusion, x, steps_per_batch=7, generator=torch.Generator().manual_seed(9),
-                progress=True)
+    seven = vlb(
+        model, diffusion, x, steps_per_batch=7, generator=torch.Generator().manual_seed(9), progress=True
+    )
     torch.testing.assert_close(one.terms_bpd, seven.terms_bpd, rtol=0, atol=1e-12)
     torch.manual_seed(9)
     global_rng = vlb(model, diffusion, x, steps_per_batch=30)

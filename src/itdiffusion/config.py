@@ -2,16 +2,21 @@
 
 Each config group has a dataclass registered in Hydra's ConfigStore, so a mistyped key or a value
 of the wrong type in an override is an error (``estimator.npoint=5`` fails), never a silent default.
-YAML files in ``conf/<group>/`` extend these schemas through their ``defaults`` list.
+YAML files in ``conf/<group>/`` extend these schemas through their ``defaults`` list
+(``- /schema/<group>@_here_``).
 """
 
 from __future__ import annotations
 
+import functools
+import os
+import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 @dataclass
@@ -25,20 +30,25 @@ class PathsConfig:
 
 @dataclass
 class DataConfig:
-    """A dataset of 32x32 RGB uint8 images, scaled to [-1, 1] by the loader."""
+    """A dataset of RGB uint8 images, scaled to [-1, 1] by the loader (see :mod:`itdiffusion.data`)."""
 
     name: str = MISSING  # cifar10 | image_folder | npz | patches
-    root: str = MISSING  # folder (cifar10, image_folder) or file prefix (npz)
+    root: str = MISSING  # folder: cifar10 holds cifar-10-batches-py; image_folder <split>/; npz <split>.npz
     download: bool = False  # cifar10 only: fetch through torchvision
-    train_split: str = "train"
-    test_split: str = "test"
+    verify: bool = True  # cifar10 only: check torchvision's md5 sums
+    image_size: int = 32
+    train_split: str = "train"  # split folder / file name (image_folder: cifar_train)
+    test_split: str = "test"  # (image_folder: cifar_test)
     num_images: int | None = None  # limit on test images evaluated (None: all)
     num_train_images: int | None = None  # limit on training images used by finetune
     stats_images: int = 12500  # training images for the Gaussian reference (paper: 12,500)
+    stats_diagonal: bool = False  # Gaussian reference with a diagonal covariance (else full SVD)
     hflip: bool = True  # random horizontal flips, fine-tuning only
     num_workers: int = 2
     # patches: 32x32 crops of scikit-image's photos, split into train / test by source photo
     patches_per_photo: int = 64
+    patches_test_photos: list[str] = field(default_factory=lambda: ["chelsea", "coffee"])
+    patch_photo_size: int = 256  # photos are resized so their shorter side has this many pixels
     seed: int = 0
 
 
@@ -132,6 +142,7 @@ class LoggerConfig:
     group: str | None = None  # runs of one reproduction share a group
     dir: str = "${paths.output_dir}"
     tags: list[str] = field(default_factory=list)
+    init_timeout: float = 60.0  # seconds to wait for wandb.init before falling back to offline
 
 
 @dataclass
@@ -143,20 +154,45 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     experiment: str = "default"
-    run_id: str = "${now:%Y%m%d-%H%M%S}"
+    run_id: str = "${itd_run_id:}"  # names the run dir; shared by all torchrun ranks (see default_run_id)
+    label: str = "${model.name}"  # the row name in the results tables
+    paper_row: str | None = None  # the published row this run reproduces (IDDPM, IDDPM(tune), Ensemble)
+    ensemble: list[str] = field(default_factory=list)  # evaluate: >= 2 checkpoints of `model` to ensemble
+    skip_done: bool = False  # skip a stage whose outputs already exist in its run dir (resumable chains)
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@functools.cache
+def default_run_id() -> str:
+    """The run id when none is given: ``ITD_RUN_ID``, else one that every torchrun rank agrees on.
+
+    A single process gets a timestamp plus a random suffix. Under ``torchrun --standalone`` the
+    ranks share torchelastic's rendezvous id; other multi-process launches must pass ``run_id=...``
+    (``scripts/reproduce.sh`` always does), since ranks cannot talk before Hydra picks the run dir.
+    """
+    if os.environ.get("ITD_RUN_ID"):
+        return os.environ["ITD_RUN_ID"]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        rdzv = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+        if rdzv in ("", "none"):
+            raise ValueError("launched with several processes: pass run_id=<name> (or set ITD_RUN_ID) "
+                             "so that all ranks write to one run dir")
+        return "torchrun-" + rdzv.replace("-", "")[:12]
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
 def register_configs() -> None:
-    """Register the schemas; YAML files name them in their defaults list (``- /schema/model``)."""
+    """Register the schemas; YAML files name them in their defaults list (``- /schema/model@_here_``)."""
+    if not OmegaConf.has_resolver("itd_run_id"):
+        OmegaConf.register_new_resolver("itd_run_id", default_run_id)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
-    cs.store(group="schema/paths", name="paths", node=PathsConfig)
-    cs.store(group="schema/data", name="data", node=DataConfig)
-    cs.store(group="schema/model", name="model", node=ModelConfig)
+    schemas = {"paths": PathsConfig, "data": DataConfig, "model": ModelConfig, "estimator": EstimatorConfig,
+               "finetune": FinetuneConfig, "logger": LoggerConfig}
+    for group, node in schemas.items():
+        # group files extend a schema with `- /schema/<group>@_here_` or `- /schema/<group>@_here_: <group>`
+        cs.store(group="schema", name=group, node=node)
+        cs.store(group=f"schema/{group}", name=group, node=node)
     cs.store(group="schema/model", name="masked_pixels", node=MaskedPixelsModelConfig)
-    cs.store(group="schema/estimator", name="estimator", node=EstimatorConfig)
-    cs.store(group="schema/finetune", name="finetune", node=FinetuneConfig)
-    cs.store(group="schema/logger", name="logger", node=LoggerConfig)

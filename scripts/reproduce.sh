@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# The paper's pipeline end to end, resumable:
+#
+#   bash scripts/reproduce.sh experiment=paper [hydra overrides...]    # make reproduce ARGS="..."
+#   bash scripts/reproduce.sh experiment=smoke [hydra overrides...]    # make smoke ARGS="..."
+#
+# stats -> base model -> evaluate base -> IT fine-tune -> evaluate tuned -> ensemble -> report.
+#
+# - paper: CIFAR-10 (downloaded through torchvision if missing) and the official IDDPM L_vlb
+#   checkpoint (downloaded if missing); GPU stages run under torchrun on every visible GPU
+#   (NPROC=<n> to choose).
+# - smoke: offline, on the CPU, in minutes: the tiny U-Net (model=iddpm_tiny) trained briefly on
+#   its own IDDPM loss is the base model, on 32x32 crops of scikit-image's photos (data=patches).
+#
+# Every stage runs as its own process with run id <REPRO_ID>-<step>, so its outputs land in
+# <paths.output_dir>/<stage>/<REPRO_ID>-<step> (fine-tuned weights in
+# <paths.checkpoint_dir>/finetune/<REPRO_ID>-<base|tune>/). A stage whose outputs exist is skipped:
+# rerunning the same command resumes where it stopped (fine-tuning resumes from its last checkpoint).
+# REPRO_ID defaults to <experiment>-<hash of the overrides>; all its runs share that wandb group.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+if [[ -z "${PY:-}" ]]; then
+  if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+
+experiment="" OUT=outputs CKPT=checkpoints
+for arg in "$@"; do
+  case "$arg" in
+    experiment=*) experiment="${arg#*=}" ;;
+    paths.output_dir=*) OUT="${arg#*=}" ;;
+    paths.checkpoint_dir=*) CKPT="${arg#*=}" ;;
+  esac
+done
+if [[ "$experiment" != paper && "$experiment" != smoke ]]; then
+  echo "usage: $0 experiment=paper|smoke [hydra overrides...]" >&2
+  exit 2
+fi
+REPRO_ID="${REPRO_ID:-$experiment-$(printf '%s\n' "$@" | sha1sum | cut -c1-8)}"
+
+if [[ "$experiment" == smoke ]]; then
+  NPROC=1
+else
+  NPROC="${NPROC:-$("$PY" -c 'import torch; print(torch.cuda.device_count())')}"
+fi
+
+stage() {  # stage <module> <overrides...>: one process, or torchrun over NPROC GPUs
+  local module="$1"; shift
+  if (( NPROC > 1 )); then
+    "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m "itdiffusion.stages.$module" "$@"
+  else
+    "$PY" -m "itdiffusion.stages.$module" "$@"
+  fi
+}
+single() {  # single <module> <overrides...>: always one process
+  local module="$1"; shift
+  "$PY" -m "itdiffusion.stages.$module" "$@"
+}
+step() { echo; echo "== [$REPRO_ID] $*"; }
+done_already() { echo "   exists: $1 (skipped; delete it to redo this step)"; }
+
+COMMON=("logger.group=$REPRO_ID" "skip_done=true" "$@")
+started=$SECONDS
+
+step "1/7 dataset statistics (Gaussian reference)"
+if [[ "$experiment" == paper ]]; then
+  single stats "${COMMON[@]}" "run_id=$REPRO_ID-stats" data.download=true
+else
+  single stats "${COMMON[@]}" "run_id=$REPRO_ID-stats"
+fi
+
+step "2/7 base model"
+if [[ "$experiment" == paper ]]; then
+  BASE="$CKPT/iddpm/cifar10_uncond_vlb_50M_500K.pt"
+  BASE_LABEL=IDDPM
+  if [[ -f "$BASE" ]]; then
+    done_already "$BASE"
+  elif ! "$PY" scripts/download_checkpoints.py iddpm_cifar10_vlb --checkpoint-dir "$CKPT"; then
+    echo "Could not download the IDDPM checkpoint. Fetch" >&2
+    echo "  https://openaipublic.blob.core.windows.net/diffusion/march-2021/cifar10_uncond_vlb_50M_500K.pt" >&2
+    echo "by hand and place it at $BASE, then rerun this command." >&2
+    exit 1
+  fi
+else
+  BASE="$CKPT/finetune/$REPRO_ID-base/model.pt"
+  BASE_LABEL=iddpm_tiny
+  if [[ -f "$BASE" ]]; then
+    done_already "$BASE"
+  else
+    single finetune "${COMMON[@]}" "run_id=$REPRO_ID-base" finetune=smoke_base "finetune.run_name=$REPRO_ID-base" \
+      finetune.init=scratch
+  fi
+fi
+
+step "3/7 evaluate the base model (VLB and IT)"
+if [[ -f "$OUT/evaluate/$REPRO_ID-base/metrics.json" ]]; then
+  done_already "$OUT/evaluate/$REPRO_ID-base/metrics.json"
+else
+  stage evaluate "${COMMON[@]}" "run_id=$REPRO_ID-base" "model.checkpoint=$BASE" "label=$BASE_LABEL" paper_row=IDDPM
+fi
+
+step "4/7 IT fine-tuning"
+TUNED="$CKPT/finetune/$REPRO_ID-tune/model.pt"
+if [[ -f "$TUNED" ]]; then
+  done_already "$TUNED"
+else
+  if [[ "$experiment" == paper ]]; then TUNE_CFG=default; else TUNE_CFG=smoke; fi
+  stage finetune "${COMMON[@]}" "run_id=$REPRO_ID-tune" "finetune=$TUNE_CFG" "finetune.run_name=$REPRO_ID-tune" \
+    "finetune.init=$BASE" finetune.objective=it
+fi
+
+step "5/7 evaluate the fine-tuned model"
+if [[ -f "$OUT/evaluate/$REPRO_ID-tuned/metrics.json" ]]; then
+  done_already "$OUT/evaluate/$REPRO_ID-tuned/metrics.json"
+else
+  stage evaluate "${COMMON[@]}" "run_id=$REPRO_ID-tuned" "model.checkpoint=$TUNED" "label='$BASE_LABEL(tune)'" \
+    "paper_row='IDDPM(tune)'" model.training_objective=IT
+fi
+
+step "6/7 ensemble of the base and fine-tuned models"
+if [[ -f "$OUT/evaluate/$REPRO_ID-ensemble/metrics.json" ]]; then
+  done_already "$OUT/evaluate/$REPRO_ID-ensemble/metrics.json"
+else
+  stage evaluate "${COMMON[@]}" "run_id=$REPRO_ID-ensemble" "ensemble=[$BASE,$TUNED]" estimator.vlb=false \
+    label=Ensemble paper_row=Ensemble "model.training_objective='—'"
+fi
+
+step "7/7 report"
+single report "${COMMON[@]}" "run_id=$REPRO_ID-report"
+
+echo
+echo "== [$REPRO_ID] done in $((SECONDS - started)) s: $OUT/results/results.md"
+if [[ "$experiment" == smoke ]]; then
+  echo "   wandb (offline): wandb sync $OUT/wandb/offline-run-*   to upload the runs later"
+fi

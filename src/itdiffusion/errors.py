@@ -1,0 +1,14 @@
+"""Errors the user can fix (bad input, missing files): stages print the message, not a traceback."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input or a missing file, with a message that says what to do about it.
+
+    The stage entry points catch it, log the message and exit with status 2.
+    """
+
+
+class DatasetError(UserError):
+    """A dataset is missing, corrupted, empty, or holds images of the wrong size or channel count."""

@@ -1,0 +1,345 @@
+"""The results store: every evaluated run, merged by run id into ``results.{json,csv,md}``.
+
+``results.json`` maps run id -> that run's metrics (the ``metrics.json`` an evaluation wrote, less
+its config). Writers take a file lock and rewrite all three files atomically, so concurrent
+evaluations both keep their rows and a reader never sees a half-written table. Rerunning a run id
+replaces that run's row; other runs are never touched.
+
+Tables follow Kong et al. (ICLR 2023) with their published numbers beside ours, and label their
+conventions (see DESIGN.md):
+
+- Table 1, continuous density (bits/dim, negative): the paper's "variational bound" is the
+  discrete VLB minus log2(127.5) (a uniform density inside each pixel bin); the better-founded
+  continuous-density VLB (IDDPM's decoder replaced by the Gaussian density of x_0) sits beside it.
+  "IT bound" is the continuous IT estimate.
+- Table 2, discrete (bits/dim): the discrete VLB; the IT discrete estimate without the tails
+  outside the sampled log-SNR range (the paper's column) and with them (a bound); the dequantized
+  IT estimate (which already includes d log2(1/delta) = + log2(127.5) per dimension).
+- Masked diffusion (I-MDCE): rows of runs whose metrics carry ``mdce_bpd`` / ``mdce_timefree_bpd``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from itdiffusion.errors import UserError
+from itdiffusion.io import atomic_write_json, atomic_write_text, file_lock
+from itdiffusion.units import DEQUANT_OFFSET_BPD
+
+log = logging.getLogger(__name__)
+
+FORMAT = "itdiffusion.results/1"
+
+# Kong, Brekelmans & Ver Steeg, "Information-Theoretic Diffusion", ICLR 2023: Tables 1 and 2 (bits/dim).
+# Keys are the column names below. The ensemble's 2.90 is its discrete IT estimate (ITD's
+# scripts/plot_results.py forms it from the pointwise minimum of the rounded MMSE curves).
+PAPER = {
+    "IDDPM": {
+        "variational_paper_cont": -4.05,
+        "it_continuous": -4.09,
+        "vlb": 2.94,
+        "it_discrete_notails": 3.16,
+        "it_dequantized": 3.17,
+    },
+    "IDDPM(tune)": {
+        "variational_paper_cont": -3.85,
+        "it_continuous": -4.28,
+        "vlb": 3.14,
+        "it_discrete_notails": 3.15,
+        "it_dequantized": 3.18,
+    },
+    "Ensemble": {"it_discrete_notails": 2.90},
+}
+PAPER_ORDER = tuple(PAPER)
+
+
+class ResultsStoreError(UserError):
+    """results.json exists but cannot be read: it is left as it is, never overwritten."""
+
+
+@dataclass(frozen=True)
+class Column:
+    """A table column: a metrics key (bits/dim, with a ``_stderr`` twin) and an optional shift."""
+
+    name: str  # key in PAPER and in the CSV
+    header: str
+    metric: str  # metrics.json key
+    offset: float = 0.0  # added to the metric (the paper's conventions)
+    short: str = ""  # header of the column of published numbers
+
+
+CONTINUOUS_COLUMNS = (
+    Column(
+        "variational_paper_cont",
+        "Variational bound (paper: VLB − log2 127.5)",
+        "vlb_bpd",
+        -DEQUANT_OFFSET_BPD,
+        short="variational",
+    ),
+    Column("vlb_continuous", "Variational bound (continuous-density decoder)", "vlb_continuous_bpd"),
+    Column("it_continuous", "IT bound", "it_continuous_bpd", short="IT"),
+)
+DISCRETE_COLUMNS = (
+    Column("vlb", "Variational bound", "vlb_bpd", short="variational"),
+    Column(
+        "it_discrete_notails", "IT discrete (paper: no tails)", "it_discrete_notails_bpd", short="IT discrete"
+    ),
+    Column("it_discrete", "IT discrete (with tails)", "it_discrete_bpd"),
+    Column("it_dequantized", "IT dequantized", "it_dequantized_bpd", short="IT dequantized"),
+)
+# Hook for the discrete branch (masked diffusion, Jeon et al. 2025): its runs write these keys.
+MDCE_COLUMNS = (
+    Column("mdce", "I-MDCE", "mdce_bpd"),
+    Column("mdce_timefree", "I-MDCE (time-free)", "mdce_timefree_bpd"),
+)
+CSV_FIELDS = (
+    "run_id",
+    "group",
+    "experiment",
+    "label",
+    "paper_row",
+    "model",
+    "training_objective",
+    "num_images",
+    "npoints",
+    "network_evals",
+    "checkpoint_sha256",
+    "git_commit",
+    "created",
+)
+
+
+def results_paths(results_dir: str | Path) -> dict[str, Path]:
+    d = Path(results_dir)
+    return {
+        "json": d / "results.json",
+        "csv": d / "results.csv",
+        "md": d / "results.md",
+        "lock": d / ".results.lock",
+    }
+
+
+def load_runs(results_dir: str | Path) -> dict[str, dict]:
+    """The runs recorded in ``results.json`` (empty if none); an unreadable file is an error."""
+    path = results_paths(results_dir)["json"]
+    if not path.is_file():
+        return {}
+    try:
+        stored = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ResultsStoreError(f"{path} is not valid JSON ({e}); move it aside to start a new store") from e
+    if not isinstance(stored, dict) or stored.get("format") != FORMAT:
+        raise ResultsStoreError(f"{path} is no itdiffusion results store; move it aside to start a new one")
+    return stored["runs"]
+
+
+def record_runs(
+    results_dir: str | Path, runs: Iterable[Mapping], figures: Mapping[str, list[str]] | None = None
+) -> dict:
+    """Merge ``runs`` (metrics dicts with a ``run_id``) into the store and rewrite json, csv and md."""
+    paths = results_paths(results_dir)
+    with file_lock(paths["lock"]):
+        stored = load_runs(results_dir)
+        for metrics in runs:
+            if not metrics.get("run_id"):
+                raise ValueError("a results row needs a run_id")
+            stored[str(metrics["run_id"])] = {k: v for k, v in metrics.items() if k != "config"}
+        atomic_write_json(
+            paths["json"], {"format": FORMAT, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": stored}
+        )
+        atomic_write_text(paths["csv"], render_csv(stored))
+        atomic_write_text(paths["md"], render_markdown(stored, figures or {}))
+    return stored
+
+
+def record_run(results_dir: str | Path, metrics: Mapping) -> dict:
+    """Merge one run's metrics into the store (see :func:`record_runs`)."""
+    return record_runs(results_dir, [metrics])
+
+
+# --- rendering -----------------------------------------------------------------------------------
+
+
+def cell_value(run: Mapping, column: Column) -> tuple[float, float] | None:
+    """(mean, stderr) of ``column`` for ``run`` in bits/dim, or None if the run has no such metric."""
+    mean = run.get(column.metric)
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return None
+    stderr = run.get(f"{column.metric}_stderr")
+    return mean + column.offset, (float("nan") if stderr is None else stderr)
+
+
+def format_cell(value: tuple[float, float] | None) -> str:
+    if value is None:
+        return "—"
+    mean, stderr = value
+    return f"{mean:.3f} ± {stderr:.3f}" if math.isfinite(stderr) else f"{mean:.3f}"
+
+
+def groups(runs: Mapping[str, Mapping]) -> list[tuple[str, list[dict]]]:
+    """Runs by reproduction group, newest group first; in a group: paper rows in paper order, then by time."""
+    by_group: dict[str, list[dict]] = {}
+    for run_id, run in runs.items():
+        by_group.setdefault(run.get("group") or "ungrouped", []).append({"run_id": run_id, **run})
+
+    def row_key(run):
+        paper = run.get("paper_row")
+        return (PAPER_ORDER.index(paper) if paper in PAPER else len(PAPER_ORDER), run.get("created") or "")
+
+    ordered = [(g, sorted(rs, key=row_key)) for g, rs in by_group.items()]
+    return sorted(ordered, key=lambda item: max(r.get("created") or "" for r in item[1]), reverse=True)
+
+
+def table_rows(rows: list[dict], columns: tuple[Column, ...], lead: tuple[str, ...] = ()) -> list[list[str]]:
+    """One line per run: model label, the ``lead`` fields, our values, then the paper's values."""
+    out = []
+    for run in rows:
+        paper = PAPER.get(run.get("paper_row") or "", {})
+        line = [_label(run), *[str(run.get(f) or "—") for f in lead]]
+        line += [format_cell(cell_value(run, c)) for c in columns]
+        line += [f"{paper[c.name]:.2f}" if c.name in paper else "—" for c in columns if _paper_has(c)]
+        out.append(line)
+    return out
+
+
+def table_headers(columns: tuple[Column, ...], lead: tuple[str, ...] = ()) -> list[str]:
+    return [
+        "Model",
+        *lead,
+        *[c.header for c in columns],
+        *[f"Paper: {c.short}" for c in columns if _paper_has(c)],
+    ]
+
+
+def render_markdown(runs: Mapping[str, Mapping], figures: Mapping[str, list[str]]) -> str:
+    lines = [
+        "# Results",
+        "",
+        "Bits per dimension on the test set, mean ± standard error over test images (the Monte Carlo",
+        "noise of each image's estimate is included). Published numbers: Kong et al., ICLR 2023.",
+        "",
+    ]
+    if not runs:
+        lines.append("No evaluated runs yet.")
+    for group, rows in groups(runs):
+        experiments = sorted({str(r.get("experiment")) for r in rows})
+        lines += [f"## {group} (experiment: {', '.join(experiments)})", ""]
+        lines += _md_table(
+            "Table 1 (continuous density, bits/dim, lower is better)",
+            table_headers(CONTINUOUS_COLUMNS, ("Training objective",)),
+            table_rows(rows, CONTINUOUS_COLUMNS, ("training_objective",)),
+        )
+        lines += [
+            "The paper's variational column is the discrete VLB minus log2(127.5) (uniform density in each",
+            "bin); the continuous-density column is the VLB with IDDPM's decoder replaced by the Gaussian",
+            "density of x_0.",
+            "",
+        ]
+        lines += _md_table(
+            "Table 2 (discrete, bits/dim)",
+            table_headers(DISCRETE_COLUMNS),
+            table_rows(rows, DISCRETE_COLUMNS),
+        )
+        lines += [
+            "IT discrete: the paper leaves out the integral outside the sampled log-SNR range (the tails);",
+            "the next column adds them (a bound). IT dequantized: the continuous IT estimate of uniformly",
+            "dequantized images plus log2(127.5).",
+            "",
+        ]
+        mdce_rows = [r for r in rows if any(r.get(c.metric) is not None for c in MDCE_COLUMNS)]
+        if mdce_rows:
+            lines += _md_table(
+                "Masked diffusion (I-MDCE), bits/dim",
+                table_headers(MDCE_COLUMNS),
+                table_rows(mdce_rows, MDCE_COLUMNS),
+            )
+        lines += _md_table(
+            "Runs",
+            [
+                "Model",
+                "run id",
+                "images",
+                "log-SNR points",
+                "network evals",
+                "checkpoint sha256",
+                "git commit",
+            ],
+            [
+                [
+                    _label(r),
+                    r["run_id"],
+                    str(r.get("num_images")),
+                    str(r.get("npoints") or "—"),
+                    str(r.get("network_evals")),
+                    _short(r.get("checkpoint_sha256")),
+                    _short(r.get("git_commit")),
+                ]
+                for r in rows
+            ],
+        )
+        for fig in figures.get(group, []):
+            lines += [f"![{Path(fig).stem}]({fig})", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def render_csv(runs: Mapping[str, Mapping]) -> str:
+    columns = CONTINUOUS_COLUMNS + DISCRETE_COLUMNS + MDCE_COLUMNS
+    names = list(dict.fromkeys(c.name for c in columns))
+    header = [*CSV_FIELDS, *[f"{n}{s}" for n in names for s in ("_bpd", "_stderr", "_paper")]]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for _, rows in groups(runs):
+        for run in rows:
+            by_name = {c.name: c for c in columns}
+            paper = PAPER.get(run.get("paper_row") or "", {})
+            line = [_csv_scalar(run.get(f)) for f in CSV_FIELDS]
+            for n in names:
+                value = cell_value(run, by_name[n])
+                line += [
+                    "" if value is None else repr(value[0]),
+                    "" if value is None else repr(value[1]),
+                    repr(paper[n]) if n in paper else "",
+                ]
+            writer.writerow(line)
+    return buf.getvalue()
+
+
+def _md_table(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
+    out = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out + [""]
+
+
+def _paper_has(column: Column) -> bool:
+    return any(column.name in numbers for numbers in PAPER.values())
+
+
+def _label(run: Mapping) -> str:
+    label = str(run.get("label") or run.get("model") or run["run_id"])
+    paper = run.get("paper_row")
+    return label if not paper or paper == label else f"{label} [{paper}]"
+
+
+def _short(value) -> str:
+    if not value:
+        return "—"
+    if isinstance(value, list):
+        return ", ".join(_short(v) for v in value)
+    return str(value)[:12]
+
+
+def _csv_scalar(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return ";".join(map(str, value))
+    return str(value)

@@ -1,0 +1,473 @@
+"""Stage ``evaluate``: bits/dim of one model, or of an ensemble, on the test set.
+
+``python -m itdiffusion.stages.evaluate model=iddpm_cifar10_vlb estimator.npoints=1000 data.num_images=512``
+``torchrun --nproc_per_node=8 -m itdiffusion.stages.evaluate run_id=base ...`` (images sharded over ranks)
+
+Estimates per test image (nats inside, bits/dim in the outputs):
+
+- IDDPM's variational bound with its discretized decoder (``vlb``) and with the Gaussian density of
+  x_0 instead (``vlb_continuous``), :func:`itdiffusion.variational.vlb`;
+- the IT bound from the MMSE curves of :func:`itdiffusion.information.it_nll`: continuous density,
+  discrete (x_hat raw or rounded to the pixel lattice, tails included; ``it_discrete_notails`` is
+  ITD's table convention without them) and dequantized (images plus uniform noise of one bin, the
+  continuous estimate plus d ln(1/delta): a discrete NLL).
+
+Every image draws its log-SNR points, noise and dequantization noise from its own seeds
+(``estimator.seed``, image index), so the curves do not depend on batching or on how many
+processes share the work. The decoder choices inside the estimators (clamp to the Gaussian
+decoder, rounding, ensemble member) are cross-fitted over the other images, so rank 0 recomputes
+every estimate from the gathered curves (``*_nll_from_curve``): one process and many give the same
+per-image numbers. Rank 0 writes ``per_image.npz`` and ``metrics.json`` (means and standard errors
+over images) into the run dir and records the row in ``<paths.results_dir>/results.json``.
+
+Ensemble (``ensemble=[ckpt_a, ckpt_b, ...]``, checkpoints of ``model``): every member sees the same
+log-SNR points and noise, and per log-SNR bin the estimate uses the member (or the Gaussian decoder)
+with the lowest cross-fitted error: ITD's pointwise minimum of the MMSE curves, without its bias.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from itdiffusion import distributed
+from itdiffusion.data import load_images, to_model_range
+from itdiffusion.errors import UserError
+from itdiffusion.information import (
+    GaussianReference,
+    LogSNRProposal,
+    continuous_nll_from_curve,
+    discrete_nll_from_curve,
+    it_nll,
+    left_tail,
+    right_tail_bound,
+)
+from itdiffusion.io import atomic_savez, atomic_write_json
+from itdiffusion.models.checkpoints import CheckpointError
+from itdiffusion.models.iddpm import (
+    IDDPMDenoiser,
+    build_model_and_diffusion,
+    load_checkpoint,
+    resolve_checkpoint,
+)
+from itdiffusion.results import ResultsStoreError, record_run
+from itdiffusion.stages import CONFIG_DIR, config_dict, git_commit, launch, rank_zero_first, setup_device
+from itdiffusion.stages.stats import load_or_compute_reference
+from itdiffusion.tracking import Tracker
+from itdiffusion.units import PIXEL_BIN, mean_and_stderr, nats_to_bpd
+from itdiffusion.variational import vlb
+
+log = logging.getLogger(__name__)
+
+XINTERVAL = (-1.0, 1.0)  # pixels scaled to [-1, 1]: the lattice is -1 + PIXEL_BIN * k
+STREAM_POINTS, STREAM_DEQUANT, STREAM_VLB = 0, 1, 2  # independent random streams per image
+METRIC_KEYS = (
+    "vlb_bpd",
+    "vlb_continuous_bpd",
+    "it_continuous_bpd",
+    "it_discrete_bpd",
+    "it_discrete_notails_bpd",
+    "it_dequantized_bpd",
+)
+
+
+@dataclass
+class Member:
+    """One model under evaluation: the network, its diffusion, and where its weights came from."""
+
+    model: torch.nn.Module
+    diffusion: object
+    denoiser: IDDPMDenoiser
+    checkpoint: str
+    sha256: str
+
+
+def image_seed(seed: int, index: int, stream: int = STREAM_POINTS) -> int:
+    """The seed of test image ``index`` for one random ``stream``: a 63-bit hash of (seed, index, stream)."""
+    hi, lo = np.random.SeedSequence([seed, index, stream]).generate_state(2)
+    return ((int(hi) << 32) | int(lo)) & (2**63 - 1)
+
+
+def dequantize(x: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+    """``x + delta (U - 1/2)`` with U ~ Uniform[0, 1)^d from each image's seed: uniform in the pixel bin."""
+    u = torch.stack(
+        [
+            torch.rand(x.shape[1:], dtype=torch.float64, generator=torch.Generator().manual_seed(s))
+            for s in seeds
+        ]
+    )
+    return x.to(torch.float64) + PIXEL_BIN * (u.to(x.device) - 0.5)
+
+
+def load_members(cfg: DictConfig, device: torch.device) -> list[Member]:
+    """The model of ``cfg.model`` with its checkpoint, or one per ``cfg.ensemble`` checkpoint."""
+    if len(cfg.ensemble) == 1:
+        raise UserError(
+            "ensemble= needs at least two checkpoints (leave it empty to evaluate model.checkpoint)"
+        )
+    try:
+        with rank_zero_first():  # rank 0 downloads a missing official checkpoint, the others wait
+            paths = [Path(p) for p in cfg.ensemble] or [
+                resolve_checkpoint(cfg.model, cfg.paths.checkpoint_dir)
+            ]
+        members = []
+        for path in paths:
+            if not path.is_file():
+                raise FileNotFoundError(f"checkpoint not found: {path.resolve()}")
+            model, diffusion = build_model_and_diffusion(cfg.model)
+            sha256 = load_checkpoint(model, path)
+            model.to(device).eval()
+            members.append(Member(model, diffusion, IDDPMDenoiser(model, cfg.model), str(path), sha256))
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
+        raise UserError(str(e)) from e
+    return members
+
+
+@torch.no_grad()
+def evaluate_curves(
+    members: Sequence[Member],
+    images: torch.Tensor,
+    indices: Sequence[int],
+    reference: GaussianReference,
+    proposal: LogSNRProposal,
+    est_cfg,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """Per-image MMSE curves and VLBs of ``images`` (uint8 ``[B, 3, H, W]`` with test indices ``indices``).
+
+    Float64 CPU tensors, one row per image: ``index``; ``logsnr``, ``log_q`` ``[B, K]`` (shared by
+    all members); the reference's decoder errors ``gaussian_mmse`` at x and ``gaussian_mmse_deq``
+    at the dequantized x; per member j (prefix ``m{j}_``): eps-unit errors ``mmse`` (x_hat clamped
+    to [-1, 1]), ``mmse_rounded`` (x_hat rounded to the lattice), ``mmse_deq`` (dequantized images),
+    ``vlb_bpd`` and ``vlb_continuous_bpd``, and ``network_evals``.
+    """
+    x = to_model_range(images).to(device)
+    point_seeds = [image_seed(est_cfg.seed, int(i), STREAM_POINTS) for i in indices]
+    x_deq = dequantize(x, [image_seed(est_cfg.seed, int(i), STREAM_DEQUANT) for i in indices]).to(x.dtype)
+    wide = (XINTERVAL[0] - PIXEL_BIN / 2, XINTERVAL[1] + PIXEL_BIN / 2)  # where dequantized pixels live
+    out: dict[str, torch.Tensor] = {"index": torch.as_tensor(list(indices), dtype=torch.float64)}
+    common = dict(
+        npoints=est_cfg.npoints,
+        logsnr_sampling=est_cfg.logsnr_sampling,
+        proposal=proposal,
+        image_seeds=point_seeds,
+        batch_size=est_cfg.batch_size,
+    )
+    for j, member in enumerate(members):
+        p = f"m{j}_"
+        evals = torch.zeros(len(indices), dtype=torch.float64)
+        if est_cfg.it:
+            est = it_nll(
+                member.denoiser,
+                x,
+                reference,
+                delta=PIXEL_BIN,
+                xinterval=XINTERVAL,
+                rounding=est_cfg.rounding,
+                **common,
+            )
+            deq = it_nll(member.denoiser, x_deq, reference, xinterval=wide, **common)  # same points and noise
+            if "logsnr" not in out:
+                out.update(
+                    logsnr=_cpu(est.logsnr),
+                    log_q=_cpu(est.log_q),
+                    gaussian_mmse=_cpu(est.gaussian_mmse),
+                    gaussian_mmse_deq=_cpu(deq.gaussian_mmse),
+                )
+            for other in (est.logsnr, deq.logsnr):
+                if not torch.equal(_cpu(other), out["logsnr"]):
+                    raise RuntimeError("members / passes were evaluated at different log-SNR points")
+            out[f"{p}mmse"], out[f"{p}mmse_deq"] = _cpu(est.mmse), _cpu(deq.mmse)
+            if est.mmse_rounded is not None:
+                out[f"{p}mmse_rounded"] = _cpu(est.mmse_rounded)
+            evals += est.network_evals + deq.network_evals
+        if est_cfg.vlb:
+            for key, continuous in (("vlb_bpd", False), ("vlb_continuous_bpd", True)):
+                rows = []
+                for b, i in enumerate(indices):  # one image at a time: its noise comes from its own seed
+                    gen = torch.Generator(device=device).manual_seed(
+                        image_seed(est_cfg.seed, int(i), STREAM_VLB)
+                    )
+                    res = vlb(
+                        member.model,
+                        member.diffusion,
+                        x[b : b + 1],
+                        continuous_density=continuous,
+                        steps_per_batch=est_cfg.vlb_steps_per_batch,
+                        generator=gen,
+                    )
+                    rows.append(_cpu(res.total_bpd))
+                    evals[b] += res.terms_bpd.shape[1]
+                out[f"{p}{key}"] = torch.cat(rows)
+        out[f"{p}network_evals"] = evals
+    return out
+
+
+def estimates_from_curves(
+    curves: dict[str, torch.Tensor],
+    members: Sequence[int],
+    x: torch.Tensor,
+    x_deq: torch.Tensor,
+    reference: GaussianReference,
+    proposal: LogSNRProposal,
+    est_cfg,
+) -> dict[str, torch.Tensor]:
+    """Per-image IT estimates (nats) of the model ``members`` (one index; several: their ensemble).
+
+    ``continuous``: -ln p(x) from the raw curves; ``discrete``: -ln P(x) with candidates the raw and
+    rounded curves, tails included, and ``discrete_notails`` without them (ITD's table);
+    ``dequantized``: the continuous estimate at the dequantized images plus d ln(1/delta). Each
+    with ``<name>_mc_stderr``, the Monte Carlo standard error of that image's estimate.
+    """
+    dev = reference.mean.device
+    logsnr, log_q = curves["logsnr"].to(dev), curves["log_q"].to(dev)
+    common = dict(proposal=proposal, sampling=est_cfg.logsnr_sampling)
+
+    def stack(names: Sequence[str]) -> torch.Tensor:
+        return torch.stack([curves[f"m{j}_{n}"] for j in members for n in names if f"m{j}_{n}" in curves]).to(
+            dev
+        )
+
+    out = {}
+    cont = continuous_nll_from_curve(
+        stack(["mmse"]),
+        logsnr,
+        log_q,
+        reference,
+        True,
+        x=x,
+        gaussian_mmse=curves["gaussian_mmse"].to(dev),
+        **common,
+    )
+    disc = discrete_nll_from_curve(
+        stack(["mmse", "mmse_rounded"]),
+        logsnr,
+        log_q,
+        reference,
+        PIXEL_BIN,
+        True,
+        x=x,
+        gaussian_mmse=curves["gaussian_mmse"].to(dev),
+        **common,
+    )
+    deq = continuous_nll_from_curve(
+        stack(["mmse_deq"]),
+        logsnr,
+        log_q,
+        reference,
+        True,
+        x=x_deq,
+        gaussian_mmse=curves["gaussian_mmse_deq"].to(dev),
+        **common,
+    )
+    a_lo, a_hi = proposal.bounds
+    tails = left_tail(reference, x, a_lo) + right_tail_bound(reference.dim, PIXEL_BIN, a_hi)
+    for name, nll, stderr in (
+        ("continuous", cont.nll, cont.stderr),
+        ("discrete", disc.nll, disc.stderr),
+        ("discrete_notails", disc.nll - tails, disc.stderr),
+        ("dequantized", deq.nll + reference.dim * math.log(1.0 / PIXEL_BIN), deq.stderr),
+    ):
+        out[name], out[f"{name}_mc_stderr"] = _cpu(nll), _cpu(stderr)
+    return out
+
+
+def summarize(per_image: dict[str, torch.Tensor], prefix: str, dim: int) -> dict:
+    """Means over images with standard errors (bits/dim) of the per-image values under ``prefix``."""
+    out: dict = {}
+    for name in ("continuous", "discrete", "discrete_notails", "dequantized"):
+        if f"{prefix}it_{name}_nats" in per_image:
+            values = nats_to_bpd(per_image[f"{prefix}it_{name}_nats"], dim)
+            out[f"it_{name}_bpd"], out[f"it_{name}_bpd_stderr"] = mean_and_stderr(values)
+            mc = nats_to_bpd(per_image[f"{prefix}it_{name}_mc_stderr_nats"], dim)
+            out[f"it_{name}_bpd_mc_stderr"] = float(mc.square().sum().sqrt() / mc.numel())  # MC noise alone
+    for key in ("vlb_bpd", "vlb_continuous_bpd"):
+        if f"{prefix}{key}" in per_image:
+            out[key], out[f"{key}_stderr"] = mean_and_stderr(per_image[f"{prefix}{key}"])
+    if f"{prefix}network_evals" in per_image:
+        out["network_evals"] = int(per_image[f"{prefix}network_evals"].sum().item())
+    return out
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """Evaluate ``cfg.model`` (or the ``cfg.ensemble``) on the test set; rank 0 writes the outputs."""
+    metrics_path = run_dir / "metrics.json"
+    if cfg.skip_done and metrics_path.is_file():
+        log.info("skip_done: %s exists, nothing to do", metrics_path)
+        return None
+    est_cfg = cfg.estimator
+    _check_settings(cfg)
+    started = time.time()
+    device = setup_device(cfg)
+    reference = load_or_compute_reference(cfg, device)
+    # the upper end reaches the log-SNR that resolves the pixel lattice (the discrete right tail vanishes)
+    proposal = LogSNRProposal.from_reference(reference, clip=est_cfg.clip, delta=PIXEL_BIN)
+    with rank_zero_first():
+        test = load_images(cfg.data, "test")
+    members = load_members(cfg, device)
+    mine = distributed.shard_indices(len(test))
+    chunk = max(1, est_cfg.batch_size // est_cfg.npoints) if est_cfg.it else max(1, est_cfg.batch_size)
+    parts = []
+    with tqdm(
+        total=len(test),
+        desc=f"evaluate {cfg.label}",
+        unit="img",
+        disable=not distributed.is_main(),
+        dynamic_ncols=True,
+    ) as bar:
+        for start in range(mine.start, mine.stop, chunk):
+            idx = list(range(start, min(start + chunk, mine.stop)))
+            images = torch.stack([test[i][0] for i in idx])
+            parts.append(evaluate_curves(members, images, idx, reference, proposal, est_cfg, device))
+            bar.update(len(idx) * distributed.world_size())
+    per_image = _gather(parts)
+    if not distributed.is_main():
+        distributed.barrier()
+        return None
+    metrics = _finish(cfg, per_image, members, test, reference, proposal)
+    metrics["elapsed_s"] = round(time.time() - started, 2)
+    atomic_savez(run_dir / "per_image.npz", **{k: _compact(k, v) for k, v in per_image.items()})
+    atomic_write_json(metrics_path, metrics)
+    try:
+        record_run(cfg.paths.results_dir, {**metrics, "metrics_path": str(metrics_path)})
+    except ResultsStoreError as e:  # an unreadable results store: keep metrics.json, say how to recover
+        log.error("could not add this run to the results table (%s); its metrics are in %s", e, metrics_path)
+    _log_to_tracker(cfg, metrics)
+    log.info(
+        "%s: %s",
+        cfg.label,
+        ", ".join(
+            f"{k} {metrics[k]:.4f} ± {metrics[k + '_stderr']:.4f}"
+            for k in METRIC_KEYS
+            if metrics.get(k) is not None
+        ),
+    )
+    distributed.barrier()
+    return metrics
+
+
+def _check_settings(cfg: DictConfig) -> None:
+    est_cfg = cfg.estimator
+    if est_cfg.it and est_cfg.npoints < 2:
+        raise UserError(
+            f"estimator.npoints must be >= 2 (a standard error needs two points), got {est_cfg.npoints}"
+        )
+    if not (est_cfg.it or est_cfg.vlb):
+        raise UserError("nothing to evaluate: estimator.it and estimator.vlb are both false")
+    if cfg.ensemble and not est_cfg.it:
+        raise UserError("an ensemble combines MMSE curves: it needs estimator.it=true")
+    if est_cfg.batch_size < 1 or est_cfg.vlb_steps_per_batch < 1:
+        raise UserError("estimator.batch_size and estimator.vlb_steps_per_batch must be >= 1")
+
+
+def _finish(
+    cfg: DictConfig,
+    per_image: dict[str, torch.Tensor],
+    members: Sequence[Member],
+    test,
+    reference: GaussianReference,
+    proposal: LogSNRProposal,
+) -> dict:
+    """Rank 0: estimates from the gathered curves, then the metrics (single model or ensemble)."""
+    est_cfg, dim = cfg.estimator, reference.dim
+    groups = [[j] for j in range(len(members))] + ([list(range(len(members)))] if len(members) > 1 else [])
+    if est_cfg.it:
+        index = per_image["index"].long().tolist()
+        x = to_model_range(torch.stack([test[i][0] for i in index]))  # float32, as the network saw them
+        x_deq = dequantize(x, [image_seed(est_cfg.seed, i, STREAM_DEQUANT) for i in index]).to(x.dtype)
+        x, x_deq = (t.to(reference.mean.device, torch.float64) for t in (x, x_deq))
+        for group in groups:
+            prefix = "ensemble_" if len(group) > 1 else f"m{group[0]}_"
+            estimates = estimates_from_curves(per_image, group, x, x_deq, reference, proposal, est_cfg)
+            per_image.update({f"{prefix}it_{name}_nats": values for name, values in estimates.items()})
+        per_image["mmse_gaussian"] = _cpu(reference.mmse(per_image["logsnr"].to(reference.mean.device)))
+    metrics: dict = {
+        "num_images": int(per_image["index"].numel()),
+        "npoints": est_cfg.npoints if est_cfg.it else None,
+        "dim": dim,
+        "gaussian_entropy_bpd": float(nats_to_bpd(float(reference.entropy), dim)),
+        "logsnr_range": list(proposal.bounds),
+    }
+    if len(members) == 1:
+        metrics.update(summarize(per_image, "m0_", dim))
+    else:
+        metrics["members"] = [
+            {"checkpoint": m.checkpoint, "checkpoint_sha256": m.sha256, **summarize(per_image, f"m{j}_", dim)}
+            for j, m in enumerate(members)
+        ]
+        metrics.update(summarize(per_image, "ensemble_", dim))
+        metrics["network_evals"] = sum(m["network_evals"] for m in metrics["members"])
+    metrics.update(_provenance(cfg, members))
+    return metrics
+
+
+def _provenance(cfg: DictConfig, members: Sequence[Member]) -> dict:
+    return {
+        "run_id": cfg.run_id,
+        "stage": "evaluate",
+        "label": cfg.label,
+        "paper_row": cfg.paper_row,
+        "experiment": cfg.experiment,
+        "group": cfg.logger.group,
+        "model": cfg.model.name,
+        "training_objective": cfg.model.training_objective,
+        "checkpoint": members[0].checkpoint if len(members) == 1 else [m.checkpoint for m in members],
+        "checkpoint_sha256": members[0].sha256 if len(members) == 1 else [m.sha256 for m in members],
+        "git_commit": git_commit(),
+        "world_size": distributed.world_size(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": config_dict(cfg),
+    }
+
+
+def _log_to_tracker(cfg: DictConfig, metrics: dict) -> None:
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    with Tracker(
+        cfg.logger, metrics["config"], job_type="evaluate", name=f"evaluate-{cfg.run_id}"
+    ) as tracker:
+        tracker.log({f"eval/{k}": v for k, v in scalars.items()})
+        tracker.summary(scalars)
+
+
+def _gather(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """This rank's rows, then (under torchrun) every rank's rows in rank order, which is image order."""
+    local = [{k: torch.cat([p[k] for p in parts]) for k in parts[0]}] if parts else []
+    if not distributed.is_distributed():
+        return local[0]
+    everyone: list[list[dict]] = [None] * distributed.world_size()  # type: ignore[list-item]
+    torch.distributed.all_gather_object(everyone, local)  # ranks without images send an empty list
+    rows = [d for per_rank in everyone for d in per_rank]
+    return {k: torch.cat([d[k] for d in rows]) for k in rows[0]}
+
+
+def _cpu(t) -> torch.Tensor:
+    return torch.as_tensor(t).detach().to("cpu", torch.float64)
+
+
+def _compact(key: str, value: torch.Tensor) -> np.ndarray:
+    """Curves are stored as float32 (they are large), per-image estimates as float64."""
+    array = value.numpy()
+    if array.ndim == 2:
+        return array.astype(np.float32)
+    if key == "index":
+        return array.astype(np.int64)
+    return array
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    launch(run, cfg)
+
+
+if __name__ == "__main__":
+    main()

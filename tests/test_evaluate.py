@@ -1,0 +1,152 @@
+"""The evaluate stage: metrics and per-image outputs, sharding invariance, ensembles, bad settings."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY, run_cli
+from itdiffusion.data import load_images, to_model_range
+from itdiffusion.errors import UserError
+from itdiffusion.models.checkpoints import file_sha256
+from itdiffusion.models.iddpm import build_model_and_diffusion
+from itdiffusion.results import load_runs
+from itdiffusion.stages import evaluate
+from itdiffusion.units import PIXEL_BIN
+from itdiffusion.variational import vlb
+
+METRICS = ("vlb_bpd", "vlb_continuous_bpd", "it_continuous_bpd", "it_discrete_bpd", "it_dequantized_bpd")
+
+
+@pytest.fixture
+def tiny_cfg(make_cfg, shared_cache):
+    def make(*overrides):
+        return make_cfg(*TINY, f"paths.cache_dir={shared_cache}", *overrides)
+
+    return make
+
+
+def test_image_seeds_are_deterministic_and_independent_per_stream():
+    assert evaluate.image_seed(0, 5) == evaluate.image_seed(0, 5)
+    seeds = {evaluate.image_seed(s, i, k) for s in (0, 1) for i in range(50) for k in (0, 1, 2)}
+    assert len(seeds) == 300 and all(0 <= s < 2**63 for s in seeds)
+
+
+def test_dequantize_stays_in_the_pixel_bin():
+    pixels = torch.randint(0, 256, (3, 3, 4, 4), dtype=torch.uint8)
+    x = to_model_range(pixels)
+    x_deq = evaluate.dequantize(x, [1, 2, 3])
+    assert (x_deq - x).abs().max() <= PIXEL_BIN / 2
+    assert torch.equal(torch.round((x_deq + 1) / PIXEL_BIN).to(torch.uint8), pixels)  # rounds back to p
+    assert torch.equal(x_deq, evaluate.dequantize(x, [1, 2, 3]))
+    assert (x_deq - x).std() > PIXEL_BIN / 4  # spread over the bin (uniform: std = delta / sqrt(12))
+
+
+def test_evaluate_writes_metrics_per_image_arrays_and_the_results_row(tiny_cfg, tiny_checkpoints, tmp_path):
+    cfg = tiny_cfg(
+        f"model.checkpoint={tiny_checkpoints[0]}", "run_id=single", "label=tiny", "paper_row=IDDPM"
+    )
+    run_dir = tmp_path / "run"
+    metrics = evaluate.run(cfg, run_dir)
+    stored = json.loads((run_dir / "metrics.json").read_text())
+    assert stored["run_id"] == "single" and stored["num_images"] == 4 and stored["npoints"] == 4
+    for key in METRICS:
+        assert (
+            np.isfinite(stored[key]) and np.isfinite(stored[f"{key}_stderr"]) and stored[f"{key}_stderr"] > 0
+        )
+    assert stored["checkpoint_sha256"] == file_sha256(tiny_checkpoints[0])
+    assert stored["training_objective"] == cfg.model.training_objective
+    assert stored["config"]["estimator"]["npoints"] == 4 and "git_commit" in stored
+    # network calls: two IT passes (clean, dequantized) of 4 points and two 4-step VLB chains per image
+    assert stored["network_evals"] == 4 * (2 * 4 + 2 * 4)
+    assert metrics["it_continuous_bpd"] == stored["it_continuous_bpd"]
+    with np.load(run_dir / "per_image.npz") as f:
+        assert f["index"].tolist() == [0, 1, 2, 3] and f["logsnr"].shape == (4, 4)
+        vlb_bpd = f["m0_vlb_bpd"]
+    assert stored["vlb_bpd"] == pytest.approx(vlb_bpd.mean())
+    assert load_runs(cfg.paths.results_dir)["single"]["label"] == "tiny"
+
+    # the VLB column is the library's VLB of each image with that image's own noise seed
+    model, diffusion = build_model_and_diffusion(cfg.model)
+    model.load_state_dict(torch.load(tiny_checkpoints[0]))
+    x = to_model_range(load_images(cfg.data, "test")[2][0])[None]
+    gen = torch.Generator().manual_seed(evaluate.image_seed(cfg.estimator.seed, 2, evaluate.STREAM_VLB))
+    expected = vlb(model, diffusion, x, steps_per_batch=4, generator=gen).total_bpd
+    np.testing.assert_allclose(vlb_bpd[2], expected.item(), rtol=1e-6)
+
+    # a rerun with skip_done finds the outputs and does nothing
+    assert (
+        evaluate.run(tiny_cfg(f"model.checkpoint={tiny_checkpoints[0]}", "skip_done=true"), run_dir) is None
+    )
+
+
+def test_ensemble_of_a_model_with_itself_is_that_model(tiny_cfg, tiny_checkpoints, tmp_path):
+    """Each member's numbers are its single-model estimates; a model paired with itself changes nothing."""
+    a, b = (str(p) for p in tiny_checkpoints)
+    twice = evaluate.run(tiny_cfg(f"ensemble=[{a},{a}]", "estimator.vlb=false"), tmp_path / "twice")
+    assert len(twice["members"]) == 2
+    for key in ("it_continuous_bpd", "it_discrete_bpd", "it_dequantized_bpd"):
+        assert twice[key] == pytest.approx(twice["members"][0][key], rel=1e-12)
+        assert twice["members"][1][key] == twice["members"][0][key]
+    pair = evaluate.run(tiny_cfg(f"ensemble=[{a},{b}]", "estimator.vlb=false"), tmp_path / "pair")
+    assert pair["checkpoint_sha256"] == [file_sha256(a), file_sha256(b)]
+    assert "vlb_bpd" not in pair and np.isfinite(pair["it_continuous_bpd_stderr"])
+    with np.load(tmp_path / "pair" / "per_image.npz") as f:
+        assert {"m0_mmse", "m1_mmse", "ensemble_it_continuous_nats"} <= set(f.files)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["estimator.npoints=1"], "npoints must be >= 2"),
+        (["estimator.it=false", "estimator.vlb=false"], "nothing to evaluate"),
+        (["ensemble=[a.pt]"], "at least two checkpoints"),
+        (["model.checkpoint=/nonexistent/weights.pt"], "/nonexistent/weights.pt"),
+    ],
+)
+def test_bad_settings_are_user_errors(tiny_cfg, tmp_path, overrides, match):
+    with pytest.raises(UserError, match=match):
+        evaluate.run(tiny_cfg(*overrides), tmp_path / "run")
+
+
+def test_two_processes_give_the_per_image_numbers_of_one(tiny_cfg, tiny_checkpoints, tmp_path, shared_cache):
+    """torchrun with 2 gloo processes on the command line vs. one in-process run: same per-image values."""
+    overrides = [
+        *TINY,
+        f"paths.cache_dir={shared_cache}",
+        f"model.checkpoint={tiny_checkpoints[1]}",
+        "data.num_images=5",
+    ]  # 5 images: the ranks get 3 and 2
+    one = tmp_path / "one"
+    evaluate.run(tiny_cfg(f"model.checkpoint={tiny_checkpoints[1]}", "data.num_images=5"), one)
+    outputs = tmp_path / "cli"
+    env = {"OMP_NUM_THREADS": "1"}
+    proc = run_cli(
+        "evaluate",
+        *overrides,
+        f"paths.output_dir={outputs}",
+        "run_id=sharded",
+        cwd=tmp_path,
+        env=env,
+        torchrun=2,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = outputs / "evaluate" / "sharded"
+    assert sorted(os.listdir(outputs / "evaluate")) == ["sharded"]  # one run dir for both ranks
+    assert json.loads((run_dir / "metrics.json").read_text())["world_size"] == 2
+    with np.load(one / "per_image.npz") as a, np.load(run_dir / "per_image.npz") as b:
+        assert a.files == b.files
+        for key in a.files:
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-6, atol=1e-9, err_msg=key)
+
+
+def test_a_checkpoint_for_other_flags_is_a_user_error(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("model.num_channels=64")
+    model, _ = build_model_and_diffusion(cfg.model)
+    torch.save(model.state_dict(), tmp_path / "wide.pt")
+    with pytest.raises(UserError, match="does not fit the model"):
+        evaluate.run(tiny_cfg(f"model.checkpoint={tmp_path / 'wide.pt'}"), tmp_path / "run")

@@ -1,0 +1,227 @@
+"""Results store and report stage: rows merged by run id, the paper's conventions, figures, no lost rows."""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from itdiffusion.results import (
+    CONTINUOUS_COLUMNS,
+    DISCRETE_COLUMNS,
+    ResultsStoreError,
+    cell_value,
+    load_runs,
+    record_run,
+    record_runs,
+)
+from itdiffusion.stages import report
+
+
+def metrics(run_id: str, **values) -> dict:
+    base = {
+        "run_id": run_id,
+        "label": run_id,
+        "group": "g",
+        "experiment": "smoke",
+        "created": run_id,
+        "num_images": 4,
+        "npoints": 8,
+        "network_evals": 32,
+        "training_objective": "L_vlb",
+        "config": {"big": "dropped from results.json"},
+    }
+    return {**base, **values}
+
+
+def test_rows_merge_by_run_id(tmp_path):
+    record_run(tmp_path, metrics("a", it_continuous_bpd=-4.0, it_continuous_bpd_stderr=0.1))
+    record_run(tmp_path, metrics("b", it_continuous_bpd=-3.0, it_continuous_bpd_stderr=0.1))
+    record_run(tmp_path, metrics("a", it_continuous_bpd=-4.5, it_continuous_bpd_stderr=0.1))  # a rerun of a
+    runs = load_runs(tmp_path)
+    assert set(runs) == {"a", "b"}
+    assert runs["a"]["it_continuous_bpd"] == -4.5 and runs["b"]["it_continuous_bpd"] == -3.0
+    assert "config" not in runs["a"]
+    with pytest.raises(ValueError, match="run_id"):
+        record_run(tmp_path, {"label": "no id"})
+
+
+def _write_rows(results_dir: str, prefix: str, n: int) -> None:
+    for i in range(n):
+        record_run(results_dir, metrics(f"{prefix}{i}", vlb_bpd=3.0, vlb_bpd_stderr=0.01))
+
+
+def test_concurrent_writers_keep_every_row(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_write_rows, args=(str(tmp_path), p, 8)) for p in ("x", "y")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert set(load_runs(tmp_path)) == {f"{p}{i}" for p in "xy" for i in range(8)}
+    csv_lines = (tmp_path / "results.csv").read_text().strip().splitlines()
+    assert len(csv_lines) == 1 + 16
+
+
+def test_paper_conventions_and_columns(tmp_path):
+    run = metrics(
+        "base",
+        paper_row="IDDPM",
+        vlb_bpd=2.95,
+        vlb_bpd_stderr=0.02,
+        vlb_continuous_bpd=-4.1,
+        vlb_continuous_bpd_stderr=0.02,
+        it_continuous_bpd=-4.1,
+        it_continuous_bpd_stderr=0.01,
+        it_discrete_notails_bpd=3.1,
+        it_discrete_notails_bpd_stderr=0.01,
+        it_dequantized_bpd=3.2,
+        it_dequantized_bpd_stderr=0.01,
+    )
+    by_name = {c.name: c for c in CONTINUOUS_COLUMNS + DISCRETE_COLUMNS}
+    # Table 1's variational column: the discrete VLB minus log2(127.5) = 6.9944 bits/dim
+    mean, stderr = cell_value(run, by_name["variational_paper_cont"])
+    assert mean == pytest.approx(2.95 - math.log2(127.5)) and stderr == 0.02
+    assert cell_value(run, by_name["vlb"]) == (2.95, 0.02)
+    assert cell_value(metrics("empty"), by_name["vlb"]) is None
+    record_run(tmp_path, run)
+    md = (tmp_path / "results.md").read_text()
+    line = next(x for x in md.splitlines() if x.startswith("| base [IDDPM] | L_vlb"))
+    assert f"{2.95 - math.log2(127.5):.3f} ± 0.020" in line and "-4.05" in line and "-4.09" in line
+    assert "| Paper: variational | Paper: IT |" in md
+    discrete = [x for x in md.splitlines() if x.startswith("| base [IDDPM] |")][1]
+    assert "2.950 ± 0.020" in discrete and "3.16" in discrete and "3.17" in discrete
+    assert "I-MDCE" not in md  # the masked-diffusion table only appears once such runs exist
+
+
+def test_masked_diffusion_rows_get_their_own_table(tmp_path):
+    record_run(
+        tmp_path,
+        metrics(
+            "mdm", mdce_bpd=3.5, mdce_bpd_stderr=0.05, mdce_timefree_bpd=3.4, mdce_timefree_bpd_stderr=0.04
+        ),
+    )
+    md = (tmp_path / "results.md").read_text()
+    assert "Masked diffusion (I-MDCE)" in md
+    assert "| mdm | 3.500 ± 0.050 | 3.400 ± 0.040 |" in md
+    header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
+    assert "mdce_bpd" in header and "mdce_timefree_stderr" in header
+
+
+def test_loss_series_prefers_bits_per_dim():
+    points = [
+        {"step": 1, "train_loss_nats": 10.0, "train_loss_bpd": 1.0, "heldout_loss_iddpm": None},
+        {"step": 2, "train_loss_nats": 9.0, "train_loss_bpd": 0.9, "heldout_loss_iddpm": 0.5},
+    ]
+    assert report.loss_series(points, "train") == ("bpd", [(1, 1.0), (2, 0.9)])
+    assert report.loss_series(points, "heldout") == ("iddpm", [(2, 0.5)])
+    assert report.loss_series([{"step": 1}], "train") is None
+
+
+def test_mmse_gap_curve_recovers_a_known_gap(tmp_path):
+    rng = np.random.default_rng(0)
+    logsnr = rng.uniform(-6, 6, (50, 40))
+    mmse_g = 100 / (1 + np.exp(-logsnr))
+    gap = 10 * np.exp(-(logsnr**2) / 4)
+    np.savez(tmp_path / "per_image.npz", logsnr=logsnr, mmse_gaussian=mmse_g, m0_mmse=mmse_g - gap)
+    centres, means, errs = report.mmse_gap_curve(tmp_path / "per_image.npz", bins=20)
+    assert np.all(np.diff(centres) > 0)
+    # each bin is 0.6 wide: the binned mean of a smooth gap is close to its value at the bin centre
+    np.testing.assert_allclose(means, 10 * np.exp(-(centres**2) / 4), atol=0.2)
+    assert np.all(np.isfinite(errs))
+    # an ensemble's curve: per bin the best member, never below the Gaussian decoder (gap 0)
+    np.savez(
+        tmp_path / "pair.npz",
+        logsnr=logsnr,
+        mmse_gaussian=mmse_g,
+        m0_mmse=mmse_g - gap,
+        m1_mmse=mmse_g - 5 + 0 * gap,
+    )
+    _, best, _ = report.mmse_gap_curve(tmp_path / "pair.npz", ["m0_mmse", "m1_mmse"], bins=20)
+    np.testing.assert_allclose(best, np.maximum(means, 5.0), atol=1e-9)
+
+
+def fake_evaluation(outputs: Path, run_id: str, group: str, **values) -> None:
+    """A run dir as the evaluate stage leaves it: metrics.json and per_image.npz."""
+    run_dir = outputs / "evaluate" / run_id
+    run_dir.mkdir(parents=True)
+    rng = np.random.default_rng(len(run_id))
+    logsnr = rng.uniform(-5, 5, (6, 16))
+    mmse_g = 3072 / (1 + np.exp(-logsnr))
+    np.savez(run_dir / "per_image.npz", logsnr=logsnr, mmse_gaussian=mmse_g, m0_mmse=mmse_g * 0.9)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics(run_id, group=group, **values)))
+
+
+def test_report_stage_writes_tables_figures_and_keeps_old_rows(tmp_path, make_cfg):
+    outputs = tmp_path / "outputs"
+    fake_evaluation(
+        outputs,
+        "r-base",
+        "repro1",
+        paper_row="IDDPM",
+        vlb_bpd=3.0,
+        vlb_bpd_stderr=0.1,
+        it_continuous_bpd=-4.0,
+        it_continuous_bpd_stderr=0.1,
+    )
+    fake_evaluation(
+        outputs,
+        "r-tuned",
+        "repro1",
+        paper_row="IDDPM(tune)",
+        it_continuous_bpd=-4.2,
+        it_continuous_bpd_stderr=0.1,
+    )
+    curve_dir = tmp_path / "checkpoints" / "finetune" / "repro1-tune"  # where the finetune stage writes it
+    curve_dir.mkdir(parents=True)
+    (curve_dir / "loss_curve.json").write_text(
+        json.dumps(
+            [
+                {
+                    "step": s,
+                    "epoch": s / 2,
+                    "train_loss_nats": None if s == 0 else 9000.0 - s,
+                    "train_loss_bpd": None if s == 0 else 4.2 - 0.1 * s,
+                    "heldout_loss_nats": 9000.0 - s,
+                    "heldout_loss_bpd": 4.3 - 0.1 * s,
+                }
+                for s in range(6)
+            ]
+        )
+    )
+    record_run(outputs / "results", metrics("older", group="repro0", vlb_bpd=3.3, vlb_bpd_stderr=0.1))
+    (outputs / "evaluate" / "broken").mkdir(parents=True)
+    (outputs / "evaluate" / "broken" / "metrics.json").write_text("{ truncated")
+
+    out = report.run(make_cfg("run_id=rep"), tmp_path / "rundir")
+    runs = load_runs(outputs / "results")
+    assert set(runs) == {"older", "r-base", "r-tuned"}
+    md = (outputs / "results" / "results.md").read_text()
+    assert md.index("## repro1") < md.index("## repro0")  # newest group first
+    assert md.index("r-base [IDDPM]") < md.index("r-tuned [IDDPM(tune)]")
+    figures = out["figures"]["repro1"]
+    assert len(figures) == 2
+    for fig in figures:
+        assert f"]({fig})" in md
+        with Image.open(outputs / "results" / fig) as im:
+            assert im.format == "PNG" and im.size[0] > 100
+
+
+def test_report_without_any_metrics_says_what_to_run(make_cfg, tmp_path):
+    from itdiffusion.errors import UserError
+
+    with pytest.raises(UserError, match="run the evaluate stage first"):
+        report.run(make_cfg(), tmp_path / "rundir")
+
+
+def test_record_runs_refuses_to_overwrite_an_unreadable_store(tmp_path):
+    (tmp_path / "results.json").write_text("{ not json")
+    with pytest.raises(ResultsStoreError, match="move it aside"):
+        record_runs(tmp_path, [metrics("a")])
+    assert (tmp_path / "results.json").read_text() == "{ not json"
