@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from itdiffusion import checkpointing as ckpt
 from itdiffusion import distributed
 from itdiffusion.config import FinetuneConfig
+from itdiffusion.errors import UserError
 from itdiffusion.io import atomic_write_json
 from itdiffusion.units import nats_to_bpd
 
@@ -66,8 +67,8 @@ LOSS_CURVE = "loss_curve.json"
 STREAM_LOSS, STREAM_FLIP, STREAM_HELDOUT, STREAM_DROPOUT = 1, 2, 3, 4
 
 
-class FinetuneError(RuntimeError):
-    """A run that cannot start or continue, with a message that says what to change."""
+class FinetuneError(UserError):
+    """A run that cannot start or continue, with a message that says what to change (the stage exits 2)."""
 
 
 class NonFiniteError(FinetuneError):
