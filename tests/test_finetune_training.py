@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from finetune_toys import BASE, make_trainer, one_thread  # noqa: F401 (an autouse fixture)
+from finetune_toys import BASE, denoising_loss, make_trainer, one_thread  # noqa: F401 (an autouse fixture)
 from itdiffusion import checkpointing as ckpt
 from itdiffusion.training import (
     EMA,
@@ -130,3 +130,24 @@ def test_tracker_rows_average_the_train_loss_over_log_every_steps(tmp_path):
         assert row["train/loss_bpd"] == pytest.approx(point["train_loss_bpd"], rel=1e-12)
     heldout_steps = [s for s, r in tracker.rows if "heldout/loss_bpd" in r]
     assert heldout_steps == [0, 6, 12]
+
+
+def test_warmup_ramps_the_learning_rate_linearly(tmp_path):
+    tracker = RecordingTracker()
+    trainer = make_trainer(tmp_path, warmup_steps=4, log_every_steps=1, max_steps=6)
+    trainer.tracker = tracker
+    trainer.run()
+    lrs = [r["train/lr"] for _, r in tracker.rows if "train/lr" in r]
+    assert lrs == pytest.approx([1e-2 * f for f in (0.25, 0.5, 0.75, 1.0, 1.0, 1.0)])
+
+
+def test_bf16_autocast_is_active_in_the_loss(tmp_path):
+    seen = []
+
+    def loss(model, x, seeds):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return denoising_loss(model, x, seeds)
+
+    result = make_trainer(tmp_path, loss=loss, bf16=True, max_steps=3).run()
+    assert seen == [True, True, True]
+    assert all(torch.isfinite(torch.tensor(p["heldout_loss_nats"])) for p in result.curve)

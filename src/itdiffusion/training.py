@@ -503,6 +503,7 @@ class Trainer:
                 self.ema.update(self.model)
             p.epoch_loss_sum += loss_sum
             p.epoch_loss_count += int(count)
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate of this step
         self.scheduler.step()
         p.step = step
         p.batch_in_epoch += 1
@@ -510,7 +511,7 @@ class Trainer:
             self._window_sum += loss_sum
             self._window_count += int(count)
         if p.step % cfg.log_every_steps == 0 or p.step == self.total_steps:
-            self._log(grad_norm)
+            self._log(lr, grad_norm)
         return n_stop > 0
 
     def _grad_norm(self) -> Tensor:
@@ -522,7 +523,7 @@ class Trainer:
             return torch.zeros((), device=self.device)
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
-    def _log(self, grad_norm: Tensor) -> None:
+    def _log(self, lr: float, grad_norm: Tensor) -> None:
         """Log the mean train loss since the last log line (rank 0), with lr, gradient norm and skips."""
         p = self.progress
         loss = self._window_sum / self._window_count if self._window_count else None
@@ -531,7 +532,7 @@ class Trainer:
             return
         row: dict[str, Any] = {"train/epoch": p.step / self.steps_per_epoch,
                                "train/skipped_steps": p.skipped_steps,
-                               "train/lr": self.optimizer.param_groups[0]["lr"],
+                               "train/lr": lr,
                                "train/grad_norm": grad_norm.item()}
         if loss is not None:
             row.update(self._loss_fields("train/loss", loss))
