@@ -115,21 +115,24 @@ class EstimatorConfig:
 
 @dataclass
 class FinetuneConfig:
+    """The ``finetune`` stage (see :mod:`itdiffusion.stages.finetune` and :mod:`itdiffusion.training`)."""
+
     objective: str = "it"  # it (the IT bound) | iddpm (the model's own IDDPM loss)
-    init: str | None = None  # checkpoint to start from; None: the model's checkpoint (or scratch)
-    run_name: str = "${model.name}_${finetune.objective}"
+    init: str | None = None  # starting weights: None = the model's checkpoint; a path; or "scratch"
+    run_name: str = "${model.name}_${finetune.objective}"  # run dir: <checkpoint_dir>/finetune/<run_name>
     epochs: int = 10
-    max_steps: int | None = None
+    max_steps: int | None = None  # stop after this many steps (None: epochs decide)
     batch_size: int = 32  # per process
-    lr: float = 2.5e-5
+    lr: float = 2.5e-5  # AdamW (= Adam at weight_decay 0)
     weight_decay: float = 0.0
-    grad_clip: float | None = None
-    bf16: bool = False
-    ema_decay: float | None = None
-    save_every_steps: int | None = None
-    heldout_images: int = 256
-    skip_nonfinite: bool = False
-    seed: int = 0
+    grad_clip: float | None = None  # clip the global gradient norm (None: no clipping)
+    warmup_steps: int = 0  # linear LR warm-up from lr/warmup_steps to lr (0: constant lr, the paper)
+    bf16: bool = False  # bfloat16 autocast for the forward pass
+    ema_decay: float | None = None  # keep an EMA of the weights, exported as ema.pt (None: no EMA)
+    save_every_steps: int | None = None  # mid-epoch checkpoints (last.pt); epoch ends always save
+    heldout_images: int = 256  # first test images for the held-out loss curve (0: none)
+    skip_nonfinite: bool = False  # skip (and count) steps with a NaN/inf loss or gradient instead of stopping
+    seed: int = 0  # data order, flips, per-image noise, dropout, scratch initialisation
 
 
 @dataclass

@@ -700,7 +700,7 @@ def _seeds(num: int, image_seeds, generator: torch.Generator | None) -> list[int
         return torch.randint(0, 2**62, (num,), generator=generator).tolist()
     seeds = [int(s) for s in torch.as_tensor(image_seeds).reshape(-1).tolist()]
     if len(seeds) != num:
-        raise ValueError(f"it_nll: image_seeds has {len(seeds)} entries for {num} images")
+        raise ValueError(f"image_seeds has {len(seeds)} entries for {num} images")
     return seeds
 
 
@@ -906,16 +906,25 @@ def it_nll(denoiser: Denoiser, x: Tensor, reference: GaussianReference, *, npoin
 
 
 def it_loss(denoiser: Denoiser, x: Tensor, reference: GaussianReference,
-            generator: torch.Generator | None = None, proposal: LogSNRProposal | None = None) -> Tensor:
+            generator: torch.Generator | None = None, proposal: LogSNRProposal | None = None,
+            image_seeds=None) -> Tensor:
     """Training loss: the continuous estimate with ONE random log-SNR per image, no clamp ``[B]`` (nats).
 
     ``h_G + 1/2 (||eps - eps_hat||^2 - mmse_G(a)) / q(a)`` + the closed-form tails: an unbiased single-sample
     estimate of the unclamped continuous estimate of :func:`it_nll`, differentiable in the denoiser.
+    The log-SNRs and noise come from ``generator``, or with ``image_seeds`` (one int per image) image i's
+    from a generator seeded with ``image_seeds[i]``, so an image's loss does not depend on its batch.
     """
     proposal = proposal or LogSNRProposal.from_reference(reference)
     num = x.shape[0]
-    logsnr = proposal.points(num, "random", generator).to(x.device)
-    eps = torch.randn(x.shape, dtype=torch.float64, generator=generator).to(x.device)
+    if image_seeds is None:
+        logsnr = proposal.points(num, "random", generator)
+        eps = torch.randn(x.shape, dtype=torch.float64, generator=generator)
+    else:
+        gens = [torch.Generator().manual_seed(s) for s in _seeds(num, image_seeds, None)]
+        logsnr = torch.cat([proposal.points(1, "random", g) for g in gens])
+        eps = torch.stack([torch.randn(x.shape[1:], dtype=torch.float64, generator=g) for g in gens])
+    logsnr, eps = logsnr.to(x.device), eps.to(x.device)
     z = noisy_channel(x.detach().to(torch.float64), logsnr, eps)
     eps_hat = denoiser(z.to(x.dtype), logsnr.to(x.dtype))
     mse = (eps - eps_hat.to(torch.float64)).flatten(1).square().sum(1)

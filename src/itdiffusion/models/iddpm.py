@@ -172,16 +172,25 @@ class IDDPMDenoiser(nn.Module):
         return (z - torch.sigmoid(a).sqrt() * pred) / torch.sigmoid(-a).sqrt()
 
 
-def iddpm_training_loss(model: nn.Module, diffusion: Any, x: Tensor,
-                        generator: torch.Generator | None = None) -> Tensor:
+def iddpm_training_loss(model: nn.Module, diffusion: Any, x: Tensor, generator: torch.Generator | None = None,
+                        image_seeds: Tensor | None = None) -> Tensor:
     """IDDPM's own per-sample training loss ``diffusion.training_losses(...)["loss"]`` (Tensor[B]).
 
     One timestep per image, uniform on ``0..T-1`` (IDDPM's UniformSampler), and eps ~ N(0, I), both
-    from ``generator`` (the global RNG if None). Units are IDDPM's: with use_kl the rescaled VLB
-    term (bits/dim times T); otherwise the eps MSE per dim plus, with learn_sigma, the
-    variance's VLB term times T/1000 (L_hybrid).
+    from ``generator`` (the global RNG if None), or with ``image_seeds`` (one int per image) from a
+    generator per image, so that an image's loss does not depend on the batch it is in (fine-tuning
+    under DDP). Units are IDDPM's: with use_kl the rescaled VLB term (bits/dim times T); otherwise
+    the eps MSE per dim plus, with learn_sigma, the variance's VLB term times T/1000 (L_hybrid).
     """
-    device = generator.device if generator is not None else x.device
-    t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), generator=generator, device=device)
-    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device)
+    if image_seeds is not None:
+        seeds = torch.as_tensor(image_seeds).reshape(-1).tolist()
+        if len(seeds) != x.shape[0]:
+            raise ValueError(f"image_seeds has {len(seeds)} entries for {x.shape[0]} images")
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        t = torch.cat([torch.randint(0, diffusion.num_timesteps, (1,), generator=g) for g in gens])
+        noise = torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype) for g in gens])
+    else:
+        device = generator.device if generator is not None else x.device
+        t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), generator=generator, device=device)
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device)
     return diffusion.training_losses(model, x, t.to(x.device), noise=noise.to(x.device))["loss"]

@@ -1,0 +1,181 @@
+"""Stage ``finetune``: train an IDDPM U-Net on the IT bound (or on its own IDDPM loss).
+
+``python -m itdiffusion.stages.finetune model=iddpm_cifar10_vlb`` (the paper: IT loss, Adam, lr 2.5e-5,
+batch 32 per GPU, 10 epochs, from the _vlb checkpoint)
+``torchrun --nproc_per_node=8 -m itdiffusion.stages.finetune run_id=tune model=iddpm_cifar10_vlb``
+``python -m itdiffusion.stages.finetune model=iddpm_tiny data=patches finetune=smoke_base`` (train the
+tiny smoke model from scratch on IDDPM's loss)
+
+Objectives (``finetune.objective``):
+
+- ``it``: the continuous IT bound with one log-SNR per image, in nats per image,
+  ``h_G + (1/2) w(a) [||eps - eps_hat(z, a)||^2 - mmse_G(a)]`` with ``a ~ q`` and ``w = 1/q``
+  (:func:`itdiffusion.information.it_loss`; the Gaussian reference comes from the ``stats`` cache);
+- ``iddpm``: the model's own IDDPM loss (:func:`itdiffusion.models.iddpm.iddpm_training_loss`).
+
+Starting weights (``finetune.init``): null = the model's checkpoint (``model.checkpoint``, else its
+official URL, downloaded on first use); a path; or ``scratch`` (random initialisation, seed
+``finetune.seed``).
+
+Outputs in ``<paths.checkpoint_dir>/finetune/<finetune.run_name>/``: ``last.pt`` and
+``epoch_XXX.pt`` (complete training states), ``model.pt`` (and ``ema.pt`` with EMA; plain U-Net
+state_dicts, evaluated like an official checkpoint with ``model.checkpoint=<path>``) and
+``loss_curve.json`` (train and held-out loss in nats and bits/dim). ``finetune.json`` in the Hydra run
+dir summarizes the run.
+
+Resuming: rerun the same command. The run continues from its newest readable checkpoint and ends
+with the same weights as an uninterrupted run (bit for bit on CPU). SIGTERM saves a checkpoint and
+exits with status 143; bad settings and non-finite losses exit with status 2 and one message.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from torch.utils.data import Dataset, Subset
+
+from itdiffusion import distributed
+from itdiffusion.checkpointing import EXPORTED_MODEL
+from itdiffusion.config import FinetuneConfig
+from itdiffusion.data import load_images
+from itdiffusion.errors import UserError
+from itdiffusion.information import GaussianReference, it_loss
+from itdiffusion.io import atomic_write_json
+from itdiffusion.models.checkpoints import CheckpointError
+from itdiffusion.models.iddpm import (
+    IDDPMDenoiser,
+    build_model_and_diffusion,
+    iddpm_training_loss,
+    load_checkpoint,
+    resolve_checkpoint,
+)
+from itdiffusion.stages import CONFIG_DIR, config_dict, git_commit, launch, rank_zero_first, setup_device
+from itdiffusion.stages.stats import load_or_compute_reference
+from itdiffusion.tracking import Tracker
+from itdiffusion.training import LOSS_CURVE, LossFn, Preempted, Trainer, validate_config
+
+log = logging.getLogger(__name__)
+
+PREEMPTED_EXIT = 143  # 128 + SIGTERM: the run saved a checkpoint and can be resumed
+SUMMARY = "finetune.json"
+
+
+def finetune_settings(cfg: DictConfig) -> FinetuneConfig:
+    """``cfg.finetune`` as a checked :class:`FinetuneConfig`."""
+    settings = OmegaConf.to_object(cfg.finetune)
+    validate_config(settings)
+    return settings
+
+
+def finetune_run_dir(cfg: DictConfig) -> Path:
+    """``<paths.checkpoint_dir>/finetune/<finetune.run_name>``: the checkpoints of this run."""
+    return Path(cfg.paths.checkpoint_dir) / "finetune" / cfg.finetune.run_name
+
+
+def load_initial_weights(cfg: DictConfig, model: nn.Module) -> str:
+    """Load the starting weights named by ``finetune.init``; returns their description (path and sha256)."""
+    init = cfg.finetune.init
+    if init == "scratch":
+        return "scratch"
+    try:
+        if init:
+            path = Path(init)
+            if not path.is_file():
+                raise FileNotFoundError(f"finetune.init={init} does not exist")
+        else:
+            with rank_zero_first():  # one download under torchrun
+                path = resolve_checkpoint(cfg.model, cfg.paths.checkpoint_dir)
+        sha256 = load_checkpoint(model, path)
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
+        raise UserError(f"{e} (finetune.init: null = the model's checkpoint, a path, or scratch)") from e
+    return f"{path} (sha256 {sha256})"
+
+
+def it_objective(model_cfg: Any, reference: GaussianReference) -> LossFn:
+    """The IT bound with one log-SNR per image (nats per image), seeded per image."""
+    def loss(net: nn.Module, x: Tensor, seeds: Tensor) -> Tensor:
+        return it_loss(IDDPMDenoiser(net, model_cfg), x, reference, image_seeds=seeds)
+    return loss
+
+
+def iddpm_objective(diffusion: Any) -> LossFn:
+    """IDDPM's own training loss (one timestep per image), seeded per image."""
+    def loss(net: nn.Module, x: Tensor, seeds: Tensor) -> Tensor:
+        return iddpm_training_loss(net, diffusion, x, image_seeds=seeds)
+    return loss
+
+
+def heldout_images(cfg: DictConfig, count: int) -> Dataset | None:
+    """The first ``count`` test images (None when ``count`` is 0)."""
+    if count == 0:
+        return None
+    test = load_images(cfg.data, "test")
+    return Subset(test, range(min(count, len(test))))
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Fine-tune ``cfg.model`` as ``cfg.finetune`` says; returns (and writes) the run summary."""
+    device = setup_device(cfg)
+    settings = finetune_settings(cfg)
+    ckpt_dir = finetune_run_dir(cfg)
+    if cfg.skip_done and (ckpt_dir / EXPORTED_MODEL).is_file():
+        log.info("skip_done: %s exists, nothing to do", ckpt_dir / EXPORTED_MODEL)
+        return {"run_name": settings.run_name, "model_path": str(ckpt_dir / EXPORTED_MODEL), "skipped": True}
+
+    torch.manual_seed(settings.seed)  # the initial weights when training from scratch
+    model, diffusion = build_model_and_diffusion(cfg.model)
+    init = load_initial_weights(cfg, model)
+    reference = load_or_compute_reference(cfg, device)
+    train_objective = it_objective(cfg.model, reference) if settings.objective == "it" else \
+        iddpm_objective(diffusion)
+
+    with Tracker(cfg.logger, config_dict(cfg), job_type="finetune",
+                 name=f"finetune-{settings.run_name}-{cfg.run_id}") as tracker:
+        trainer = Trainer(
+            model, train_objective, load_images(cfg.data, "train"), settings, ckpt_dir, device=device,
+            dim=reference.dim, train_loss_is_nll=settings.objective == "it",
+            heldout_set=heldout_images(cfg, settings.heldout_images),
+            heldout_loss=it_objective(cfg.model, reference), hflip=cfg.data.hflip,
+            num_workers=cfg.data.num_workers, tracker=tracker, run_config=config_dict(cfg),
+        )
+        log.info("fine-tuning %s (%s objective, init %s): %d steps of %d images x %d process(es); "
+                 "checkpoints in %s", cfg.model.name, settings.objective, init, trainer.total_steps,
+                 settings.batch_size, distributed.world_size(), ckpt_dir)
+        result = trainer.run()
+        last = result.curve[-1]
+        summary = {
+            "run_id": cfg.run_id, "run_name": settings.run_name, "objective": settings.objective,
+            "init": init, "checkpoint_dir": str(ckpt_dir), "model_path": str(result.model_path),
+            "ema_path": str(result.ema_path) if result.ema_path else None,
+            "loss_curve": str(ckpt_dir / LOSS_CURVE), "steps": result.steps,
+            "skipped_steps": result.skipped_steps, "world_size": distributed.world_size(),
+            "final_heldout_loss_bpd": last["heldout_loss_bpd"],
+            "final_train_loss_bpd": last["train_loss_bpd"],
+            "git_commit": git_commit(), "config": config_dict(cfg),
+        }
+        if distributed.is_main():
+            atomic_write_json(run_dir / SUMMARY, summary)
+            tracker.summary({k: v for k, v in summary.items() if k != "config"})
+    log.info("done: %d steps (%d skipped); weights %s", result.steps, result.skipped_steps, result.model_path)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        launch(run, cfg)
+    except Preempted as e:
+        log.warning("%s", e)
+        distributed.shutdown()
+        sys.exit(PREEMPTED_EXIT)
+
+
+if __name__ == "__main__":
+    main()

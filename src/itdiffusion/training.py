@@ -1,0 +1,622 @@
+"""The fine-tuning loop: DistributedDataParallel, exact resume, EMA, non-finite guards, pre-emption.
+
+The loop is model-agnostic. It trains ``model`` on a per-image loss
+
+    loss_fn(model, x, seeds) -> Tensor[B]
+
+where ``x`` is a batch scaled to [-1, 1] and ``seeds`` (int64 [B]) gives each image its own random
+stream (log-SNR, noise, timestep). Seeds are a hash of (``finetune.seed``, stream, epoch, dataset
+index), so the randomness of an image never depends on which process or batch position it lands
+in: N processes with batch B each see the same global batches and the same noise as one process
+with batch N*B, and a resumed run draws exactly what an uninterrupted one would. Horizontal flips
+are drawn from the same hash. The only global RNG the loop leaves to torch is dropout's, one stream
+per process, which every checkpoint records.
+
+Resuming. Every checkpoint (:mod:`itdiffusion.checkpointing`) holds the model, optimizer, LR
+schedule, EMA, every process's RNG states, the epoch, the number of batches of that epoch already
+consumed, the step counter, skip counter, the partial epoch loss and the loss curve. The data
+order of an epoch is a pure function of (seed, epoch) (``DistributedSampler``), so restarting the
+same command continues mid-epoch with the same batches, bit for bit on CPU.
+
+Faults. SIGTERM (SLURM pre-emption) makes every process finish its current step, save, and raise
+:class:`Preempted`. A non-finite loss or gradient norm raises :class:`NonFiniteError` naming the
+step, before anything is written, so the last good checkpoint stays the newest; with
+``skip_nonfinite`` the step is skipped instead (no update) and counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import signal
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm.auto import tqdm
+
+from itdiffusion import checkpointing as ckpt
+from itdiffusion import distributed
+from itdiffusion.config import FinetuneConfig
+from itdiffusion.errors import UserError
+from itdiffusion.io import atomic_write_json
+from itdiffusion.units import nats_to_bpd
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
+"""``loss_fn(model, x [B,C,H,W] in [-1, 1], seeds int64 [B]) -> per-image loss [B]``."""
+
+OBJECTIVES = ("it", "iddpm")
+# finetune settings a resumed run must share with its checkpoint to continue the same run
+RESUME_INVARIANT = ("objective", "batch_size", "lr", "weight_decay", "grad_clip", "bf16", "ema_decay",
+                    "warmup_steps", "seed")
+LOSS_CURVE = "loss_curve.json"
+
+# Independent random streams, hashed with (seed, epoch, index).
+STREAM_LOSS, STREAM_FLIP, STREAM_HELDOUT, STREAM_DROPOUT = 1, 2, 3, 4
+
+
+class FinetuneError(UserError):
+    """A run that cannot start or continue, with a message that says what to change (the stage exits 2)."""
+
+
+class NonFiniteError(FinetuneError):
+    """The loss or the gradient norm was NaN or infinite at ``step`` (1-based)."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+class Preempted(Exception):  # noqa: N818 (a control-flow signal, not an error)
+    """SIGTERM arrived; a checkpoint at ``step`` was saved. Rerun the same command to resume."""
+
+    def __init__(self, step: int, path: Path):
+        super().__init__(f"SIGTERM received: saved step {step} to {path}; rerun the same command to resume")
+        self.step = step
+        self.path = path
+
+
+def to_model_range(images: Tensor) -> Tensor:  # TEMPORARY until itdiffusion.data lands
+    return images.float() / 127.5 - 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-image randomness
+# ----------------------------------------------------------------------------------------------
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed hashed from integers (splitmix64 chain): distinct parts give unrelated seeds."""
+    h = 0
+    for p in parts:
+        h = _splitmix64(h ^ (int(p) & _MASK64))
+    return h >> 1
+
+
+def image_seeds(seed: int, stream: int, epoch: int, indices: Tensor) -> Tensor:
+    """One seed per image (int64 [B]) from (seed, stream, epoch, dataset index)."""
+    return torch.tensor([mix_seed(seed, stream, epoch, i) for i in indices.tolist()], dtype=torch.int64)
+
+
+def random_hflip(x: Tensor, seed: int, epoch: int, indices: Tensor) -> Tensor:
+    """Flip each image left-right with probability 1/2, decided by its own seed."""
+    flip = (image_seeds(seed, STREAM_FLIP, epoch, indices) & 1).bool().to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+class IndexedImages(Dataset):
+    """``(uint8 image [C,H,W], index)`` pairs from a dataset of images (or of ``(image, ...)`` tuples)."""
+
+    def __init__(self, images: Dataset):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        item = self.images[index]
+        image = item[0] if isinstance(item, tuple | list) else item
+        image = torch.as_tensor(image)
+        if image.dtype != torch.uint8 or image.ndim != 3:
+            raise FinetuneError(
+                f"training image {index} is {image.dtype} of shape {tuple(image.shape)}; "
+                "expected uint8 [channels, height, width]"
+            )
+        return image, index
+
+
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` (shuffled by seed + epoch) that can start partway into an epoch."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        super().__init__(dataset, num_replicas=distributed.world_size(), rank=distributed.rank(),
+                         shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def set_position(self, epoch: int, skip: int) -> None:
+        """Iterate epoch ``epoch`` of this process's order, leaving out its first ``skip`` indices."""
+        self.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        return iter(indices[self.skip:])
+
+    def __len__(self) -> int:
+        return super().__len__() - self.skip
+
+
+def _ignore_sigterm(_worker_id: int) -> None:
+    # Data workers leave SIGTERM to the main process, which saves and then shuts them down.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+# ----------------------------------------------------------------------------------------------
+# EMA
+# ----------------------------------------------------------------------------------------------
+class EMA:
+    """Exponential moving average of the floating-point state: ``avg <- decay avg + (1 - decay) w``."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].lerp_(v, 1.0 - self.decay)
+
+    def averaged_state_dict(self, model: nn.Module) -> dict[str, Tensor]:
+        """The model's state_dict with averaged floating-point entries."""
+        return {k: self.shadow.get(k, v) for k, v in model.state_dict().items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state["shadow"].items():
+            self.shadow[k].copy_(v)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config checks
+# ----------------------------------------------------------------------------------------------
+def validate_config(cfg: FinetuneConfig) -> None:
+    """Reject settings that cannot train, with the key to change."""
+    problems = []
+    if cfg.objective not in OBJECTIVES:
+        problems.append(f"finetune.objective={cfg.objective!r} is not one of {OBJECTIVES}")
+    if not (isinstance(cfg.lr, int | float) and math.isfinite(cfg.lr) and cfg.lr > 0):
+        problems.append(f"finetune.lr={cfg.lr} must be a positive number (the paper uses 2.5e-5)")
+    if cfg.batch_size < 1:
+        problems.append(f"finetune.batch_size={cfg.batch_size} must be >= 1 (images per process)")
+    if cfg.epochs < 1:
+        problems.append(f"finetune.epochs={cfg.epochs} must be >= 1")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        problems.append(f"finetune.max_steps={cfg.max_steps} must be >= 1 or null (no limit)")
+    if cfg.weight_decay < 0:
+        problems.append(f"finetune.weight_decay={cfg.weight_decay} must be >= 0")
+    if cfg.grad_clip is not None and not cfg.grad_clip > 0:
+        problems.append(f"finetune.grad_clip={cfg.grad_clip} must be > 0 or null (no clipping)")
+    if cfg.ema_decay is not None and not 0.0 <= cfg.ema_decay < 1.0:
+        problems.append(f"finetune.ema_decay={cfg.ema_decay} must be in [0, 1) or null (no EMA)")
+    if cfg.save_every_steps is not None and cfg.save_every_steps < 1:
+        problems.append(f"finetune.save_every_steps={cfg.save_every_steps} must be >= 1 or null (per epoch)")
+    if cfg.warmup_steps < 0:
+        problems.append(f"finetune.warmup_steps={cfg.warmup_steps} must be >= 0")
+    if cfg.heldout_images < 0:
+        problems.append(f"finetune.heldout_images={cfg.heldout_images} must be >= 0")
+    if problems:
+        raise FinetuneError("invalid fine-tuning config: " + "; ".join(problems))
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Progress:
+    """Where a run stands; ``step`` counts batches consumed (updates plus skipped steps)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    skipped_steps: int = 0
+    epoch_loss_sum: float = 0.0  # sum of per-image losses over this epoch's applied steps, all processes
+    epoch_loss_count: int = 0
+
+
+@dataclass
+class FinetuneResult:
+    steps: int
+    skipped_steps: int
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    model_path: Path | None = None
+    ema_path: Path | None = None
+
+
+class Trainer:
+    """Trains ``model`` on ``train_loss`` over ``train_set``, checkpointing into ``run_dir``.
+
+    Args:
+        model: the network (any device; moved to ``device``).
+        train_loss: per-image training loss (:data:`LossFn`).
+        train_set: dataset of uint8 images [C,H,W] (or tuples whose first entry is one).
+        cfg: the ``finetune`` settings.
+        run_dir: checkpoint folder of this run (``checkpoints/finetune/<run>``); reused to resume.
+        device: this process's device.
+        dim: dimensions per image, for bits/dim in the loss curve.
+        train_loss_is_nll: whether ``train_loss`` is a negative log-likelihood in nats per image
+            (the IT bound); otherwise its values are recorded as ``train_loss_<objective>``.
+        heldout_set, heldout_loss: images and per-image loss in nats for the held-out curve.
+        hflip: random horizontal flips of training images.
+        num_workers: DataLoader workers.
+        tracker: object with ``log(dict, step)`` (rank 0 logs; may be ``None``).
+        run_config: the full resolved config, stored in every checkpoint.
+        on_step_end: called with the step counter after every step (progress hooks, fault injection).
+    """
+
+    def __init__(self, model: nn.Module, train_loss: LossFn, train_set: Dataset, cfg: FinetuneConfig,
+                 run_dir: str | Path, *, device: torch.device, dim: int, train_loss_is_nll: bool = True,
+                 heldout_set: Dataset | None = None, heldout_loss: LossFn | None = None,
+                 hflip: bool = False, num_workers: int = 0, tracker: Any = None,
+                 run_config: dict[str, Any] | None = None,
+                 on_step_end: Callable[[int], None] | None = None):
+        validate_config(cfg)
+        self.cfg = cfg
+        self.device = device
+        self.run_dir = Path(run_dir)
+        self.dim = dim
+        self.train_loss = train_loss
+        self.train_loss_is_nll = train_loss_is_nll
+        self.heldout = IndexedImages(heldout_set) if heldout_set is not None and heldout_loss else None
+        self.heldout_loss = heldout_loss
+        self.hflip = hflip
+        self.tracker = tracker
+        self.run_config = run_config or {}
+        self.on_step_end = on_step_end
+
+        self.train_set = IndexedImages(train_set)
+        self.world = distributed.world_size()
+        self.global_batch = cfg.batch_size * self.world
+        if len(self.train_set) == 0:
+            raise FinetuneError("the training set is empty: check data.root and data.train_split")
+        self.sampler = ResumableSampler(self.train_set, seed=cfg.seed)
+        self.steps_per_epoch = len(self.sampler) // cfg.batch_size
+        if self.steps_per_epoch == 0:
+            raise FinetuneError(
+                f"the training set has {len(self.train_set)} images, fewer than one global batch of "
+                f"{self.global_batch} ({self.world} process(es) x finetune.batch_size={cfg.batch_size})"
+            )
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.loader = DataLoader(self.train_set, batch_size=cfg.batch_size, sampler=self.sampler,
+                                 drop_last=True, num_workers=num_workers,
+                                 worker_init_fn=_ignore_sigterm if num_workers else None,
+                                 # its own generator: creating an iterator must not draw from the
+                                 # global RNG that dropout uses, or a resumed epoch would shift it
+                                 generator=torch.Generator().manual_seed(cfg.seed),
+                                 pin_memory=device.type == "cuda")
+
+        self.model = model.to(device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warmup = cfg.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay is not None else None
+        self.progress = Progress()
+        self.curve: list[dict[str, Any]] = []
+        self._term_requested = False
+        self._saved_at_step = -1
+
+    # ------------------------------------------------------------------ public
+    def run(self) -> FinetuneResult:
+        """Train to ``total_steps`` (resuming from ``run_dir`` if it holds a checkpoint); export weights."""
+        with contextlib.ExitStack() as stack:
+            self._start(stack)
+            stack.enter_context(self._sigterm_flag())
+            net = self._wrap()
+            bar = tqdm(total=self.total_steps, initial=self.progress.step, desc="finetune", unit="step",
+                       disable=not distributed.is_main(), dynamic_ncols=True, mininterval=1.0)
+            stack.callback(bar.close)
+            while self.progress.step < self.total_steps:
+                self._run_epoch(net, bar)
+            return self._export()
+
+    # ------------------------------------------------------------------ setup and resume
+    def _start(self, stack: contextlib.ExitStack) -> None:
+        """Lock the run dir and find the checkpoint (rank 0), share the verdict, resume or start fresh."""
+        verdict: list[Any] = [None, None]  # [checkpoint path or None, error message or None]
+        if distributed.is_main():
+            try:
+                stack.enter_context(ckpt.exclusive_run_dir(self.run_dir))
+                stale = ckpt.remove_stale_temporaries(self.run_dir)
+                if stale:
+                    warnings.warn(f"removed {len(stale)} partial file(s) left by an interrupted write in "
+                                  f"{self.run_dir}", stacklevel=2)
+                found = ckpt.find_resume_checkpoint(self.run_dir)
+                verdict[0] = str(found[0]) if found else None
+            except ckpt.CheckpointError as e:
+                verdict[1] = str(e)
+        if distributed.is_distributed():
+            dist.broadcast_object_list(verdict, src=0)
+        if verdict[1] is not None:
+            raise FinetuneError(verdict[1])
+        if verdict[0] is None:
+            self._seed_process_rngs(step=0)
+            self._append_curve_point(train_loss=None)  # held-out loss of the initial weights
+        else:
+            self._resume(Path(verdict[0]))
+
+    def _seed_process_rngs(self, step: int) -> None:
+        s = mix_seed(self.cfg.seed, STREAM_DROPOUT, step, distributed.rank())
+        torch.manual_seed(s)
+        np.random.seed(s & 0xFFFFFFFF)  # noqa: NPY002 (the legacy global stream library code uses)
+        random.seed(s)
+
+    def _resume(self, path: Path) -> None:
+        state = ckpt.load_training_state(path)
+        saved_cfg = state["config"].get("finetune", {})
+        changed = [f"{k}: {saved_cfg[k]!r} -> {getattr(self.cfg, k)!r}"
+                   for k in RESUME_INVARIANT if k in saved_cfg and saved_cfg[k] != getattr(self.cfg, k)]
+        if changed:
+            raise FinetuneError(
+                f"cannot resume {path}: settings differ from the checkpoint ({'; '.join(changed)}). "
+                "Use the same settings, or set finetune.run_name to start a new run."
+            )
+        progress = Progress(**state["progress"])
+        if progress.batch_in_epoch and (state["global_batch"] != self.global_batch
+                                        or state["steps_per_epoch"] != self.steps_per_epoch):
+            raise FinetuneError(
+                f"cannot resume {path} mid-epoch with a different global batch or training set size "
+                f"(checkpoint: {state['global_batch']} images x {state['steps_per_epoch']} steps per epoch; "
+                f"now: {self.global_batch} x {self.steps_per_epoch})"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.progress = progress
+        self.curve = list(state["curve"])
+        if state["world_size"] == self.world:
+            ckpt.restore_rng_state(state["rng"][distributed.rank()], self.device)
+        else:
+            warnings.warn(f"resuming with {self.world} process(es) instead of {state['world_size']}: dropout "
+                          "RNG streams are re-seeded, so this run will not match an uninterrupted one bit "
+                          "for bit", stacklevel=2)
+            self._seed_process_rngs(step=progress.step)
+        self._saved_at_step = progress.step
+        if distributed.is_main():
+            log.info("resumed from %s at step %d/%d (epoch %d, batch %d)", path, progress.step,
+                     self.total_steps, progress.epoch, progress.batch_in_epoch)
+
+    def _wrap(self) -> nn.Module:
+        if not distributed.is_distributed():
+            return self.model
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=device_ids)
+
+    @contextlib.contextmanager
+    def _sigterm_flag(self) -> Iterator[None]:
+        def request_stop(_signum: int, _frame: Any) -> None:
+            self._term_requested = True
+
+        previous = signal.signal(signal.SIGTERM, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    # ------------------------------------------------------------------ training
+    def _run_epoch(self, net: nn.Module, bar: tqdm) -> None:
+        p = self.progress
+        self.sampler.set_position(p.epoch, p.batch_in_epoch * self.cfg.batch_size)
+        for images, indices in self.loader:
+            stop_requested = self._step(net, images, indices)
+            bar.update(1)
+            if self.on_step_end is not None:
+                self.on_step_end(p.step)
+            epoch_done = p.batch_in_epoch == self.steps_per_epoch
+            if epoch_done or p.step == self.total_steps:
+                self._finish_epoch(epoch_done)
+            elif self.cfg.save_every_steps and p.step % self.cfg.save_every_steps == 0:
+                self._save()
+            if stop_requested:
+                if self._saved_at_step != p.step:
+                    self._save()
+                raise Preempted(p.step, self.run_dir / ckpt.LAST)
+            if epoch_done or p.step == self.total_steps:
+                return
+
+    def _step(self, net: nn.Module, images: Tensor, indices: Tensor) -> bool:
+        """One update (or skip) on a batch; returns whether any process asked to stop (SIGTERM)."""
+        p, cfg = self.progress, self.cfg
+        x = to_model_range(images)
+        if self.hflip:
+            x = random_hflip(x, cfg.seed, p.epoch, indices)
+        x = x.to(self.device, non_blocking=True)
+        seeds = image_seeds(cfg.seed, STREAM_LOSS, p.epoch, indices)
+
+        net.train()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            losses = self.train_loss(net, x, seeds)
+        losses = losses.float()
+        loss = losses.mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = self._grad_norm()
+
+        # one collective per step: loss sum, image count, non-finite flag, stop request
+        stats = torch.tensor([0.0, len(losses), 0.0, float(self._term_requested)], dtype=torch.float64,
+                             device=loss.device)
+        stats[0] = losses.detach().double().sum()
+        stats[2] = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).double()
+        if distributed.is_distributed():
+            dist.all_reduce(stats)
+        loss_sum, count, n_bad, n_stop = stats.tolist()
+        step = p.step + 1
+        if n_bad:
+            if not cfg.skip_nonfinite:
+                good = self.run_dir / ckpt.LAST
+                raise NonFiniteError(
+                    f"non-finite loss or gradient at step {step} "
+                    f"(epoch {p.epoch}, batch {p.batch_in_epoch}). "
+                    f"Nothing was saved; the last good checkpoint is "
+                    f"{good if good.exists() else 'none (no checkpoint yet)'}. Lower finetune.lr, or set "
+                    "finetune.skip_nonfinite=true to skip such steps.", step)
+            self.optimizer.zero_grad(set_to_none=True)
+            p.skipped_steps += 1
+            if distributed.is_main():
+                warnings.warn(f"skipped step {step}: non-finite loss or gradient "
+                              f"({p.skipped_steps} skipped so far)", stacklevel=2)
+        else:
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
+            p.epoch_loss_sum += loss_sum
+            p.epoch_loss_count += int(count)
+        self.scheduler.step()
+        p.step = step
+        p.batch_in_epoch += 1
+        self._log_step(None if n_bad else loss_sum / count, grad_norm)
+        return n_stop > 0
+
+    def _grad_norm(self) -> Tensor:
+        """Total gradient 2-norm (before clipping); clips to ``grad_clip`` when set."""
+        grads = [q.grad for q in self.model.parameters() if q.grad is not None]
+        if self.cfg.grad_clip is not None:
+            return torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        if not grads:
+            return torch.zeros((), device=self.device)
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+    def _log_step(self, loss: float | None, grad_norm: Tensor) -> None:
+        if self.tracker is None or not distributed.is_main():
+            return
+        p = self.progress
+        row: dict[str, Any] = {"train/epoch": p.step / self.steps_per_epoch,
+                               "train/skipped_steps": p.skipped_steps,
+                               "train/lr": self.optimizer.param_groups[0]["lr"],
+                               "train/grad_norm": grad_norm.item()}
+        if loss is not None:
+            row.update(self._loss_fields("train/loss", loss))
+        self.tracker.log(row, step=p.step)
+
+    def _loss_fields(self, name: str, value: float) -> dict[str, float]:
+        if self.train_loss_is_nll:
+            return {f"{name}_nats": value, f"{name}_bpd": float(nats_to_bpd(value, self.dim))}
+        return {f"{name}_{self.cfg.objective}": value}
+
+    # ------------------------------------------------------------------ epochs, held-out loss, saving
+    def _finish_epoch(self, epoch_done: bool) -> None:
+        p = self.progress
+        train_loss = p.epoch_loss_sum / p.epoch_loss_count if p.epoch_loss_count else None
+        self._append_curve_point(train_loss)
+        finished = p.epoch if epoch_done else None
+        if epoch_done:
+            p.epoch += 1
+            p.batch_in_epoch = 0
+            p.epoch_loss_sum, p.epoch_loss_count = 0.0, 0
+        self._save(epoch_end=finished)
+
+    def _append_curve_point(self, train_loss: float | None) -> None:
+        p = self.progress
+        heldout = self._heldout_loss()
+        point: dict[str, Any] = {
+            "step": p.step,
+            "epoch": p.step / self.steps_per_epoch,
+            "train_loss_nats": None, "train_loss_bpd": None,
+            **({} if self.train_loss_is_nll else {f"train_loss_{self.cfg.objective}": None}),
+            "heldout_loss_nats": heldout,
+            "heldout_loss_bpd": None if heldout is None else float(nats_to_bpd(heldout, self.dim)),
+        }
+        if train_loss is not None:
+            point.update(self._loss_fields("train_loss", train_loss))
+        self.curve.append(point)
+        if self.tracker is not None and distributed.is_main() and heldout is not None:
+            self.tracker.log({"heldout/loss_nats": point["heldout_loss_nats"],
+                              "heldout/loss_bpd": point["heldout_loss_bpd"]}, step=p.step)
+
+    @torch.no_grad()
+    def _heldout_loss(self) -> float | None:
+        """Mean held-out loss (nats per image) with fixed per-image seeds, sharded over processes."""
+        if self.heldout is None or len(self.heldout) == 0:
+            return None
+        self.model.eval()
+        mine = list(distributed.shard_indices(len(self.heldout)))
+        parts = [torch.zeros(0, dtype=torch.float64, device=self.device)]
+        for start in range(0, len(mine), self.cfg.batch_size):
+            chunk = mine[start:start + self.cfg.batch_size]
+            images = torch.stack([self.heldout[i][0] for i in chunk])
+            indices = torch.tensor(chunk, dtype=torch.int64)
+            x = to_model_range(images).to(self.device)
+            seeds = image_seeds(self.cfg.seed, STREAM_HELDOUT, 0, indices)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+                parts.append(self.heldout_loss(self.model, x, seeds).double())
+        losses = distributed.all_gather_concat(torch.cat(parts))
+        self.model.train()
+        return losses.mean().item()
+
+    def _save(self, epoch_end: int | None = None) -> None:
+        """Checkpoint (collective: gathers every process's RNG state; rank 0 writes)."""
+        rng = ckpt.capture_rng_state(self.device)
+        rngs = [rng]
+        if distributed.is_distributed():
+            rngs = [None] * self.world
+            dist.all_gather_object(rngs, rng)
+        if distributed.is_main():
+            state = {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "rng": rngs,
+                "progress": asdict(self.progress),
+                "curve": self.curve,
+                "world_size": self.world,
+                "global_batch": self.global_batch,
+                "steps_per_epoch": self.steps_per_epoch,
+                "config": {**self.run_config, "finetune": asdict(self.cfg)},
+            }
+            ckpt.save_training_state(self.run_dir, ckpt.serialize(state), epoch_end=epoch_end)
+            atomic_write_json(self.run_dir / LOSS_CURVE, self.curve)
+        self._saved_at_step = self.progress.step
+        distributed.barrier()
+
+    def _export(self) -> FinetuneResult:
+        """Write the final weights as plain state_dicts (rank 0) and summarize the run."""
+        model_path = self.run_dir / ckpt.EXPORTED_MODEL
+        ema_path = self.run_dir / ckpt.EXPORTED_EMA if self.ema is not None else None
+        if distributed.is_main():
+            ckpt.export_state_dict(model_path, self.model.state_dict())
+            if self.ema is not None:
+                ckpt.export_state_dict(ema_path, self.ema.averaged_state_dict(self.model))
+            atomic_write_json(self.run_dir / LOSS_CURVE, self.curve)
+        distributed.barrier()
+        return FinetuneResult(steps=self.progress.step, skipped_steps=self.progress.skipped_steps,
+                              curve=self.curve, model_path=model_path, ema_path=ema_path)

@@ -1,0 +1,109 @@
+"""The fine-tuning loop on a toy model: data order, per-image randomness, DDP equivalence, EMA, checks."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from finetune_toys import BASE, make_trainer, one_thread  # noqa: F401 (an autouse fixture)
+from itdiffusion import checkpointing as ckpt
+from itdiffusion.training import (
+    EMA,
+    FinetuneError,
+    ResumableSampler,
+    image_seeds,
+    mix_seed,
+    random_hflip,
+    validate_config,
+)
+
+
+def test_image_seeds_depend_on_each_part_and_not_on_batching():
+    idx = torch.arange(8)
+    s = image_seeds(0, 1, 0, idx)
+    assert len(set(s.tolist())) == 8 and (s >= 0).all()
+    assert torch.equal(torch.cat([image_seeds(0, 1, 0, idx[:3]), image_seeds(0, 1, 0, idx[3:])]), s)
+    for other in (image_seeds(1, 1, 0, idx), image_seeds(0, 2, 0, idx), image_seeds(0, 1, 1, idx)):
+        assert not set(other.tolist()) & set(s.tolist())
+    assert mix_seed(1, 2) != mix_seed(2, 1)
+
+
+def test_random_hflip_flips_about_half_and_exactly_left_right():
+    x = torch.arange(2000 * 3 * 2 * 2, dtype=torch.float32).reshape(2000, 3, 2, 2)
+    y = random_hflip(x, seed=0, epoch=0, indices=torch.arange(2000))
+    flipped = (y != x).flatten(1).any(1)
+    assert torch.equal(y[flipped], x[flipped].flip(-1)) and torch.equal(y[~flipped], x[~flipped])
+    assert 900 < int(flipped.sum()) < 1100
+
+
+def test_resumable_sampler_continues_the_same_epoch_order():
+    data = list(range(20))
+    full = ResumableSampler(data, seed=3)
+    full.set_position(epoch=2, skip=0)
+    order = list(full)
+    assert sorted(order) == data
+    part = ResumableSampler(data, seed=3)
+    part.set_position(epoch=2, skip=8)
+    assert list(part) == order[8:] and len(part) == 12
+    other_epoch = ResumableSampler(data, seed=3)
+    other_epoch.set_position(epoch=3, skip=0)
+    assert list(other_epoch) != order
+
+
+def test_ema_matches_the_recursion():
+    model = torch.nn.Linear(2, 1)
+    ema = EMA(model, decay=0.5)
+    w0 = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(2.0)
+    ema.update(model)
+    assert torch.allclose(ema.averaged_state_dict(model)["weight"], 0.5 * w0 + 0.5 * (w0 + 2.0))
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("lr", -1e-4, "finetune.lr=-0.0001 must be a positive number"),
+    ("lr", float("nan"), "finetune.lr=nan"),
+    ("batch_size", 0, "finetune.batch_size=0"),
+    ("epochs", 0, "finetune.epochs=0"),
+    ("objective", "mse", "finetune.objective='mse'"),
+    ("ema_decay", 1.0, "finetune.ema_decay=1.0"),
+    ("save_every_steps", 0, "finetune.save_every_steps=0"),
+    ("grad_clip", 0.0, "finetune.grad_clip=0.0"),
+])
+def test_bad_settings_are_rejected_with_the_key(key, value, message):
+    with pytest.raises(FinetuneError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        validate_config(replace(BASE, **{key: value}))
+
+
+def test_empty_or_too_small_training_set_is_a_clear_error(tmp_path):
+    with pytest.raises(FinetuneError, match="training set is empty"):
+        make_trainer(tmp_path, n_train=0)
+    with pytest.raises(FinetuneError, match="3 images, fewer than one global batch of 4"):
+        make_trainer(tmp_path, n_train=3)
+
+
+def test_training_lowers_heldout_loss_and_writes_the_run_dir(tmp_path):
+    result = make_trainer(tmp_path, epochs=3, ema_decay=None).run()
+    curve = json.loads((tmp_path / "loss_curve.json").read_text())
+    assert curve == result.curve
+    assert [p["step"] for p in curve] == [0, 6, 12, 18] and curve[0]["train_loss_nats"] is None
+    assert curve[-1]["heldout_loss_nats"] < curve[0]["heldout_loss_nats"]
+    for p in curve[1:]:
+        assert p["train_loss_bpd"] == pytest.approx(p["train_loss_nats"] / (3 * 16 * 16 * 0.6931471805599453))
+    assert sorted(f.name for f in tmp_path.glob("*.pt")) == ["epoch_000.pt", "epoch_001.pt", "epoch_002.pt",
+                                                            "last.pt", "model.pt"]
+    exported = torch.load(tmp_path / "model.pt", weights_only=True)
+    final = ckpt.load_training_state(tmp_path / "last.pt")
+    assert exported.keys() == final["model"].keys()
+    assert all(torch.equal(exported[k], final["model"][k]) for k in exported)
+
+
+def test_max_steps_stops_mid_epoch(tmp_path):
+    result = make_trainer(tmp_path, max_steps=4).run()
+    assert result.steps == 4
+    assert [p["step"] for p in result.curve] == [0, 4]
+    assert ckpt.load_training_state(tmp_path / "last.pt")["progress"]["batch_in_epoch"] == 4
+
