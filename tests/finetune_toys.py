@@ -46,7 +46,7 @@ def synthetic_images(n: int, seed: int) -> TensorDataset:
 
 
 BASE = FinetuneConfig(objective="it", epochs=2, batch_size=4, lr=1e-2, save_every_steps=2, heldout_images=8,
-                      ema_decay=0.9, seed=7)
+                      ema_decay=0.9, warmup_steps=3, seed=7)
 
 
 def make_trainer(run_dir: Path, *, dropout: float = 0.1, n_train: int = 24, loss=denoising_loss,

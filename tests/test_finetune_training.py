@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from finetune_toys import BASE, make_trainer, one_thread  # noqa: F401 (an autouse fixture)
+from finetune_toys import BASE, denoising_loss, make_trainer, one_thread  # noqa: F401 (an autouse fixture)
 from itdiffusion import checkpointing as ckpt
 from itdiffusion.training import (
     EMA,
@@ -72,6 +72,7 @@ def test_ema_matches_the_recursion():
     ("ema_decay", 1.0, "finetune.ema_decay=1.0"),
     ("save_every_steps", 0, "finetune.save_every_steps=0"),
     ("grad_clip", 0.0, "finetune.grad_clip=0.0"),
+    ("log_every_steps", 0, "finetune.log_every_steps=0"),
 ])
 def test_bad_settings_are_rejected_with_the_key(key, value, message):
     with pytest.raises(FinetuneError, match=message.replace("(", r"\(").replace(".", r"\.")):
@@ -107,3 +108,46 @@ def test_max_steps_stops_mid_epoch(tmp_path):
     assert [p["step"] for p in result.curve] == [0, 4]
     assert ckpt.load_training_state(tmp_path / "last.pt")["progress"]["batch_in_epoch"] == 4
 
+
+
+class RecordingTracker:
+    def __init__(self):
+        self.rows: list[tuple[int, dict]] = []
+
+    def log(self, row: dict, step: int) -> None:
+        self.rows.append((step, row))
+
+
+def test_tracker_rows_average_the_train_loss_over_log_every_steps(tmp_path):
+    tracker = RecordingTracker()
+    trainer = make_trainer(tmp_path, log_every_steps=6)  # one row per epoch of 6 steps
+    trainer.tracker = tracker
+    result = trainer.run()
+    train_rows = [(s, r) for s, r in tracker.rows if "train/loss_nats" in r]
+    assert [s for s, _ in train_rows] == [6, 12]
+    for (_, row), point in zip(train_rows, result.curve[1:], strict=True):
+        assert row["train/loss_nats"] == pytest.approx(point["train_loss_nats"], rel=1e-12)
+        assert row["train/loss_bpd"] == pytest.approx(point["train_loss_bpd"], rel=1e-12)
+    heldout_steps = [s for s, r in tracker.rows if "heldout/loss_bpd" in r]
+    assert heldout_steps == [0, 6, 12]
+
+
+def test_warmup_ramps_the_learning_rate_linearly(tmp_path):
+    tracker = RecordingTracker()
+    trainer = make_trainer(tmp_path, warmup_steps=4, log_every_steps=1, max_steps=6)
+    trainer.tracker = tracker
+    trainer.run()
+    lrs = [r["train/lr"] for _, r in tracker.rows if "train/lr" in r]
+    assert lrs == pytest.approx([1e-2 * f for f in (0.25, 0.5, 0.75, 1.0, 1.0, 1.0)])
+
+
+def test_bf16_autocast_is_active_in_the_loss(tmp_path):
+    seen = []
+
+    def loss(model, x, seeds):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return denoising_loss(model, x, seeds)
+
+    result = make_trainer(tmp_path, loss=loss, bf16=True, max_steps=3).run()
+    assert seen == [True, True, True]
+    assert all(torch.isfinite(torch.tensor(p["heldout_loss_nats"])) for p in result.curve)

@@ -131,6 +131,7 @@ class FinetuneConfig:
     ema_decay: float | None = None  # keep an EMA of the weights, exported as ema.pt (None: no EMA)
     save_every_steps: int | None = None  # mid-epoch checkpoints (last.pt); epoch ends always save
     heldout_images: int = 256  # first test images for the held-out loss curve (0: none)
+    log_every_steps: int = 10  # tracker (wandb) rows: the mean train loss over this many steps
     skip_nonfinite: bool = False  # skip (and count) steps with a NaN/inf loss or gradient instead of stopping
     seed: int = 0  # data order, flips, per-image noise, dropout, scratch initialisation
 

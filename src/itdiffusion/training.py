@@ -226,6 +226,8 @@ def validate_config(cfg: FinetuneConfig) -> None:
         problems.append(f"finetune.ema_decay={cfg.ema_decay} must be in [0, 1) or null (no EMA)")
     if cfg.save_every_steps is not None and cfg.save_every_steps < 1:
         problems.append(f"finetune.save_every_steps={cfg.save_every_steps} must be >= 1 or null (per epoch)")
+    if cfg.log_every_steps < 1:
+        problems.append(f"finetune.log_every_steps={cfg.log_every_steps} must be >= 1")
     if cfg.warmup_steps < 0:
         problems.append(f"finetune.warmup_steps={cfg.warmup_steps} must be >= 0")
     if cfg.heldout_images < 0:
@@ -332,6 +334,7 @@ class Trainer:
         self.curve: list[dict[str, Any]] = []
         self._term_requested = False
         self._saved_at_step = -1
+        self._window_sum, self._window_count = 0.0, 0  # train loss since the last log line
 
     # ------------------------------------------------------------------ public
     def run(self) -> FinetuneResult:
@@ -500,10 +503,15 @@ class Trainer:
                 self.ema.update(self.model)
             p.epoch_loss_sum += loss_sum
             p.epoch_loss_count += int(count)
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate of this step
         self.scheduler.step()
         p.step = step
         p.batch_in_epoch += 1
-        self._log_step(None if n_bad else loss_sum / count, grad_norm)
+        if not n_bad:
+            self._window_sum += loss_sum
+            self._window_count += int(count)
+        if p.step % cfg.log_every_steps == 0 or p.step == self.total_steps:
+            self._log(lr, grad_norm)
         return n_stop > 0
 
     def _grad_norm(self) -> Tensor:
@@ -515,13 +523,16 @@ class Trainer:
             return torch.zeros((), device=self.device)
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
-    def _log_step(self, loss: float | None, grad_norm: Tensor) -> None:
+    def _log(self, lr: float, grad_norm: Tensor) -> None:
+        """Log the mean train loss since the last log line (rank 0), with lr, gradient norm and skips."""
+        p = self.progress
+        loss = self._window_sum / self._window_count if self._window_count else None
+        self._window_sum, self._window_count = 0.0, 0
         if self.tracker is None or not distributed.is_main():
             return
-        p = self.progress
         row: dict[str, Any] = {"train/epoch": p.step / self.steps_per_epoch,
                                "train/skipped_steps": p.skipped_steps,
-                               "train/lr": self.optimizer.param_groups[0]["lr"],
+                               "train/lr": lr,
                                "train/grad_norm": grad_norm.item()}
         if loss is not None:
             row.update(self._loss_fields("train/loss", loss))
