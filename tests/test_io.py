@@ -1,0 +1,61 @@
+"""Atomic writes: all-or-nothing replacement, no leftovers on failure, normal permissions, locking."""
+
+import json
+import multiprocessing as mp
+import os
+import stat
+
+import pytest
+
+from itdiffusion.io import atomic_write, atomic_write_json, file_lock
+
+
+def test_replaces_whole_file_and_leaves_no_temporaries(tmp_path):
+    target = tmp_path / "metrics.json"
+    atomic_write_json(target, {"a": 1})
+    atomic_write_json(target, {"a": 2})
+    assert json.loads(target.read_text()) == {"a": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_failed_write_keeps_old_file(tmp_path):
+    target = tmp_path / "results.md"
+    target.write_text("old")
+
+    def boom(f):
+        f.write(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(target, boom)
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.md"]
+
+
+def test_permissions_follow_umask_not_mkstemp(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "m.json", {})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == 0o644
+
+
+def _append_under_lock(path, lock, n):
+    for i in range(n):
+        with file_lock(lock):
+            rows = json.loads(path.read_text()) if path.exists() else []
+            rows.append(i)
+            atomic_write_json(path, rows)
+
+
+def test_file_lock_serialises_read_modify_write(tmp_path):
+    path, lock = tmp_path / "rows.json", tmp_path / "rows.lock"
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_append_under_lock, args=(path, lock, 25)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert len(json.loads(path.read_text())) == 75
