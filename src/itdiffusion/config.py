@@ -117,7 +117,7 @@ class EstimatorConfig:
 class FinetuneConfig:
     """The ``finetune`` stage (see :mod:`itdiffusion.stages.finetune` and :mod:`itdiffusion.training`)."""
 
-    objective: str = "it"  # it (the IT bound) | iddpm (the model's own IDDPM loss)
+    objective: str = "it"  # it (IT bound) | iddpm (IDDPM's own loss) | any_order (masked-pixel models only)
     init: str | None = None  # starting weights: None = the model's checkpoint; a path; or "scratch"
     run_name: str = "${model.name}_${finetune.objective}"  # run dir: <checkpoint_dir>/finetune/<run_name>
     epochs: int = 10
