@@ -4,13 +4,17 @@
 #   bash scripts/reproduce.sh experiment=paper [hydra overrides...]    # make reproduce ARGS="..."
 #   bash scripts/reproduce.sh experiment=smoke [hydra overrides...]    # make smoke ARGS="..."
 #
-# stats -> base model -> evaluate base -> IT fine-tune -> evaluate tuned -> ensemble -> report.
+# stats -> base model -> evaluate base -> IT fine-tune -> evaluate tuned -> ensemble -> masked
+# diffusion model -> evaluate it (I-MDCE) -> report.
 #
 # - paper: CIFAR-10 (downloaded through torchvision if missing) and the official IDDPM L_vlb
 #   checkpoint (downloaded if missing); GPU stages run under torchrun on every visible GPU
 #   (NPROC=<n> to choose).
 # - smoke: offline, on the CPU, in minutes: the tiny U-Net (model=iddpm_tiny) trained briefly on
-#   its own IDDPM loss is the base model, on 32x32 crops of scikit-image's photos (data=patches).
+#   its own IDDPM loss is the base model, on 32x32 crops of scikit-image's photos (data=patches);
+#   the masked-diffusion steps train model=masked_pixels_tiny for a few steps (finetune=smoke_masked).
+# - The masked-diffusion model on CIFAR-10 (model=masked_pixels_cifar10, trained from scratch,
+#   finetune=masked) is hours of GPU time: experiment=paper runs it only with MASKED=1.
 #
 # Every stage runs as its own process with run id <REPRO_ID>-<step>, so its outputs land in
 # <paths.output_dir>/<stage>/<REPRO_ID>-<step> (fine-tuned weights in
@@ -62,14 +66,14 @@ done_already() { echo "   exists: $1 (skipped; delete it to redo this step)"; }
 COMMON=("logger.group=$REPRO_ID" "skip_done=true" "$@")
 started=$SECONDS
 
-step "1/7 dataset statistics (Gaussian reference)"
+step "1/9 dataset statistics (Gaussian reference)"
 if [[ "$experiment" == paper ]]; then
   single stats "${COMMON[@]}" "run_id=$REPRO_ID-stats" data.download=true
 else
   single stats "${COMMON[@]}" "run_id=$REPRO_ID-stats"
 fi
 
-step "2/7 base model"
+step "2/9 base model"
 if [[ "$experiment" == paper ]]; then
   BASE="$CKPT/iddpm/cifar10_uncond_vlb_50M_500K.pt"
   BASE_LABEL=IDDPM
@@ -92,14 +96,14 @@ else
   fi
 fi
 
-step "3/7 evaluate the base model (VLB and IT)"
+step "3/9 evaluate the base model (VLB and IT)"
 if [[ -f "$OUT/evaluate/$REPRO_ID-base/metrics.json" ]]; then
   done_already "$OUT/evaluate/$REPRO_ID-base/metrics.json"
 else
   stage evaluate "${COMMON[@]}" "run_id=$REPRO_ID-base" "model.checkpoint=$BASE" "label=$BASE_LABEL" paper_row=IDDPM
 fi
 
-step "4/7 IT fine-tuning"
+step "4/9 IT fine-tuning"
 TUNED="$CKPT/finetune/$REPRO_ID-tune/model.pt"
 if [[ -f "$TUNED" ]]; then
   done_already "$TUNED"
@@ -109,7 +113,7 @@ else
     "finetune.init=$BASE" finetune.objective=it
 fi
 
-step "5/7 evaluate the fine-tuned model"
+step "5/9 evaluate the fine-tuned model"
 if [[ -f "$OUT/evaluate/$REPRO_ID-tuned/metrics.json" ]]; then
   done_already "$OUT/evaluate/$REPRO_ID-tuned/metrics.json"
 else
@@ -117,7 +121,7 @@ else
     "paper_row='IDDPM(tune)'" model.training_objective=IT
 fi
 
-step "6/7 ensemble of the base and fine-tuned models"
+step "6/9 ensemble of the base and fine-tuned models"
 if [[ -f "$OUT/evaluate/$REPRO_ID-ensemble/metrics.json" ]]; then
   done_already "$OUT/evaluate/$REPRO_ID-ensemble/metrics.json"
 else
@@ -125,7 +129,35 @@ else
     label=Ensemble paper_row=Ensemble "model.training_objective='—'"
 fi
 
-step "7/7 report"
+MASKED_RUN="$REPRO_ID-masked"
+if [[ "$experiment" == paper ]]; then
+  MASKED_MODEL=masked_pixels_cifar10 MASKED_TRAIN=masked MASKED_WEIGHTS=ema.pt MASKED_EVAL=()
+else
+  MASKED_MODEL=masked_pixels_tiny MASKED_TRAIN=smoke_masked MASKED_WEIGHTS=model.pt
+  MASKED_EVAL=(data.num_images=4 estimator.num_masks=4 estimator.batch_size=16)
+fi
+MASKED_CKPT="$CKPT/finetune/$MASKED_RUN/$MASKED_WEIGHTS"
+if [[ "$experiment" == paper && "${MASKED:-0}" != 1 ]]; then
+  step "7/9, 8/9 masked diffusion model: not run (MASKED=1 trains $MASKED_MODEL from scratch, hours of GPU)"
+else
+  step "7/9 masked diffusion model ($MASKED_MODEL, any-order loss)"
+  if [[ -f "$MASKED_CKPT" ]]; then
+    done_already "$MASKED_CKPT"
+  else
+    stage finetune "${COMMON[@]}" "run_id=$MASKED_RUN" "model=$MASKED_MODEL" "finetune=$MASKED_TRAIN" \
+      "finetune.run_name=$MASKED_RUN"
+  fi
+
+  step "8/9 evaluate the masked diffusion model (I-MDCE)"
+  if [[ -f "$OUT/evaluate/$MASKED_RUN/metrics.json" ]]; then
+    done_already "$OUT/evaluate/$MASKED_RUN/metrics.json"
+  else
+    stage evaluate "${COMMON[@]}" "run_id=$MASKED_RUN" "model=$MASKED_MODEL" "model.checkpoint=$MASKED_CKPT" \
+      "label='masked diffusion (I-MDCE)'" "${MASKED_EVAL[@]}"
+  fi
+fi
+
+step "9/9 report"
 single report "${COMMON[@]}" "run_id=$REPRO_ID-report"
 
 echo

@@ -97,10 +97,13 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     for row in rows[:4]:  # Tables 1 and 2
         assert "—" not in row and "nan" not in row
     assert "| Ensemble |" in table
+    masked = [line for line in table.splitlines() if line.startswith("| masked diffusion (I-MDCE) |")]
+    assert len(masked) == 2  # the I-MDCE table and the runs table
+    assert "—" not in masked[0] and "nan" not in masked[0]
     for fig in (outputs / "results" / "figures").glob("*.png"):
         with Image.open(fig) as im:
             assert im.format == "PNG"
     assert len(list((outputs / "results" / "figures").glob("*.png"))) == 2
     assert list((outputs / "wandb").glob("offline-run-*"))
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and again.stdout.count("(skipped;") == 5
+    assert again.returncode == 0 and again.stdout.count("(skipped;") == 7

@@ -110,6 +110,8 @@ class EstimatorConfig:
     clip: float = 4.0  # truncate the logistic log-SNR proposal at this many scales
     batch_size: int = 256  # network inputs per forward pass
     vlb_steps_per_batch: int = 8  # VLB timesteps evaluated in one forward pass
+    num_masks: int = 100  # masks per image for masked-diffusion models (I-MDCE; model.kind=masked_pixels)
+    corrupt_fraction: float = 0.05  # masked models' log-ratio example: sub-pixels replaced by noise
     seed: int = 0
 
 
@@ -117,7 +119,7 @@ class EstimatorConfig:
 class FinetuneConfig:
     """The ``finetune`` stage (see :mod:`itdiffusion.stages.finetune` and :mod:`itdiffusion.training`)."""
 
-    objective: str = "it"  # it (the IT bound) | iddpm (the model's own IDDPM loss)
+    objective: str = "it"  # it (IT bound) | iddpm (IDDPM's own loss) | any_order (masked-pixel models only)
     init: str | None = None  # starting weights: None = the model's checkpoint; a path; or "scratch"
     run_name: str = "${model.name}_${finetune.objective}"  # run dir: <checkpoint_dir>/finetune/<run_name>
     epochs: int = 10

@@ -243,19 +243,22 @@ def imdse_nll(score_model, tokens: Tensor, *, num_masks: int, maskable: Tensor |
 
 
 def any_order_loss(denoiser, tokens: Tensor, *, scheme: str = "uniform",
-                   generator: torch.Generator | None = None) -> Tensor:
+                   generator: torch.Generator | None = None,
+                   image_seeds: Sequence[int] | None = None) -> Tensor:
     """Training loss (differentiable), nats per sequence, one mask per sequence.
 
     The time-free I-MDCE with a chosen mask-size proposal: m ~ P(m), a uniform subset S of size m,
     loss = sum_{i in S} -log p(x_i | x_{~S}) / (m P(m)). "uniform" (default) is the any-order
     autoregressive loss, weight L/m, which trains every context size equally; "harmonic" is the
     evaluation form, weight H_L. Both have expectation sum_S beta(S) (...) >= -log p(x).
+    With ``image_seeds`` each sequence draws its mask from its own seed (independent of batching).
     """
     vocab = vocab_size_of(denoiser)
     check_tokens(tokens, vocab)
     batch, length = tokens.shape
-    masks, weights = zip(*(subset_masks(torch.ones(length, dtype=torch.bool), 1, generator, scheme=scheme,
-                                        stratified=False) for _ in range(batch)), strict=True)
+    gens = image_generators(batch, generator, image_seeds)
+    masks, weights = zip(*(subset_masks(torch.ones(length, dtype=torch.bool), 1, gen, scheme=scheme,
+                                        stratified=False) for gen in gens), strict=True)
     mask = torch.cat(masks).to(tokens.device)
     logp = _log_probs(denoiser(tokens.masked_fill(mask, vocab)))
     nll = -logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

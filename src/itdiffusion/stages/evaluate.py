@@ -20,6 +20,14 @@ every estimate from the gathered curves (``*_nll_from_curve``): one process and 
 per-image numbers. Rank 0 writes ``per_image.npz`` and ``metrics.json`` (means and standard errors
 over images) into the run dir and records the row in ``<paths.results_dir>/results.json``.
 
+Masked-diffusion models (``model.kind=masked_pixels``, ``model.checkpoint=<finetune run>/model.pt``):
+I-MDCE estimates of the discrete -log P(x) with ``estimator.num_masks`` masks per image, each image's
+masks from its own seed: ``mdce_bpd`` (time integral) and ``mdce_timefree_bpd`` (time free), and two
+examples, ``mdce_bottom_given_top_bpd`` (bits/dim of the bottom half of the image given the top half)
+and ``mdce_corrupted_log_ratio_nats`` (log p(y) - log p(x) with y the image with a random
+``estimator.corrupt_fraction`` of sub-pixels replaced by uniform values; coupled masks). The
+Gaussian reference and the ``estimator.it`` / ``vlb`` switches do not apply.
+
 Ensemble (``ensemble=[ckpt_a, ckpt_b, ...]``, checkpoints of ``model``): every member sees the same
 log-SNR points and noise, and per log-SNR bin the estimate uses the member (or the Gaussian decoder)
 with the lowest cross-fitted error: ITD's pointwise minimum of the MMSE curves, without its bias.
@@ -42,6 +50,12 @@ from tqdm import tqdm
 
 from itdiffusion import distributed
 from itdiffusion.data import load_images, to_model_range
+from itdiffusion.discrete import (
+    bottom_given_top_nll,
+    build_masked_pixel_model,
+    corrupted_log_ratio,
+    masked_pixel_metrics,
+)
 from itdiffusion.errors import UserError
 from itdiffusion.information import (
     GaussianReference,
@@ -71,6 +85,7 @@ log = logging.getLogger(__name__)
 
 XINTERVAL = (-1.0, 1.0)  # pixels scaled to [-1, 1]: the lattice is -1 + PIXEL_BIN * k
 STREAM_POINTS, STREAM_DEQUANT, STREAM_VLB = 0, 1, 2  # independent random streams per image
+STREAM_MASKS, STREAM_CONDITIONAL, STREAM_CORRUPT = 3, 4, 5  # masked-diffusion models
 METRIC_KEYS = (
     "vlb_bpd",
     "vlb_continuous_bpd",
@@ -306,6 +321,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
         log.info("skip_done: %s exists, nothing to do", metrics_path)
         return None
     est_cfg = cfg.estimator
+    if cfg.model.kind == "masked_pixels":
+        return run_masked(cfg, run_dir)
     _check_settings(cfg)
     started = time.time()
     device = setup_device(cfg)
@@ -336,13 +353,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
         return None
     metrics = _finish(cfg, per_image, members, test, reference, proposal)
     metrics["elapsed_s"] = round(time.time() - started, 2)
-    atomic_savez(run_dir / "per_image.npz", **{k: _compact(k, v) for k, v in per_image.items()})
-    atomic_write_json(metrics_path, metrics)
-    try:
-        record_run(cfg.paths.results_dir, {**metrics, "metrics_path": str(metrics_path)})
-    except ResultsStoreError as e:  # an unreadable results store: keep metrics.json, say how to recover
-        log.error("could not add this run to the results table (%s); its metrics are in %s", e, metrics_path)
-    _log_to_tracker(cfg, metrics)
+    _write_outputs(cfg, run_dir, per_image, metrics)
     log.info(
         "%s: %s",
         cfg.label,
@@ -352,6 +363,113 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
             if metrics.get(k) is not None
         ),
     )
+    distributed.barrier()
+    return metrics
+
+
+def _write_outputs(cfg: DictConfig, run_dir: Path, per_image: dict[str, torch.Tensor], metrics: dict) -> None:
+    """Rank 0: ``per_image.npz``, ``metrics.json``, the results-store row and the tracker summary."""
+    metrics_path = run_dir / "metrics.json"
+    atomic_savez(run_dir / "per_image.npz", **{k: _compact(k, v) for k, v in per_image.items()})
+    atomic_write_json(metrics_path, metrics)
+    try:
+        record_run(cfg.paths.results_dir, {**metrics, "metrics_path": str(metrics_path)})
+    except ResultsStoreError as e:  # an unreadable results store: keep metrics.json, say how to recover
+        log.error("could not add this run to the results table (%s); its metrics are in %s", e, metrics_path)
+    _log_to_tracker(cfg, metrics)
+
+
+def load_masked_model(cfg: DictConfig, device: torch.device) -> Member:
+    """The masked-pixel model of ``cfg.model`` with the weights of ``model.checkpoint``."""
+    if cfg.ensemble:
+        raise UserError("ensemble= combines Gaussian MMSE curves; it does not apply to masked_pixels models")
+    if not cfg.model.checkpoint:
+        raise UserError(f"model={cfg.model.name} has no official weights: set model.checkpoint=<path to the "
+                        "finetune run's model.pt>")
+    path = Path(cfg.model.checkpoint)
+    model = build_masked_pixel_model(cfg.model)
+    try:
+        sha256 = load_checkpoint(model, path)
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
+        raise UserError(str(e)) from e
+    model.to(device).eval()
+    return Member(model, None, None, str(path), sha256)
+
+
+@torch.no_grad()
+def evaluate_masked(model, images: torch.Tensor, indices: Sequence[int], est_cfg) -> dict[str, torch.Tensor]:
+    """Per-image I-MDCE estimates (float64 CPU [B]) of uint8 ``images`` with test indices ``indices``.
+
+    ``mdce{,_timefree}_{nats,bpd}`` (+ ``_stderr``, Monte Carlo over the masks), the conditional example
+    ``mdce_bottom_given_top_{nats,bpd}`` (+ ``_stderr``), the coupled example
+    ``mdce_corrupted_log_ratio_nats`` (+ ``_stderr``) and ``network_evals``. Every image's masks and
+    corruption come from its own seeds.
+    """
+    def seeds(stream: int) -> list[int]:
+        return [image_seed(est_cfg.seed, int(i), stream) for i in indices]
+
+    common = dict(num_masks=est_cfg.num_masks, batch_size=est_cfg.batch_size)
+    out = {"index": torch.as_tensor(list(indices), dtype=torch.float64)}
+    out.update(masked_pixel_metrics(model, images, image_seeds=seeds(STREAM_MASKS), **common))
+    evals = out.pop("mdce_network_evals") + out.pop("mdce_timefree_network_evals")
+    cond, dim = bottom_given_top_nll(model, images, image_seeds=seeds(STREAM_CONDITIONAL), **common)
+    bpd, bpd_stderr = cond.bpd(dim)
+    out.update(mdce_bottom_given_top_nats=cond.nats, mdce_bottom_given_top_nats_stderr=cond.stderr,
+               mdce_bottom_given_top_bpd=bpd, mdce_bottom_given_top_bpd_stderr=bpd_stderr)
+    evals = evals + cond.network_evals.cpu()
+    ratios = []
+    for b, seed in enumerate(seeds(STREAM_CORRUPT)):  # one image at a time: corruption, masks from its seed
+        _, est = corrupted_log_ratio(model, images[b : b + 1], fraction=est_cfg.corrupt_fraction,
+                                     generator=torch.Generator().manual_seed(seed), **common)
+        ratios.append(est)
+    out["mdce_corrupted_log_ratio_nats"] = torch.cat([e.nats.cpu() for e in ratios])
+    out["mdce_corrupted_log_ratio_nats_stderr"] = torch.cat([e.stderr.cpu() for e in ratios])
+    out["network_evals"] = evals + torch.cat([e.network_evals.cpu() for e in ratios])
+    return {k: _cpu(v) for k, v in out.items()}
+
+
+MASKED_METRICS = (
+    "mdce_bpd",
+    "mdce_timefree_bpd",
+    "mdce_bottom_given_top_bpd",
+    "mdce_corrupted_log_ratio_nats",
+)
+
+
+def run_masked(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """The evaluate stage for ``model.kind=masked_pixels``: I-MDCE bits/dim and the two examples."""
+    est_cfg = cfg.estimator
+    if est_cfg.num_masks < 2:
+        raise UserError(f"estimator.num_masks must be >= 2 (a standard error needs two masks), "
+                        f"got {est_cfg.num_masks}")
+    if not 0.0 < est_cfg.corrupt_fraction <= 1.0:
+        raise UserError(f"estimator.corrupt_fraction must be in (0, 1], got {est_cfg.corrupt_fraction}")
+    started = time.time()
+    device = setup_device(cfg)
+    with rank_zero_first():
+        test = load_images(cfg.data, "test")
+    member = load_masked_model(cfg, device)
+    mine = distributed.shard_indices(len(test))
+    chunk = max(1, est_cfg.batch_size // est_cfg.num_masks)
+    parts = []
+    for start in tqdm(range(mine.start, mine.stop, chunk), desc=f"evaluate {cfg.label}", unit="batch",
+                      disable=not distributed.is_main(), dynamic_ncols=True):
+        idx = list(range(start, min(start + chunk, mine.stop)))
+        parts.append(evaluate_masked(member.model, torch.stack([test[i][0] for i in idx]), idx, est_cfg))
+    per_image = _gather(parts)
+    if not distributed.is_main():
+        distributed.barrier()
+        return None
+    metrics: dict = {"num_images": int(per_image["index"].numel()), "num_masks": est_cfg.num_masks,
+                     "npoints": None, "dim": member.model.length}
+    for key in MASKED_METRICS:
+        metrics[key], metrics[f"{key}_stderr"] = mean_and_stderr(per_image[key])
+    metrics["network_evals"] = int(per_image["network_evals"].sum().item())
+    metrics.update(_provenance(cfg, [member]))
+    metrics["elapsed_s"] = round(time.time() - started, 2)
+    _write_outputs(cfg, run_dir, per_image, metrics)
+    log.info("%s: %s", cfg.label, ", ".join(
+        f"{k} {metrics[k]:.4f} ± {metrics[k + '_stderr']:.4f}" for k in MASKED_METRICS))
     distributed.barrier()
     return metrics
 

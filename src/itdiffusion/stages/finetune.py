@@ -11,11 +11,17 @@ Objectives (``finetune.objective``):
 - ``it``: the continuous IT bound with one log-SNR per image, in nats per image,
   ``h_G + (1/2) w(a) [||eps - eps_hat(z, a)||^2 - mmse_G(a)]`` with ``a ~ q`` and ``w = 1/q``
   (:func:`itdiffusion.information.it_loss`; the Gaussian reference comes from the ``stats`` cache);
-- ``iddpm``: the model's own IDDPM loss (:func:`itdiffusion.models.iddpm.iddpm_training_loss`).
+- ``iddpm``: the model's own IDDPM loss (:func:`itdiffusion.models.iddpm.iddpm_training_loss`);
+- ``any_order``: masked-diffusion models (``model.kind=masked_pixels``, e.g. ``model=masked_pixels_tiny``)
+  only, and their only objective: the any-order (time-free I-MDCE) loss of
+  :func:`itdiffusion.discrete.any_order_loss`, an upper bound on -log P(x) in nats per image (every
+  sub-pixel a token), one random mask per image; the held-out curve is the same loss.
+  ``python -m itdiffusion.stages.finetune model=masked_pixels_tiny finetune.objective=any_order
+  finetune.init=scratch``
 
 Starting weights (``finetune.init``): null = the model's checkpoint (``model.checkpoint``, else its
-official URL, downloaded on first use); a path; or ``scratch`` (random initialisation, seed
-``finetune.seed``).
+official URL, downloaded on first use; masked-pixel models without one start from scratch); a path;
+or ``scratch`` (random initialisation, seed ``finetune.seed``).
 
 Outputs in ``<paths.checkpoint_dir>/finetune/<finetune.run_name>/``: ``last.pt`` and
 ``epoch_XXX.pt`` (complete training states), ``model.pt`` (and ``ema.pt`` with EMA; plain U-Net
@@ -45,6 +51,7 @@ from itdiffusion import distributed
 from itdiffusion.checkpointing import EXPORTED_MODEL
 from itdiffusion.config import FinetuneConfig
 from itdiffusion.data import load_images
+from itdiffusion.discrete import any_order_loss, build_masked_pixel_model, images_to_tokens
 from itdiffusion.errors import UserError
 from itdiffusion.information import GaussianReference, it_loss
 from itdiffusion.io import atomic_write_json
@@ -82,6 +89,8 @@ def finetune_run_dir(cfg: DictConfig) -> Path:
 def load_initial_weights(cfg: DictConfig, model: nn.Module) -> str:
     """Load the starting weights named by ``finetune.init``; returns their description (path and sha256)."""
     init = cfg.finetune.init
+    if init is None and cfg.model.kind == "masked_pixels" and not cfg.model.checkpoint:
+        init = "scratch"  # masked-pixel models have no official weights
     if init == "scratch":
         return "scratch"
     try:
@@ -112,6 +121,43 @@ def iddpm_objective(diffusion: Any) -> LossFn:
     return loss
 
 
+def model_range_to_tokens(x: Tensor) -> Tensor:
+    """Images in [-1, 1] (``x = p / 127.5 - 1``) -> their sub-pixel tokens Long[B, 3 s^2] (exact inverse)."""
+    pixels = ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return images_to_tokens(pixels)
+
+
+def any_order_objective() -> LossFn:
+    """The any-order loss of a masked-pixel model (nats per image), one mask per image from its seed."""
+    def loss(net: nn.Module, x: Tensor, seeds: Tensor) -> Tensor:
+        return any_order_loss(net, model_range_to_tokens(x), image_seeds=seeds.tolist())
+    return loss
+
+
+def check_objective(cfg: DictConfig, objective: str) -> None:
+    """Masked-diffusion models train with ``any_order`` only, IDDPM models never."""
+    masked = cfg.model.kind == "masked_pixels"
+    if masked != (objective == "any_order"):
+        need = "finetune.objective=any_order" if masked else "finetune.objective=it or iddpm"
+        raise UserError(f"model={cfg.model.name} (kind {cfg.model.kind}) cannot train with "
+                        f"finetune.objective={objective}; use {need}")
+
+
+def build_objectives(cfg: DictConfig, settings: FinetuneConfig, device: torch.device
+                     ) -> tuple[nn.Module, LossFn, LossFn, int]:
+    """(network, training loss, held-out loss in nats, dimensions per image) for ``cfg.model``."""
+    check_objective(cfg, settings.objective)
+    if cfg.model.kind == "masked_pixels":
+        model = build_masked_pixel_model(cfg.model)
+        objective = any_order_objective()
+        return model, objective, objective, model.length
+    model, diffusion = build_model_and_diffusion(cfg.model)
+    reference = load_or_compute_reference(cfg, device)
+    train_objective = it_objective(cfg.model, reference) if settings.objective == "it" else \
+        iddpm_objective(diffusion)
+    return model, train_objective, it_objective(cfg.model, reference), reference.dim
+
+
 def heldout_images(cfg: DictConfig, count: int) -> Dataset | None:
     """The first ``count`` test images (None when ``count`` is 0)."""
     if count == 0:
@@ -130,19 +176,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         return {"run_name": settings.run_name, "model_path": str(ckpt_dir / EXPORTED_MODEL), "skipped": True}
 
     torch.manual_seed(settings.seed)  # the initial weights when training from scratch
-    model, diffusion = build_model_and_diffusion(cfg.model)
+    model, train_objective, heldout_objective, dim = build_objectives(cfg, settings, device)
     init = load_initial_weights(cfg, model)
-    reference = load_or_compute_reference(cfg, device)
-    train_objective = it_objective(cfg.model, reference) if settings.objective == "it" else \
-        iddpm_objective(diffusion)
 
     with Tracker(cfg.logger, config_dict(cfg), job_type="finetune",
                  name=f"finetune-{settings.run_name}-{cfg.run_id}") as tracker:
         trainer = Trainer(
             model, train_objective, load_images(cfg.data, "train"), settings, ckpt_dir, device=device,
-            dim=reference.dim, train_loss_is_nll=settings.objective == "it",
+            dim=dim, train_loss_is_nll=settings.objective in ("it", "any_order"),
             heldout_set=heldout_images(cfg, settings.heldout_images),
-            heldout_loss=it_objective(cfg.model, reference), hflip=cfg.data.hflip,
+            heldout_loss=heldout_objective, hflip=cfg.data.hflip,
             num_workers=cfg.data.num_workers, tracker=tracker, run_config=config_dict(cfg),
         )
         log.info("fine-tuning %s (%s objective, init %s): %d steps of %d images x %d process(es); "
