@@ -16,6 +16,18 @@ from itdiffusion.stages import CONFIG_DIR
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """The suite's tensors and convolutions are small: one thread is fastest on the 2-core CI machine
+    and does not fight subprocesses (torchrun, CLI stages) started by other tests."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def path_overrides(root: Path) -> list[str]:
     return [
         f"paths.data_dir={root / 'data'}",

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import pytest
 import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
@@ -60,11 +59,3 @@ def make_trainer(run_dir: Path, *, dropout: float = 0.1, n_train: int = 24, loss
                    heldout_loss=denoising_loss, hflip=True, on_step_end=on_step_end)
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions: one thread is fastest and does not fight other test processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune_toys import denoising_loss, make_trainer, one_thread  # noqa: F401 (an autouse fixture)
+from finetune_toys import denoising_loss, make_trainer
 from itdiffusion import checkpointing as ckpt
 from itdiffusion.training import FinetuneError, NonFiniteError, Preempted
 

@@ -25,13 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def overrides(work: Path, run_name: str, *extra: str) -> list[str]:
     return ["model=iddpm_tiny", "data=patches", "finetune=smoke", "finetune.init=scratch",

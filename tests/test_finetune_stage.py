@@ -18,15 +18,6 @@ from itdiffusion.stages.finetune import SUMMARY, run
 from itdiffusion.training import NonFiniteError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small convolutions: one thread is fastest and does not fight other test processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")  # the Gaussian reference of the patches, computed once

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from finetune_toys import BASE, denoising_loss, make_trainer, one_thread  # noqa: F401 (an autouse fixture)
+from finetune_toys import BASE, denoising_loss, make_trainer
 from itdiffusion import checkpointing as ckpt
 from itdiffusion.training import (
     EMA,

@@ -15,14 +15,6 @@ from itdiffusion.errors import UserError
 from itdiffusion.stages import CONFIG_DIR, evaluate, finetune, report
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def masked_cfg(tmp_path: Path, *overrides: str):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(config_name="config", overrides=[
