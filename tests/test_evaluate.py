@@ -150,3 +150,22 @@ def test_a_checkpoint_for_other_flags_is_a_user_error(tiny_cfg, tmp_path):
     torch.save(model.state_dict(), tmp_path / "wide.pt")
     with pytest.raises(UserError, match="does not fit the model"):
         evaluate.run(tiny_cfg(f"model.checkpoint={tmp_path / 'wide.pt'}"), tmp_path / "run")
+
+
+def test_control_variate_agrees_with_the_plain_estimate(tiny_cfg, tiny_checkpoints, tmp_path):
+    """estimator.control_variate: same points and noise, no extra network calls, the same quantity."""
+    a, b = (str(p) for p in tiny_checkpoints)
+    common = ("estimator.vlb=false", "estimator.npoints=16")
+    plain = evaluate.run(tiny_cfg(f"model.checkpoint={a}", *common), tmp_path / "plain")
+    cv = evaluate.run(tiny_cfg(f"model.checkpoint={a}", "estimator.control_variate=true", *common),
+                      tmp_path / "cv")
+    assert cv["network_evals"] == plain["network_evals"]
+    for key in ("it_continuous_bpd", "it_discrete_bpd", "it_dequantized_bpd"):
+        se = np.hypot(plain[f"{key}_mc_stderr"], cv[f"{key}_mc_stderr"])
+        assert np.isfinite(cv[key]) and cv[f"{key}_stderr"] > 0
+        assert abs(cv[key] - plain[key]) < 4 * se + 1e-9, key
+    with np.load(tmp_path / "cv" / "per_image.npz") as f:
+        assert {"gaussian_errors", "gaussian_errors_deq"} <= set(f.files)
+    pair = evaluate.run(tiny_cfg(f"ensemble=[{a},{b}]", "estimator.control_variate=true", *common),
+                        tmp_path / "pair")
+    assert np.isfinite(pair["it_continuous_bpd"]) and np.isfinite(pair["it_discrete_bpd_stderr"])

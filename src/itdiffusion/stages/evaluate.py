@@ -177,6 +177,7 @@ def evaluate_curves(
         proposal=proposal,
         image_seeds=point_seeds,
         batch_size=est_cfg.batch_size,
+        control_variate=est_cfg.control_variate,
     )
     for j, member in enumerate(members):
         p = f"m{j}_"
@@ -199,6 +200,9 @@ def evaluate_curves(
                     gaussian_mmse=_cpu(est.gaussian_mmse),
                     gaussian_mmse_deq=_cpu(deq.gaussian_mmse),
                 )
+                if est_cfg.control_variate:  # the reference decoder's errors on the shared noise
+                    out.update(gaussian_errors=_cpu(est.gaussian_errors),
+                               gaussian_errors_deq=_cpu(deq.gaussian_errors))
             for other in (est.logsnr, deq.logsnr):
                 if not torch.equal(_cpu(other), out["logsnr"]):
                     raise RuntimeError("members / passes were evaluated at different log-SNR points")
@@ -248,6 +252,9 @@ def estimates_from_curves(
     logsnr, log_q = curves["logsnr"].to(dev), curves["log_q"].to(dev)
     common = dict(proposal=proposal, sampling=est_cfg.logsnr_sampling)
 
+    def control(name: str) -> torch.Tensor | None:
+        return curves[name].to(dev) if name in curves else None
+
     def stack(names: Sequence[str]) -> torch.Tensor:
         return torch.stack([curves[f"m{j}_{n}"] for j in members for n in names if f"m{j}_{n}" in curves]).to(
             dev
@@ -262,6 +269,7 @@ def estimates_from_curves(
         True,
         x=x,
         gaussian_mmse=curves["gaussian_mmse"].to(dev),
+        gaussian_errors=control("gaussian_errors"),
         **common,
     )
     disc = discrete_nll_from_curve(
@@ -273,6 +281,7 @@ def estimates_from_curves(
         True,
         x=x,
         gaussian_mmse=curves["gaussian_mmse"].to(dev),
+        gaussian_errors=control("gaussian_errors"),
         **common,
     )
     deq = continuous_nll_from_curve(
@@ -283,6 +292,7 @@ def estimates_from_curves(
         True,
         x=x_deq,
         gaussian_mmse=curves["gaussian_mmse_deq"].to(dev),
+        gaussian_errors=control("gaussian_errors_deq"),
         **common,
     )
     a_lo, a_hi = proposal.bounds
