@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from hydra.errors import ConfigCompositionException
+from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from conftest import run_cli
 from itdiffusion.stages import evaluate
@@ -17,6 +17,8 @@ def test_a_mistyped_override_is_hydras_error(make_cfg, tmp_path):
         make_cfg("estimator.npoint=5")
     with pytest.raises(ConfigCompositionException):
         make_cfg("estimator.npoints=five")
+    with pytest.raises(MissingConfigException, match="Available options in .model."):  # lists the options
+        make_cfg("model=iddpm_cifar100")
     proc = run_cli("evaluate", "estimator.npoint=5", cwd=tmp_path)
     assert proc.returncode != 0
     assert "Could not override 'estimator.npoint'" in proc.stderr

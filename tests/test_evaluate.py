@@ -169,3 +169,13 @@ def test_control_variate_agrees_with_the_plain_estimate(tiny_cfg, tiny_checkpoin
     pair = evaluate.run(tiny_cfg(f"ensemble=[{a},{b}]", "estimator.control_variate=true", *common),
                         tmp_path / "pair")
     assert np.isfinite(pair["it_continuous_bpd"]) and np.isfinite(pair["it_discrete_bpd_stderr"])
+
+
+def test_a_rerun_gives_identical_per_image_numbers(tiny_cfg, tiny_checkpoints, tmp_path):
+    cfg = tiny_cfg(f"model.checkpoint={tiny_checkpoints[0]}", "estimator.vlb=false")
+    first, second = evaluate.run(cfg, tmp_path / "a"), evaluate.run(cfg, tmp_path / "b")
+    assert first["it_discrete_bpd"] == second["it_discrete_bpd"]
+    with np.load(tmp_path / "a" / "per_image.npz") as a, np.load(tmp_path / "b" / "per_image.npz") as b:
+        assert a.files == b.files
+        for key in a.files:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
