@@ -191,3 +191,16 @@ def test_bad_inputs_are_rejected():
         vlb(ToyNet(3), diffusion, pixels(1))
     with pytest.raises(ValueError, match="steps_per_batch"):
         vlb(ToyNet(6), diffusion, pixels(1), steps_per_batch=0)
+
+
+def test_one_pass_returns_both_decoders():
+    """``total(continuous_density)`` of one call equals the bound of a call made with that decoder."""
+    diffusion = upstream_diffusion(steps=20)
+    model = ToyNet(6, seed=5)
+    x = pixels(3, seed=5)
+    one = vlb(model, diffusion, x, generator=torch.Generator().manual_seed(7), steps_per_batch=3)
+    for density in (False, True):
+        alone = vlb(model, diffusion, x, continuous_density=density,
+                    generator=torch.Generator().manual_seed(7), steps_per_batch=3)
+        torch.testing.assert_close(one.total(density), alone.total_bpd, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(one.decoder_bpd, one.discrete_decoder_bpd, rtol=0, atol=0)

@@ -47,6 +47,13 @@ class VLBResult:
     terms_bpd: Tensor  # [B, T]
     decoder_bpd: Tensor  # [B] = terms_bpd[:, 0]
     continuous_density: bool  # True: decoder is a density, total a continuous NLL
+    discrete_decoder_bpd: Tensor  # [B] IDDPM's discretized Gaussian decoder, from the same pass
+    continuous_decoder_bpd: Tensor  # [B] the Gaussian density of x_0, from the same pass
+
+    def total(self, continuous_density: bool) -> Tensor:
+        """The bound with either decoder (both come from one network pass at t = 0), bits/dim [B]."""
+        decoder = self.continuous_decoder_bpd if continuous_density else self.discrete_decoder_bpd
+        return self.prior_bpd + self.terms_bpd[:, 1:].sum(1) + decoder
 
 
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
@@ -124,6 +131,8 @@ def vlb(model: nn.Module, diffusion: Any, x: Tensor, *, continuous_density: bool
     a [B, C, H, W] float64 draw each), so seeding reproduces its noise. ``steps_per_batch``
     timesteps share a forward pass (``B * steps_per_batch`` images). The model should be in eval
     mode (dropout off). ``clip_denoised`` clips x_hat to [-1, 1] as ``calc_bpd_loop`` does by default.
+    ``continuous_density`` picks the decoder in ``terms_bpd`` and ``total_bpd``; both decoders are always
+    returned (``VLBResult.total(continuous_density)``), so one call serves both variants.
     """
     if steps_per_batch < 1:
         raise ValueError(f"steps_per_batch must be >= 1, got {steps_per_batch}")
@@ -133,6 +142,7 @@ def vlb(model: nn.Module, diffusion: Any, x: Tensor, *, continuous_density: bool
     batch, dim = x0.shape[0], x0[0].numel()
     steps = torch.arange(diffusion.num_timesteps - 1, -1, -1, device=x.device)
     terms = x0.new_zeros(batch, len(steps))
+    decoders = x0.new_zeros(batch, 2)  # [discrete, continuous] decoder bits/dim
     chunks = steps.split(steps_per_batch)
     if progress:
         from tqdm.auto import tqdm
@@ -142,18 +152,23 @@ def vlb(model: nn.Module, diffusion: Any, x: Tensor, *, continuous_density: bool
         t = chunk.repeat_interleave(batch)  # [K*B]: K steps, each for all B images
         x0_rep = x0.repeat(len(chunk), *([1] * (x0.ndim - 1)))
         noise = torch.cat([_randn(x0.shape, generator, x0.device) for _ in chunk])
-        nats = _step_nats(model, chain, x0_rep, t, noise, model_dtype, clip_denoised, continuous_density)
+        nats, decoder_nats = _step_nats(model, chain, x0_rep, t, noise, model_dtype, clip_denoised)
+        if decoder_nats is not None:  # rows of step 0 come image by image
+            decoders = nats_to_bpd(decoder_nats, dim)
+            nats[t == 0] = decoder_nats[:, int(continuous_density)]
         terms[:, chunk] = nats_to_bpd(nats, dim).view(len(chunk), batch).T
     prior = normal_kl(chain.sqrt_abar[-1] * x0, 2 * torch.log(chain.sqrt_1m_abar[-1]),
                       torch.zeros_like(x0), torch.zeros_like(x0))
     prior_bpd = nats_to_bpd(prior.flatten(1).sum(1), dim)
     return VLBResult(total_bpd=prior_bpd + terms.sum(1), prior_bpd=prior_bpd, terms_bpd=terms,
-                     decoder_bpd=terms[:, 0], continuous_density=continuous_density)
+                     decoder_bpd=terms[:, 0], continuous_density=continuous_density,
+                     discrete_decoder_bpd=decoders[:, 0], continuous_decoder_bpd=decoders[:, 1])
 
 
 def _step_nats(model: nn.Module, chain: _Chain, x0: Tensor, t: Tensor, noise: Tensor,
-               model_dtype: torch.dtype, clip_denoised: bool, continuous_density: bool) -> Tensor:
-    """The bound's term (nats per image) of step ``t[i]`` for row i: L_t, or the decoder where t = 0."""
+               model_dtype: torch.dtype, clip_denoised: bool) -> tuple[Tensor, Tensor | None]:
+    """The KL term L_t (nats per image) of step ``t[i]`` for row i, and, for the rows with t = 0, both
+    decoders -log p(x_0 | x_1) as ``[n, 2]`` (discretized Gaussian, Gaussian density); None if no such row."""
     xt = _col(chain.sqrt_abar[t], x0) * x0 + _col(chain.sqrt_1m_abar[t], x0) * noise
     out = model(xt.to(model_dtype), chain.model_timesteps(t)).to(torch.float64)
     channels = x0.shape[1]
@@ -173,9 +188,11 @@ def _step_nats(model: nn.Module, chain: _Chain, x0: Tensor, t: Tensor, noise: Te
     mean_q = _col(chain.c0[t], xt) * x0 + _col(chain.ct[t], xt) * xt
     nats = normal_kl(mean_q, _col(chain.post_logvar[t], xt), mean_p, logvar_p).flatten(1).sum(1)
     last = t == 0
-    if last.any():
-        nats[last] = _decoder_nll(x0[last], mean_p[last], logvar_p[last], continuous_density)
-    return nats
+    if not last.any():
+        return nats, None
+    decoders = torch.stack([_decoder_nll(x0[last], mean_p[last], logvar_p[last], density)
+                            for density in (False, True)], dim=1)
+    return nats, decoders
 
 
 def _decoder_nll(x0: Tensor, mean: Tensor, logvar: Tensor, continuous_density: bool) -> Tensor:
