@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from itdiffusion.denoisers import Denoiser, noisy_channel, x_from_eps
+from itdiffusion.proposals import SAMPLING_MODES, QuantileSampling
 
 LOG_2PI_E = math.log(2.0 * math.pi * math.e)
 
@@ -64,7 +65,6 @@ DECISION_BINS = 32
 # it_nll warns when the discrete right-tail bound exceeds this many nats per dimension.
 RIGHT_TAIL_WARN_NATS_PER_DIM = 1e-3
 
-SAMPLING_MODES = ("stratified", "random", "grid")
 ROUNDING_MODES = ("none", "hard", "soft")
 
 
@@ -236,7 +236,7 @@ class GaussianReference:
 
 
 @dataclass(frozen=True)
-class LogSNRProposal:
+class LogSNRProposal(QuantileSampling):
     """Logistic(loc, scale) truncated to ``[loc - clip * scale, high]`` (``high`` defaults to
     ``loc + clip * scale``; a higher end lets the discrete estimate reach the SNRs that resolve a lattice).
 
@@ -302,23 +302,9 @@ class LogSNRProposal:
         lo, hi = self.bounds
         return torch.where((a >= lo) & (a <= hi), log_q, torch.full_like(log_q, -math.inf))
 
-    def points(self, npoints: int, mode: str = "stratified",
-               generator: torch.Generator | None = None) -> Tensor:
-        """``npoints`` log-SNRs (float64, CPU), ordered by stratum for ``stratified`` and ``grid``."""
-        k = torch.arange(npoints, dtype=torch.float64)
-        if mode == "random":
-            p = torch.rand(npoints, dtype=torch.float64, generator=generator)
-        elif mode == "stratified":
-            p = (k + torch.rand(npoints, dtype=torch.float64, generator=generator)) / npoints
-        elif mode == "grid":
-            p = (k + 0.5) / npoints
-        else:
-            raise ValueError(f"logsnr sampling must be one of {SAMPLING_MODES}, got {mode!r}")
-        return self.quantile(p)
-
-    def bins(self, a: Tensor, nbins: int) -> Tensor:
-        """Index of the equal-probability bin (stratum) holding each log-SNR, in ``0 .. nbins - 1``."""
-        return (self.cdf(a) * nbins).floor().long().clamp(0, nbins - 1)
+    def to_dict(self) -> dict:
+        return {"kind": "logistic", "loc": self.loc, "scale": self.scale, "clip": self.clip,
+                "high": self.high}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -549,9 +535,12 @@ def continuous_nll_from_curve(mmse: Tensor, logsnr: Tensor, log_q: Tensor, refer
     the reference's); it defines the bins and the range. ``sampling``: how they were drawn, for the
     standard error (:func:`mc_mean_and_stderr`).
     ``gaussian_errors`` ``[B, K]`` (needs ``x``): the reference decoder's errors on the same points and noise
-    (:meth:`GaussianReference.decoder_errors`), used as a control variate with coefficient 1
-    (:func:`_gaussian_control_variate`): ``-ln p(x) = -ln p_G(x) + 1/2 int E[mse - g] da``, so only the
-    network's departure from the Gaussian decoder is sampled; the clamp's candidate is then g itself.
+    (:meth:`GaussianReference.decoder_errors`), used as a control variate (:func:`_gaussian_control_variate`)
+    with a coefficient per bin fitted on the other images (:func:`cross_fitted_coefficient`): with
+    coefficient 1, ``-ln p(x) = -ln p_G(x) + 1/2 int E[mse - g] da`` and only the network's departure from
+    the Gaussian decoder is sampled (exact for Gaussian data); the fitted coefficient falls towards 0 where
+    the network's errors do not follow g's (a poorly trained network, or non-Gaussian images at high
+    SNR), so the control can never add much variance. The clamp's candidate is g itself.
     Differentiable in ``mmse`` (``it_loss`` uses it with K = 1 and no clamp).
     """
     proposal = proposal or LogSNRProposal.from_reference(reference)
@@ -563,7 +552,7 @@ def continuous_nll_from_curve(mmse: Tensor, logsnr: Tensor, log_q: Tensor, refer
         control = gaussian_errors.to(torch.float64) * weight
         candidates = torch.cat([_as_candidates(mmse) * weight] + ([control[None]] if clamp else []))
         mean, stderr = _gaussian_control_variate(candidates, control, logsnr, x, reference, proposal,
-                                                 fitted=False, sampling=sampling)
+                                                 fitted=True, sampling=sampling)
         mean = mean - _reference_mmse_integral(reference, proposal.bounds)
         nll = reference.entropy + 0.5 * mean + continuous_tails(reference, x, proposal.bounds)
         return CurveNLL(nll, 0.5 * stderr)
@@ -589,8 +578,10 @@ def discrete_nll_from_curve(mmse: Tensor, logsnr: Tensor, log_q: Tensor, referen
     """``-ln P(x) = 1/2 int mse(x, a) da`` for data on a lattice of spacing ``delta``, per image, in nats.
 
     ``mmse``: ``[C, B, K]`` (or ``[B, K]``) eps-unit errors of C candidate decoders on the same points
-    (e.g. the raw and the rounded x_hat of one network evaluation); per bin the cross-fitted best is used,
-    plus the Gaussian decoder if ``clamp``. Inside the sampled range: ``1/2 E_q[mse / q]``; below it the
+    (e.g. the rounded and the raw x_hat of one network evaluation); per bin the cross-fitted best is used,
+    plus the Gaussian decoder if ``clamp``. The first candidate is the default where the other images give
+    too little evidence (put the rounded x_hat first: its error vanishes at high SNR, the raw one's does
+    not). Inside the sampled range: ``1/2 E_q[mse / q]``; below it the
     Gaussian decoder (:func:`left_tail`); above it the rounding decoder (:func:`right_tail_bound`).
     ``gaussian_errors`` ``[B, K]``: the reference decoder's errors on the same points and noise, a control
     variate with a coefficient per bin fitted on the other images (:func:`cross_fitted_coefficient`; near
@@ -794,13 +785,13 @@ def it_nll(denoiser: Denoiser, x: Tensor, reference: GaussianReference, *, npoin
     - ``continuous``: :func:`continuous_nll_from_curve` of the raw error curve (x_hat clamped to
       ``xinterval`` if given), the Gaussian decoder as a cross-fitted alternative if ``clamp``.
     - ``discrete`` (``delta`` given; ``xinterval = (low, high)`` is required and fixes the lattice
-      ``low + delta k``): :func:`discrete_nll_from_curve` with candidates the raw x_hat and, unless
-      ``rounding="none"``, the rounded x_hat (:func:`round_to_lattice`, ``hard`` or ``soft``), chosen per
-      bin by cross-fitting (ITD's ``min(mses, mses_round_xhat)``, unbiased). For the exact Bayes denoiser
-      the raw posterior mean already satisfies the pointwise I-MMSE identity ``-ln P(x) = 1/2 int
-      mmse(x, a) da`` exactly; rounding it gives another decoder (never better on average), so
-      ground truth is checked with ``rounding="none"``. For networks rounding removes the non-vanishing
-      high-SNR error of a continuous x_hat and is what makes the integral finite.
+      ``low + delta k``): :func:`discrete_nll_from_curve` with candidates, unless ``rounding="none"``, the
+      rounded x_hat (:func:`round_to_lattice`, ``hard`` or ``soft``; the default decoder) and the raw
+      x_hat, chosen per bin by cross-fitting (ITD's ``min(mses, mses_round_xhat)``, unbiased). For the
+      exact Bayes denoiser the raw posterior mean already satisfies the pointwise I-MMSE identity
+      ``-ln P(x) = 1/2 int mmse(x, a) da`` exactly; rounding it gives another decoder (never better on
+      average), so ground truth is checked with ``rounding="none"``. For networks rounding removes the
+      non-vanishing high-SNR error of a continuous x_hat and is what makes the integral finite.
     - ``dequantized`` (``dequantize=True``): a second pass on ``x + delta (U - 1/2)`` (same points and
       noise), its continuous estimate plus ``d ln(1/delta)``.
 
@@ -877,7 +868,7 @@ def it_nll(denoiser: Denoiser, x: Tensor, reference: GaussianReference, *, npoin
                      gaussian_errors=curves.get("mmse_gaussian"))
     if delta is not None:
         est.mmse_rounded = curves.get("mmse_rounded")
-        cands = torch.stack([curves["mmse"]] + ([est.mmse_rounded] if est.mmse_rounded is not None else []))
+        cands = torch.stack(([est.mmse_rounded] if est.mmse_rounded is not None else []) + [curves["mmse"]])
         disc = discrete_nll_from_curve(cands, logsnr, log_q, reference, delta, clamp, x=images,
                                        gaussian_mmse=gaussian, gaussian_errors=est.gaussian_errors, **common)
         est.discrete, est.discrete_stderr = disc.nll, disc.stderr

@@ -240,8 +240,8 @@ def estimates_from_curves(
 ) -> dict[str, torch.Tensor]:
     """Per-image IT estimates (nats) of the model ``members`` (one index; several: their ensemble).
 
-    ``continuous``: -ln p(x) from the raw curves; ``discrete``: -ln P(x) with candidates the raw and
-    rounded curves, tails included, and ``discrete_notails`` without them (ITD's table);
+    ``continuous``: -ln p(x) from the raw curves; ``discrete``: -ln P(x) with candidates the rounded
+    (the default) and raw curves, tails included, and ``discrete_notails`` without them (ITD's table);
     ``dequantized``: the continuous estimate at the dequantized images plus d ln(1/delta). Each
     with ``<name>_mc_stderr``, the Monte Carlo standard error of that image's estimate.
     """
@@ -270,7 +270,7 @@ def estimates_from_curves(
         **common,
     )
     disc = discrete_nll_from_curve(
-        stack(["mmse", "mmse_rounded"]),
+        stack(["mmse_rounded", "mmse"]),
         logsnr,
         log_q,
         reference,
