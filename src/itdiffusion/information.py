@@ -42,7 +42,6 @@ import torch
 from torch import Tensor
 
 from itdiffusion.denoisers import Denoiser, noisy_channel, x_from_eps
-from itdiffusion.proposals import SAMPLING_MODES, QuantileSampling
 
 LOG_2PI_E = math.log(2.0 * math.pi * math.e)
 
@@ -65,6 +64,7 @@ DECISION_BINS = 32
 # it_nll warns when the discrete right-tail bound exceeds this many nats per dimension.
 RIGHT_TAIL_WARN_NATS_PER_DIM = 1e-3
 
+SAMPLING_MODES = ("stratified", "random", "grid")
 ROUNDING_MODES = ("none", "hard", "soft")
 
 
@@ -198,19 +198,6 @@ class GaussianReference:
         t = torch.sigmoid(a + self.log_eigvals)
         return (t * e - (1 - t) * (0.5 * a).exp() * y).square().sum(-1)
 
-    def pointwise_mmse_antiderivative(self, x: Tensor, logsnr: Tensor) -> Tensor:
-        """``A(x, a)`` with ``dA/da =`` :meth:`pointwise_mmse`, for every image and log-SNR ``[B, M]``.
-
-        ``d t / d a = t (1 - t)`` gives ``int t (1 - t) da = t`` and ``int t^2 da = softplus(u) - t``, so
-        ``A = sum_i [(rho_i - 1) t_i + softplus(a + ln lambda_i)]``. ``logsnr``: ``[M]`` (shared) or
-        ``[B, M]``.
-        """
-        rho = self.whiten_coords(x)  # [B, d]
-        a = torch.as_tensor(logsnr, dtype=torch.float64, device=self.mean.device)
-        a = a.expand(rho.shape[0], -1) if a.dim() == 1 else a
-        u = a[..., None] + self.log_eigvals  # [B, M, d]
-        return ((rho[:, None, :] - 1) * torch.sigmoid(u) + torch.nn.functional.softplus(u)).sum(-1)
-
     def to(self, device) -> GaussianReference:
         return GaussianReference(self.mean.to(device), self.eigvals.to(device),
                                  None if self.eigvecs is None else self.eigvecs.to(device), self.shape,
@@ -236,7 +223,7 @@ class GaussianReference:
 
 
 @dataclass(frozen=True)
-class LogSNRProposal(QuantileSampling):
+class LogSNRProposal:
     """Logistic(loc, scale) truncated to ``[loc - clip * scale, high]`` (``high`` defaults to
     ``loc + clip * scale``; a higher end lets the discrete estimate reach the SNRs that resolve a lattice).
 
@@ -302,9 +289,23 @@ class LogSNRProposal(QuantileSampling):
         lo, hi = self.bounds
         return torch.where((a >= lo) & (a <= hi), log_q, torch.full_like(log_q, -math.inf))
 
-    def to_dict(self) -> dict:
-        return {"kind": "logistic", "loc": self.loc, "scale": self.scale, "clip": self.clip,
-                "high": self.high}
+    def points(self, npoints: int, mode: str = "stratified",
+               generator: torch.Generator | None = None) -> Tensor:
+        """``npoints`` log-SNRs (float64, CPU), ordered by stratum for ``stratified`` and ``grid``."""
+        k = torch.arange(npoints, dtype=torch.float64)
+        if mode == "random":
+            p = torch.rand(npoints, dtype=torch.float64, generator=generator)
+        elif mode == "stratified":
+            p = (k + torch.rand(npoints, dtype=torch.float64, generator=generator)) / npoints
+        elif mode == "grid":
+            p = (k + 0.5) / npoints
+        else:
+            raise ValueError(f"logsnr sampling must be one of {SAMPLING_MODES}, got {mode!r}")
+        return self.quantile(p)
+
+    def bins(self, a: Tensor, nbins: int) -> Tensor:
+        """Index of the equal-probability bin (stratum) holding each log-SNR, in ``0 .. nbins - 1``."""
+        return (self.cdf(a) * nbins).floor().long().clamp(0, nbins - 1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -468,51 +469,32 @@ def _as_candidates(mmse: Tensor) -> Tensor:
     return mmse[None] if mmse.dim() == 2 else mmse
 
 
-def _choose(integrands: list[Tensor], logsnr: Tensor, proposal: LogSNRProposal) -> Tensor:
-    stacked = torch.cat([t if t.dim() == 3 else t[None] for t in integrands])
-    nbins = min(logsnr.shape[1], DECISION_BINS)
-    return cross_fitted_choice(stacked, proposal.bins(logsnr, nbins).to(stacked.device), nbins)
+def _estimate(candidates: list[Tensor], logsnr: Tensor, proposal: LogSNRProposal, sampling: str,
+              control: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``mean_k`` of the chosen integrand per image, and its standard error (the integrand's units).
 
-
-def _gaussian_control_variate(candidates: Tensor, control: Tensor, logsnr: Tensor, x: Tensor,
-                              reference: GaussianReference, proposal: LogSNRProposal, fitted: bool,
-                              sampling: str) -> tuple[Tensor, Tensor]:
-    """``int_{a_lo}^{a_hi} f(x, a) da`` per image with the reference's decoder as a control variate.
-
-    ``candidates`` ``[C, B, K]``: integrands ``f_c / q`` of C decoders; ``control`` ``[B, K]``: the
-    reference decoder's sampled error over q on the same points and noise, ``g / q``. With the
-    cross-fitted decoder choice c(b, j) and a coefficient ``beta`` per image and bin j (1, or
-    :func:`cross_fitted_coefficient` if ``fitted``), the estimate is
-
-        mean_k [f_c / q - beta g / q] + sum_j beta_j int_{bin j} E_eps g(x, a) da,
-
-    the last integral exact (:meth:`GaussianReference.pointwise_mmse_antiderivative`). Unbiased since
-    ``beta`` and the choice do not depend on the image's own noise; the error and g share that noise, so
-    their difference varies far less than either. Returns (mean, standard error) in the integrand's units.
+    ``candidates``: ``[B, K]`` or ``[C, B, K]`` tensors, integrands ``f_c / q`` of the candidate decoders
+    on the same points and noise; per image and log-SNR bin the cross-fitted choice
+    (:func:`cross_fitted_choice`) picks one. ``control`` ``[B, K]`` (optional): ``(g - E_eps g) / q``, the
+    reference decoder's error on the same noise minus its exact mean at that (x, a), so zero-mean at every
+    point. It enters as ``f_c / q - beta control`` with ``beta`` per image and bin fitted on the other
+    images (:func:`cross_fitted_coefficient`): unbiased (beta and the choice never see the image's own
+    noise), and it removes the part of the channel-noise fluctuation the two decoders share.
     """
-    k = logsnr.shape[1]
-    nbins = min(k, DECISION_BINS)
-    bins = proposal.bins(logsnr, nbins).to(candidates.device)
-    index = _cross_fitted_index(candidates, bins, nbins)  # [B, nbins]
-    if fitted:
-        coef = cross_fitted_coefficient(candidates, control[None], bins, nbins)  # [C, B, nbins]
-        coef = coef.gather(0, index[None]).squeeze(0)
-    else:
-        coef = torch.ones(index.shape, dtype=candidates.dtype, device=candidates.device)
-    chosen = candidates.gather(0, index.gather(1, bins)[None]).squeeze(0)
-    values = chosen - coef.gather(1, bins) * control
-    edges = proposal.quantile(torch.arange(nbins + 1, dtype=torch.float64) / nbins)
-    bin_integrals = reference.pointwise_mmse_antiderivative(x, edges).diff(dim=1).to(coef.device)
-    mean, stderr = mc_mean_and_stderr(values, sampling)
-    return mean + (coef * bin_integrals).sum(1), stderr
+    stacked = torch.cat([t if t.dim() == 3 else t[None] for t in candidates])
+    nbins = min(logsnr.shape[1], DECISION_BINS)
+    bins = proposal.bins(logsnr, nbins).to(stacked.device)
+    index = _cross_fitted_index(stacked, bins, nbins)  # [B, nbins]
+    values = stacked.gather(0, index.gather(1, bins)[None]).squeeze(0)
+    if control is not None:
+        coef = cross_fitted_coefficient(stacked, control[None], bins, nbins)  # [C, B, nbins]
+        values = values - coef.gather(0, index[None]).squeeze(0).gather(1, bins) * control
+    return mc_mean_and_stderr(values, sampling)
 
 
-def _reference_mmse_integral(reference: GaussianReference, bounds: tuple[float, float]) -> float:
-    """``int_{a_lo}^{a_hi} mmse_G(a) da``
-    ``= sum_i [softplus(a_hi + ln lambda_i) - softplus(a_lo + ln lambda_i)]`` (eps units times log-SNR)."""
-    softplus = torch.nn.functional.softplus
-    lo, hi = bounds
-    return (softplus(hi + reference.log_eigvals) - softplus(lo + reference.log_eigvals)).sum().item()
+def _noise_control(gaussian_errors: Tensor | None, gaussian_mmse: Tensor, weight: Tensor) -> Tensor | None:
+    """``(g - E_eps g) / q`` from the reference decoder's sampled errors g and their exact mean."""
+    return None if gaussian_errors is None else (gaussian_errors.to(torch.float64) - gaussian_mmse) * weight
 
 
 def continuous_nll_from_curve(mmse: Tensor, logsnr: Tensor, log_q: Tensor, reference: GaussianReference,
@@ -535,36 +517,23 @@ def continuous_nll_from_curve(mmse: Tensor, logsnr: Tensor, log_q: Tensor, refer
     the reference's); it defines the bins and the range. ``sampling``: how they were drawn, for the
     standard error (:func:`mc_mean_and_stderr`).
     ``gaussian_errors`` ``[B, K]`` (needs ``x``): the reference decoder's errors on the same points and noise
-    (:meth:`GaussianReference.decoder_errors`), used as a control variate (:func:`_gaussian_control_variate`)
-    with a coefficient per bin fitted on the other images (:func:`cross_fitted_coefficient`): with
-    coefficient 1, ``-ln p(x) = -ln p_G(x) + 1/2 int E[mse - g] da`` and only the network's departure from
-    the Gaussian decoder is sampled (exact for Gaussian data); the fitted coefficient falls towards 0 where
-    the network's errors do not follow g's (a poorly trained network, or non-Gaussian images at high
-    SNR), so the control can never add much variance. The clamp's candidate is g itself.
+    (:meth:`GaussianReference.decoder_errors`); minus their exact mean they are a zero-mean control variate
+    for the channel noise (:func:`_estimate`).
     Differentiable in ``mmse`` (``it_loss`` uses it with K = 1 and no clamp).
     """
     proposal = proposal or LogSNRProposal.from_reference(reference)
     logsnr = logsnr.to(torch.float64)
     weight = torch.exp(-log_q.to(torch.float64))
-    if gaussian_errors is not None:
-        if x is None:
-            raise ValueError("continuous_nll_from_curve: gaussian_errors (the control variate) needs x")
-        control = gaussian_errors.to(torch.float64) * weight
-        candidates = torch.cat([_as_candidates(mmse) * weight] + ([control[None]] if clamp else []))
-        mean, stderr = _gaussian_control_variate(candidates, control, logsnr, x, reference, proposal,
-                                                 fitted=True, sampling=sampling)
-        mean = mean - _reference_mmse_integral(reference, proposal.bounds)
-        nll = reference.entropy + 0.5 * mean + continuous_tails(reference, x, proposal.bounds)
-        return CurveNLL(nll, 0.5 * stderr)
+    if gaussian_errors is not None and x is None:
+        raise ValueError("continuous_nll_from_curve: gaussian_errors (the control variate) needs x")
+    if x is not None and gaussian_mmse is None:
+        gaussian_mmse = reference.pointwise_mmse(x, logsnr)
     mmse_g = reference.mmse(logsnr)
     candidates = [(_as_candidates(mmse) - mmse_g) * weight]
     if clamp:
-        if x is None:
-            candidates.append(torch.zeros_like(mmse_g))
-        else:
-            gaussian_mmse = reference.pointwise_mmse(x, logsnr) if gaussian_mmse is None else gaussian_mmse
-            candidates.append((gaussian_mmse - mmse_g) * weight)
-    mean, stderr = mc_mean_and_stderr(_choose(candidates, logsnr, proposal), sampling)
+        candidates.append(torch.zeros_like(mmse_g) if x is None else (gaussian_mmse - mmse_g) * weight)
+    control = None if x is None else _noise_control(gaussian_errors, gaussian_mmse, weight)
+    mean, stderr = _estimate(candidates, logsnr, proposal, sampling, control)
     nll = reference.entropy + 0.5 * mean
     if x is not None:
         nll = nll + continuous_tails(reference, x, proposal.bounds)
@@ -581,26 +550,19 @@ def discrete_nll_from_curve(mmse: Tensor, logsnr: Tensor, log_q: Tensor, referen
     (e.g. the rounded and the raw x_hat of one network evaluation); per bin the cross-fitted best is used,
     plus the Gaussian decoder if ``clamp``. The first candidate is the default where the other images give
     too little evidence (put the rounded x_hat first: its error vanishes at high SNR, the raw one's does
-    not). Inside the sampled range: ``1/2 E_q[mse / q]``; below it the
-    Gaussian decoder (:func:`left_tail`); above it the rounding decoder (:func:`right_tail_bound`).
-    ``gaussian_errors`` ``[B, K]``: the reference decoder's errors on the same points and noise, a control
-    variate with a coefficient per bin fitted on the other images (:func:`cross_fitted_coefficient`; near
-    1 at low SNR, near 0 at high SNR where a rounded x_hat's error vanishes and the Gaussian's does not).
+    not). Inside the sampled range: ``1/2 E_q[mse / q]``; below it the Gaussian decoder
+    (:func:`left_tail`); above it the rounding decoder (:func:`right_tail_bound`). ``gaussian_errors``
+    ``[B, K]``: the reference decoder's errors on the same points and noise, a zero-mean control variate
+    once their exact mean is subtracted (:func:`_estimate`; its fitted coefficient is near 0 at high SNR,
+    where a rounded x_hat's error vanishes and the Gaussian's does not).
     """
     proposal = proposal or LogSNRProposal.from_reference(reference, delta=delta)
     logsnr = logsnr.to(torch.float64)
     weight = torch.exp(-log_q.to(torch.float64))
-    if gaussian_errors is not None:
-        control = gaussian_errors.to(torch.float64) * weight
-        candidates = torch.cat([_as_candidates(mmse) * weight] + ([control[None]] if clamp else []))
-        mean, stderr = _gaussian_control_variate(candidates, control, logsnr, x, reference, proposal,
-                                                 fitted=True, sampling=sampling)
-    else:
-        candidates = [_as_candidates(mmse) * weight]
-        if clamp:
-            gaussian_mmse = reference.pointwise_mmse(x, logsnr) if gaussian_mmse is None else gaussian_mmse
-            candidates.append(gaussian_mmse * weight)
-        mean, stderr = mc_mean_and_stderr(_choose(candidates, logsnr, proposal), sampling)
+    gaussian_mmse = reference.pointwise_mmse(x, logsnr) if gaussian_mmse is None else gaussian_mmse
+    candidates = [_as_candidates(mmse) * weight] + ([gaussian_mmse * weight] if clamp else [])
+    mean, stderr = _estimate(candidates, logsnr, proposal, sampling,
+                             _noise_control(gaussian_errors, gaussian_mmse, weight))
     a_lo, a_hi = proposal.bounds
     tails = left_tail(reference, x, a_lo) + right_tail_bound(reference.dim, delta, a_hi)
     return CurveNLL(0.5 * mean + tails, 0.5 * stderr)
@@ -802,9 +764,11 @@ def it_nll(denoiser: Denoiser, x: Tensor, reference: GaussianReference, *, npoin
     per-image seeds are drawn from ``generator``. ``batch_size``: denoiser inputs per call.
 
     ``control_variate=True``: the reference's linear decoder, applied to the same z (no network call),
-    serves as a control variate whose integral is known exactly per image (``gaussian_errors`` of
-    :func:`continuous_nll_from_curve` and :func:`discrete_nll_from_curve`). Same expectation, much smaller
-    standard error (see ``scripts/bench_estimator_efficiency.py``); costs a ``d x d`` product per point.
+    gives errors g whose mean over the noise at (x, a) is known exactly; ``g - E g`` is a zero-mean control
+    variate for the channel noise (``gaussian_errors`` of :func:`continuous_nll_from_curve` and
+    :func:`discrete_nll_from_curve`). Same expectation, smaller standard error where the network's errors
+    follow the linear decoder's (see ``scripts/bench_estimator_efficiency.py``); costs a ``d x d``
+    product per point.
     """
     if npoints < 2:
         raise ValueError(f"it_nll: npoints must be at least 2 (for a standard error), got {npoints}")
