@@ -1,21 +1,22 @@
 """Monte Carlo efficiency of the IT likelihood estimators: standard error against network evaluations.
 
 Images and denoiser are fixed; each estimator is repeated with independent seeds and the standard error
-of the dataset-mean bits/dim is measured as the spread over repeats (the reported standard error is
-printed beside it). Efficiency is ``SE^2 x evaluations per image`` (the evaluations needed for a given
-standard error scale with it), and ``ratio = reference / ours``: how many times fewer network evaluations
-ours needs for the same standard error.
+of the dataset-mean bits/dim is measured from each image's spread over repeats, pooled over images (the
+reported standard error is printed beside it). Efficiency is ``SE^2 x evaluations per image`` (the
+evaluations needed for a given standard error scale with it), and ``ratio = reference / ours``: how many
+times fewer network evaluations ours needs for the same standard error.
 
 - reference style (ITD's estimator, written here from its formulas): a deterministic logistic grid of K
   log-SNRs shared by all images, importance weights 1/q, a separate network pass with fresh noise for the
   continuous, the rounded (discrete) and the dequantized estimate: 3 evaluations per point.
 - ours (``itdiffusion.information.it_nll``): one pass serves continuous and discrete, stratified per-image
-  log-SNRs, optionally the reference's linear decoder on the same noise as an exact control variate
-  (``control_variate=True``) and the moment-matched proposal (``variance_factor=3/pi^2``).
+  log-SNRs, optionally the reference's linear decoder on the same noise as a zero-mean control variate
+  for the channel noise (``control_variate=True``).
 
 Denoisers: the exact posterior mean of a Gaussian mixture (d = 64; exact log-likelihoods give the bias),
-and a tiny IDDPM U-Net (improved-diffusion's class, 32x32 photo patches, a few Adam steps).
-Prints markdown tables; a few minutes on 2 CPU cores at the default sizes (``--quick``: seconds).
+and the tiny IDDPM U-Net that ``make smoke`` fine-tunes on the IT loss (32x32 photo crops; the tiny U-Net
+part is skipped, saying so, when no smoke checkpoint exists). Prints markdown tables; a few minutes on 2
+CPU cores at the default sizes (``--quick``: seconds).
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ import argparse
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from itdiffusion.denoisers import GaussianMixture, noisy_channel, x_from_eps
 from itdiffusion.information import (
-    MOMENT_VARIANCE_FACTOR,
     GaussianReference,
     LogSNRProposal,
     it_nll,
@@ -107,27 +108,30 @@ class Row:
     name: str
     evals: int
     mean_bpd: dict  # estimate -> mean over repeats of the dataset-mean bits/dim
-    se_bpd: dict  # estimate -> std over repeats
+    se_bpd: dict  # estimate -> standard error of the dataset mean, from the per-image spread over repeats
     reported_se_bpd: dict  # estimate -> mean reported standard error (ours only)
     seconds: float
 
 
 def _repeat(name: str, fn, repeats: int, dim: int, keys: tuple[str, ...]) -> Row:
+    """Runs ``fn`` with ``repeats`` seeds. The standard error of the dataset mean over B images is
+    ``sqrt(mean_b Var_r[estimate_b] / B)``: each image's variance over repeats, pooled over images (B times
+    more degrees of freedom than the spread of the B-image means themselves, same expectation)."""
     start = time.perf_counter()
-    means = {k: [] for k in keys}
+    per_image = {k: [] for k in keys}
     reported = {k: [] for k in keys}
     evals = 0
     for r in range(repeats):
         out = fn(_gen(1000 + r))
         evals = out["evals"]
         for k in keys:
-            means[k].append(nats_to_bpd(out[k], dim).mean().item())
+            per_image[k].append(nats_to_bpd(out[k], dim).to(torch.float64))
             if out.get(k + "_stderr") is not None:
                 se = out[k + "_stderr"]
                 reported[k].append(nats_to_bpd(se.square().sum().sqrt() / se.numel(), dim).item())
-    t = {k: torch.tensor(v, dtype=torch.float64) for k, v in means.items()}
+    t = {k: torch.stack(v) for k, v in per_image.items()}  # [repeats, B]
     return Row(name, evals, {k: v.mean().item() for k, v in t.items()},
-               {k: v.std().item() for k, v in t.items()},
+               {k: (v.var(0).mean() / v.shape[1]).sqrt().item() for k, v in t.items()},
                {k: (sum(v) / len(v) if v else math.nan) for k, v in reported.items()},
                (time.perf_counter() - start) / repeats)
 
@@ -175,42 +179,32 @@ def gaussian_mixture_setup(dim: int, num_images: int, seed: int = 0):
     return mixture, reference, x
 
 
-def tiny_unet_setup(num_images: int, image_size: int, train_steps: int, seed: int = 0):
-    """improved-diffusion's U-Net (iddpm_tiny flags at ``image_size``) after a few Adam steps of its own
-    loss on photo patches; the reference from 2,000 patches; test images from held-out patches."""
-    import skimage.data
-    from omegaconf import OmegaConf
+def smoke_checkpoint() -> Path | None:
+    """The newest IT fine-tuned tiny U-Net that ``make smoke`` left, if any."""
+    found = sorted(Path("checkpoints/finetune").glob("smoke-*-tune/model.pt"),
+                   key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
 
-    from itdiffusion.models.iddpm import IDDPMDenoiser, build_model_and_diffusion, iddpm_training_loss
 
-    cfg = OmegaConf.to_container(OmegaConf.load("conf/model/iddpm_tiny.yaml"))
-    cfg.pop("defaults", None)
-    cfg["image_size"] = image_size
-    torch.manual_seed(seed)
-    model, diffusion = build_model_and_diffusion(cfg)
-    g = _gen(seed)
-    photos = [torch.as_tensor(getattr(skimage.data, n)()).permute(2, 0, 1)
-              for n in ("astronaut", "coffee", "chelsea")]
+def smoke_unet_setup(checkpoint: Path, num_images: int):
+    """The smoke pipeline's model (iddpm_tiny, 20 steps) at ``checkpoint``, its Gaussian reference (the
+    stats stage's, from 3,500 training crops) and the first ``num_images`` test crops (a photo not trained
+    on), through the pipeline's own config and loaders."""
+    from hydra import compose, initialize_config_dir
 
-    def patches(photo, n):
-        i = torch.randint(0, photo.shape[1] - image_size, (n,), generator=g)
-        j = torch.randint(0, photo.shape[2] - image_size, (n,), generator=g)
-        crops = torch.stack([photo[:, a:a + image_size, b:b + image_size] for a, b in zip(i, j, strict=True)])
-        return crops.double() / 127.5 - 1
+    from itdiffusion.config import register_configs
+    from itdiffusion.data import load_images, to_model_range
+    from itdiffusion.stages.evaluate import load_members
+    from itdiffusion.stages.stats import load_or_compute_reference
 
-    train = torch.cat([patches(p, 1000) for p in photos[:2]])
-    test = patches(photos[2], num_images)
-    model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for _ in range(train_steps):
-        batch = train[torch.randint(0, train.shape[0], (32,), generator=g)].float()
-        loss = iddpm_training_loss(model, diffusion, batch, generator=g).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    reference = GaussianReference.from_data(train, min_eigval=PIXEL_BIN**2 / 12)
-    return IDDPMDenoiser(model, cfg), reference, test
+    register_configs()
+    with initialize_config_dir(config_dir=str(Path("conf").resolve()), version_base=None):
+        cfg = compose("config", overrides=["experiment=smoke", f"model.checkpoint={checkpoint}",
+                                           "logger=none", f"data.num_images={num_images}"])
+    reference = load_or_compute_reference(cfg)
+    test = load_images(cfg.data, "test")
+    x = to_model_range(torch.stack([test[i][0] for i in range(len(test))]))
+    return load_members(cfg, torch.device("cpu"))[0].denoiser, reference, x
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -224,16 +218,11 @@ def bench_gaussian_mixture(dim: int, num_images: int, repeats: int, ref_points: 
                     lambda g: reference_style(mixture, x, reference, ref_points, g)
                     | {"evals": 3 * ref_points},
                     repeats, dim, key)]
-    moment = LogSNRProposal.from_reference(reference, variance_factor=MOMENT_VARIANCE_FACTOR)
     for k in our_points:
         rows.append(_repeat(f"ours, stratified K={k}", _ours(mixture, x, reference, k, clamp=False),
                             repeats, dim, key))
         rows.append(_repeat(f"ours, stratified + control variate K={k}",
                             _ours(mixture, x, reference, k, clamp=False, control_variate=True),
-                            repeats, dim, key))
-        rows.append(_repeat(f"ours, + CV + moment-matched proposal K={k}",
-                            _ours(mixture, x, reference, k, clamp=False, control_variate=True,
-                                  proposal=moment),
                             repeats, dim, key))
     print(f"\nGaussian mixture (8 components, d={dim}), exact denoiser, {num_images} images, "
           f"{repeats} repeats; exact mean NLL {truth:.5f} bits/dim. The reference style spends 3 "
@@ -246,25 +235,23 @@ def bench_gaussian_mixture(dim: int, num_images: int, repeats: int, ref_points: 
     return rows
 
 
-def bench_tiny_unet(num_images: int, repeats: int, ref_points: int, our_points: int, image_size: int,
-                    train_steps: int):
-    start = time.perf_counter()
-    denoiser, reference, x = tiny_unet_setup(num_images, image_size, train_steps)
+def bench_tiny_unet(checkpoint: Path, num_images: int, repeats: int, ref_points: int, our_points: list[int]):
+    denoiser, reference, x = smoke_unet_setup(checkpoint, num_images)
     dim = x[0].numel()
-    print(f"\nTiny IDDPM U-Net ({sum(p.numel() for p in denoiser.parameters()) / 1e6:.2f}M parameters, "
-          f"{image_size}x{image_size} photo patches, {train_steps} Adam steps in "
-          f"{time.perf_counter() - start:.0f}s), "
-          f"{num_images} held-out images, {repeats} repeats, delta = 2/255 on [-1, 1].")
+    print(f"\nTiny IDDPM U-Net after the smoke fine-tune ({checkpoint}; "
+          f"{sum(p.numel() for p in denoiser.parameters()) / 1e6:.2f}M parameters), {num_images} test crops, "
+          f"{repeats} repeats, delta = 2/255 on [-1, 1].")
     disc = dict(delta=PIXEL_BIN, xinterval=(-1.0, 1.0))
     keys = ("continuous", "discrete")
     rows = [_repeat(f"reference style, grid K={ref_points}, 3 passes",
-                    lambda g: reference_style(denoiser, x.float(), reference, ref_points, g, **disc),
-                    repeats, dim, keys),
-            _repeat(f"ours, stratified K={our_points}",
-                    _ours(denoiser, x.float(), reference, our_points, **disc), repeats, dim, keys),
-            _repeat(f"ours, stratified + control variate K={our_points}",
-                    _ours(denoiser, x.float(), reference, our_points, control_variate=True, **disc),
+                    lambda g: reference_style(denoiser, x, reference, ref_points, g, **disc),
                     repeats, dim, keys)]
+    for k in our_points:
+        rows.append(_repeat(f"ours, stratified K={k}", _ours(denoiser, x, reference, k, **disc),
+                            repeats, dim, keys))
+        rows.append(_repeat(f"ours, stratified + control variate K={k}",
+                            _ours(denoiser, x, reference, k, control_variate=True, **disc),
+                            repeats, dim, keys))
     for key in keys:
         _table("Tiny IDDPM U-Net", rows, key)
     print("\nSeconds per repeat: " + ", ".join(f"{r.name}: {r.seconds:.1f}" for r in rows))
@@ -275,17 +262,24 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run of the script)")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="tiny U-Net weights (default: the newest "
+                             "checkpoints/finetune/smoke-*-tune/model.pt)")
     parser.add_argument("--skip-unet", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    checkpoint = None if args.skip_unet else (args.checkpoint or smoke_checkpoint())
+    if not args.skip_unet and checkpoint is None:
+        print("\nTiny U-Net part skipped: no smoke fine-tuned checkpoint (checkpoints/finetune/smoke-*-tune/"
+              "model.pt). Run `make smoke` first (about 2 minutes), or pass --checkpoint.")
     if args.quick:
         bench_gaussian_mixture(dim=16, num_images=8, repeats=3, ref_points=20, our_points=[4])
-        if not args.skip_unet:
-            bench_tiny_unet(num_images=4, repeats=2, ref_points=4, our_points=4, image_size=32, train_steps=1)
+        if checkpoint is not None:
+            bench_tiny_unet(checkpoint, num_images=4, repeats=2, ref_points=4, our_points=[4])
         return
     bench_gaussian_mixture(dim=64, num_images=64, repeats=8, ref_points=1000, our_points=[16, 64])
-    if not args.skip_unet:
-        bench_tiny_unet(num_images=8, repeats=3, ref_points=16, our_points=8, image_size=32, train_steps=30)
+    if checkpoint is not None:
+        bench_tiny_unet(checkpoint, num_images=16, repeats=4, ref_points=64, our_points=[16, 64])
 
 
 if __name__ == "__main__":
