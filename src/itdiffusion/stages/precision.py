@@ -12,8 +12,9 @@ kept if, for every estimate,
 
 Otherwise ``precision=auto`` falls back to fp32 eager with one warning naming the estimate, and an
 explicit fast setting (``bf16``, or fp32 with channels_last / compile) is a :class:`UserError`. The
-record (per estimate: fp32 mean, fast mean, mean difference, its SE, the bound; the path used) goes
-to ``metrics.json`` under ``precision_check``. Under torchrun every rank checks the same images and
+record (per estimate: fp32 mean, fast mean, mean difference, its SE, the bound; the path used; the
+TF32 switches, which decide whether "fp32" convolutions on a GPU are TF32) goes to ``metrics.json``
+under ``precision_check``. Under torchrun every rank checks the same images and
 rank 0's decision is broadcast, so all ranks run the same path.
 """
 
@@ -95,6 +96,8 @@ def select_fast_path(
         "fast_path": fast.describe(),
         "checked": False,
         "used": fast.describe(),
+        # PyTorch's TF32 switches: cudnn.allow_tf32 (default True) runs "fp32" convolutions in TF32 on Ampere+
+        "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32},
     }
     if fast.plain:
         return list(members), record
