@@ -157,6 +157,16 @@ def test_a_fast_path_within_tolerance_is_used(check_cfg, tmp_path):
         assert metrics[name] == pytest.approx(row["fast_bpd"], rel=1e-9, abs=1e-9), name  # the run used bf16
 
 
+def test_an_ensemble_is_checked_member_by_member(check_cfg, tmp_path, random_checkpoint):
+    cfg = check_cfg(f"ensemble=[{random_checkpoint},{random_checkpoint}]", "estimator.vlb=false",
+                    "estimator.precision=bf16", "estimator.precision_tolerance_bpd=1.0")
+    check = _run(cfg, tmp_path / "run")["precision_check"]
+    names = {f"{p}it_{e}_bpd" for p in ("m0_", "m1_", "ensemble_")
+             for e in ("continuous", "discrete", "discrete_notails", "dequantized")}
+    assert set(check["estimates"]) == names and check["used"] == "bf16 autocast, contiguous, eager"
+    assert check["estimates"]["m0_it_continuous_bpd"] == check["estimates"]["m1_it_continuous_bpd"]
+
+
 def test_auto_falls_back_to_fp32_with_one_warning(check_cfg, tmp_path, monkeypatch, caplog):
     """precision=auto on a (pretended) GPU with an impossible tolerance: fp32 eager, one warning."""
     monkeypatch.setattr(precision, "resolve_fast_path",
