@@ -12,7 +12,13 @@ from omegaconf import OmegaConf
 
 from conftest import REPO, TINY, run_cli
 from itdiffusion.errors import UserError
-from itdiffusion.models.acceleration import AcceleratedUNet, FastPath, accelerate, resolve_fast_path
+from itdiffusion.models.acceleration import (
+    AcceleratedUNet,
+    FastPath,
+    accelerate,
+    fast_path_from_config,
+    resolve_fast_path,
+)
 from itdiffusion.models.iddpm import IDDPMDenoiser, build_model_and_diffusion
 from itdiffusion.stages import evaluate, precision
 from itdiffusion.variational import vlb
@@ -169,8 +175,8 @@ def test_an_ensemble_is_checked_member_by_member(check_cfg, tmp_path, random_che
 
 def test_auto_falls_back_to_fp32_with_one_warning(check_cfg, tmp_path, monkeypatch, caplog):
     """precision=auto on a (pretended) GPU with an impossible tolerance: fp32 eager, one warning."""
-    monkeypatch.setattr(precision, "resolve_fast_path",
-                        lambda p, cl, c, device: resolve_fast_path(p, cl, c, torch.device("cuda")))
+    monkeypatch.setattr(precision, "fast_path_from_config",
+                        lambda est_cfg, device: fast_path_from_config(est_cfg, torch.device("cuda")))
     cfg = check_cfg("estimator.precision=auto", "estimator.precision_tolerance_bpd=1e-12",
                     "estimator.vlb=false")
     with caplog.at_level(logging.WARNING):

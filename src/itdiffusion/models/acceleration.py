@@ -3,8 +3,8 @@
 :class:`AcceleratedUNet` wraps the U-Net itself (``forward(x, timesteps)``), so every caller that
 runs ``model(x_t, t)`` goes through it: :class:`~itdiffusion.models.iddpm.IDDPMDenoiser` (the IT
 estimates), :func:`itdiffusion.variational.vlb` and improved-diffusion's ``GaussianDiffusion``.
-:func:`resolve_fast_path` turns the estimator config (``precision``, ``channels_last``, ``compile``)
-into a :class:`FastPath` for a device, and :func:`accelerate` applies it.
+:func:`fast_path_from_config` (or :func:`resolve_fast_path`) turns the estimator config (``precision``,
+``channels_last``, ``compile``) into a :class:`FastPath` for a device, and :func:`accelerate` applies it.
 
 Whether a fast path keeps the numbers is decided at run time by the evaluate stage's paired check
 (:mod:`itdiffusion.stages.precision`): bits/dim on the fast path within
@@ -23,7 +23,15 @@ from torch import Tensor, nn
 PRECISIONS = ("fp32", "bf16", "auto")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
-__all__ = ["COMPILE_MODES", "PRECISIONS", "AcceleratedUNet", "FastPath", "accelerate", "resolve_fast_path"]
+__all__ = [
+    "COMPILE_MODES",
+    "PRECISIONS",
+    "AcceleratedUNet",
+    "FastPath",
+    "accelerate",
+    "fast_path_from_config",
+    "resolve_fast_path",
+]
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,12 @@ def resolve_fast_path(precision: str, channels_last: bool, compile: str, device:
         return FastPath()
     dtype = None if precision == "fp32" else torch.bfloat16
     return FastPath(dtype=dtype, channels_last=bool(channels_last), compile=compile)
+
+
+def fast_path_from_config(est_cfg: Any, device: torch.device) -> FastPath:
+    """:func:`resolve_fast_path` of an estimator config's ``precision``, ``channels_last`` and ``compile``;
+    ``accelerate(unet, fast_path_from_config(cfg.estimator, device))`` builds the U-Net the stage runs."""
+    return resolve_fast_path(est_cfg.precision, est_cfg.channels_last, est_cfg.compile, device)
 
 
 class AcceleratedUNet(nn.Module):

@@ -30,7 +30,7 @@ import torch
 
 from itdiffusion import distributed
 from itdiffusion.errors import UserError
-from itdiffusion.models.acceleration import FastPath, accelerate, resolve_fast_path
+from itdiffusion.models.acceleration import FastPath, accelerate, fast_path_from_config
 from itdiffusion.models.iddpm import IDDPMDenoiser
 from itdiffusion.units import mean_and_stderr
 
@@ -43,7 +43,7 @@ def check_settings(est_cfg: Any) -> None:
     """UserError for a precision / compile value outside the allowed ones, a tolerance <= 0, or fewer than
     two check images."""
     try:
-        resolve_fast_path(est_cfg.precision, est_cfg.channels_last, est_cfg.compile, torch.device("cpu"))
+        fast_path_from_config(est_cfg, torch.device("cpu"))
     except ValueError as e:
         raise UserError(str(e)) from e
     if not est_cfg.precision_tolerance_bpd > 0:
@@ -89,7 +89,7 @@ def select_fast_path(
     every reported estimate on the check images (same images and seeds at every call).
     """
     check_settings(est_cfg)
-    fast = resolve_fast_path(est_cfg.precision, est_cfg.channels_last, est_cfg.compile, device)
+    fast = fast_path_from_config(est_cfg, device)
     record: dict = {
         "requested": {"precision": est_cfg.precision, "channels_last": bool(est_cfg.channels_last),
                       "compile": est_cfg.compile},
