@@ -7,8 +7,10 @@
 - peak memory, and the fraction of the H100's dense bf16 peak (989 TFLOP/s) reached, from the model's
   FLOPs per image counted by ``torch.utils.flop_counter.FlopCounterMode``.
 
-Reference: fp32, eager, batch 128. Fast: bf16 autocast, channels_last, ``torch.compile`` (``--compile-mode``,
-default ``max-autotune``, which also captures CUDA graphs), larger batches.
+Reference: fp32, eager, batch 128. Fast: the library's fast path (``itdiffusion.models.acceleration``,
+what ``estimator.precision=auto estimator.channels_last=true estimator.compile=...`` runs in the evaluate
+stage): bf16 autocast, channels_last inputs, ``torch.compile`` (``--compile-mode``, default ``max-autotune``,
+which also captures CUDA graphs), larger batches.
 
     python scripts/bench_gpu_unet.py                       # on a CUDA machine (H100: a few minutes)
     python scripts/bench_gpu_unet.py --device cpu --tiny   # a quick CPU sanity pass of the same code
@@ -19,7 +21,6 @@ Without CUDA (and without ``--device cpu``) it says so and exits 0, so ``make be
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 
@@ -36,23 +37,6 @@ def _model_cfg(tiny: bool) -> dict:
     cfg = OmegaConf.to_container(OmegaConf.load(f"conf/model/{name}.yaml"))
     cfg.pop("defaults", None)
     return cfg
-
-
-class FastDenoiser(nn.Module):
-    """An ``IDDPMDenoiser`` run under autocast (``dtype``) on channels_last inputs; eps_hat comes back in
-    the input's dtype. The wrapped denoiser's weights are unchanged (float32)."""
-
-    def __init__(self, denoiser: nn.Module, dtype: torch.dtype | None, channels_last: bool):
-        super().__init__()
-        self.denoiser, self.dtype, self.channels_last = denoiser, dtype, channels_last
-
-    def forward(self, z: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
-        inp = z.float().contiguous(memory_format=torch.channels_last) if self.channels_last else z.float()
-        ctx = (torch.autocast(z.device.type, dtype=self.dtype) if self.dtype is not None
-               else contextlib.nullcontext())
-        with ctx:
-            out = self.denoiser(inp, logsnr.float())
-        return out.to(z.dtype).contiguous()
 
 
 def randomize_zero_layers(model: nn.Module, std: float = 0.02, seed: int = 0) -> None:
@@ -110,6 +94,7 @@ def main(argv=None) -> int:
         return 0
 
     from itdiffusion.information import GaussianReference, it_loss, it_nll
+    from itdiffusion.models.acceleration import AcceleratedUNet
     from itdiffusion.models.iddpm import IDDPMDenoiser, build_model_and_diffusion
     from itdiffusion.units import nats_to_bpd
 
@@ -133,11 +118,10 @@ def main(argv=None) -> int:
     params = sum(p.numel() for p in model.parameters())
     flops = flops_per_image(denoiser, device, shape)
 
-    fast_model = model.to(memory_format=torch.channels_last)
-    fast = FastDenoiser(IDDPMDenoiser(fast_model, cfg), fast_dtype, channels_last=True)
-    if args.compile_mode != "none":
-        fast = torch.compile(fast, mode=None if args.compile_mode == "default" else args.compile_mode)
-    reference = FastDenoiser(denoiser, None, channels_last=False)
+    # the same weights on both paths: the fast U-Net wraps the reference one
+    fast_unet = AcceleratedUNet(model, dtype=fast_dtype, channels_last=True, compile=args.compile_mode)
+    fast = IDDPMDenoiser(fast_unet, cfg)
+    reference = denoiser
 
     def eval_rate(den, batch):
         z = torch.randn(batch, *shape, device=device)
@@ -166,9 +150,7 @@ def main(argv=None) -> int:
         tmodel, _ = build_model_and_diffusion(cfg)
         randomize_zero_layers(tmodel)
         tmodel = tmodel.to(device).train()
-        if cl:
-            tmodel = tmodel.to(memory_format=torch.channels_last)
-        tden = FastDenoiser(IDDPMDenoiser(tmodel, cfg), dtype, cl)
+        tden = IDDPMDenoiser(AcceleratedUNet(tmodel, dtype=dtype, channels_last=cl), cfg)
         opt = torch.optim.Adam(tmodel.parameters(), lr=2.5e-5)
         x = data[:train_batch].to(device)
         if len(x) < train_batch:

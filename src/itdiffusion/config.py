@@ -112,6 +112,13 @@ class EstimatorConfig:
     vlb_steps_per_batch: int = 8  # VLB timesteps evaluated in one forward pass
     control_variate: bool = False  # IT: the reference's linear decoder on the same noise as an exact
     # per-image control variate (no extra network calls; unbiased; see the README's performance section)
+    # how the U-Net runs (itdiffusion.models.acceleration); a fast path is checked against fp32 eager on
+    # the first test images before the evaluation (itdiffusion.stages.precision, metrics.json precision_check)
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | auto (bf16 on CUDA if the check passes, else fp32)
+    channels_last: bool = False  # channels_last (NHWC) U-Net inputs
+    compile: str = "none"  # torch.compile mode: none | default | reduce-overhead | max-autotune
+    precision_tolerance_bpd: float = 0.002  # the fast path's bits/dim must stay this close to fp32's
+    precision_check_images: int = 8  # test images of the paired fp32-vs-fast check (>= 2)
     num_masks: int = 100  # masks per image for masked-diffusion models (I-MDCE; model.kind=masked_pixels)
     corrupt_fraction: float = 0.05  # masked models' log-ratio example: sub-pixels replaced by noise
     seed: int = 0

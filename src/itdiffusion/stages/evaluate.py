@@ -76,6 +76,8 @@ from itdiffusion.models.iddpm import (
 )
 from itdiffusion.results import ResultsStoreError, record_run
 from itdiffusion.stages import CONFIG_DIR, config_dict, git_commit, launch, rank_zero_first, setup_device
+from itdiffusion.stages.precision import check_settings as check_precision_settings
+from itdiffusion.stages.precision import select_fast_path
 from itdiffusion.stages.stats import load_or_compute_reference
 from itdiffusion.tracking import Tracker
 from itdiffusion.units import PIXEL_BIN, mean_and_stderr, nats_to_bpd
@@ -339,6 +341,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     with rank_zero_first():
         test = load_images(cfg.data, "test")
     members = load_members(cfg, device)
+    members, precision_check = select_fast_path(  # fp32 eager unless a fast path keeps the numbers
+        members, est_cfg, cfg.model, device,
+        lambda ms: _check_estimates(cfg, ms, test, reference, proposal, device),
+    )
     mine = distributed.shard_indices(len(test))
     chunk = max(1, est_cfg.batch_size // est_cfg.npoints) if est_cfg.it else max(1, est_cfg.batch_size)
     parts = []
@@ -359,6 +365,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
         distributed.barrier()
         return None
     metrics = _finish(cfg, per_image, members, test, reference, proposal)
+    metrics["precision_check"] = precision_check
     metrics["elapsed_s"] = round(time.time() - started, 2)
     _write_outputs(cfg, run_dir, per_image, metrics)
     log.info(
@@ -493,6 +500,7 @@ def _check_settings(cfg: DictConfig) -> None:
         raise UserError("an ensemble combines MMSE curves: it needs estimator.it=true")
     if est_cfg.batch_size < 1 or est_cfg.vlb_steps_per_batch < 1:
         raise UserError("estimator.batch_size and estimator.vlb_steps_per_batch must be >= 1")
+    check_precision_settings(est_cfg)
 
 
 def _finish(
@@ -534,6 +542,34 @@ def _finish(
         metrics["network_evals"] = sum(m["network_evals"] for m in metrics["members"])
     metrics.update(_provenance(cfg, members))
     return metrics
+
+
+def _check_estimates(
+    cfg: DictConfig,
+    members: Sequence[Member],
+    test,
+    reference: GaussianReference,
+    proposal: LogSNRProposal,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """Per-image bits/dim of every reported estimate on the first ``estimator.precision_check_images``
+    test images, from the same seeds at every call (the paired check of :mod:`itdiffusion.stages.precision`).
+
+    Keys as in metrics.json (``it_continuous_bpd``, ``vlb_bpd``, ...); ensembles: per member ``m{j}_...``
+    and ``ensemble_...``.
+    """
+    idx = list(range(min(cfg.estimator.precision_check_images, len(test))))
+    images = torch.stack([test[i][0] for i in idx])
+    per_image = evaluate_curves(members, images, idx, reference, proposal, cfg.estimator, device)
+    _finish(cfg, per_image, members, test, reference, proposal)
+    out = {}
+    for key, values in per_image.items():
+        name = key.removeprefix("m0_") if len(members) == 1 else key
+        if key.endswith("_nats") and "_mc_stderr" not in key:
+            out[name.removesuffix("_nats") + "_bpd"] = nats_to_bpd(values, reference.dim)
+        elif key.endswith(("vlb_bpd", "vlb_continuous_bpd")):
+            out[name] = values
+    return out
 
 
 def _provenance(cfg: DictConfig, members: Sequence[Member]) -> dict:
