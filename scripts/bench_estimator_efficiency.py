@@ -279,7 +279,7 @@ def main(argv=None):
         return
     bench_gaussian_mixture(dim=64, num_images=64, repeats=8, ref_points=1000, our_points=[16, 64])
     if checkpoint is not None:
-        bench_tiny_unet(checkpoint, num_images=16, repeats=4, ref_points=64, our_points=[16, 64])
+        bench_tiny_unet(checkpoint, num_images=16, repeats=3, ref_points=32, our_points=[16, 64])
 
 
 if __name__ == "__main__":
