@@ -31,6 +31,11 @@ Gaussian reference and the ``estimator.it`` / ``vlb`` switches do not apply.
 Ensemble (``ensemble=[ckpt_a, ckpt_b, ...]``, checkpoints of ``model``): every member sees the same
 log-SNR points and noise, and per log-SNR bin the estimate uses the member (or the Gaussian decoder)
 with the lowest cross-fitted error: ITD's pointwise minimum of the MMSE curves, without its bias.
+Since each image's points and noise come from its own seeds, the members' own evaluate runs already
+hold those curves: ``ensemble_curves=[run_a, run_b, ...]`` (their run dirs or ``per_image.npz``, in
+``ensemble`` order, ``estimator.vlb=false``) builds the ensemble from them with no network evaluation
+(:func:`curves_from_member_runs`; ``metrics.json`` gets ``curves_from`` and ``network_evals`` 0). Runs
+of other checkpoints, estimator settings, test images or log-SNR points are refused.
 """
 
 from __future__ import annotations
