@@ -120,8 +120,9 @@ def test_curves_that_are_not_the_ensembles_are_refused(members, tmp_path, change
         evaluate.run(cfg, tmp_path / "run")
 
 
-def test_a_missing_curve_is_refused(members, tmp_path):
-    """A member run without the control variate's curves cannot serve a run that uses it."""
+def test_a_missing_curve_or_an_unreadable_file_is_refused(members, tmp_path):
+    """A member run without the control variate's curves cannot serve a run that uses it; nor can a file
+    that is not an npz."""
     make_cfg, (a, b), (run_a, run_b) = members
     with np.load(run_b / "per_image.npz") as f:
         arrays = {k: f[k] for k in f.files if not k.startswith("gaussian_errors")}
@@ -129,4 +130,7 @@ def test_a_missing_curve_is_refused(members, tmp_path):
     (tmp_path / "metrics.json").write_text((run_b / "metrics.json").read_text())
     cfg = make_cfg(f"ensemble=[{a},{b}]", f"ensemble_curves=[{run_a},{tmp_path}]", "estimator.vlb=false")
     with pytest.raises(UserError, match=r"no gaussian_errors, gaussian_errors_deq .*control_variate=True"):
+        evaluate.run(cfg, tmp_path / "run")
+    (tmp_path / "per_image.npz").write_bytes(b"truncated")
+    with pytest.raises(UserError, match=r"per_image\.npz cannot be the ensemble's curves: it cannot be read"):
         evaluate.run(cfg, tmp_path / "run")

@@ -44,6 +44,7 @@ import json
 import logging
 import math
 import time
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,24 +287,28 @@ def curves_from_member_runs(
             return UserError(f"ensemble_curves: {npz} cannot be the ensemble's curves: {what}. Evaluate the "
                              f"member with this run's settings, {REEVALUATE}")
 
-        with np.load(npz) as f:
-            missing = [k for k in shared + [f"m0_{k}" for k in own] if k not in f.files]
-            if missing:
-                raise refuse(f"it has no {', '.join(missing)} (this run needs estimator.it=true, "
-                             f"control_variate={est_cfg.control_variate}, rounding={est_cfg.rounding})")
-            if not np.array_equal(f["index"], indices):
-                raise refuse(f"it holds test images {_span(f['index'])}, this run evaluates "
-                             f"{_span(indices)} (data.num_images={len(test)})")
-            logsnr = f["logsnr"]
-            if j == 0:
-                out.update({k: _cpu(f[k]) for k in shared})
-            elif not np.array_equal(logsnr, out["logsnr"].numpy().astype(np.float32)):
-                raise refuse(f"its log-SNR points differ from those of {sources[0]}")
-            out.update({f"m{j}_{k}": _cpu(f[f"m0_{k}"]) for k in own})
-            for key, values in expected.items():  # float32 storage of the float64 values
-                if not np.allclose(f[key][rows], values.numpy(), rtol=1e-5, atol=0):
-                    raise refuse(f"its {key} at test images {rows.tolist()} differ from this run's (another "
-                                 "Gaussian reference, log-SNR proposal or dataset?)")
+        wanted = shared + [f"m0_{k}" for k in own]
+        try:
+            with np.load(npz) as f:
+                stored = {k: f[k] for k in wanted if k in f.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise refuse(f"it cannot be read ({e})") from e
+        missing = [k for k in wanted if k not in stored]
+        if missing:
+            raise refuse(f"it has no {', '.join(missing)} (this run needs estimator.it=true, "
+                         f"control_variate={est_cfg.control_variate}, rounding={est_cfg.rounding})")
+        if not np.array_equal(stored["index"], indices):
+            raise refuse(f"it holds test images {_span(stored['index'])}, this run evaluates "
+                         f"{_span(indices)} (data.num_images={len(test)})")
+        if j == 0:
+            out.update({k: _cpu(stored[k]) for k in shared})
+        elif not np.array_equal(stored["logsnr"], out["logsnr"].numpy().astype(np.float32)):
+            raise refuse(f"its log-SNR points differ from those of {sources[0]}")
+        out.update({f"m{j}_{k}": _cpu(stored[f"m0_{k}"]) for k in own})
+        for key, values in expected.items():  # float32 storage of the float64 values
+            if not np.allclose(stored[key][rows], values.numpy(), rtol=1e-5, atol=0):
+                raise refuse(f"its {key} at test images {rows.tolist()} differ from this run's (another "
+                             "Gaussian reference, log-SNR proposal or dataset?)")
         out[f"m{j}_network_evals"] = torch.zeros(len(indices), dtype=torch.float64)
     return out, sources
 
