@@ -121,11 +121,14 @@ else
     "paper_row='IDDPM(tune)'" model.training_objective=IT
 fi
 
-step "6/9 ensemble of the base and fine-tuned models"
+step "6/9 ensemble of the base and fine-tuned models (from the curves of steps 3 and 5: no network runs)"
 if [[ -f "$OUT/evaluate/$REPRO_ID-ensemble/metrics.json" ]]; then
   done_already "$OUT/evaluate/$REPRO_ID-ensemble/metrics.json"
 else
-  stage evaluate "${COMMON[@]}" "run_id=$REPRO_ID-ensemble" "ensemble=[$BASE,$TUNED]" estimator.vlb=false \
+  # every image's log-SNR points and noise come from its own seeds, so the members' runs hold exactly the
+  # ensemble's curves; the stage checks that (checkpoints, settings, points) and refuses otherwise
+  stage evaluate "${COMMON[@]}" "run_id=$REPRO_ID-ensemble" "ensemble=[$BASE,$TUNED]" \
+    "ensemble_curves=[$OUT/evaluate/$REPRO_ID-base,$OUT/evaluate/$REPRO_ID-tuned]" estimator.vlb=false \
     label=Ensemble paper_row=Ensemble "model.training_objective='—'"
 fi
 

@@ -99,6 +99,8 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     for row in rows[:4]:  # Tables 1 and 2
         assert "—" not in row and "nan" not in row
     assert "| Ensemble |" in table
+    ensemble = json.loads((outputs / "evaluate" / "smoke-test-ensemble" / "metrics.json").read_text())
+    assert ensemble["network_evals"] == 0 and len(ensemble["curves_from"]) == 2  # steps 3 and 5's curves
     masked = [line for line in table.splitlines() if line.startswith("| masked diffusion (I-MDCE) |")]
     assert len(masked) == 2  # the I-MDCE table and the runs table
     assert "—" not in masked[0] and "nan" not in masked[0]

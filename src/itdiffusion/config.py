@@ -172,6 +172,10 @@ class Config:
     label: str = "${model.name}"  # the row name in the results tables
     paper_row: str | None = None  # the published row this run reproduces (IDDPM, IDDPM(tune), Ensemble)
     ensemble: list[str] = field(default_factory=list)  # evaluate: >= 2 checkpoints of `model` to ensemble
+    # evaluate, ensembles: one evaluate run per member (its run dir or per_image.npz, in `ensemble` order)
+    # whose stored MMSE curves the ensemble reuses: no network evaluation (estimator.vlb=false; the runs
+    # must share this run's checkpoints, test images and estimator settings, else a UserError says which)
+    ensemble_curves: list[str] = field(default_factory=list)
     skip_done: bool = False  # skip a stage whose outputs already exist in its run dir (resumable chains)
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0

@@ -72,6 +72,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_object(obj):
+    """Rank 0's ``obj`` (any picklable object) on every rank; ``obj`` itself for one process."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def shard_indices(n: int) -> range:
     """The contiguous slice of ``range(n)`` this rank handles (ranks cover it exactly once)."""
     r, w = rank(), world_size()

@@ -31,13 +31,20 @@ Gaussian reference and the ``estimator.it`` / ``vlb`` switches do not apply.
 Ensemble (``ensemble=[ckpt_a, ckpt_b, ...]``, checkpoints of ``model``): every member sees the same
 log-SNR points and noise, and per log-SNR bin the estimate uses the member (or the Gaussian decoder)
 with the lowest cross-fitted error: ITD's pointwise minimum of the MMSE curves, without its bias.
+Since each image's points and noise come from its own seeds, the members' own evaluate runs already
+hold those curves: ``ensemble_curves=[run_a, run_b, ...]`` (their run dirs or ``per_image.npz``, in
+``ensemble`` order, ``estimator.vlb=false``) builds the ensemble from them with no network evaluation
+(:func:`curves_from_member_runs`; ``metrics.json`` gets ``curves_from`` and ``network_evals`` 0). Runs
+of other checkpoints, estimator settings, test images or log-SNR points are refused.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,6 +238,116 @@ def evaluate_curves(
     return out
 
 
+CURVE_SETTINGS = ("seed", "npoints", "logsnr_sampling", "clip", "rounding")  # estimator keys behind a curve
+REEVALUATE = "or drop ensemble_curves to evaluate the ensemble's networks here"
+
+
+def curves_from_member_runs(
+    runs: Sequence[str],
+    members: Sequence[Member],
+    test,
+    reference: GaussianReference,
+    proposal: LogSNRProposal,
+    est_cfg,
+    check_images: int = 4,
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The ensemble's curves (as :func:`evaluate_curves` returns them) from its members' evaluate runs.
+
+    ``runs[j]``: member j's run dir or its ``per_image.npz`` (with ``metrics.json`` beside it). Its
+    ``m0_*`` curves become ``m{j}_*``; ``index``, ``logsnr``, ``log_q`` and ``gaussian_*`` come from the
+    first run; ``m{j}_network_evals`` are 0. The runs must hold exactly the curves this run would
+    evaluate: member j's checkpoint sha256, the estimator settings of ``CURVE_SETTINGS``, the test
+    indices of ``test``, the same log-SNR points in every run, and on ``check_images`` images spread over
+    the set the points of ``image_seed`` + ``proposal`` and the reference's errors ``gaussian_mmse`` at
+    those images recomputed here (a different seed, proposal, reference or dataset fails). Anything
+    else is a :class:`UserError`. Returns the curves (float64, CPU) and the ``per_image.npz`` paths.
+    """
+    if len(runs) != len(members):
+        raise UserError(f"ensemble_curves has {len(runs)} runs for {len(members)} ensemble checkpoints: "
+                        "give one evaluate run per checkpoint, in the order of ensemble=")
+    shared = ["index", "logsnr", "log_q", "gaussian_mmse", "gaussian_mmse_deq"]
+    shared += ["gaussian_errors", "gaussian_errors_deq"] if est_cfg.control_variate else []
+    own = ["mmse", "mmse_deq"] + (["mmse_rounded"] if est_cfg.rounding != "none" else [])
+    indices = np.arange(len(test))
+    rows = np.unique(np.linspace(0, len(test) - 1, min(check_images, len(test))).round().astype(int))
+    x = to_model_range(torch.stack([test[int(i)][0] for i in rows])).to(reference.mean.device, torch.float64)
+    points = torch.stack([
+        proposal.points(est_cfg.npoints, est_cfg.logsnr_sampling,
+                        torch.Generator().manual_seed(image_seed(est_cfg.seed, int(i), STREAM_POINTS)))
+        for i in rows
+    ])
+    expected = {"logsnr": points, "gaussian_mmse": _cpu(reference.pointwise_mmse(x, points))}
+    out: dict[str, torch.Tensor] = {}
+    sources = []
+    for j, (run, member) in enumerate(zip(runs, members, strict=True)):
+        npz = _read_member_run(run, member, est_cfg)
+        sources.append(str(npz))
+
+        def refuse(what: str, npz=npz) -> UserError:
+            return UserError(f"ensemble_curves: {npz} cannot be the ensemble's curves: {what}. Evaluate the "
+                             f"member with this run's settings, {REEVALUATE}")
+
+        wanted = shared + [f"m0_{k}" for k in own]
+        try:
+            with np.load(npz) as f:
+                stored = {k: f[k] for k in wanted if k in f.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise refuse(f"it cannot be read ({e})") from e
+        missing = [k for k in wanted if k not in stored]
+        if missing:
+            raise refuse(f"it has no {', '.join(missing)} (this run needs estimator.it=true, "
+                         f"control_variate={est_cfg.control_variate}, rounding={est_cfg.rounding})")
+        if not np.array_equal(stored["index"], indices):
+            raise refuse(f"it holds test images {_span(stored['index'])}, this run evaluates "
+                         f"{_span(indices)} (data.num_images={len(test)})")
+        if j == 0:
+            out.update({k: _cpu(stored[k]) for k in shared})
+        elif not np.array_equal(stored["logsnr"], out["logsnr"].numpy().astype(np.float32)):
+            raise refuse(f"its log-SNR points differ from those of {sources[0]}")
+        out.update({f"m{j}_{k}": _cpu(stored[f"m0_{k}"]) for k in own})
+        for key, values in expected.items():  # float32 storage of the float64 values
+            if not np.allclose(stored[key][rows], values.numpy(), rtol=1e-5, atol=0):
+                raise refuse(f"its {key} at test images {rows.tolist()} differ from this run's (another "
+                             "Gaussian reference, log-SNR proposal or dataset?)")
+        out[f"m{j}_network_evals"] = torch.zeros(len(indices), dtype=torch.float64)
+    return out, sources
+
+
+def _read_member_run(run: str, member: Member, est_cfg) -> Path:
+    """The ``per_image.npz`` of one member's evaluate run, after checking (its ``metrics.json``) that it
+    evaluated ``member``'s checkpoint with this run's ``CURVE_SETTINGS``."""
+    path = Path(run)
+    npz = path / "per_image.npz" if path.is_dir() or path.suffix != ".npz" else path
+    metrics_path = npz.with_name("metrics.json")
+    for needed in (npz, metrics_path):
+        if not needed.is_file():
+            raise UserError(f"ensemble_curves: {needed} not found: evaluate {member.checkpoint} first "
+                            f"(stage evaluate model.checkpoint={member.checkpoint} with this run's data and "
+                            f"estimator settings), {REEVALUATE}")
+    try:
+        metrics = json.loads(metrics_path.read_text())
+        estimator = metrics["config"]["estimator"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"ensemble_curves: cannot read the settings of {metrics_path}: {e}") from e
+    if metrics.get("checkpoint_sha256") != member.sha256:
+        raise UserError(f"ensemble_curves: {npz} evaluated {metrics.get('checkpoint')} (sha256 "
+                        f"{metrics.get('checkpoint_sha256')}), not the ensemble member {member.checkpoint} "
+                        f"(sha256 {member.sha256}): give the members' runs in the order of ensemble=, "
+                        f"{REEVALUATE}")
+    recorded = {k: estimator.get(k) for k in CURVE_SETTINGS}
+    differ = [f"estimator.{k}={recorded[k]} there, {getattr(est_cfg, k)} here" for k in CURVE_SETTINGS
+              if recorded[k] != getattr(est_cfg, k)]
+    if differ:
+        raise UserError(f"ensemble_curves: {npz} was evaluated with other settings ({'; '.join(differ)}): "
+                        f"evaluate the member with this run's settings, {REEVALUATE}")
+    return npz
+
+
+def _span(indices) -> str:
+    indices = np.asarray(indices)
+    return f"{indices.min()}..{indices.max()} ({indices.size} images)" if indices.size else "no images"
+
+
 def estimates_from_curves(
     curves: dict[str, torch.Tensor],
     members: Sequence[int],
@@ -341,30 +458,24 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     with rank_zero_first():
         test = load_images(cfg.data, "test")
     members = load_members(cfg, device)
-    members, precision_check = select_fast_path(  # fp32 eager unless a fast path keeps the numbers
-        members, est_cfg, cfg.model, device,
-        lambda ms: _check_estimates(cfg, ms, test, reference, proposal, device),
-    )
-    mine = distributed.shard_indices(len(test))
-    chunk = max(1, est_cfg.batch_size // est_cfg.npoints) if est_cfg.it else max(1, est_cfg.batch_size)
-    parts = []
-    with tqdm(
-        total=len(test),
-        desc=f"evaluate {cfg.label}",
-        unit="img",
-        disable=not distributed.is_main(),
-        dynamic_ncols=True,
-    ) as bar:
-        for start in range(mine.start, mine.stop, chunk):
-            idx = list(range(start, min(start + chunk, mine.stop)))
-            images = torch.stack([test[i][0] for i in idx])
-            parts.append(evaluate_curves(members, images, idx, reference, proposal, est_cfg, device))
-            bar.update(len(idx) * distributed.world_size())
-    per_image = _gather(parts)
+    sources = None
+    if cfg.ensemble_curves:  # the members' stored curves: rank 0 reads them, no network runs anywhere
+        per_image, sources = _on_rank_zero(
+            lambda: curves_from_member_runs(cfg.ensemble_curves, members, test, reference, proposal, est_cfg)
+        ) or (None, None)  # the other ranks hold nothing
+        precision_check = {"checked": False, "used": None, "reason": "ensemble_curves: no network evaluation"}
+    else:
+        members, precision_check = select_fast_path(  # fp32 eager unless a fast path keeps the numbers
+            members, est_cfg, cfg.model, device,
+            lambda ms: _check_estimates(cfg, ms, test, reference, proposal, device),
+        )
+        per_image = _evaluate_shard(cfg, members, test, reference, proposal, device)
     if not distributed.is_main():
         distributed.barrier()
         return None
     metrics = _finish(cfg, per_image, members, test, reference, proposal)
+    if sources is not None:
+        metrics["curves_from"] = sources
     metrics["precision_check"] = precision_check
     metrics["elapsed_s"] = round(time.time() - started, 2)
     _write_outputs(cfg, run_dir, per_image, metrics)
@@ -381,6 +492,50 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     return metrics
 
 
+def _evaluate_shard(
+    cfg: DictConfig,
+    members: Sequence[Member],
+    test,
+    reference: GaussianReference,
+    proposal: LogSNRProposal,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """This rank's share of the test images through :func:`evaluate_curves`, then every rank's rows."""
+    est_cfg = cfg.estimator
+    mine = distributed.shard_indices(len(test))
+    chunk = max(1, est_cfg.batch_size // est_cfg.npoints) if est_cfg.it else max(1, est_cfg.batch_size)
+    parts = []
+    with tqdm(
+        total=len(test),
+        desc=f"evaluate {cfg.label}",
+        unit="img",
+        disable=not distributed.is_main(),
+        dynamic_ncols=True,
+    ) as bar:
+        for start in range(mine.start, mine.stop, chunk):
+            idx = list(range(start, min(start + chunk, mine.stop)))
+            images = torch.stack([test[i][0] for i in idx])
+            parts.append(evaluate_curves(members, images, idx, reference, proposal, est_cfg, device))
+            bar.update(len(idx) * distributed.world_size())
+    return _gather(parts)
+
+
+def _on_rank_zero(fn):
+    """``fn()`` on rank 0 (None elsewhere); a :class:`UserError` there is raised on every rank."""
+    result, error = None, None
+    if distributed.is_main():
+        try:
+            result = fn()
+        except UserError as e:
+            error = e
+    message = distributed.broadcast_object(None if error is None else str(error))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise UserError(message)
+    return result
+
+
 def _write_outputs(cfg: DictConfig, run_dir: Path, per_image: dict[str, torch.Tensor], metrics: dict) -> None:
     """Rank 0: ``per_image.npz``, ``metrics.json``, the results-store row and the tracker summary."""
     metrics_path = run_dir / "metrics.json"
@@ -395,8 +550,9 @@ def _write_outputs(cfg: DictConfig, run_dir: Path, per_image: dict[str, torch.Te
 
 def load_masked_model(cfg: DictConfig, device: torch.device) -> Member:
     """The masked-pixel model of ``cfg.model`` with the weights of ``model.checkpoint``."""
-    if cfg.ensemble:
-        raise UserError("ensemble= combines Gaussian MMSE curves; it does not apply to masked_pixels models")
+    if cfg.ensemble or cfg.ensemble_curves:
+        raise UserError("ensemble= (and ensemble_curves=) combine Gaussian MMSE curves; they do not apply to "
+                        "masked_pixels models")
     if not cfg.model.checkpoint:
         raise UserError(f"model={cfg.model.name} has no official weights: set model.checkpoint=<path to the "
                         "finetune run's model.pt>")
@@ -498,6 +654,13 @@ def _check_settings(cfg: DictConfig) -> None:
         raise UserError("nothing to evaluate: estimator.it and estimator.vlb are both false")
     if cfg.ensemble and not est_cfg.it:
         raise UserError("an ensemble combines MMSE curves: it needs estimator.it=true")
+    if cfg.ensemble_curves and not cfg.ensemble:
+        raise UserError("ensemble_curves reuses the curves of an ensemble's members: give their checkpoints "
+                        "in ensemble= too (same order)")
+    if cfg.ensemble_curves and est_cfg.vlb:
+        raise UserError("ensemble_curves reuses the members' MMSE curves and runs no network, so it cannot "
+                        f"give a VLB (the VLB is per model, in the members' runs): set estimator.vlb=false, "
+                        f"{REEVALUATE}")
     if est_cfg.batch_size < 1 or est_cfg.vlb_steps_per_batch < 1:
         raise UserError("estimator.batch_size and estimator.vlb_steps_per_batch must be >= 1")
     check_precision_settings(est_cfg)

@@ -112,7 +112,7 @@ def select_fast_path(
         estimates=estimates,
         check_s=round(time.time() - started, 2),
     )
-    record = _from_rank_zero(record)  # every rank takes rank 0's decision
+    record = distributed.broadcast_object(record)  # every rank takes rank 0's decision
     failed = {k: v for k, v in record["estimates"].items() if not v["within"]}
     if not failed:
         if distributed.is_main():
@@ -138,14 +138,6 @@ def _accelerated(member: Any, fast: FastPath, model_cfg: Any) -> Any:
     """A copy of ``member`` whose U-Net (same weights) runs on ``fast``."""
     model = accelerate(member.model, fast)
     return dataclasses.replace(member, model=model, denoiser=IDDPMDenoiser(model, model_cfg))
-
-
-def _from_rank_zero(obj: Any) -> Any:
-    if not distributed.is_distributed():
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _nan_as_inf(value: float) -> float:
