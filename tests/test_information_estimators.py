@@ -22,10 +22,7 @@ from itdiffusion.information import (
     it_nll,
     mc_mean_and_stderr,
 )
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+from toy_distributions import gen, toy_mixture
 
 
 def _mean_and_mc_stderr(values: torch.Tensor, stderrs: torch.Tensor) -> tuple[float, float]:
@@ -33,22 +30,14 @@ def _mean_and_mc_stderr(values: torch.Tensor, stderrs: torch.Tensor) -> tuple[fl
 
 
 def _gaussian(d: int, seed: int) -> Gaussian:
-    g = _gen(seed)
+    g = gen(seed)
     a = torch.randn(d, d, dtype=torch.float64, generator=g)
     cov = a @ a.T / d + 0.1 * torch.eye(d, dtype=torch.float64)
     return Gaussian(torch.randn(d, dtype=torch.float64, generator=g), cov)
 
 
-def _mixture(d: int, seed: int, k: int = 4) -> GaussianMixture:
-    """Well separated, unequal diagonal components: far from Gaussian, so the reference is wrong."""
-    g = _gen(seed)
-    means = 1.5 * torch.randn(k, d, dtype=torch.float64, generator=g)
-    variances = 0.3 + 0.7 * torch.rand(k, d, dtype=torch.float64, generator=g)
-    return GaussianMixture(means, variances, torch.arange(1, k + 1, dtype=torch.float64))
-
-
 def _check_continuous(denoiser, x, truth, reference, npoints=2000, **kwargs):
-    est = it_nll(denoiser, x, reference, npoints=npoints, generator=_gen(0), batch_size=8192, **kwargs)
+    est = it_nll(denoiser, x, reference, npoints=npoints, generator=gen(0), batch_size=8192, **kwargs)
     diff, se = _mean_and_mc_stderr(est.continuous - truth, est.continuous_stderr)
     d = x[0].numel()
     assert abs(diff) < 3 * se, f"mean error {diff:.4f} nats vs 3 standard errors {3 * se:.4f}"
@@ -59,16 +48,16 @@ def _check_continuous(denoiser, x, truth, reference, npoints=2000, **kwargs):
 @pytest.mark.parametrize("clamp", [True, False])
 def test_continuous_matches_gaussian_log_density(clamp):
     dist = _gaussian(8, seed=0)
-    x = dist.sample(400, _gen(1))
+    x = dist.sample(400, gen(1))
     reference = GaussianReference.from_moments(dist.mean, dist.cov)
     _check_continuous(dist, x, -dist.log_prob(x), reference, clamp=clamp)
 
 
 @pytest.mark.parametrize("d, num_images", [(2, 1000), (8, 400), (64, 48)])
 def test_continuous_matches_mixture_log_density(d, num_images):
-    dist = _mixture(d, seed=d)
-    reference = GaussianReference.from_data(dist.sample(20_000, _gen(2)))  # the mixture's moments, estimated
-    x = dist.sample(num_images, _gen(3))
+    dist = toy_mixture(d, seed=d)
+    reference = GaussianReference.from_data(dist.sample(20_000, gen(2)))  # the mixture's moments, estimated
+    x = dist.sample(num_images, gen(3))
     truth = -dist.log_prob(x)
     # Non-Gaussian: the best Gaussian's cross-entropy exceeds the truth by 3x the tolerance (exact values).
     best_gaussian = torch.distributions.MultivariateNormal(dist.mean, covariance_matrix=dist.covariance)
@@ -77,13 +66,13 @@ def test_continuous_matches_mixture_log_density(d, num_images):
 
 
 def test_discrete_matches_lattice_probability():
-    lattice = Lattice.discretize(_mixture(3, seed=5, k=3), delta=0.5, low=-4.0, high=4.0)
-    reference = GaussianReference.from_data(lattice.sample(20_000, _gen(6)))
-    x = lattice.sample(200, _gen(7))
+    lattice = Lattice.discretize(toy_mixture(3, seed=5, k=3), delta=0.5, low=-4.0, high=4.0)
+    reference = GaussianReference.from_data(lattice.sample(20_000, gen(6)))
+    x = lattice.sample(200, gen(7))
     truth = -lattice.log_prob(x)
     for rounding in ("none", "hard", "soft"):
         est = it_nll(lattice, x, reference, npoints=1000, delta=lattice.delta, xinterval=lattice.interval,
-                     rounding=rounding, generator=_gen(8), batch_size=8192)
+                     rounding=rounding, generator=gen(8), batch_size=8192)
         diff, se = _mean_and_mc_stderr(est.discrete - truth, est.discrete_stderr)
         if rounding == "none":  # the exact posterior mean: the pointwise I-MMSE identity holds exactly
             assert abs(diff) < 3 * se, f"{rounding}: mean error {diff:.4f} vs 3 stderr {3 * se:.4f}"
@@ -95,19 +84,19 @@ def test_discrete_matches_lattice_probability():
 
 def test_discrete_continuous_limit_on_a_fine_lattice():
     """-ln P(x) ~ -ln p(x) - d ln(delta): exactly, and between the discrete and continuous estimates."""
-    mixture = _mixture(2, seed=9, k=3)
+    mixture = toy_mixture(2, seed=9, k=3)
     delta = 0.05
     lattice = Lattice.discretize(mixture, delta=delta, low=-6.0, high=6.0)
-    x = lattice.sample(100, _gen(10))
+    x = lattice.sample(100, gen(10))
     truth_discrete = -lattice.log_prob(x)
     limit = -mixture.log_prob(x) - lattice.dim * math.log(delta)
     assert (truth_discrete - limit).abs().mean() < 0.01 * lattice.dim
 
-    reference = GaussianReference.from_data(lattice.sample(20_000, _gen(11)))
+    reference = GaussianReference.from_data(lattice.sample(20_000, gen(11)))
     proposal = LogSNRProposal.from_reference(reference, delta=delta)  # shared by both estimates
     disc = it_nll(lattice, x, reference, npoints=500, delta=delta, xinterval=lattice.interval,
-                  rounding="none", proposal=proposal, generator=_gen(12), batch_size=8192)
-    cont = it_nll(mixture, x, reference, npoints=500, proposal=proposal, generator=_gen(13), batch_size=8192)
+                  rounding="none", proposal=proposal, generator=gen(12), batch_size=8192)
+    cont = it_nll(mixture, x, reference, npoints=500, proposal=proposal, generator=gen(13), batch_size=8192)
     diff, se = _mean_and_mc_stderr(disc.discrete - truth_discrete, disc.discrete_stderr)
     assert abs(diff) < 3 * se
     diff, se = _mean_and_mc_stderr(cont.continuous - lattice.dim * math.log(delta) - truth_discrete,
@@ -118,13 +107,13 @@ def test_discrete_continuous_limit_on_a_fine_lattice():
 def test_dequantized_estimate_on_a_fine_lattice():
     """On a fine lattice a smooth density's denoiser sees x + U(-delta/2, delta/2) as ~ p, so the dequantized
     estimate (continuous + d ln(1/delta)) recovers -ln P(x) up to the discretisation of the density."""
-    mixture = _mixture(2, seed=14, k=3)
+    mixture = toy_mixture(2, seed=14, k=3)
     delta = 0.05
     lattice = Lattice.discretize(mixture, delta=delta, low=-6.0, high=6.0)
-    x = lattice.sample(300, _gen(15))
-    reference = GaussianReference.from_data(lattice.sample(20_000, _gen(16)))
+    x = lattice.sample(300, gen(15))
+    reference = GaussianReference.from_data(lattice.sample(20_000, gen(16)))
     est = it_nll(mixture, x, reference, npoints=500, delta=delta, xinterval=lattice.interval, rounding="none",
-                 dequantize=True, generator=_gen(17), batch_size=8192)
+                 dequantize=True, generator=gen(17), batch_size=8192)
     assert est.network_evals == 1000
     diff, se = _mean_and_mc_stderr(est.dequantized + lattice.log_prob(x), est.dequantized_stderr)
     assert abs(diff) < 3 * se + 0.01 * lattice.dim
@@ -133,17 +122,17 @@ def test_dequantized_estimate_on_a_fine_lattice():
 def test_standard_errors_are_honest():
     """Over 50 seeds, the spread of the estimates matches the mean reported standard error (factor 1.5),
     per image and for the dataset mean; for each sampling mode and for the discrete estimate."""
-    mixture = _mixture(4, seed=18)
-    reference = GaussianReference.from_data(mixture.sample(20_000, _gen(19)))
-    x = mixture.sample(8, _gen(20))
-    lattice = Lattice.discretize(_mixture(2, seed=21, k=2), delta=0.5, low=-4.0, high=4.0)
-    lat_reference = GaussianReference.from_data(lattice.sample(20_000, _gen(22)))
-    lat_x = lattice.sample(8, _gen(23))
+    mixture = toy_mixture(4, seed=18)
+    reference = GaussianReference.from_data(mixture.sample(20_000, gen(19)))
+    x = mixture.sample(8, gen(20))
+    lattice = Lattice.discretize(toy_mixture(2, seed=21, k=2), delta=0.5, low=-4.0, high=4.0)
+    lat_reference = GaussianReference.from_data(lattice.sample(20_000, gen(22)))
+    lat_x = lattice.sample(8, gen(23))
     cases = {
-        "stratified": lambda seed: it_nll(mixture, x, reference, npoints=100, generator=_gen(seed)),
-        "random": lambda seed: it_nll(mixture, x, reference, npoints=100, generator=_gen(seed),
+        "stratified": lambda seed: it_nll(mixture, x, reference, npoints=100, generator=gen(seed)),
+        "random": lambda seed: it_nll(mixture, x, reference, npoints=100, generator=gen(seed),
                                       logsnr_sampling="random"),
-        "grid": lambda seed: it_nll(mixture, x, reference, npoints=100, generator=_gen(seed),
+        "grid": lambda seed: it_nll(mixture, x, reference, npoints=100, generator=gen(seed),
                                     logsnr_sampling="grid"),
     }
     for name, run in cases.items():
@@ -154,7 +143,7 @@ def test_standard_errors_are_honest():
     # The discrete integrand is skewed (rare noise draws that land near another lattice point): it needs
     # more points than the continuous one before its standard error settles.
     runs = [it_nll(lattice, lat_x, lat_reference, npoints=400, delta=lattice.delta,
-                   xinterval=lattice.interval, rounding="hard", generator=_gen(seed)) for seed in range(50)]
+                   xinterval=lattice.interval, rounding="hard", generator=gen(seed)) for seed in range(50)]
     _assert_honest("discrete", torch.stack([r.discrete for r in runs]),
                    torch.stack([r.discrete_stderr for r in runs]))
 
@@ -172,9 +161,9 @@ def _assert_honest(name, values, stderrs):
 
 @pytest.mark.parametrize("clamp", [True, False])
 def test_worse_denoiser_gives_larger_estimate(clamp):
-    mixture = _mixture(8, seed=24)
-    reference = GaussianReference.from_data(mixture.sample(20_000, _gen(25)))
-    x = mixture.sample(100, _gen(26))
+    mixture = toy_mixture(8, seed=24)
+    reference = GaussianReference.from_data(mixture.sample(20_000, gen(25)))
+    x = mixture.sample(100, gen(26))
     seeds = list(range(100))  # the same points and noise for every denoiser: paired comparisons
     exact = it_nll(mixture, x, reference, npoints=200, image_seeds=seeds, clamp=clamp)
     wrong_model = GaussianMixture(mixture.means + 0.3, mixture.variances * 1.5, mixture.log_weights.exp())
@@ -192,9 +181,9 @@ def test_worse_denoiser_gives_larger_estimate(clamp):
 
 def test_ensemble_of_curves_takes_the_better_model_where_it_is_better():
     """ITD's ensemble: models evaluated on shared points and noise, combined per log-SNR bin."""
-    mixture = _mixture(8, seed=24)
-    reference = GaussianReference.from_data(mixture.sample(20_000, _gen(25)))
-    x = mixture.sample(200, _gen(26))
+    mixture = toy_mixture(8, seed=24)
+    reference = GaussianReference.from_data(mixture.sample(20_000, gen(25)))
+    x = mixture.sample(200, gen(26))
     seeds = list(range(200))
     shrunk = it_nll(lambda z, a: 0.8 * mixture(z, a), x, reference, npoints=200, image_seeds=seeds)
     exact = it_nll(mixture, x, reference, npoints=200, image_seeds=seeds)
@@ -211,26 +200,26 @@ def test_ensemble_of_curves_takes_the_better_model_where_it_is_better():
 def test_it_loss_is_unbiased_and_differentiable():
     dist = _gaussian(4, seed=27)
     reference = GaussianReference.from_moments(dist.mean, dist.cov)
-    x = dist.sample(4, _gen(28))
+    x = dist.sample(4, gen(28))
     repeats = 20_000
-    losses = it_loss(dist, x.repeat(repeats, 1), reference, generator=_gen(29)).reshape(repeats, 4)
+    losses = it_loss(dist, x.repeat(repeats, 1), reference, generator=gen(29)).reshape(repeats, 4)
     mean, se = losses.mean(0), losses.std(0) / math.sqrt(repeats)
     truth = -dist.log_prob(x)
     assert ((mean - truth).abs() < 3.5 * se).all(), f"{(mean - truth) / se}"
-    unclamped = it_nll(dist, x, reference, npoints=4000, clamp=False, generator=_gen(30))
+    unclamped = it_nll(dist, x, reference, npoints=4000, clamp=False, generator=gen(30))
     joint_se = (se.square() + unclamped.continuous_stderr.square()).sqrt()
     assert ((mean - unclamped.continuous).abs() < 3.5 * joint_se).all()
 
     scale = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)  # a shrunk/stretched exact denoiser
-    loss = it_loss(lambda z, a: scale * dist(z, a), x.repeat(2000, 1), reference, generator=_gen(31)).mean()
+    loss = it_loss(lambda z, a: scale * dist(z, a), x.repeat(2000, 1), reference, generator=gen(31)).mean()
     loss.backward()
     assert scale.grad is not None and scale.grad > 0  # the loss pulls the scale back towards the exact 1
 
 
 def test_image_seeds_make_results_batch_invariant():
-    lattice = Lattice.discretize(_mixture(2, seed=32, k=2), delta=0.5, low=-4.0, high=4.0)
-    reference = GaussianReference.from_data(lattice.sample(5_000, _gen(33)))
-    x = lattice.sample(6, _gen(34))
+    lattice = Lattice.discretize(toy_mixture(2, seed=32, k=2), delta=0.5, low=-4.0, high=4.0)
+    reference = GaussianReference.from_data(lattice.sample(5_000, gen(33)))
+    x = lattice.sample(6, gen(34))
     seeds = [11, 22, 33, 44, 55, 66]
     kwargs = dict(npoints=40, delta=lattice.delta, xinterval=lattice.interval, rounding="soft", clamp=False,
                   dequantize=True, proposal=LogSNRProposal.from_reference(reference, clip=6.0))
@@ -253,7 +242,7 @@ def test_image_seeds_make_results_batch_invariant():
 def test_it_nll_rejects_bad_arguments():
     dist = _gaussian(3, seed=35)
     reference = GaussianReference.from_moments(dist.mean, dist.cov)
-    x = dist.sample(2, _gen(36))
+    x = dist.sample(2, gen(36))
     with pytest.raises(ValueError, match="xinterval"):
         it_nll(dist, x, reference, npoints=4, delta=0.1)
     with pytest.raises(ValueError, match="dequantize"):

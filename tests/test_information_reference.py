@@ -23,14 +23,11 @@ from itdiffusion.information import (
     right_tail_bound,
     round_to_lattice,
 )
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+from toy_distributions import gen
 
 
 def _known_gaussian(d: int = 4) -> Gaussian:
-    g = _gen(0)
+    g = gen(0)
     q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=g))
     eigvals = torch.logspace(-2, 1, d, dtype=torch.float64)
     return Gaussian(torch.randn(d, dtype=torch.float64, generator=g), q @ torch.diag(eigvals) @ q.T)
@@ -45,7 +42,7 @@ def _reference(dist: Gaussian) -> GaussianReference:
 
 def test_from_data_recovers_a_known_covariance():
     dist = _known_gaussian()
-    x = dist.sample(200_000, _gen(1)).reshape(-1, 2, 2)  # images of shape [2, 2]
+    x = dist.sample(200_000, gen(1)).reshape(-1, 2, 2)  # images of shape [2, 2]
     ref = GaussianReference.from_data(x, chunk_size=30_000)
     assert ref.shape == (2, 2) and ref.dim == 4
     torch.testing.assert_close(ref.mean, dist.mean, atol=0.02, rtol=0)
@@ -58,7 +55,7 @@ def test_from_data_recovers_a_known_covariance():
 
 
 def test_eigenvalue_floor_keeps_a_rank_deficient_reference_finite():
-    x = torch.randn(3, 10, dtype=torch.float64, generator=_gen(2))  # N - 1 = 2 < d: rank 2
+    x = torch.randn(3, 10, dtype=torch.float64, generator=gen(2))  # N - 1 = 2 < d: rank 2
     ref = GaussianReference.from_data(x, min_eigval=1e-6)
     assert (ref.eigvals >= 1e-6).all() and math.isfinite(ref.entropy)
     assert math.isfinite(ref.logsnr_loc_scale()[1])
@@ -81,18 +78,18 @@ def test_entropy_and_mmse_match_closed_forms():
 def test_pointwise_mmse_is_the_gaussian_decoders_error_at_each_image():
     dist = _known_gaussian()
     ref = _reference(dist)
-    x = dist.sample(3, _gen(3))
+    x = dist.sample(3, gen(3))
     logsnr = torch.tensor([[-2.0, 1.0, 4.0]] * 3, dtype=torch.float64)
     exact = ref.pointwise_mmse(x, logsnr)
     n = 40_000
     for b in range(3):
         for k in range(3):
             a = torch.full((n,), logsnr[b, k].item(), dtype=torch.float64)
-            eps = torch.randn(n, 4, dtype=torch.float64, generator=_gen(10 * b + k))
+            eps = torch.randn(n, 4, dtype=torch.float64, generator=gen(10 * b + k))
             err = (dist(noisy_channel(x[b].expand(n, 4), a, eps), a) - eps).square().sum(1)
             assert abs(err.mean().item() - exact[b, k].item()) < 4 * err.std().item() / math.sqrt(n)
     # averaged over the data it is mmse_G(a)
-    many = dist.sample(100_000, _gen(4))
+    many = dist.sample(100_000, gen(4))
     avg = ref.pointwise_mmse(many, torch.full((100_000, 1), 0.5, dtype=torch.float64)).mean()
     assert avg.item() == pytest.approx(ref.mmse(torch.tensor(0.5)).item(), rel=0.01)
 
@@ -110,7 +107,7 @@ def test_logsnr_loc_scale_formula():
 
 
 def test_state_dict_round_trip_and_device_move():
-    ref = GaussianReference.from_data(_known_gaussian().sample(500, _gen(5)).reshape(-1, 1, 4))
+    ref = GaussianReference.from_data(_known_gaussian().sample(500, gen(5)).reshape(-1, 1, 4))
     buffer = io.BytesIO()
     torch.save(ref.state_dict(), buffer)
     buffer.seek(0)
@@ -135,7 +132,7 @@ def test_proposal_density_integrates_to_one_and_matches_its_samples(high):
     grid = torch.linspace(lo, hi, 200_001, dtype=torch.float64)
     assert torch.trapezoid(prop.log_prob(grid).exp(), grid).item() == pytest.approx(1.0, abs=1e-8)
     assert torch.isinf(prop.log_prob(torch.tensor([lo - 0.1, hi + 0.1]))).all()
-    a = prop.points(100_000, "random", _gen(6))
+    a = prop.points(100_000, "random", gen(6))
     assert lo <= a.min() and a.max() <= hi
     # empirical CDF vs the proposal's CDF (Kolmogorov-Smirnov distance)
     sorted_a, _ = a.sort()
@@ -161,9 +158,9 @@ def test_proposal_reaches_the_snr_that_resolves_a_lattice():
 def test_stratified_and_grid_points_fill_one_stratum_each():
     prop = LogSNRProposal(loc=-1.0, scale=1.3)
     for mode in ("stratified", "grid"):
-        a = prop.points(37, mode, _gen(7))
+        a = prop.points(37, mode, gen(7))
         torch.testing.assert_close(prop.bins(a, 37), torch.arange(37))
-    torch.testing.assert_close(prop.points(9, "grid"), prop.points(9, "grid", _gen(8)))
+    torch.testing.assert_close(prop.points(9, "grid"), prop.points(9, "grid", gen(8)))
     with pytest.raises(ValueError, match="sampling"):
         prop.points(4, "halton")
 
@@ -179,7 +176,7 @@ def _quadrature(fn, lo: float, hi: float, n: int = 40_001) -> torch.Tensor:
 def test_tails_match_quadrature_of_the_gaussian_decoder_error():
     dist = _known_gaussian()
     ref = _reference(dist)
-    x = dist.sample(3, _gen(9))
+    x = dist.sample(3, gen(9))
     lo, hi = -3.0, 5.0
 
     def pointwise(a):
@@ -194,7 +191,7 @@ def test_tails_match_quadrature_of_the_gaussian_decoder_error():
     expected = 0.5 * (_quadrature(gap, -60.0, lo) + _quadrature(gap, hi, 60.0))
     torch.testing.assert_close(continuous_tails(ref, x, (lo, hi)), expected, rtol=1e-6, atol=1e-9)
     # ITD's left tail is its average over data with the reference's moments
-    many = dist.sample(200_000, _gen(10))
+    many = dist.sample(200_000, gen(10))
     itd_left = 0.5 * torch.nn.functional.softplus(lo + ref.log_eigvals).sum()
     assert left_tail(ref, many, lo).mean().item() == pytest.approx(itd_left.item(), rel=0.01)
 
@@ -234,7 +231,7 @@ def test_mc_stderr_formulas():
 
 
 def test_cross_fitted_choice_never_looks_at_the_image_itself():
-    g = _gen(11)
+    g = gen(11)
     b, k = 20, 40
     bins = torch.arange(k).repeat(b, 1) // 10  # four bins of ten points
     network = torch.randn(b, k, dtype=torch.float64, generator=g)

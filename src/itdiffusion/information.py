@@ -526,7 +526,7 @@ def continuous_nll_from_curve(mmse: Tensor, logsnr: Tensor, log_q: Tensor, refer
     weight = torch.exp(-log_q.to(torch.float64))
     if gaussian_errors is not None and x is None:
         raise ValueError("continuous_nll_from_curve: gaussian_errors (the control variate) needs x")
-    if x is not None and gaussian_mmse is None:
+    if x is not None and gaussian_mmse is None and (clamp or gaussian_errors is not None):
         gaussian_mmse = reference.pointwise_mmse(x, logsnr)
     mmse_g = reference.mmse(logsnr)
     candidates = [(_as_candidates(mmse) - mmse_g) * weight]
@@ -559,7 +559,8 @@ def discrete_nll_from_curve(mmse: Tensor, logsnr: Tensor, log_q: Tensor, referen
     proposal = proposal or LogSNRProposal.from_reference(reference, delta=delta)
     logsnr = logsnr.to(torch.float64)
     weight = torch.exp(-log_q.to(torch.float64))
-    gaussian_mmse = reference.pointwise_mmse(x, logsnr) if gaussian_mmse is None else gaussian_mmse
+    if gaussian_mmse is None and (clamp or gaussian_errors is not None):
+        gaussian_mmse = reference.pointwise_mmse(x, logsnr)
     candidates = [_as_candidates(mmse) * weight] + ([gaussian_mmse * weight] if clamp else [])
     mean, stderr = _estimate(candidates, logsnr, proposal, sampling,
                              _noise_control(gaussian_errors, gaussian_mmse, weight))
@@ -655,6 +656,18 @@ def _seeds(num: int, image_seeds, generator: torch.Generator | None) -> list[int
     if len(seeds) != num:
         raise ValueError(f"image_seeds has {len(seeds)} entries for {num} images")
     return seeds
+
+
+def image_draws(seed: int, proposal: LogSNRProposal, npoints: int, sampling: str,
+                shape) -> tuple[Tensor, Tensor, int]:
+    """What :func:`it_nll` draws for the image seeded with ``seed``, in this order from one generator: its
+    ``npoints`` log-SNR points (``proposal.points``, float64 ``[K]``), its dequantisation noise U ~ [0, 1)
+    (float64, one image's ``shape``) and the seed of its channel noise. Stored curves can be checked against
+    it (the ensemble's reuse of its members' curves does)."""
+    gen = torch.Generator().manual_seed(seed)
+    points = proposal.points(npoints, sampling, gen)
+    uniform = torch.rand(tuple(shape), dtype=torch.float64, generator=gen)
+    return points, uniform, int(torch.randint(0, 2**62, (1,), generator=gen))
 
 
 class _CurveEvaluator:
@@ -791,16 +804,13 @@ def it_nll(denoiser: Denoiser, x: Tensor, reference: GaussianReference, *, npoin
     images = x.detach().to(torch.float64)
     interval = None if xinterval is None else (float(xinterval[0]), float(xinterval[1]))
 
-    # Each image's seed draws, in order: its log-SNR points, its dequantisation noise and the seed of its
-    # channel noise, which is drawn only when the image is queued (memory: one image's [K, *shape] noise).
+    # The channel noise is drawn only when an image is queued (memory: one image's [K, *shape] noise).
     logsnr = torch.empty(num, npoints, dtype=torch.float64)
     uniform = torch.empty_like(images, device="cpu")
     noise_seeds = []
     for b, seed in enumerate(_seeds(num, image_seeds, generator)):
-        gen = torch.Generator().manual_seed(seed)
-        logsnr[b] = proposal.points(npoints, logsnr_sampling, gen)
-        uniform[b] = torch.rand(x.shape[1:], dtype=torch.float64, generator=gen)
-        noise_seeds.append(int(torch.randint(0, 2**62, (1,), generator=gen)))
+        logsnr[b], uniform[b], noise_seed = image_draws(seed, proposal, npoints, logsnr_sampling, x.shape[1:])
+        noise_seeds.append(noise_seed)
 
     cv_reference = reference if control_variate else None
     passes = [(images, _error_fn(interval, delta, rounding, "mmse", cv_reference))]

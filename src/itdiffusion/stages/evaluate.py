@@ -69,6 +69,7 @@ from itdiffusion.information import (
     LogSNRProposal,
     continuous_nll_from_curve,
     discrete_nll_from_curve,
+    image_draws,
     it_nll,
     left_tail,
     right_tail_bound,
@@ -272,8 +273,8 @@ def curves_from_member_runs(
     rows = np.unique(np.linspace(0, len(test) - 1, min(check_images, len(test))).round().astype(int))
     x = to_model_range(torch.stack([test[int(i)][0] for i in rows])).to(reference.mean.device, torch.float64)
     points = torch.stack([
-        proposal.points(est_cfg.npoints, est_cfg.logsnr_sampling,
-                        torch.Generator().manual_seed(image_seed(est_cfg.seed, int(i), STREAM_POINTS)))
+        image_draws(image_seed(est_cfg.seed, int(i), STREAM_POINTS), proposal, est_cfg.npoints,
+                    est_cfg.logsnr_sampling, test[int(i)][0].shape)[0]
         for i in rows
     ])
     expected = {"logsnr": points, "gaussian_mmse": _cpu(reference.pointwise_mmse(x, points))}

@@ -84,11 +84,11 @@ def select_fast_path(
     estimate: Callable[[Sequence[Any]], dict[str, torch.Tensor]],
 ) -> tuple[list[Any], dict]:
     """The members to evaluate with (fast if the path passes the check, else the given ones), and the record.
+    The settings are validated beforehand by :func:`check_settings` (the stage's settings check).
 
     ``members``: the evaluate stage's ``Member``s (fp32 U-Nets). ``estimate(members)``: per-image bits/dim of
     every reported estimate on the check images (same images and seeds at every call).
     """
-    check_settings(est_cfg)
     fast = fast_path_from_config(est_cfg, device)
     record: dict = {
         "requested": {"precision": est_cfg.precision, "channels_last": bool(est_cfg.channels_last),
