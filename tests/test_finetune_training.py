@@ -5,30 +5,36 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
 from finetune_toys import BASE, denoising_loss, make_trainer
 from itdiffusion import checkpointing as ckpt
+from itdiffusion.seeding import Stream, stream_seed, stream_seed_tensor
 from itdiffusion.training import (
     EMA,
     FinetuneError,
     ResumableSampler,
-    image_seeds,
-    mix_seed,
     random_hflip,
     validate_config,
 )
 
 
-def test_image_seeds_depend_on_each_part_and_not_on_batching():
+def test_stream_seeds_depend_on_each_part_and_not_on_batching():
     idx = torch.arange(8)
-    s = image_seeds(0, 1, 0, idx)
+    s = stream_seed_tensor(0, idx, Stream.TRAIN_LOSS, 0)
     assert len(set(s.tolist())) == 8 and (s >= 0).all()
-    assert torch.equal(torch.cat([image_seeds(0, 1, 0, idx[:3]), image_seeds(0, 1, 0, idx[3:])]), s)
-    for other in (image_seeds(1, 1, 0, idx), image_seeds(0, 2, 0, idx), image_seeds(0, 1, 1, idx)):
+    assert torch.equal(torch.cat([stream_seed_tensor(0, idx[:3], Stream.TRAIN_LOSS, 0),
+                                  stream_seed_tensor(0, idx[3:], Stream.TRAIN_LOSS, 0)]), s)
+    for other in (stream_seed_tensor(1, idx, Stream.TRAIN_LOSS, 0),
+                  stream_seed_tensor(0, idx, Stream.TRAIN_FLIP, 0),
+                  stream_seed_tensor(0, idx, Stream.TRAIN_LOSS, 1)):
         assert not set(other.tolist()) & set(s.tolist())
-    assert mix_seed(1, 2) != mix_seed(2, 1)
+    assert stream_seed(1, 2, 0) != stream_seed(2, 1, 0)
+    # evaluation's published seeds: numpy's SeedSequence of (seed, index, stream), 63 bits
+    hi, lo = np.random.SeedSequence([0, 5, 0]).generate_state(2)
+    assert stream_seed(0, 5, Stream.POINTS) == ((int(hi) << 32) | int(lo)) & (2**63 - 1)
 
 
 def test_random_hflip_flips_about_half_and_exactly_left_right():

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from itdiffusion.errors import CheckpointError
 from itdiffusion.io import atomic_torch_save, atomic_write_bytes
 
 FORMAT = "itdiffusion.finetune"
@@ -44,9 +45,6 @@ EXPORTED_EMA = "ema.pt"
 _EPOCH_RE = re.compile(r"^epoch_(\d+)\.pt$")
 _REQUIRED_KEYS = ("format", "version", "model", "optimizer", "scheduler", "rng", "progress", "config")
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is unreadable, truncated, or not a training state of this format."""
 
 
 def epoch_checkpoint_name(epoch: int) -> str:

@@ -12,3 +12,8 @@ class UserError(Exception):
 
 class DatasetError(UserError):
     """A dataset is missing, corrupted, empty, or holds images of the wrong size or channel count."""
+
+
+class CheckpointError(RuntimeError):
+    """A weights or training-state file that cannot be read, downloaded or loaded into the configured model
+    (unreadable, truncated, foreign, or of another format version). Stages turn it into a UserError."""

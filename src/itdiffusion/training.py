@@ -48,8 +48,10 @@ from tqdm.auto import tqdm
 from itdiffusion import checkpointing as ckpt
 from itdiffusion import distributed
 from itdiffusion.config import FinetuneConfig
+from itdiffusion.data import to_model_range
 from itdiffusion.errors import UserError
 from itdiffusion.io import atomic_write_json
+from itdiffusion.seeding import Stream, stream_seed, stream_seed_tensor
 from itdiffusion.units import nats_to_bpd
 
 log = logging.getLogger(__name__)
@@ -63,8 +65,6 @@ RESUME_INVARIANT = ("objective", "batch_size", "lr", "weight_decay", "grad_clip"
                     "warmup_steps", "seed")
 LOSS_CURVE = "loss_curve.json"
 
-# Independent random streams, hashed with (seed, epoch, index).
-STREAM_LOSS, STREAM_FLIP, STREAM_HELDOUT, STREAM_DROPOUT = 1, 2, 3, 4
 
 
 class FinetuneError(UserError):
@@ -88,39 +88,12 @@ class Preempted(Exception):  # noqa: N818 (a control-flow signal, not an error)
         self.path = path
 
 
-def to_model_range(images: Tensor) -> Tensor:  # TEMPORARY until itdiffusion.data lands
-    return images.float() / 127.5 - 1.0
-
-
 # ----------------------------------------------------------------------------------------------
-# Per-image randomness
+# Per-image randomness (itdiffusion.seeding: one hash for evaluation and training)
 # ----------------------------------------------------------------------------------------------
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed hashed from integers (splitmix64 chain): distinct parts give unrelated seeds."""
-    h = 0
-    for p in parts:
-        h = _splitmix64(h ^ (int(p) & _MASK64))
-    return h >> 1
-
-
-def image_seeds(seed: int, stream: int, epoch: int, indices: Tensor) -> Tensor:
-    """One seed per image (int64 [B]) from (seed, stream, epoch, dataset index)."""
-    return torch.tensor([mix_seed(seed, stream, epoch, i) for i in indices.tolist()], dtype=torch.int64)
-
-
 def random_hflip(x: Tensor, seed: int, epoch: int, indices: Tensor) -> Tensor:
     """Flip each image left-right with probability 1/2, decided by its own seed."""
-    flip = (image_seeds(seed, STREAM_FLIP, epoch, indices) & 1).bool().to(x.device)
+    flip = (stream_seed_tensor(seed, indices, Stream.TRAIN_FLIP, epoch) & 1).bool().to(x.device)
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
@@ -376,7 +349,7 @@ class Trainer:
             self._resume(Path(verdict[0]))
 
     def _seed_process_rngs(self, step: int) -> None:
-        s = mix_seed(self.cfg.seed, STREAM_DROPOUT, step, distributed.rank())
+        s = stream_seed(self.cfg.seed, distributed.rank(), Stream.DROPOUT, step)
         torch.manual_seed(s)
         np.random.seed(s & 0xFFFFFFFF)  # noqa: NPY002 (the legacy global stream library code uses)
         random.seed(s)
@@ -463,7 +436,7 @@ class Trainer:
         if self.hflip:
             x = random_hflip(x, cfg.seed, p.epoch, indices)
         x = x.to(self.device, non_blocking=True)
-        seeds = image_seeds(cfg.seed, STREAM_LOSS, p.epoch, indices)
+        seeds = stream_seed_tensor(cfg.seed, indices, Stream.TRAIN_LOSS, p.epoch)
 
         net.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
@@ -586,7 +559,7 @@ class Trainer:
             images = torch.stack([self.heldout[i][0] for i in chunk])
             indices = torch.tensor(chunk, dtype=torch.int64)
             x = to_model_range(images).to(self.device)
-            seeds = image_seeds(self.cfg.seed, STREAM_HELDOUT, 0, indices)
+            seeds = stream_seed_tensor(self.cfg.seed, indices, Stream.HELDOUT, 0)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
                 parts.append(self.heldout_loss(self.model, x, seeds).double())
         losses = distributed.all_gather_concat(torch.cat(parts))

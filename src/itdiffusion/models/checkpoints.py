@@ -21,13 +21,11 @@ from typing import IO, Any
 import torch
 from torch import Tensor, nn
 
+from itdiffusion.errors import CheckpointError
 from itdiffusion.io import atomic_write
 
 _SHOW_KEYS = 5  # mismatched keys listed per kind in an error message
 
-
-class CheckpointError(RuntimeError):
-    """A weights file that cannot be read, downloaded or loaded into the configured model."""
 
 
 def file_sha256(path: str | Path) -> str:

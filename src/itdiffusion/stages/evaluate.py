@@ -63,7 +63,7 @@ from itdiffusion.discrete import (
     corrupted_log_ratio,
     masked_pixel_metrics,
 )
-from itdiffusion.errors import UserError
+from itdiffusion.errors import CheckpointError, UserError
 from itdiffusion.information import (
     GaussianReference,
     LogSNRProposal,
@@ -75,7 +75,6 @@ from itdiffusion.information import (
     right_tail_bound,
 )
 from itdiffusion.io import atomic_savez, atomic_write_json
-from itdiffusion.models.checkpoints import CheckpointError
 from itdiffusion.models.iddpm import (
     IDDPMDenoiser,
     build_model_and_diffusion,
@@ -83,6 +82,7 @@ from itdiffusion.models.iddpm import (
     resolve_checkpoint,
 )
 from itdiffusion.results import ResultsStoreError, record_run
+from itdiffusion.seeding import Stream, stream_seed
 from itdiffusion.stages import CONFIG_DIR, config_dict, git_commit, launch, rank_zero_first, setup_device
 from itdiffusion.stages.precision import check_settings as check_precision_settings
 from itdiffusion.stages.precision import select_fast_path
@@ -94,8 +94,8 @@ from itdiffusion.variational import vlb
 log = logging.getLogger(__name__)
 
 XINTERVAL = (-1.0, 1.0)  # pixels scaled to [-1, 1]: the lattice is -1 + PIXEL_BIN * k
-STREAM_POINTS, STREAM_DEQUANT, STREAM_VLB = 0, 1, 2  # independent random streams per image
-STREAM_MASKS, STREAM_CONDITIONAL, STREAM_CORRUPT = 3, 4, 5  # masked-diffusion models
+STREAM_POINTS, STREAM_DEQUANT, STREAM_VLB = Stream.POINTS, Stream.DEQUANT, Stream.VLB
+STREAM_MASKS, STREAM_CONDITIONAL, STREAM_CORRUPT = Stream.MASKS, Stream.CONDITIONAL, Stream.CORRUPT
 METRIC_KEYS = (
     "vlb_bpd",
     "vlb_continuous_bpd",
@@ -118,9 +118,8 @@ class Member:
 
 
 def image_seed(seed: int, index: int, stream: int = STREAM_POINTS) -> int:
-    """The seed of test image ``index`` for one random ``stream``: a 63-bit hash of (seed, index, stream)."""
-    hi, lo = np.random.SeedSequence([seed, index, stream]).generate_state(2)
-    return ((int(hi) << 32) | int(lo)) & (2**63 - 1)
+    """The seed of test image ``index`` for one random ``stream`` (:mod:`itdiffusion.seeding`)."""
+    return stream_seed(seed, index, stream)
 
 
 def dequantize(x: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
