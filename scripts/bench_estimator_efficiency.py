@@ -194,7 +194,7 @@ def smoke_unet_setup(checkpoint: Path, num_images: int):
 
     from itdiffusion.config import register_configs
     from itdiffusion.data import load_images, to_model_range
-    from itdiffusion.stages.evaluate import load_members
+    from itdiffusion.models.loading import load_members
     from itdiffusion.stages.stats import load_or_compute_reference
 
     register_configs()

@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from conftest import TINY, run_cli
+from itdiffusion.artifacts import read_per_image
 from itdiffusion.data import load_images, to_model_range
 from itdiffusion.errors import UserError
 from itdiffusion.models.checkpoints import file_sha256
 from itdiffusion.models.iddpm import build_model_and_diffusion
 from itdiffusion.results import load_runs
+from itdiffusion.seeding import Stream, stream_seed
 from itdiffusion.stages import evaluate
-from itdiffusion.units import PIXEL_BIN
 from itdiffusion.variational import vlb
 
 METRICS = ("vlb_bpd", "vlb_continuous_bpd", "it_continuous_bpd", "it_discrete_bpd", "it_dequantized_bpd")
@@ -28,22 +29,6 @@ def tiny_cfg(make_cfg, shared_cache):
         return make_cfg(*TINY, f"paths.cache_dir={shared_cache}", *overrides)
 
     return make
-
-
-def test_image_seeds_are_deterministic_and_independent_per_stream():
-    assert evaluate.image_seed(0, 5) == evaluate.image_seed(0, 5)
-    seeds = {evaluate.image_seed(s, i, k) for s in (0, 1) for i in range(50) for k in (0, 1, 2)}
-    assert len(seeds) == 300 and all(0 <= s < 2**63 for s in seeds)
-
-
-def test_dequantize_stays_in_the_pixel_bin():
-    pixels = torch.randint(0, 256, (3, 3, 4, 4), dtype=torch.uint8)
-    x = to_model_range(pixels)
-    x_deq = evaluate.dequantize(x, [1, 2, 3])
-    assert (x_deq - x).abs().max() <= PIXEL_BIN / 2
-    assert torch.equal(torch.round((x_deq + 1) / PIXEL_BIN).to(torch.uint8), pixels)  # rounds back to p
-    assert torch.equal(x_deq, evaluate.dequantize(x, [1, 2, 3]))
-    assert (x_deq - x).std() > PIXEL_BIN / 4  # spread over the bin (uniform: std = delta / sqrt(12))
 
 
 def test_evaluate_writes_metrics_per_image_arrays_and_the_results_row(tiny_cfg, tiny_checkpoints, tmp_path):
@@ -63,9 +48,9 @@ def test_evaluate_writes_metrics_per_image_arrays_and_the_results_row(tiny_cfg, 
     assert stored["config"]["estimator"]["npoints"] == 4 and "git_commit" in stored
     assert stored["network_evals"] == 4 * (2 * 4 + 4)  # IT: 2 passes x 4 points; VLB: one pass of 4 steps
     assert metrics["it_continuous_bpd"] == stored["it_continuous_bpd"]
-    with np.load(run_dir / "per_image.npz") as f:
-        assert f["index"].tolist() == [0, 1, 2, 3] and f["logsnr"].shape == (4, 4)
-        vlb_bpd = f["m0_vlb_bpd"]
+    per_image = read_per_image(run_dir / "per_image.npz")
+    assert per_image.index.tolist() == [0, 1, 2, 3] and per_image.curves.logsnr.shape == (4, 4)
+    vlb_bpd = per_image.member_values["vlb_bpd"][0].numpy()
     assert stored["vlb_bpd"] == pytest.approx(vlb_bpd.mean())
     assert load_runs(cfg.paths.results_dir)["single"]["label"] == "tiny"
 
@@ -73,7 +58,7 @@ def test_evaluate_writes_metrics_per_image_arrays_and_the_results_row(tiny_cfg, 
     model, diffusion = build_model_and_diffusion(cfg.model)
     model.load_state_dict(torch.load(tiny_checkpoints[0]))
     x = to_model_range(load_images(cfg.data, "test")[2][0])[None]
-    gen = torch.Generator().manual_seed(evaluate.image_seed(cfg.estimator.seed, 2, evaluate.STREAM_VLB))
+    gen = torch.Generator().manual_seed(stream_seed(cfg.estimator.seed, 2, Stream.VLB))
     expected = vlb(model, diffusion, x, steps_per_batch=4, generator=gen).total_bpd
     np.testing.assert_allclose(vlb_bpd[2], expected.item(), rtol=1e-6)
 
@@ -94,8 +79,9 @@ def test_ensemble_of_a_model_with_itself_is_that_model(tiny_cfg, tiny_checkpoint
     pair = evaluate.run(tiny_cfg(f"ensemble=[{a},{b}]", "estimator.vlb=false"), tmp_path / "pair")
     assert pair["checkpoint_sha256"] == [file_sha256(a), file_sha256(b)]
     assert "vlb_bpd" not in pair and np.isfinite(pair["it_continuous_bpd_stderr"])
-    with np.load(tmp_path / "pair" / "per_image.npz") as f:
-        assert {"m0_mmse", "m1_mmse", "ensemble_it_continuous_nats"} <= set(f.files)
+    stored = read_per_image(tmp_path / "pair" / "per_image.npz")
+    assert stored.curves.num_models == 2 and stored.groups == ["m0", "m1", "ensemble"]
+    assert stored.estimates["it_continuous_nats"].shape == (3, 4)
 
 
 @pytest.mark.parametrize(
@@ -138,8 +124,8 @@ def test_two_processes_give_the_per_image_numbers_of_one(tiny_cfg, tiny_checkpoi
     assert sorted(os.listdir(outputs / "evaluate")) == ["sharded"]  # one run dir for both ranks
     assert json.loads((run_dir / "metrics.json").read_text())["world_size"] == 2
     with np.load(one / "per_image.npz") as a, np.load(run_dir / "per_image.npz") as b:
-        assert a.files == b.files
-        for key in a.files:
+        assert a.files == b.files and str(a["meta"]) == str(b["meta"])
+        for key in set(a.files) - {"meta"}:
             np.testing.assert_allclose(b[key], a[key], rtol=1e-6, atol=1e-9, err_msg=key)
 
 
@@ -164,8 +150,8 @@ def test_control_variate_agrees_with_the_plain_estimate(tiny_cfg, tiny_checkpoin
         se = np.hypot(plain[f"{key}_mc_stderr"], cv[f"{key}_mc_stderr"])
         assert np.isfinite(cv[key]) and cv[f"{key}_stderr"] > 0
         assert abs(cv[key] - plain[key]) < 4 * se + 1e-9, key
-    with np.load(tmp_path / "cv" / "per_image.npz") as f:
-        assert {"gaussian_errors", "gaussian_errors_deq"} <= set(f.files)
+    curves = read_per_image(tmp_path / "cv" / "per_image.npz").curves
+    assert curves.gaussian_errors is not None and curves.gaussian_errors_dequantized is not None
     pair = evaluate.run(tiny_cfg(f"ensemble=[{a},{b}]", *common), tmp_path / "pair")
     assert np.isfinite(pair["it_continuous_bpd"]) and np.isfinite(pair["it_discrete_bpd_stderr"])
 

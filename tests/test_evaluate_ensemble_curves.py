@@ -11,7 +11,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import REPO, TINY, path_overrides
+from itdiffusion.artifacts import commit_evaluation, read_per_image
 from itdiffusion.errors import UserError
+from itdiffusion.models.checkpoints import file_sha256
 from itdiffusion.models.iddpm import build_model_and_diffusion
 from itdiffusion.stages import CONFIG_DIR, evaluate
 
@@ -54,7 +56,7 @@ def test_the_reused_ensemble_is_the_evaluated_ensemble(members, tmp_path, monkey
     def no_network(*args, **kwargs):
         raise AssertionError("ensemble_curves must not run the networks")
 
-    monkeypatch.setattr(evaluate, "evaluate_curves", no_network)
+    monkeypatch.setattr(evaluate, "sample", no_network)
     monkeypatch.setattr(evaluate, "select_fast_path", no_network)
     npz_b = run_b / "per_image.npz"  # a run dir or its per_image.npz
     reused = evaluate.run(
@@ -70,8 +72,9 @@ def test_the_reused_ensemble_is_the_evaluated_ensemble(members, tmp_path, monkey
     assert stored["curves_from"] == reused["curves_from"] and stored["network_evals"] == 0
     with np.load(tmp_path / "fresh/per_image.npz") as f, np.load(tmp_path / "reused/per_image.npz") as r:
         assert set(r.files) == set(f.files)
+        assert json.loads(str(r["meta"]))["groups"] == ["m0", "m1", "ensemble"]
         for key in f.files:
-            if key.endswith("network_evals"):
+            if key.endswith("network_evals") or key == "meta":
                 continue
             # the reused curves went through float32 storage: estimates (means over points) keep ~1e-6 of
             # it, their Monte Carlo standard errors (spreads around the mean) somewhat less
@@ -80,8 +83,9 @@ def test_the_reused_ensemble_is_the_evaluated_ensemble(members, tmp_path, monkey
     for name in ESTIMATES:
         assert reused[f"{name}_bpd"] == pytest.approx(fresh[f"{name}_bpd"], rel=1e-5)
         for j in (0, 1):
-            assert reused["members"][j][f"{name}_bpd"] == pytest.approx(fresh["members"][j][f"{name}_bpd"],
-                                                                        rel=1e-5)
+            assert reused["members"][j][f"{name}_bpd"] == pytest.approx(
+                fresh["members"][j][f"{name}_bpd"], rel=1e-5
+            )
     # the members' own runs give the same member numbers, and the members differ
     for j, run in enumerate((run_a, run_b)):
         alone = json.loads((run / "metrics.json").read_text())
@@ -98,7 +102,7 @@ def test_the_reused_ensemble_is_the_evaluated_ensemble(members, tmp_path, monkey
         ("", ["estimator.clip=3"], r"estimator\.clip=4\.0 there, 3\.0 here"),
         ("", ["data.num_images=3"], r"holds test images 0\.\.3 \(4 images\), this run evaluates 0\.\.2 "),
         ("", ["data.stats_images=30"], r"its logsnr at test images \[0, 1, 2, 3\] differ from this run's"),
-        ("missing", [], r"nonexistent/per_image\.npz not found: evaluate .*tiny_1\.pt first"),
+        ("missing", [], r"nonexistent/metrics\.json not found\. Evaluate .*tiny_1\.pt first"),
         ("one_run", [], r"1 runs for 2 ensemble checkpoints"),
         ("", ["estimator.vlb=true"], r"set estimator\.vlb=false, or drop ensemble_curves"),
         ("no_ensemble", [], r"give their checkpoints in ensemble="),
@@ -120,17 +124,29 @@ def test_curves_that_are_not_the_ensembles_are_refused(members, tmp_path, change
         evaluate.run(cfg, tmp_path / "run")
 
 
-def test_a_missing_curve_or_an_unreadable_file_is_refused(members, tmp_path):
-    """A member run without the control variate's curves cannot serve a run that uses it; nor can a file
-    that is not an npz."""
+def test_a_missing_curve_an_incomplete_run_or_an_unreadable_file_is_refused(members, tmp_path):
+    """A member run without the control variate's curves cannot serve a run that uses it; nor can a run
+    dir whose per_image.npz is not the one its metrics.json was written with, or a file that is not an npz."""
     make_cfg, (a, b), (run_a, run_b) = members
-    with np.load(run_b / "per_image.npz") as f:
-        arrays = {k: f[k] for k in f.files if not k.startswith("gaussian_errors")}
-    np.savez(tmp_path / "per_image.npz", **arrays)
-    (tmp_path / "metrics.json").write_text((run_b / "metrics.json").read_text())
+    stored = read_per_image(run_b / "per_image.npz")
+    stored.curves.gaussian_errors = stored.curves.gaussian_errors_dequantized = None
+    metrics = json.loads((run_b / "metrics.json").read_text())
+    commit_evaluation(
+        tmp_path, stored, {k: v for k, v in metrics.items() if not k.startswith(("format", "per_"))}
+    )
     cfg = make_cfg(f"ensemble=[{a},{b}]", f"ensemble_curves=[{run_a},{tmp_path}]", "estimator.vlb=false")
-    with pytest.raises(UserError, match=r"no gaussian_errors, gaussian_errors_deq .*control_variate=True"):
+    with pytest.raises(
+        UserError, match=r"no gaussian_errors \(this run needs estimator\.control_variate=true"
+    ):
         evaluate.run(cfg, tmp_path / "run")
     (tmp_path / "per_image.npz").write_bytes(b"truncated")
-    with pytest.raises(UserError, match=r"per_image\.npz cannot be the ensemble's curves: it cannot be read"):
+    with pytest.raises(
+        UserError, match=r"incomplete evaluation \(per_image\.npz is missing or is not the one"
+    ):
+        evaluate.run(cfg, tmp_path / "run")
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    (tmp_path / "metrics.json").write_text(
+        json.dumps({**metrics, "per_image_sha256": file_sha256(tmp_path / "per_image.npz")})
+    )
+    with pytest.raises(UserError, match=r"per_image\.npz cannot be the ensemble's curves: .* cannot be read"):
         evaluate.run(cfg, tmp_path / "run")

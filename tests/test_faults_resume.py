@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 
 from finetune_toys import denoising_loss, make_trainer
 from itdiffusion import checkpointing as ckpt
+from itdiffusion.artifacts import read_loss_curve
 from itdiffusion.training import FinetuneError, NonFiniteError, Preempted
 
 TOTAL_STEPS = 12  # 2 epochs x 6 steps
@@ -32,7 +32,7 @@ def final_files(run_dir: Path) -> dict:
     return {
         "model": torch.load(run_dir / "model.pt", weights_only=True),
         "ema": torch.load(run_dir / "ema.pt", weights_only=True),
-        "curve": json.loads((run_dir / "loss_curve.json").read_text()),
+        "curve": read_loss_curve(run_dir / "loss_curve.json"),
     }
 
 

@@ -17,6 +17,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from itdiffusion.artifacts import read_loss_curve
 from itdiffusion.models.iddpm import build_model_and_diffusion
 from itdiffusion.stages import CONFIG_DIR
 from itdiffusion.stages.finetune import run
@@ -109,8 +110,8 @@ def test_sigkill_then_sigterm_then_resume_gives_identical_weights(work):
     assert rc == 0, out
     one, resumed = weights(work, "reference"), weights(work, "faults")
     assert all(torch.equal(one[k], resumed[k]) for k in one)
-    curve = json.loads((path / "loss_curve.json").read_text())
-    assert curve == json.loads((run_dir(work, "reference") / "loss_curve.json").read_text())
+    curve = read_loss_curve(path / "loss_curve.json")
+    assert curve == read_loss_curve(run_dir(work, "reference") / "loss_curve.json")
     assert curve[-1]["step"] == STEPS
     summary = json.loads((work / "outputs" / "finetune" / "faults" / "finetune.json").read_text())
     assert summary["model_path"] == str(path / "model.pt") and summary["steps"] == STEPS

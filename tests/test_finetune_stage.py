@@ -11,6 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from itdiffusion.artifacts import read_loss_curve
 from itdiffusion.errors import UserError
 from itdiffusion.models.iddpm import build_model_and_diffusion, load_checkpoint
 from itdiffusion.stages import CONFIG_DIR
@@ -37,7 +38,7 @@ def test_smoke_chain_base_then_it_finetune(tmp_path, cache_dir):
     base = run(base_cfg, tmp_path / "run_base")
     base_dir = tmp_path / "checkpoints" / "finetune" / "iddpm_tiny_iddpm"
     assert base["model_path"] == str(base_dir / "model.pt") and base["steps"] == 2
-    curve = json.loads((base_dir / "loss_curve.json").read_text())
+    curve = read_loss_curve(base_dir / "loss_curve.json")
     assert [p["step"] for p in curve] == [0, 2]
     assert curve[1]["train_loss_bpd"] is None and math.isfinite(curve[1]["train_loss_iddpm"])
     assert all(math.isfinite(p["heldout_loss_bpd"]) for p in curve)  # held-out: always the IT bound
@@ -48,7 +49,7 @@ def test_smoke_chain_base_then_it_finetune(tmp_path, cache_dir):
     assert tuned_dir.name == "iddpm_tiny_it"
     summary = json.loads((tmp_path / "run_tuned" / SUMMARY).read_text())
     assert summary["steps"] == 2 and summary["objective"] == "it"
-    curve = json.loads((tuned_dir / "loss_curve.json").read_text())
+    curve = read_loss_curve(tuned_dir / "loss_curve.json")
     for point in curve[1:]:
         assert point["train_loss_bpd"] == pytest.approx(point["train_loss_nats"] / (3072 * math.log(2)))
 

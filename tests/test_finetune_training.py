@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch
 
 from finetune_toys import BASE, denoising_loss, make_trainer
 from itdiffusion import checkpointing as ckpt
+from itdiffusion.artifacts import read_loss_curve
 from itdiffusion.seeding import Stream, stream_seed, stream_seed_tensor
 from itdiffusion.training import (
     EMA,
@@ -94,7 +94,7 @@ def test_empty_or_too_small_training_set_is_a_clear_error(tmp_path):
 
 def test_training_lowers_heldout_loss_and_writes_the_run_dir(tmp_path):
     result = make_trainer(tmp_path, epochs=3, ema_decay=None).run()
-    curve = json.loads((tmp_path / "loss_curve.json").read_text())
+    curve = read_loss_curve(tmp_path / "loss_curve.json")
     assert curve == result.curve
     assert [p["step"] for p in curve] == [0, 6, 12, 18] and curve[0]["train_loss_nats"] is None
     assert curve[-1]["heldout_loss_nats"] < curve[0]["heldout_loss_nats"]

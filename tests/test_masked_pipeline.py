@@ -11,8 +11,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from itdiffusion.artifacts import MASKED_ESTIMATES, read_loss_curve, read_per_image
 from itdiffusion.errors import UserError
-from itdiffusion.stages import CONFIG_DIR, evaluate, finetune, report
+from itdiffusion.stages import CONFIG_DIR, evaluate, evaluate_masked, finetune, report
 
 
 def masked_cfg(tmp_path: Path, *overrides: str):
@@ -29,21 +30,21 @@ def masked_cfg(tmp_path: Path, *overrides: str):
 def test_train_evaluate_and_report_a_masked_model(tmp_path):
     summary = finetune.run(masked_cfg(tmp_path, "run_id=train"), tmp_path / "run_train")
     assert summary["objective"] == "any_order" and summary["init"] == "scratch" and summary["steps"] == 2
-    curve = json.loads(Path(summary["loss_curve"]).read_text())
+    curve = read_loss_curve(summary["loss_curve"])
     assert all(math.isfinite(p["heldout_loss_bpd"]) for p in curve)
 
     cfg = masked_cfg(tmp_path, "run_id=eval", f"model.checkpoint={summary['model_path']}",
                      "label='masked diffusion (I-MDCE)'")
     metrics = evaluate.run(cfg, tmp_path / "run_eval")
     assert metrics["num_images"] == 2 and metrics["num_masks"] == 2 and metrics["network_evals"] > 0
-    for key in evaluate.MASKED_METRICS:
+    for key in MASKED_ESTIMATES:
         assert math.isfinite(metrics[key]) and math.isfinite(metrics[f"{key}_stderr"]), key
         assert metrics[f"{key}_stderr"] > 0, key
     for key in ("mdce_bpd", "mdce_timefree_bpd", "mdce_bottom_given_top_bpd"):
         assert 0 < metrics[key] < 30, key  # a discrete NLL over 256 values per sub-pixel, bits/dim
     saved = json.loads((tmp_path / "run_eval" / "metrics.json").read_text())
     assert saved["checkpoint"] == summary["model_path"] and len(saved["checkpoint_sha256"]) == 64
-    per_image = np.load(tmp_path / "run_eval" / "per_image.npz")
+    per_image = read_per_image(tmp_path / "run_eval" / "per_image.npz").group("m0")
     assert per_image["mdce_bpd"].shape == (2,)
     assert np.isclose(per_image["mdce_bpd"].mean(), metrics["mdce_bpd"])
 
@@ -63,10 +64,12 @@ def test_masked_images_are_seeded_per_image(tmp_path):
     torch.manual_seed(0)
     model = build_masked_pixel_model(cfg.model).eval()
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    both = evaluate.evaluate_masked(model, images, [5, 6], cfg.estimator)
-    alone = evaluate.evaluate_masked(model, images[1:], [6], cfg.estimator)
-    for key, value in alone.items():
-        torch.testing.assert_close(value[0], both[key][1], rtol=1e-4, atol=1e-3, msg=key)
+    both = evaluate_masked.sample(model, images, [5, 6], cfg.estimator)
+    alone = evaluate_masked.sample(model, images[1:], [6], cfg.estimator)
+    for key, value in alone.group("m0").items():
+        torch.testing.assert_close(value[0], both.group("m0")[key][1], rtol=1e-4, atol=1e-3, msg=key)
+    evals = alone.member_values["network_evals"][0, 0], both.member_values["network_evals"][0, 1]
+    torch.testing.assert_close(*evals)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import math
 import multiprocessing
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from itdiffusion.artifacts import PerImage, commit_evaluation, write_loss_curve
+from itdiffusion.information import Curves, LogSNRProposal
 from itdiffusion.results import (
     CONTINUOUS_COLUMNS,
     DISCRETE_COLUMNS,
@@ -124,26 +126,35 @@ def test_loss_series_prefers_bits_per_dim():
     assert report.loss_series([{"step": 1}], "train") is None
 
 
+def curves_per_image(logsnr: np.ndarray, reference_mmse: np.ndarray, *mmse: np.ndarray) -> PerImage:
+    """A PerImage with the given curves (the other fields of the curves are placeholders)."""
+    t = torch.from_numpy
+    b, k = logsnr.shape
+    curves = Curves(
+        logsnr=t(logsnr),
+        mmse=torch.stack([t(m) for m in mmse]),
+        gaussian_mmse=t(reference_mmse),
+        continuous_tail=torch.zeros(b, dtype=torch.float64),
+        proposal=LogSNRProposal(0.0, 2.0),
+        sampling="stratified",
+        network_evals=k,
+    )
+    return PerImage(index=torch.arange(b), curves=curves, reference_mmse=t(reference_mmse))
+
+
 def test_mmse_gap_curve_recovers_a_known_gap(tmp_path):
     rng = np.random.default_rng(0)
     logsnr = rng.uniform(-6, 6, (50, 40))
     mmse_g = 100 / (1 + np.exp(-logsnr))
     gap = 10 * np.exp(-(logsnr**2) / 4)
-    np.savez(tmp_path / "per_image.npz", logsnr=logsnr, mmse_gaussian=mmse_g, m0_mmse=mmse_g - gap)
-    centres, means, errs = report.mmse_gap_curve(tmp_path / "per_image.npz", bins=20)
+    centres, means, errs = report.mmse_gap_curve(curves_per_image(logsnr, mmse_g, mmse_g - gap), bins=20)
     assert np.all(np.diff(centres) > 0)
     # each bin is 0.6 wide: the binned mean of a smooth gap is close to its value at the bin centre
     np.testing.assert_allclose(means, 10 * np.exp(-(centres**2) / 4), atol=0.2)
     assert np.all(np.isfinite(errs))
     # an ensemble's curve: per bin the best member, never below the Gaussian decoder (gap 0)
-    np.savez(
-        tmp_path / "pair.npz",
-        logsnr=logsnr,
-        mmse_gaussian=mmse_g,
-        m0_mmse=mmse_g - gap,
-        m1_mmse=mmse_g - 5 + 0 * gap,
-    )
-    _, best, _ = report.mmse_gap_curve(tmp_path / "pair.npz", ["m0_mmse", "m1_mmse"], bins=20)
+    pair = curves_per_image(logsnr, mmse_g, mmse_g - gap, mmse_g - 5 + 0 * gap)
+    _, best, _ = report.mmse_gap_curve(pair, bins=20)
     np.testing.assert_allclose(best, np.maximum(means, 5.0), atol=1e-9)
 
 
@@ -154,8 +165,9 @@ def fake_evaluation(outputs: Path, run_id: str, group: str, **values) -> None:
     rng = np.random.default_rng(len(run_id))
     logsnr = rng.uniform(-5, 5, (6, 16))
     mmse_g = 3072 / (1 + np.exp(-logsnr))
-    np.savez(run_dir / "per_image.npz", logsnr=logsnr, mmse_gaussian=mmse_g, m0_mmse=mmse_g * 0.9)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics(run_id, group=group, **values)))
+    commit_evaluation(
+        run_dir, curves_per_image(logsnr, mmse_g, mmse_g * 0.9), metrics(run_id, group=group, **values)
+    )
 
 
 def test_report_stage_writes_tables_figures_and_keeps_old_rows(tmp_path, make_cfg):
@@ -180,20 +192,19 @@ def test_report_stage_writes_tables_figures_and_keeps_old_rows(tmp_path, make_cf
     )
     curve_dir = tmp_path / "checkpoints" / "finetune" / "repro1-tune"  # where the finetune stage writes it
     curve_dir.mkdir(parents=True)
-    (curve_dir / "loss_curve.json").write_text(
-        json.dumps(
-            [
-                {
-                    "step": s,
-                    "epoch": s / 2,
-                    "train_loss_nats": None if s == 0 else 9000.0 - s,
-                    "train_loss_bpd": None if s == 0 else 4.2 - 0.1 * s,
-                    "heldout_loss_nats": 9000.0 - s,
-                    "heldout_loss_bpd": 4.3 - 0.1 * s,
-                }
-                for s in range(6)
-            ]
-        )
+    write_loss_curve(
+        curve_dir / "loss_curve.json",
+        [
+            {
+                "step": s,
+                "epoch": s / 2,
+                "train_loss_nats": None if s == 0 else 9000.0 - s,
+                "train_loss_bpd": None if s == 0 else 4.2 - 0.1 * s,
+                "heldout_loss_nats": 9000.0 - s,
+                "heldout_loss_bpd": 4.3 - 0.1 * s,
+            }
+            for s in range(6)
+        ],
     )
     record_run(outputs / "results", metrics("older", group="repro0", vlb_bpd=3.3, vlb_bpd_stderr=0.1))
     (outputs / "evaluate" / "broken").mkdir(parents=True)

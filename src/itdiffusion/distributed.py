@@ -100,3 +100,31 @@ def all_gather_concat(t: torch.Tensor) -> torch.Tensor:
     out = [torch.zeros_like(padded) for _ in sizes]
     dist.all_gather(out, padded)
     return torch.cat([o[:s] for o, s in zip(out, sizes, strict=True)])
+
+
+def gather_to_main(obj):
+    """Every rank's ``obj`` in rank order on rank 0 (a list), None elsewhere; ``[obj]`` for one process."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size() if is_main() else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def on_main(fn):
+    """``fn()`` on rank 0 (None elsewhere); a :class:`~itdiffusion.errors.UserError` raised there is raised
+    on every rank, so the other ranks never wait for a rank 0 that has stopped."""
+    from itdiffusion.errors import UserError
+
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn()
+        except UserError as e:
+            error = e
+    message = broadcast_object(None if error is None else str(error))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise UserError(message)
+    return result

@@ -47,10 +47,10 @@ from tqdm.auto import tqdm
 
 from itdiffusion import checkpointing as ckpt
 from itdiffusion import distributed
+from itdiffusion.artifacts import LOSS_CURVE, write_loss_curve
 from itdiffusion.config import FinetuneConfig
 from itdiffusion.data import to_model_range
 from itdiffusion.errors import UserError
-from itdiffusion.io import atomic_write_json
 from itdiffusion.seeding import Stream, stream_seed, stream_seed_tensor
 from itdiffusion.units import nats_to_bpd
 
@@ -63,7 +63,6 @@ OBJECTIVES = ("it", "iddpm", "any_order")
 # finetune settings a resumed run must share with its checkpoint to continue the same run
 RESUME_INVARIANT = ("objective", "batch_size", "lr", "weight_decay", "grad_clip", "bf16", "ema_decay",
                     "warmup_steps", "seed")
-LOSS_CURVE = "loss_curve.json"
 
 
 
@@ -588,7 +587,7 @@ class Trainer:
                 "config": {**self.run_config, "finetune": asdict(self.cfg)},
             }
             ckpt.save_training_state(self.run_dir, ckpt.serialize(state), epoch_end=epoch_end)
-            atomic_write_json(self.run_dir / LOSS_CURVE, self.curve)
+            write_loss_curve(self.run_dir / LOSS_CURVE, self.curve)
         self._saved_at_step = self.progress.step
         distributed.barrier()
 
@@ -600,7 +599,7 @@ class Trainer:
             ckpt.export_state_dict(model_path, self.model.state_dict())
             if self.ema is not None:
                 ckpt.export_state_dict(ema_path, self.ema.averaged_state_dict(self.model))
-            atomic_write_json(self.run_dir / LOSS_CURVE, self.curve)
+            write_loss_curve(self.run_dir / LOSS_CURVE, self.curve)
         distributed.barrier()
         return FinetuneResult(steps=self.progress.step, skipped_steps=self.progress.skipped_steps,
                               curve=self.curve, model_path=model_path, ema_path=ema_path)

@@ -25,6 +25,7 @@ order), with several timesteps per forward pass and float64 arithmetic outside t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -163,6 +164,18 @@ def vlb(model: nn.Module, diffusion: Any, x: Tensor, *, continuous_density: bool
     return VLBResult(total_bpd=prior_bpd + terms.sum(1), prior_bpd=prior_bpd, terms_bpd=terms,
                      decoder_bpd=terms[:, 0], continuous_density=continuous_density,
                      discrete_decoder_bpd=decoders[:, 0], continuous_decoder_bpd=decoders[:, 1])
+
+
+def vlb_per_image(model: nn.Module, diffusion: Any, x: Tensor, seeds: list[int], *,
+                  steps_per_batch: int = 8) -> VLBResult:
+    """:func:`vlb` of each image with its noise from its own seed (``seeds[b]`` seeds a generator on
+    ``x``'s device), so an image's bound does not depend on its batch or on the number of processes."""
+    results = [vlb(model, diffusion, x[b:b + 1], steps_per_batch=steps_per_batch,
+                   generator=torch.Generator(device=x.device).manual_seed(int(seed)))
+               for b, seed in enumerate(seeds)]
+    return VLBResult(**{f.name: results[0].continuous_density if f.name == "continuous_density"
+                        else torch.cat([getattr(r, f.name) for r in results])
+                        for f in dataclasses.fields(VLBResult)})
 
 
 def _step_nats(model: nn.Module, chain: _Chain, x0: Tensor, t: Tensor, noise: Tensor,

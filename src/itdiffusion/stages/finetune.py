@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
 from itdiffusion import distributed
+from itdiffusion.artifacts import LOSS_CURVE
 from itdiffusion.checkpointing import EXPORTED_MODEL
 from itdiffusion.config import FinetuneConfig
 from itdiffusion.data import load_images
@@ -66,7 +67,7 @@ from itdiffusion.models.iddpm import (
 from itdiffusion.stages import CONFIG_DIR, config_dict, git_commit, launch, rank_zero_first, setup_device
 from itdiffusion.stages.stats import load_or_compute_reference
 from itdiffusion.tracking import Tracker
-from itdiffusion.training import LOSS_CURVE, LossFn, Preempted, Trainer, validate_config
+from itdiffusion.training import LossFn, Preempted, Trainer, validate_config
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,6 @@ rank 0's decision is broadcast, so all ranks run the same path.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -30,8 +29,8 @@ import torch
 
 from itdiffusion import distributed
 from itdiffusion.errors import UserError
-from itdiffusion.models.acceleration import FastPath, accelerate, fast_path_from_config
-from itdiffusion.models.iddpm import IDDPMDenoiser
+from itdiffusion.models.acceleration import FastPath, fast_path_from_config
+from itdiffusion.models.loading import Member
 from itdiffusion.units import mean_and_stderr
 
 log = logging.getLogger(__name__)
@@ -77,16 +76,15 @@ def compare_estimates(fp32: dict[str, torch.Tensor], fast: dict[str, torch.Tenso
 
 
 def select_fast_path(
-    members: Sequence[Any],
+    members: Sequence[Member],
     est_cfg: Any,
-    model_cfg: Any,
     device: torch.device,
-    estimate: Callable[[Sequence[Any]], dict[str, torch.Tensor]],
-) -> tuple[list[Any], dict]:
+    estimate: Callable[[Sequence[Member]], dict[str, torch.Tensor]],
+) -> tuple[list[Member], dict]:
     """The members to evaluate with (fast if the path passes the check, else the given ones), and the record.
     The settings are validated beforehand by :func:`check_settings` (the stage's settings check).
 
-    ``members``: the evaluate stage's ``Member``s (fp32 U-Nets). ``estimate(members)``: per-image bits/dim of
+    ``members``: the models under evaluation (fp32 U-Nets). ``estimate(members)``: per-image bits/dim of
     every reported estimate on the check images (same images and seeds at every call).
     """
     fast = fast_path_from_config(est_cfg, device)
@@ -101,7 +99,7 @@ def select_fast_path(
     }
     if fast.plain:
         return list(members), record
-    candidates = [_accelerated(m, fast, model_cfg) for m in members]
+    candidates = [m.accelerated(fast) for m in members]
     started = time.time()
     reference = estimate(members)
     estimates = compare_estimates(reference, estimate(candidates), est_cfg.precision_tolerance_bpd)
@@ -132,12 +130,6 @@ def select_fast_path(
         log.warning("%s; evaluating in fp32 eager instead", message)
     record["used"] = FastPath().describe()
     return list(members), record
-
-
-def _accelerated(member: Any, fast: FastPath, model_cfg: Any) -> Any:
-    """A copy of ``member`` whose U-Net (same weights) runs on ``fast``."""
-    model = accelerate(member.model, fast)
-    return dataclasses.replace(member, model=model, denoiser=IDDPMDenoiser(model, model_cfg))
 
 
 def _nan_as_inf(value: float) -> float:

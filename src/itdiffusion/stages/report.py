@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -23,6 +22,8 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
+from itdiffusion import artifacts
+from itdiffusion.artifacts import PerImage
 from itdiffusion.errors import UserError
 from itdiffusion.results import (
     CONTINUOUS_COLUMNS,
@@ -39,42 +40,38 @@ from itdiffusion.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
-LOSS_CURVE = "loss_curve.json"
-
-
 def find_metrics(root: str | Path) -> list[dict]:
-    """Every readable ``metrics.json`` below ``root`` that names its run (unreadable ones: a warning)."""
+    """The metrics of every complete evaluation below ``root`` (incomplete or unreadable ones, or those of
+    another format version: a warning each)."""
     found = []
-    for path in sorted(Path(root).rglob("metrics.json")):
+    for path in sorted(Path(root).rglob(artifacts.METRICS)):
         try:
-            metrics = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            log.warning("skipping unreadable %s (%s)", path, e)
+            metrics, _ = artifacts.read_evaluation(path.parent)
+        except artifacts.ArtifactError as e:
+            log.warning("skipping %s", e)
             continue
-        if isinstance(metrics, dict) and metrics.get("run_id"):
+        if metrics.get("run_id"):
             found.append({**metrics, "metrics_path": str(path)})
     return found
 
 
-def mmse_gap_curve(
-    per_image_npz: str | Path, keys: Sequence[str] = ("m0_mmse",), bins: int = 50
-) -> tuple[np.ndarray, ...]:
+def mmse_gap_curve(per_image: PerImage, bins: int = 50) -> tuple[np.ndarray, ...]:
     """Binned mean of mmse_G(a) - mmse(a) (eps units, summed over dimensions) against log-SNR a.
 
     Each image has its own log-SNR points, so the points of all images are pooled into ``bins``
-    equal-count bins of a. With several curves ``keys`` (an ensemble's members, evaluated on the
-    same points), each bin shows the best of them or of the Gaussian decoder (gap 0): ITD's
-    pointwise minimum of the MMSE curves. Returns (bin centre, mean gap, its standard error).
+    equal-count bins of a. With several models (an ensemble's members, evaluated on the same points),
+    each bin shows the best of them or of the Gaussian decoder (gap 0): ITD's pointwise minimum of the
+    MMSE curves. Returns (bin centre, mean gap, its standard error).
     """
-    with np.load(per_image_npz) as f:
-        logsnr = f["logsnr"].ravel()
-        gaps = [(f["mmse_gaussian"] - f[key]).ravel() for key in keys]
+    curves = per_image.curves
+    logsnr = curves.logsnr.numpy().ravel()
+    gaps = [(per_image.reference_mmse - mmse).numpy().ravel() for mmse in curves.mmse]
     order = np.argsort(logsnr)
     centres, means, errs = [], [], []
     for chunk in np.array_split(order, min(bins, len(order))):
         centres.append(logsnr[chunk].mean())
         candidates = [(gap[chunk].mean(), _sem(gap[chunk])) for gap in gaps]
-        if len(keys) > 1:
+        if len(gaps) > 1:
             candidates.append((0.0, 0.0))
         mean, err = max(candidates, key=lambda c: c[0])
         means.append(mean)
@@ -95,14 +92,16 @@ def plot_mmse_gap(runs: Sequence[Mapping], path: Path) -> Path | None:
 
     curves = []
     for run in runs:
-        npz = Path(run["metrics_path"]).with_name("per_image.npz") if run.get("metrics_path") else None
+        npz = Path(run["metrics_path"]).with_name(artifacts.PER_IMAGE) if run.get("metrics_path") else None
         if npz is None or not npz.is_file():
             continue
-        with np.load(npz) as f:
-            files = set(f.files)
-        members = sorted(k for k in files if k.startswith("m") and k.endswith("_mmse") and k[1:-5].isdigit())
-        if members and {"logsnr", "mmse_gaussian"} <= files:
-            curves.append((str(run.get("label") or run["run_id"]), mmse_gap_curve(npz, members)))
+        try:
+            per_image = artifacts.read_per_image(npz)
+        except artifacts.ArtifactError as e:
+            log.warning("no MMSE curve for %s: %s", run["run_id"], e)
+            continue
+        if per_image.curves is not None and per_image.reference_mmse is not None:
+            curves.append((str(run.get("label") or run["run_id"]), mmse_gap_curve(per_image)))
     if not curves:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -129,13 +128,13 @@ def find_loss_curves(*roots: str | Path) -> list[tuple[str, list[dict]]]:
     """
     found = []
     for root in roots:
-        for path in sorted(Path(root).rglob(LOSS_CURVE)) if Path(root).is_dir() else []:
+        for path in sorted(Path(root).rglob(artifacts.LOSS_CURVE)) if Path(root).is_dir() else []:
             try:
-                points = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                log.warning("skipping unreadable %s (%s)", path, e)
+                points = artifacts.read_loss_curve(path)
+            except artifacts.ArtifactError as e:
+                log.warning("skipping %s", e)
                 continue
-            if isinstance(points, list) and points:
+            if points:
                 found.append((path.parent.name, points))
     return found
 

@@ -1,0 +1,309 @@
+"""What stages write for each other: names, units and format versions, with typed read and write helpers.
+
+- ``per_image.npz`` (evaluate): per test image, every estimate (nats; the VLB in bits/dim) and the error
+  curves behind the IT estimates (:class:`~itdiffusion.information.Curves`, eps units), so that an ensemble
+  or a report can re-form estimates without a network. :class:`PerImage`.
+- ``metrics.json`` (evaluate): dataset means in bits/dim with their standard errors, settings, provenance.
+- ``loss_curve.json`` (finetune): the loss against optimizer steps.
+
+An evaluate run dir is committed as a unit (:func:`commit_evaluation`): ``metrics.json`` is removed
+first, ``per_image.npz`` written, and ``metrics.json`` written last carrying the sha256 of
+``per_image.npz``. A reader
+(:func:`read_evaluation`, :func:`is_complete`) accepts only a run whose two files agree, so a crash between
+the writes can never pass half-old, half-new results on. Files of another format version are refused with
+an error naming both versions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from itdiffusion.errors import UserError
+from itdiffusion.information import Curves, LogSNRProposal
+from itdiffusion.io import atomic_savez, atomic_write_json
+from itdiffusion.models.checkpoints import file_sha256
+
+PER_IMAGE = "per_image.npz"
+METRICS = "metrics.json"
+LOSS_CURVE = "loss_curve.json"
+
+PER_IMAGE_FORMAT, PER_IMAGE_VERSION = "itdiffusion.per_image", 2  # version 1: flat m{j}_* keys, no version
+METRICS_FORMAT, METRICS_VERSION = "itdiffusion.metrics", 2  # version 1: no format key
+LOSS_CURVE_FORMAT, LOSS_CURVE_VERSION = "itdiffusion.loss_curve", 1  # version 0: a bare list of points
+
+# The estimates an evaluation reports, as metrics.json keys (bits/dim, each with _stderr and, for Monte
+# Carlo estimates, _mc_stderr twins) and per_image.npz names (``<name>_nats`` / ``<name>_bpd`` per image).
+IT_ESTIMATES = ("it_continuous", "it_discrete", "it_discrete_notails", "it_dequantized")
+VLB_ESTIMATES = ("vlb", "vlb_continuous")
+REPORTED_BPD = tuple(f"{name}_bpd" for name in VLB_ESTIMATES + IT_ESTIMATES)
+MASKED_ESTIMATES = (
+    "mdce_bpd",
+    "mdce_timefree_bpd",
+    "mdce_bottom_given_top_bpd",
+    "mdce_corrupted_log_ratio_nats",
+)
+
+ENSEMBLE = "ensemble"  # the group name of an ensemble's estimates (members are "m0", "m1", ...)
+
+
+class ArtifactError(UserError):
+    """A stage's output that is missing, unreadable, incomplete or of another format version."""
+
+
+@dataclass
+class PerImage:
+    """The per-image content of an evaluation (``per_image.npz``), float64 CPU tensors.
+
+    - ``index`` ``[B]``: test-set indices of the images.
+    - ``groups``: names of the rows of ``estimates``: one per model (``m0``, ``m1``, ...) and, for an
+      ensemble, ``ensemble`` last.
+    - ``estimates``: per-image values ``[G, B]`` by name: IT estimates in nats (``it_continuous_nats``,
+      ``it_continuous_mc_stderr_nats``, ...; :data:`IT_ESTIMATES`), masked models' I-MDCE values.
+    - ``member_values``: per-model values ``[M, B]``: ``vlb_bpd``, ``vlb_continuous_bpd`` (bits/dim),
+      ``network_evals``.
+    - ``curves``: the IT error curves of the M models (None without IT estimates); ``reference_mmse``
+      ``[B, K]``: the Gaussian reference's ``mmse_G(a)`` at every point (for figures).
+    """
+
+    index: Tensor
+    groups: list[str] = field(default_factory=lambda: ["m0"])
+    estimates: dict[str, Tensor] = field(default_factory=dict)
+    member_values: dict[str, Tensor] = field(default_factory=dict)
+    curves: Curves | None = None
+    reference_mmse: Tensor | None = None
+
+    @property
+    def num_images(self) -> int:
+        return int(self.index.numel())
+
+    def group(self, name: str) -> dict[str, Tensor]:
+        """The estimates of one group (``m0``, ..., ``ensemble``) as ``{name: [B]}``."""
+        row = self.groups.index(name)
+        return {k: v[row] for k, v in self.estimates.items()}
+
+    @staticmethod
+    def cat(parts: list[PerImage]) -> PerImage:
+        """The images of several parts (same groups and settings), in order."""
+        first = parts[0]
+
+        def cat(name: str, dim: int) -> dict[str, Tensor]:
+            return {k: torch.cat([getattr(p, name)[k] for p in parts], dim) for k in getattr(first, name)}
+
+        return PerImage(
+            index=torch.cat([p.index for p in parts]),
+            groups=list(first.groups),
+            estimates=cat("estimates", 1),
+            member_values=cat("member_values", 1),
+            curves=None if first.curves is None else Curves.cat([p.curves for p in parts]),
+            reference_mmse=None
+            if first.reference_mmse is None
+            else torch.cat([p.reference_mmse for p in parts]),
+        )
+
+
+# ------------------------------------------------------------------------------------------------------
+# per_image.npz
+# ------------------------------------------------------------------------------------------------------
+
+
+def write_per_image(path: str | os.PathLike, per_image: PerImage) -> Path:
+    """Write ``per_image`` atomically (curves as float32, per-image values as float64)."""
+    arrays: dict[str, np.ndarray] = {"index": per_image.index.numpy().astype(np.int64)}
+    meta: dict = {"format": PER_IMAGE_FORMAT, "version": PER_IMAGE_VERSION, "groups": per_image.groups}
+    arrays.update({f"estimate__{k}": v.numpy() for k, v in per_image.estimates.items()})
+    arrays.update({f"member__{k}": v.numpy() for k, v in per_image.member_values.items()})
+    if per_image.curves is not None:
+        c = per_image.curves
+        meta["curves"] = {
+            "proposal": dataclasses.asdict(c.proposal),
+            "sampling": c.sampling,
+            "delta": c.delta,
+            "network_evals": c.network_evals,
+        }
+        for k, v in c.tensors().items():  # [B, K] and [M, B, K] curves in float32, [B] constants in float64
+            arrays[f"curves__{k}"] = v.numpy().astype(np.float32) if v.dim() >= 2 else v.numpy()
+    if per_image.reference_mmse is not None:
+        arrays["reference_mmse"] = per_image.reference_mmse.numpy().astype(np.float32)
+    arrays["meta"] = np.array(json.dumps(meta))
+    return atomic_savez(path, **arrays)
+
+
+def read_per_image(path: str | os.PathLike) -> PerImage:
+    """The :class:`PerImage` of a ``per_image.npz`` (float64); :class:`ArtifactError` if it is missing,
+    unreadable or of another format version."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except FileNotFoundError as e:
+        raise ArtifactError(f"{path} not found") from e
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ArtifactError(
+            f"{path} cannot be read ({type(e).__name__}: {e}); rerun the stage that wrote it"
+        ) from e
+    meta = json.loads(str(arrays.pop("meta"))) if "meta" in arrays else {"version": 1}
+    _check_version(
+        path, meta.get("format", PER_IMAGE_FORMAT), meta.get("version"), PER_IMAGE_FORMAT, PER_IMAGE_VERSION
+    )
+
+    def section(prefix: str) -> dict[str, Tensor]:
+        return {
+            k.removeprefix(prefix): torch.from_numpy(v).to(torch.float64)
+            for k, v in arrays.items()
+            if k.startswith(prefix)
+        }
+
+    curves = None
+    if "curves" in meta:
+        fields = section("curves__")
+        curves = Curves(
+            proposal=LogSNRProposal(**meta["curves"]["proposal"]),
+            sampling=meta["curves"]["sampling"],
+            delta=meta["curves"]["delta"],
+            network_evals=meta["curves"]["network_evals"],
+            **fields,
+        )
+    reference_mmse = arrays.get("reference_mmse")
+    return PerImage(
+        index=torch.from_numpy(arrays["index"]).long(),
+        groups=list(meta["groups"]),
+        estimates=section("estimate__"),
+        member_values=section("member__"),
+        curves=curves,
+        reference_mmse=None if reference_mmse is None else torch.from_numpy(reference_mmse).double(),
+    )
+
+
+# ------------------------------------------------------------------------------------------------------
+# metrics.json and the evaluate run dir as a unit
+# ------------------------------------------------------------------------------------------------------
+
+
+def commit_evaluation(run_dir: str | os.PathLike, per_image: PerImage, metrics: dict) -> dict:
+    """Write an evaluate run dir as a unit: drop the old ``metrics.json``, write ``per_image.npz``, then
+    ``metrics.json`` (with the format version and ``per_image_sha256``). Returns the metrics written."""
+    run_dir = Path(run_dir)
+    (run_dir / METRICS).unlink(missing_ok=True)  # from here until the end the run dir reads as incomplete
+    write_per_image(run_dir / PER_IMAGE, per_image)
+    metrics = {
+        "format": METRICS_FORMAT,
+        "format_version": METRICS_VERSION,
+        **metrics,
+        "per_image_sha256": file_sha256(run_dir / PER_IMAGE),
+    }
+    atomic_write_json(run_dir / METRICS, metrics)
+    return metrics
+
+
+def read_metrics(path: str | os.PathLike) -> dict:
+    """A ``metrics.json`` of the current format; :class:`ArtifactError` otherwise."""
+    path = Path(path)
+    try:
+        metrics = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise ArtifactError(f"{path} not found") from e
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path} cannot be read ({e}); rerun the stage that wrote it") from e
+    if not isinstance(metrics, dict):
+        raise ArtifactError(f"{path} does not hold a metrics object; rerun the stage that wrote it")
+    _check_version(
+        path,
+        metrics.get("format", METRICS_FORMAT),
+        metrics.get("format_version", 1),
+        METRICS_FORMAT,
+        METRICS_VERSION,
+    )
+    return metrics
+
+
+def read_evaluation(run_dir: str | os.PathLike) -> tuple[dict, Path]:
+    """The metrics of a complete evaluate run and the path of its ``per_image.npz`` (checked to be the one
+    its ``metrics.json`` was written with); :class:`ArtifactError` for anything else."""
+    run_dir = Path(run_dir)
+    metrics = read_metrics(run_dir / METRICS)
+    npz = run_dir / PER_IMAGE
+    if not npz.is_file() or file_sha256(npz) != metrics.get("per_image_sha256"):
+        raise ArtifactError(
+            f"{run_dir} is an incomplete evaluation ({PER_IMAGE} is missing or is not the one "
+            f"{METRICS} was written with): rerun the evaluation"
+        )
+    return metrics, npz
+
+
+def is_complete(run_dir: str | os.PathLike) -> bool:
+    """Whether ``run_dir`` holds a complete evaluation (see :func:`read_evaluation`)."""
+    try:
+        read_evaluation(run_dir)
+    except ArtifactError:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------------------
+# loss_curve.json
+# ------------------------------------------------------------------------------------------------------
+
+
+def write_loss_curve(path: str | os.PathLike, points: list[dict]) -> Path:
+    """Points ``{step, epoch, train_loss_<unit>, heldout_loss_<unit>, ...}`` (``<unit>``: ``bpd`` and
+    ``nats`` for the IT loss, the objective's name otherwise)."""
+    return atomic_write_json(
+        path, {"format": LOSS_CURVE_FORMAT, "version": LOSS_CURVE_VERSION, "points": points}
+    )
+
+
+def read_loss_curve(path: str | os.PathLike) -> list[dict]:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path} cannot be read ({e})") from e
+    if isinstance(data, list):
+        _check_version(path, LOSS_CURVE_FORMAT, 0, LOSS_CURVE_FORMAT, LOSS_CURVE_VERSION)
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path} does not hold a loss curve")
+    _check_version(path, data.get("format"), data.get("version"), LOSS_CURVE_FORMAT, LOSS_CURVE_VERSION)
+    return list(data["points"])
+
+
+# ------------------------------------------------------------------------------------------------------
+
+
+def _check_version(path: Path, fmt, version, want_format: str, want_version: int) -> None:
+    if fmt != want_format or version != want_version:
+        raise ArtifactError(
+            f"{path} is {fmt} format version {version}; this itdiffusion reads {want_format} "
+            f"version {want_version}: rerun the stage that wrote it"
+        )
+
+
+__all__ = [
+    "ENSEMBLE",
+    "IT_ESTIMATES",
+    "LOSS_CURVE",
+    "MASKED_ESTIMATES",
+    "METRICS",
+    "PER_IMAGE",
+    "REPORTED_BPD",
+    "VLB_ESTIMATES",
+    "ArtifactError",
+    "PerImage",
+    "commit_evaluation",
+    "file_sha256",
+    "is_complete",
+    "read_evaluation",
+    "read_loss_curve",
+    "read_metrics",
+    "read_per_image",
+    "write_loss_curve",
+    "write_per_image",
+]

@@ -1,0 +1,141 @@
+"""The skeleton every evaluation stage shares: load, shard, run, gather, write.
+
+:func:`skip_done` (a complete run dir is kept), :func:`evaluate_sharded` (the test images split over
+torchrun ranks, a per-chunk function under a progress bar, every rank's rows gathered on rank 0 in image
+order), :func:`provenance` (who, what, which code) and :func:`finish` (check the numbers, commit the run dir
+as a unit, record the results row, log to the tracker). Only rank 0 writes files and logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from itdiffusion import artifacts, distributed
+from itdiffusion.artifacts import PerImage
+from itdiffusion.errors import UserError
+from itdiffusion.results import ResultsStoreError, record_run
+from itdiffusion.stages import config_dict, git_commit
+from itdiffusion.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+# A per-image estimate above this many bits/dim is absurd (8-bit images need at most 8): it stops the run.
+ABSURD_BPD = 1e3
+
+
+def skip_done(cfg: DictConfig, run_dir: Path) -> bool:
+    """With ``skip_done=true``: True if ``run_dir`` holds a complete evaluation (its results row is
+    recorded again, so the store and ``metrics.json`` agree); an incomplete one is evaluated again."""
+    if not cfg.skip_done:
+        return False
+    if artifacts.is_complete(run_dir):
+        metrics_path = run_dir / artifacts.METRICS
+        log.info("skip_done: %s is complete, nothing to do", run_dir)
+        if distributed.is_main():
+            _record(cfg, artifacts.read_metrics(metrics_path), metrics_path)
+        return True
+    if (run_dir / artifacts.METRICS).exists() or (run_dir / artifacts.PER_IMAGE).exists():
+        log.warning("skip_done: %s holds an incomplete evaluation; evaluating again", run_dir)
+    return False
+
+
+def evaluate_sharded(
+    label: str, dataset, chunk: int, fn: Callable[[list[int], torch.Tensor], PerImage]
+) -> PerImage | None:
+    """``fn(indices, uint8 images)`` on this rank's share of ``dataset``, ``chunk`` images at a time; the
+    rows of every rank, in image order, on rank 0 (None on the other ranks)."""
+    mine = distributed.shard_indices(len(dataset))
+    parts = []
+    with tqdm(
+        total=len(dataset),
+        desc=f"evaluate {label}",
+        unit="img",
+        disable=not distributed.is_main(),
+        dynamic_ncols=True,
+    ) as bar:
+        for start in range(mine.start, mine.stop, chunk):
+            idx = list(range(start, min(start + chunk, mine.stop)))
+            parts.append(fn(idx, torch.stack([dataset[i][0] for i in idx])))
+            bar.update(len(idx) * distributed.world_size())
+    gathered = distributed.gather_to_main(parts)
+    if gathered is None:
+        return None
+    return PerImage.cat([p for rank_parts in gathered for p in rank_parts])
+
+
+def provenance(cfg: DictConfig, members: Sequence) -> dict:
+    """Who and what produced a run: run id, label, model, checkpoints and their sha256, commit, config."""
+    one = len(members) == 1
+    return {
+        "run_id": cfg.run_id,
+        "stage": "evaluate",
+        "label": cfg.label,
+        "paper_row": cfg.paper_row,
+        "experiment": cfg.experiment,
+        "group": cfg.logger.group,
+        "model": cfg.model.name,
+        "training_objective": cfg.model.training_objective,
+        "checkpoint": members[0].checkpoint if one else [m.checkpoint for m in members],
+        "checkpoint_sha256": members[0].sha256 if one else [m.sha256 for m in members],
+        "git_commit": git_commit(),
+        "world_size": distributed.world_size(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": config_dict(cfg),
+    }
+
+
+def check_finite(per_image: PerImage, dim: int) -> None:
+    """UserError naming the first image and estimate that is non-finite or absurd (> :data:`ABSURD_BPD`)."""
+    named = {
+        **{f"{g}.{k}": v for k, rows in per_image.estimates.items()
+           for g, v in zip(per_image.groups, rows, strict=True)},
+        **{f"m{j}.{k}": v for k, rows in per_image.member_values.items() for j, v in enumerate(rows)},
+    }
+    for name, values in named.items():
+        bpd = values / (dim * math.log(2)) if "_nats" in name else values
+        bad = ~torch.isfinite(values) | (bpd.abs() > ABSURD_BPD)
+        if bad.any():
+            b = int(bad.nonzero()[0])
+            raise UserError(
+                f"evaluation stopped: {name} of test image {int(per_image.index[b])} is "
+                f"{float(values[b]):.6g} (non-finite or beyond {ABSURD_BPD:g} bits/dim): check the "
+                "model's weights (model.checkpoint) and the data"
+            )
+
+
+def finish(cfg: DictConfig, run_dir: Path, per_image: PerImage, metrics: dict, summary_keys: Sequence[str]):
+    """Rank 0: commit the run dir (``per_image.npz``, then ``metrics.json``), record the results row, log
+    to the tracker. Returns the metrics written."""
+    metrics = artifacts.commit_evaluation(run_dir, per_image, metrics)
+    _record(cfg, metrics, run_dir / artifacts.METRICS)
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    with Tracker(
+        cfg.logger, metrics["config"], job_type="evaluate", name=f"evaluate-{cfg.run_id}"
+    ) as tracker:
+        tracker.log({f"eval/{k}": v for k, v in scalars.items()})
+        tracker.summary(scalars)
+    log.info(
+        "%s: %s",
+        cfg.label,
+        ", ".join(
+            f"{k} {metrics[k]:.4f} ± {metrics[k + '_stderr']:.4f}"
+            for k in summary_keys
+            if metrics.get(k) is not None
+        ),
+    )
+    return metrics
+
+
+def _record(cfg: DictConfig, metrics: dict, metrics_path: Path) -> None:
+    try:
+        record_run(cfg.paths.results_dir, {**metrics, "metrics_path": str(metrics_path)})
+    except ResultsStoreError as e:  # an unreadable results store: keep metrics.json, say how to recover
+        log.error("could not add this run to the results table (%s); its metrics are in %s", e, metrics_path)
