@@ -11,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import REPO, TINY, run_cli
+from itdiffusion.config import check_values
 from itdiffusion.errors import UserError
 from itdiffusion.models.acceleration import (
     AcceleratedUNet,
@@ -212,13 +213,14 @@ def test_auto_on_cpu_is_plain_fp32_without_a_check(check_cfg, tmp_path):
     [
         ("estimator.precision=fp16", "estimator.precision='fp16' is not one of fp32, bf16, auto"),
         ("estimator.compile=max_autotune", "none, default, reduce-overhead, max-autotune"),
-        ("estimator.precision_tolerance_bpd=0", "precision_tolerance_bpd must be > 0"),
-        ("estimator.precision_check_images=1", "precision_check_images must be >= 2"),
+        ("estimator.precision_tolerance_bpd=0", "precision_tolerance_bpd=0.0 must be > 0"),
+        ("estimator.precision_check_images=1", "precision_check_images=1 must be >= 2"),
     ],
 )
-def test_bad_precision_settings_are_user_errors(check_cfg, tmp_path, override, match):
+def test_bad_precision_settings_are_user_errors(make_cfg, override, match):
+    """Checked with every other value before the stage runs (itdiffusion.stages.launch)."""
     with pytest.raises(UserError, match=match):
-        evaluate.run(check_cfg(override), tmp_path / "run")
+        check_values(make_cfg(override))
 
 
 @pytest.mark.slow

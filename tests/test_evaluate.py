@@ -87,7 +87,6 @@ def test_ensemble_of_a_model_with_itself_is_that_model(tiny_cfg, tiny_checkpoint
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        (["estimator.npoints=1"], "npoints must be >= 2"),
         (["estimator.it=false", "estimator.vlb=false"], "nothing to evaluate"),
         (["ensemble=[a.pt]"], "at least two checkpoints"),
         (["model.checkpoint=/nonexistent/weights.pt"], "/nonexistent/weights.pt"),

@@ -143,4 +143,4 @@ def test_two_gloo_processes_match_one_process(work):
 def test_bad_setting_exits_2_with_one_message(work):
     rc, out = finish(launch(overrides(work, "bad", "finetune.lr=-1")))
     assert rc == 2
-    assert "finetune.lr=-1.0 must be a positive number" in out and "Traceback" not in out
+    assert "error: finetune.lr=-1.0 must be > 0" in out and "Traceback" not in out

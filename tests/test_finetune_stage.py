@@ -61,7 +61,7 @@ def test_smoke_chain_base_then_it_finetune(tmp_path, cache_dir):
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("finetune.lr=-1e-4", "finetune.lr=-0.0001 must be a positive number"),
+    ("finetune.lr=-1e-4", "finetune.lr=-0.0001 must be > 0"),
     ("finetune.init=/nonexistent/weights.pt", "finetune.init=/nonexistent/weights.pt does not exist"),
     ("data.num_train_images=3", "3 images, fewer than one global batch of 4"),
     ("finetune.objective=mse", "finetune.objective='mse' is not one of"),

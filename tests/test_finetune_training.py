@@ -70,7 +70,7 @@ def test_ema_matches_the_recursion():
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
-    ("lr", -1e-4, "finetune.lr=-0.0001 must be a positive number"),
+    ("lr", -1e-4, "finetune.lr=-0.0001 must be > 0"),
     ("lr", float("nan"), "finetune.lr=nan"),
     ("batch_size", 0, "finetune.batch_size=0"),
     ("epochs", 0, "finetune.epochs=0"),

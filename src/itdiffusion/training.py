@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import random
 import signal
 import warnings
@@ -48,7 +47,7 @@ from tqdm.auto import tqdm
 from itdiffusion import checkpointing as ckpt
 from itdiffusion import distributed
 from itdiffusion.artifacts import LOSS_CURVE, write_loss_curve
-from itdiffusion.config import FinetuneConfig
+from itdiffusion.config import FinetuneConfig, value_problems
 from itdiffusion.data import to_model_range
 from itdiffusion.errors import UserError
 from itdiffusion.seeding import Stream, stream_seed, stream_seed_tensor
@@ -178,32 +177,9 @@ class EMA:
 # Config checks
 # ----------------------------------------------------------------------------------------------
 def validate_config(cfg: FinetuneConfig) -> None:
-    """Reject settings that cannot train, with the key to change."""
-    problems = []
-    if cfg.objective not in OBJECTIVES:
-        problems.append(f"finetune.objective={cfg.objective!r} is not one of {OBJECTIVES}")
-    if not (isinstance(cfg.lr, int | float) and math.isfinite(cfg.lr) and cfg.lr > 0):
-        problems.append(f"finetune.lr={cfg.lr} must be a positive number (the paper uses 2.5e-5)")
-    if cfg.batch_size < 1:
-        problems.append(f"finetune.batch_size={cfg.batch_size} must be >= 1 (images per process)")
-    if cfg.epochs < 1:
-        problems.append(f"finetune.epochs={cfg.epochs} must be >= 1")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        problems.append(f"finetune.max_steps={cfg.max_steps} must be >= 1 or null (no limit)")
-    if cfg.weight_decay < 0:
-        problems.append(f"finetune.weight_decay={cfg.weight_decay} must be >= 0")
-    if cfg.grad_clip is not None and not cfg.grad_clip > 0:
-        problems.append(f"finetune.grad_clip={cfg.grad_clip} must be > 0 or null (no clipping)")
-    if cfg.ema_decay is not None and not 0.0 <= cfg.ema_decay < 1.0:
-        problems.append(f"finetune.ema_decay={cfg.ema_decay} must be in [0, 1) or null (no EMA)")
-    if cfg.save_every_steps is not None and cfg.save_every_steps < 1:
-        problems.append(f"finetune.save_every_steps={cfg.save_every_steps} must be >= 1 or null (per epoch)")
-    if cfg.log_every_steps < 1:
-        problems.append(f"finetune.log_every_steps={cfg.log_every_steps} must be >= 1")
-    if cfg.warmup_steps < 0:
-        problems.append(f"finetune.warmup_steps={cfg.warmup_steps} must be >= 0")
-    if cfg.heldout_images < 0:
-        problems.append(f"finetune.heldout_images={cfg.heldout_images} must be >= 0")
+    """Reject settings that cannot train, with the key to change (the allowed values of every
+    ``finetune.*`` key are :data:`itdiffusion.config.VALUE_RULES`)."""
+    problems = value_problems(cfg, section="finetune")
     if problems:
         raise FinetuneError("invalid fine-tuning config: " + "; ".join(problems))
 

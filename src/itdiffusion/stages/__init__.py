@@ -14,9 +14,13 @@ message (exit status 2) instead of a traceback.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
+import os
+import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from itdiffusion import distributed
-from itdiffusion.config import register_configs
+from itdiffusion.config import check_values, register_configs
 from itdiffusion.errors import UserError
 
 log = logging.getLogger("itdiffusion")
@@ -36,17 +40,116 @@ register_configs()
 
 
 def launch(stage: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> None:
-    """Run ``stage(cfg, run_dir)`` inside a Hydra job; exits with status 2 on a :class:`UserError`."""
+    """Run ``stage(cfg, run_dir)`` inside a Hydra job; exits with status 2 on a :class:`UserError`.
+
+    Before the stage: every value is checked (:func:`itdiffusion.config.check_values`) and so are the
+    folders the stage writes (:func:`check_output_dirs`). A :class:`UserError` prints one line
+    (``error: ...``) on stderr, goes to the stage's log file too, and removes the run dir when this
+    launch created it and it holds nothing but Hydra's files (:func:`remove_unused_run_dir`).
+    """
     from hydra.core.hydra_config import HydraConfig
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    created = _created_by_this_process(run_dir)
     try:
+        check_values(cfg)
+        check_output_dirs(cfg, Path(inspect.getfile(stage)).stem)  # not __module__: "__main__" under -m
         stage(cfg, run_dir)
     except UserError as e:
-        log.error("%s", e)
+        report_user_error(e)
+        if created:
+            remove_unused_run_dir(run_dir, hydra_cfg.job.name, cfg.paths.output_dir)
         distributed.shutdown()
         sys.exit(2)
     distributed.shutdown()
+
+
+def report_user_error(error: UserError) -> None:
+    """``error: <message>`` on stderr (rank 0 only) and in the log files (Hydra's ``<stage>.log``)."""
+    if _env_rank() == 0:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (error,), None)
+    logger: logging.Logger | None = log
+    while logger is not None:  # the file handlers of this logger and its ancestors (not the console)
+        for handler in logger.handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
+        logger = logger.parent if logger.propagate else None
+
+
+# Folders each stage writes into (besides its Hydra run dir), checked before it runs: (key, path).
+# The cache dir is left out for evaluate and finetune: they write there only when the reference is
+# missing, and a read-only cache that holds it is fine.
+STAGE_OUTPUT_DIRS: dict[str, Callable[[DictConfig], list[tuple[str, str]]]] = {
+    "stats": lambda cfg: [("paths.cache_dir", cfg.paths.cache_dir)],
+    "evaluate": lambda cfg: [("paths.results_dir", cfg.paths.results_dir)],
+    "finetune": lambda cfg: [
+        ("paths.checkpoint_dir", str(Path(cfg.paths.checkpoint_dir) / "finetune" / cfg.finetune.run_name))
+    ],
+    "report": lambda cfg: [("paths.results_dir", cfg.paths.results_dir)],
+}
+
+
+def check_output_dirs(cfg: DictConfig, stage_name: str) -> None:
+    """:func:`check_writable_dir` for each folder that the stage ``stage_name`` writes."""
+    for key, path in STAGE_OUTPUT_DIRS.get(stage_name, lambda _: [])(cfg):
+        check_writable_dir(path, key)
+
+
+def check_writable_dir(path: str | Path, key: str) -> None:
+    """UserError unless ``path`` is a writable folder, or does not exist yet and can be created
+    (its nearest existing parent is a writable folder). Creates nothing."""
+    path = Path(path)
+    target = path
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    where = f"{key}: {path}" + ("" if target == path else f" cannot be created: {target}")
+    if not target.is_dir():
+        raise UserError(f"{where} is not a directory")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise UserError(f"{where} is not writable")
+
+
+HYDRA_SUBDIR = ".hydra"
+
+
+def remove_unused_run_dir(run_dir: Path, job_name: str, output_dir: str | Path) -> bool:
+    """Remove ``run_dir`` if it holds nothing but Hydra's files (``.hydra/``, ``<job_name>.log``), then its
+    empty parents below ``output_dir``. Returns whether it was removed; a dir with outputs is kept."""
+    try:
+        entries = {p.name for p in run_dir.iterdir()}
+    except OSError:
+        return False
+    if not entries <= {HYDRA_SUBDIR, f"{job_name}.log"}:
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    root = Path(output_dir).resolve()
+    parent = run_dir.resolve().parent
+    while parent != root and root in parent.parents:
+        try:
+            parent.rmdir()  # only while empty
+        except OSError:
+            break
+        parent = parent.parent
+    return not run_dir.exists()
+
+
+_PROCESS_START = time.time()  # before hydra.main creates the run dir (stage modules import this first)
+
+
+def _created_by_this_process(run_dir: Path) -> bool:
+    """Whether ``run_dir``'s entries were made since this process started (Hydra made the dir, or added
+    ``.hydra/`` and the log to an empty one): a dir of an earlier run keeps its old modification time."""
+    try:
+        return run_dir.stat().st_mtime >= _PROCESS_START - 1.0  # 1 s: coarse file-system clocks
+    except OSError:
+        return False
+
+
+def _env_rank() -> int:
+    """This process's rank from torchrun's environment (the process group may not exist yet)."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def setup_device(cfg: DictConfig) -> torch.device:

@@ -43,7 +43,6 @@ from itdiffusion.information import GaussianReference, LogSNRProposal, estimate,
 from itdiffusion.models.loading import Member, load_members
 from itdiffusion.seeding import Stream, stream_seeds
 from itdiffusion.stages import CONFIG_DIR, evaluate_masked, launch, rank_zero_first, setup_device, skeleton
-from itdiffusion.stages.precision import check_settings as check_precision_settings
 from itdiffusion.stages.precision import select_fast_path
 from itdiffusion.stages.stats import load_or_compute_reference
 from itdiffusion.units import PIXEL_BIN, mean_and_stderr, nats_to_bpd
@@ -244,11 +243,7 @@ def check_estimates(
 
 
 def _check_settings(cfg: DictConfig) -> None:
-    est = cfg.estimator
-    if est.it and est.npoints < 2:
-        raise UserError(
-            f"estimator.npoints must be >= 2 (a standard error needs two points), got {est.npoints}"
-        )
+    est = cfg.estimator  # values are checked at launch (config.check_values); here the combinations
     if not (est.it or est.vlb):
         raise UserError("nothing to evaluate: estimator.it and estimator.vlb are both false")
     if cfg.ensemble and not est.it:
@@ -264,9 +259,6 @@ def _check_settings(cfg: DictConfig) -> None:
             "give a VLB (the VLB is per model, in the members' runs): set estimator.vlb=false, "
             f"{REEVALUATE}"
         )
-    if est.batch_size < 1 or est.vlb_steps_per_batch < 1:
-        raise UserError("estimator.batch_size and estimator.vlb_steps_per_batch must be >= 1")
-    check_precision_settings(est)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")

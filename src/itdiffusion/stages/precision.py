@@ -35,22 +35,7 @@ from itdiffusion.units import mean_and_stderr
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check_settings", "compare_estimates", "select_fast_path"]
-
-
-def check_settings(est_cfg: Any) -> None:
-    """UserError for a precision / compile value outside the allowed ones, a tolerance <= 0, or fewer than
-    two check images."""
-    try:
-        fast_path_from_config(est_cfg, torch.device("cpu"))
-    except ValueError as e:
-        raise UserError(str(e)) from e
-    if not est_cfg.precision_tolerance_bpd > 0:
-        raise UserError(f"estimator.precision_tolerance_bpd must be > 0 (bits/dim), "
-                        f"got {est_cfg.precision_tolerance_bpd}")
-    if est_cfg.precision_check_images < 2:
-        raise UserError(f"estimator.precision_check_images must be >= 2 (a standard error needs two images), "
-                        f"got {est_cfg.precision_check_images}")
+__all__ = ["compare_estimates", "select_fast_path"]
 
 
 def compare_estimates(fp32: dict[str, torch.Tensor], fast: dict[str, torch.Tensor],
@@ -82,7 +67,7 @@ def select_fast_path(
     estimate: Callable[[Sequence[Member]], dict[str, torch.Tensor]],
 ) -> tuple[list[Member], dict]:
     """The members to evaluate with (fast if the path passes the check, else the given ones), and the record.
-    The settings are validated beforehand by :func:`check_settings` (the stage's settings check).
+    The settings are validated beforehand by :func:`itdiffusion.config.check_values` (the stage's launch).
 
     ``members``: the models under evaluation (fp32 U-Nets). ``estimate(members)``: per-image bits/dim of
     every reported estimate on the check images (same images and seeds at every call).
