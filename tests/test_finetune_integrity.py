@@ -122,8 +122,7 @@ def test_nonfinite_initial_weights_name_the_weights_not_the_learning_rate(tmp_pa
     trainer = make_trainer(tmp_path)
     with torch.no_grad():
         trainer.model.net[0].weight[0, 0, 0, 0] = float("nan")
-    with pytest.raises(NonFiniteError, match=r"weights themselves are non-finite \(net.0.weight: 1 non-finite") \
-            as info:
+    with pytest.raises(NonFiniteError, match=r"weights themselves are non-finite \(net.0.weight: 1 ") as info:
         trainer.run()
     assert "Lower finetune.lr" not in str(info.value) and info.value.step == 1
 
