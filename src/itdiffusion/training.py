@@ -51,6 +51,7 @@ from itdiffusion.config import FinetuneConfig
 from itdiffusion.data import to_model_range
 from itdiffusion.errors import UserError
 from itdiffusion.io import atomic_write_json
+from itdiffusion.models.checkpoints import first_nonfinite
 from itdiffusion.seeding import Stream, stream_seed, stream_seed_tensor
 from itdiffusion.trajectory import differences
 from itdiffusion.units import nats_to_bpd
@@ -146,16 +147,6 @@ class ResumableSampler(DistributedSampler):
 def _ignore_sigterm(_worker_id: int) -> None:
     # Data workers leave SIGTERM to the main process, which saves and then shuts them down.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def first_nonfinite(state: dict[str, Tensor]) -> str | None:
-    """``"<name>: <count> non-finite of <numel>"`` for the first float tensor holding NaN/inf, else None."""
-    for name, value in state.items():
-        if torch.is_tensor(value) and value.is_floating_point():
-            bad = int((~torch.isfinite(value)).sum())
-            if bad:
-                return f"{name}: {bad} non-finite of {value.numel()}"
-    return None
 
 
 # ----------------------------------------------------------------------------------------------
