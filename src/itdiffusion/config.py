@@ -159,7 +159,7 @@ class LoggerConfig:
     group: str | None = None  # runs of one reproduction share a group
     dir: str = "${paths.output_dir}"
     tags: list[str] = field(default_factory=list)
-    init_timeout: float = 60.0  # seconds to wait for wandb.init before falling back to offline
+    init_timeout: float = 20.0  # seconds to wait for an online wandb.init before falling back to offline
 
 
 @dataclass
