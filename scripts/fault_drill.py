@@ -36,13 +36,36 @@ RESUMED_MARK = "resumed from "  # logged by itdiffusion.training on resume
 SAVE_EVERY = 2
 
 
-def stage_command(work: Path, run_name: str, steps: int, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", STAGE, "model=iddpm_tiny", "data=patches", "finetune=smoke",
-            "finetune.init=scratch", f"finetune.max_steps={steps}", f"finetune.save_every_steps={SAVE_EVERY}",
-            "finetune.heldout_images=16", "logger=none", "device=cpu", "data.num_workers=0",
-            f"paths.output_dir={work / 'outputs'}", f"paths.checkpoint_dir={work / 'checkpoints'}",
+def drill_overrides(work: Path, extra: list[str]) -> list[str]:
+    return ["model=iddpm_tiny", "data=patches", "finetune=smoke", "finetune.init=scratch",
+            f"finetune.save_every_steps={SAVE_EVERY}", "finetune.heldout_images=16", "logger=none",
+            "device=cpu", "data.num_workers=0", f"paths.output_dir={work / 'outputs'}",
+            f"paths.checkpoint_dir={work / 'checkpoints'}", *extra]
+
+
+def sized_overrides(work: Path, extra: list[str], needed: int) -> tuple[list[str], int]:
+    """Overrides that make the configured run last exactly ``needed`` steps, read from the config the
+    drill runs (its batch size and training set): ``finetune.max_steps`` and enough ``finetune.epochs``."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from hydra import compose, initialize_config_dir
+
+    from itdiffusion.data import load_images
+    from itdiffusion.stages import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=drill_overrides(work, extra))
+    steps_per_epoch = len(load_images(cfg.data, "train")) // cfg.finetune.batch_size  # one process
+    if steps_per_epoch < 1:
+        sys.exit(f"fault drill: the training set has fewer images than finetune.batch_size="
+                 f"{cfg.finetune.batch_size}")
+    epochs = -(-needed // steps_per_epoch)
+    return [f"finetune.epochs={epochs}", f"finetune.max_steps={needed}"], steps_per_epoch
+
+
+def stage_command(work: Path, run_name: str, sizing: list[str], extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", STAGE, *drill_overrides(work, extra), *sizing,
             f"finetune.run_name={run_name}", f"run_id={run_name}",
-            f"hydra.run.dir={work / 'hydra' / run_name}", *extra]
+            f"hydra.run.dir={work / 'hydra' / run_name}"]
 
 
 def environment() -> dict[str, str]:
@@ -131,15 +154,20 @@ def main() -> int:
     (work / "logs").mkdir(exist_ok=True)
     # a cycle advances by at most 3 checkpoint intervals: leave work for every cycle and the last restart
     steps = 3 * SAVE_EVERY * args.cycles + 2 * SAVE_EVERY
+    sizing, steps_per_epoch = sized_overrides(work, args.overrides, steps)
 
-    print(f"fault drill in {work}: {args.cycles} SIGKILL cycles, {steps} steps", flush=True)
+    print(f"fault drill in {work}: {args.cycles} SIGKILL cycles, {steps} steps ({steps_per_epoch} per "
+          f"epoch: {' '.join(sizing)})", flush=True)
     t0 = time.monotonic()
-    run_to_end(stage_command(work, "reference", steps, args.overrides), work / "logs" / "reference.log",
+    run_to_end(stage_command(work, "reference", sizing, args.overrides), work / "logs" / "reference.log",
                args.timeout)
+    reference_steps = saved_step(work / "checkpoints" / "finetune" / "reference")
+    if reference_steps != steps:
+        sys.exit(f"fault drill: the reference run stopped at step {reference_steps}, not {steps}")
     print(f"uninterrupted reference run done ({time.monotonic() - t0:.1f} s)", flush=True)
 
     run_dir = work / "checkpoints" / "finetune" / "drill"
-    cmd = stage_command(work, "drill", steps, args.overrides)
+    cmd = stage_command(work, "drill", sizing, args.overrides)
     resumed = 0
     for cycle in range(1, args.cycles + 1):
         log = work / "logs" / f"cycle{cycle}.log"

@@ -7,8 +7,14 @@ import logging
 import pytest
 import wandb
 
-from itdiffusion import distributed
+from itdiffusion import distributed, tracking
 from itdiffusion.tracking import Tracker
+
+
+@pytest.fixture(autouse=True)
+def _forget_online_failures(monkeypatch):
+    """Each test starts as a fresh process: no remembered online failure."""
+    monkeypatch.setattr(tracking, "_online_failure", None)
 
 
 @pytest.fixture
@@ -78,3 +84,33 @@ def test_a_failing_log_call_switches_tracking_off(logger_cfg, caplog):
     assert not tracker.active
     assert len([r for r in caplog.records if "disk full" in r.getMessage()]) == 1
     run.finish()
+
+
+def test_online_failure_is_remembered_by_this_and_later_processes(logger_cfg, monkeypatch, tmp_path):
+    real_init = wandb.init
+    modes = []
+
+    def init(*args, mode=None, **kwargs):
+        modes.append(mode)
+        if mode == "online":
+            raise wandb.errors.CommError("stale API key")
+        return real_init(*args, mode=mode, **kwargs)
+
+    monkeypatch.setattr(wandb, "init", init)
+    monkeypatch.setattr(tracking, "_online_failure", None)
+    for _ in range(2):
+        with Tracker(logger_cfg("logger.mode=online"), {}, job_type="test") as tracker:
+            assert tracker.active
+    assert modes == ["online", "offline", "offline"]  # the second tracker did not wait for online again
+    mark = tmp_path / "wb" / "wandb" / tracking.ONLINE_UNAVAILABLE
+    assert "stale API key" in mark.read_text()
+
+    monkeypatch.setattr(tracking, "_online_failure", None)  # a later stage: a new process, the same dir
+    with Tracker(logger_cfg("logger.mode=online"), {}, job_type="test"):
+        pass
+    assert modes[3:] == ["offline"]
+    mark.unlink()  # deleting the mark (or REMEMBER_S later) retries online
+    monkeypatch.setattr(tracking, "_online_failure", None)
+    with Tracker(logger_cfg("logger.mode=online"), {}, job_type="test"):
+        pass
+    assert modes[4:] == ["online", "offline"]

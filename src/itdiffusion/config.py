@@ -133,7 +133,9 @@ class FinetuneConfig:
 
     objective: str = "it"  # it (IT bound) | iddpm (IDDPM's own loss) | any_order (masked-pixel models only)
     init: str | None = None  # starting weights: None = the model's checkpoint; a path; or "scratch"
-    run_name: str = "${model.name}_${finetune.objective}"  # run dir: <checkpoint_dir>/finetune/<run_name>
+    # run dir: <checkpoint_dir>/finetune/<run_name>; the default carries a hash of the settings that change
+    # the training trajectory (itdiffusion.trajectory), so runs with other settings never share a directory
+    run_name: str = "${model.name}_${finetune.objective}_${itd_settings_hash:}"
     epochs: int = 10
     max_steps: int | None = None  # stop after this many steps (None: epochs decide)
     batch_size: int = 32  # per process
@@ -147,6 +149,7 @@ class FinetuneConfig:
     heldout_images: int = 256  # first test images for the held-out loss curve (0: none)
     log_every_steps: int = 10  # tracker (wandb) rows: the mean train loss over this many steps
     skip_nonfinite: bool = False  # skip (and count) steps with a NaN/inf loss or gradient instead of stopping
+    max_skipped_steps: int = 10  # with skip_nonfinite: give up (exit 2) when more steps than this are skipped
     seed: int = 0  # data order, flips, per-image noise, dropout, scratch initialisation
 
 
@@ -159,7 +162,7 @@ class LoggerConfig:
     group: str | None = None  # runs of one reproduction share a group
     dir: str = "${paths.output_dir}"
     tags: list[str] = field(default_factory=list)
-    init_timeout: float = 60.0  # seconds to wait for wandb.init before falling back to offline
+    init_timeout: float = 20.0  # seconds to wait for an online wandb.init before falling back to offline
 
 
 @dataclass
@@ -208,6 +211,10 @@ def register_configs() -> None:
     """Register the schemas; YAML files name them in their defaults list (``- /schema/model@_here_``)."""
     if not OmegaConf.has_resolver("itd_run_id"):
         OmegaConf.register_new_resolver("itd_run_id", default_run_id)
+    if not OmegaConf.has_resolver("itd_settings_hash"):
+        from itdiffusion.trajectory import settings_hash_resolver
+
+        OmegaConf.register_new_resolver("itd_settings_hash", settings_hash_resolver)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     schemas = {"paths": PathsConfig, "data": DataConfig, "model": ModelConfig, "estimator": EstimatorConfig,
@@ -345,6 +352,7 @@ VALUE_RULES: tuple[Rule, ...] = (
                                       why="(null: no EMA)")),
     Rule("finetune.save_every_steps", Bounds(low=1, nullable=True, why="(null: at epoch ends)")),
     Rule("finetune.heldout_images", NON_NEGATIVE),
+    Rule("finetune.max_skipped_steps", NON_NEGATIVE),
     Rule("finetune.log_every_steps", AT_LEAST_ONE),
     Rule("logger.backend", OneOf(("wandb", "none"))),
     Rule("logger.mode", OneOf(("offline", "online", "disabled"))),

@@ -6,8 +6,9 @@ lattice of spacing :data:`itdiffusion.units.PIXEL_BIN`.
 
 Sources (``data.name``):
 
-- ``cifar10``: torchvision's CIFAR-10 (python version) in ``<root>/cifar-10-batches-py``;
-  ``data.download=true`` fetches it, ``data.verify`` checks torchvision's md5 sums.
+- ``cifar10``: CIFAR-10 (python version) in ``<root>/cifar-10-batches-py``; ``data.download=true``
+  fetches it through torchvision, ``data.verify`` checks the official md5 sums. The batch files are
+  read with a restricted unpickler that runs no code (:mod:`itdiffusion.cifar10_files`).
 - ``image_folder``: IDDPM-style folders of images, ``<root>/<split>`` (``cifar_train``, ``cifar_test``
   as written by improved-diffusion's ``datasets/cifar10.py``), searched recursively.
 - ``npz``: ``<root>/<split>.npz`` holding ``x``: uint8 ``[N, H, W, 3]``.
@@ -18,6 +19,7 @@ Sources (``data.name``):
 from __future__ import annotations
 
 import hashlib
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from itdiffusion import cifar10_files
 from itdiffusion.errors import DatasetError
 
 SOURCES = ("cifar10", "image_folder", "npz", "patches")
@@ -142,6 +145,21 @@ def dataset_key(data_cfg) -> str:
     return f"{data_cfg.name}-{hashlib.sha256(ident.encode()).hexdigest()[:10]}"
 
 
+def source_files(data_cfg, split: str = "train") -> list[Path] | None:
+    """The files the ``split`` of ``data_cfg`` is read from (for content fingerprints of caches);
+    None for ``patches`` (made from scikit-image's bundled photos and the settings)."""
+    name = data_cfg.name
+    if name == "cifar10":
+        folder = Path(data_cfg.root) / cifar10_files.BASE_FOLDER
+        return [folder / file for file, _ in cifar10_files.batch_files(split)]
+    if name == "npz":
+        return [Path(data_cfg.root) / f"{_split_name(data_cfg, split)}.npz"]
+    if name == "image_folder":
+        folder = Path(data_cfg.root) / _split_name(data_cfg, split)
+        return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    return None
+
+
 def random_subset(dataset: Dataset, n: int, seed: int) -> torch.Tensor:
     """``min(n, len(dataset))`` images drawn without replacement (seeded), as uint8 ``[n, 3, H, W]``."""
     n = min(n, len(dataset))
@@ -155,9 +173,9 @@ def random_subset(dataset: Dataset, n: int, seed: int) -> torch.Tensor:
 
 
 def _load_cifar10(data_cfg, split: str) -> ImageTensorDataset:
-    cls = _cifar10_class(data_cfg.verify)
+    """The python-version batches, read with a restricted unpickler (:mod:`itdiffusion.cifar10_files`)."""
     root = Path(data_cfg.root)
-    folder = root / cls.base_folder
+    folder = root / cifar10_files.BASE_FOLDER
     if not data_cfg.download and not folder.is_dir():
         raise DatasetError(
             f"CIFAR-10 not found: expected the folder {folder.resolve()} (python version: data_batch_1..5, "
@@ -166,32 +184,22 @@ def _load_cifar10(data_cfg, split: str) -> ImageTensorDataset:
             f"or point data.root at the folder that contains cifar-10-batches-py."
         )
     try:
-        ds = cls(str(root), train=(split == "train"), download=data_cfg.download)
-    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+        problem = cifar10_files.check_files(folder, split, data_cfg.verify)
+        if problem and data_cfg.download:
+            cifar10_files.download(root)
+            problem = cifar10_files.check_files(folder, split, data_cfg.verify)
+        if problem:
+            raise RuntimeError(problem)
+    except RuntimeError as e:  # a missing file or an md5 mismatch
         raise DatasetError(
-            f"CIFAR-10 in {folder.resolve()} is incomplete or corrupted (torchvision's md5 check: {e}). "
+            f"CIFAR-10 in {folder.resolve()} is incomplete or corrupted (md5 check: {e}). "
             f"Delete the folder and rerun with data.download=true, or re-extract {CIFAR10_URL} there."
         ) from e
     except OSError as e:  # download failed
         raise DatasetError(f"downloading CIFAR-10 into {root.resolve()} failed: {e}") from e
-    images = np.asarray(ds.data)
+    images = cifar10_files.read_split(folder, split)
     _check_nhwc(images, data_cfg.image_size, str(folder))
     return ImageTensorDataset(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
-
-
-def _cifar10_class(verify: bool):
-    """torchvision's CIFAR10, or (``data.verify=false``) a subclass that only checks the files exist."""
-    from torchvision.datasets import CIFAR10
-
-    if verify:
-        return CIFAR10
-
-    class UnverifiedCIFAR10(CIFAR10):
-        train_list = [[name, None] for name, _ in CIFAR10.train_list]
-        test_list = [[name, None] for name, _ in CIFAR10.test_list]
-        meta = {**CIFAR10.meta, "md5": None}
-
-    return UnverifiedCIFAR10
 
 
 def _load_image_folder(data_cfg, split: str) -> ImageFileDataset:
@@ -223,8 +231,9 @@ def _load_npz(data_cfg, split: str) -> ImageTensorDataset:
             if "x" not in f:
                 raise DatasetError(f"{path} has no array 'x' (found: {', '.join(f.files) or 'nothing'})")
             images = f["x"]
-    except (OSError, ValueError) as e:
-        raise DatasetError(f"cannot read {path}: {e}") from e
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DatasetError(f"cannot read {path}: {type(e).__name__}: {e} (truncated or not an npz file; "
+                           "write it again with numpy.savez)") from e
     if images.dtype != np.uint8:
         raise DatasetError(f"{path}: 'x' must hold uint8 pixels in 0..255, got dtype {images.dtype}")
     _check_nhwc(images, data_cfg.image_size, str(path))

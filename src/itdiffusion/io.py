@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import io
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -64,8 +65,23 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, +-inf) replaced by None, so it is valid JSON.
+
+    Writers whose readers must know a value was non-finite add a flag key next to it."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    """Write ``obj`` as JSON (strict: non-finite floats become null, see :func:`finite_json`)."""
+    text = json.dumps(finite_json(obj), indent=2, sort_keys=True, default=str, allow_nan=False)
+    return atomic_write_text(path, text + "\n")
 
 
 def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:

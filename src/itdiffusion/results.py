@@ -138,7 +138,11 @@ def load_runs(results_dir: str | Path) -> dict[str, dict]:
         raise ResultsStoreError(f"{path} is not valid JSON ({e}); move it aside to start a new store") from e
     if not isinstance(stored, dict) or stored.get("format") != FORMAT:
         raise ResultsStoreError(f"{path} is no itdiffusion results store; move it aside to start a new one")
-    return stored["runs"]
+    runs = stored.get("runs")
+    if not (isinstance(runs, dict) and all(isinstance(r, dict) for r in runs.values())):
+        raise ResultsStoreError(f"{path}: 'runs' must map run ids to metrics objects, found "
+                                f"{type(runs).__name__}; move the file aside to start a new store")
+    return runs
 
 
 def record_runs(

@@ -3,7 +3,10 @@
 - Offline by default (``logger.mode=offline``): the run is written under ``<logger.dir>/wandb/`` and
   needs no account or network; upload it later with ``wandb sync <logger.dir>/wandb/offline-run-*``.
 - ``logger.mode=online`` logs live for users with an account. If wandb cannot be reached or is
-  misconfigured, the run falls back to offline with one warning.
+  misconfigured (within ``logger.init_timeout`` seconds), the run falls back to offline with one
+  warning, and the failure is remembered: later trackers of the same process, and processes writing
+  to the same ``logger.dir`` within :data:`REMEMBER_S` (the other stages of a reproduction), go
+  offline at once instead of waiting again. Delete ``<logger.dir>/wandb/.online_unavailable`` to retry.
 - ``logger=none`` (``logger.backend=none``) disables tracking.
 - Only rank 0 logs; on other ranks every method is a no-op. Runs of one reproduction share
   ``logger.group``.
@@ -12,6 +15,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,33 @@ from omegaconf import DictConfig, OmegaConf
 from itdiffusion import distributed
 
 log = logging.getLogger(__name__)
+
+REMEMBER_S = 6 * 3600.0  # how long a failed online start sends later processes straight to offline
+ONLINE_UNAVAILABLE = ".online_unavailable"  # in <logger.dir>/wandb/: why online failed, and when
+_online_failure: str | None = None  # this process's failed online start, if any
+
+
+def _known_online_failure(wandb_dir: Path) -> str | None:
+    """Why online wandb failed earlier in this process, or (within REMEMBER_S) in another one."""
+    if _online_failure is not None:
+        return _online_failure
+    mark = wandb_dir / "wandb" / ONLINE_UNAVAILABLE
+    try:
+        if time.time() - mark.stat().st_mtime < REMEMBER_S:
+            return mark.read_text().strip() or "an earlier failure"
+    except OSError:
+        pass
+    return None
+
+
+def _remember_online_failure(wandb_dir: Path, reason: str) -> None:
+    global _online_failure
+    _online_failure = reason
+    try:
+        (wandb_dir / "wandb").mkdir(parents=True, exist_ok=True)
+        (wandb_dir / "wandb" / ONLINE_UNAVAILABLE).write_text(reason + "\n")
+    except OSError:
+        pass
 
 
 class Tracker:
@@ -67,8 +98,15 @@ class Tracker:
             dir=str(wandb_dir),
         )
         mode = logger_cfg.mode
+        known = _known_online_failure(wandb_dir) if mode == "online" else None
+        if known is not None:
+            log.warning("wandb online failed earlier (%s); continuing offline without retrying (delete %s "
+                        "to retry). Upload later with `wandb sync %s/wandb/offline-run-*`.",
+                        known, wandb_dir / "wandb" / ONLINE_UNAVAILABLE, wandb_dir)
+            mode = None  # straight to the offline start below
         try:
-            return self._wandb.init(mode=mode, settings=self._settings(logger_cfg), **kwargs)
+            if mode is not None:
+                return self._wandb.init(mode=mode, settings=self._settings(logger_cfg), **kwargs)
         except Exception as e:  # noqa: BLE001 - wandb raises many kinds; none may stop the run
             if mode != "online":
                 log.warning(
@@ -78,6 +116,8 @@ class Tracker:
                     e,
                 )
                 return None
+            _remember_online_failure(wandb_dir, f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {type(e).__name__}: "
+                                                f"{str(e)[:200]}")
             log.warning(
                 "wandb could not start online (%s: %s); continuing offline. Upload later with "
                 "`wandb sync %s/wandb/offline-run-*`.",

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import signal
 import warnings
@@ -50,7 +51,9 @@ from itdiffusion.artifacts import LOSS_CURVE, write_loss_curve
 from itdiffusion.config import FinetuneConfig, value_problems
 from itdiffusion.data import to_model_range
 from itdiffusion.errors import UserError
+from itdiffusion.models.checkpoints import first_nonfinite
 from itdiffusion.seeding import Stream, stream_seed, stream_seed_tensor
+from itdiffusion.trajectory import differences
 from itdiffusion.units import nats_to_bpd
 
 log = logging.getLogger(__name__)
@@ -227,6 +230,8 @@ class Trainer:
         tracker: object with ``log(dict, step)`` (rank 0 logs; may be ``None``).
         run_config: the full resolved config, stored in every checkpoint.
         on_step_end: called with the step counter after every step (progress hooks, fault injection).
+        trajectory: the settings that change the trajectory (:mod:`itdiffusion.trajectory`), stored in
+            every checkpoint; resuming with different ones raises :class:`FinetuneError` naming them.
     """
 
     def __init__(self, model: nn.Module, train_loss: LossFn, train_set: Dataset, cfg: FinetuneConfig,
@@ -234,7 +239,8 @@ class Trainer:
                  heldout_set: Dataset | None = None, heldout_loss: LossFn | None = None,
                  hflip: bool = False, num_workers: int = 0, tracker: Any = None,
                  run_config: dict[str, Any] | None = None,
-                 on_step_end: Callable[[int], None] | None = None):
+                 on_step_end: Callable[[int], None] | None = None,
+                 trajectory: dict[str, Any] | None = None):
         validate_config(cfg)
         self.cfg = cfg
         self.device = device
@@ -248,6 +254,7 @@ class Trainer:
         self.tracker = tracker
         self.run_config = run_config or {}
         self.on_step_end = on_step_end
+        self.trajectory = dict(trajectory or {})
 
         self.train_set = IndexedImages(train_set)
         self.world = distributed.world_size()
@@ -282,6 +289,7 @@ class Trainer:
         self.curve: list[dict[str, Any]] = []
         self._term_requested = False
         self._saved_at_step = -1
+        self._start_step = 0  # the step this process started (or resumed) at
         self._window_sum, self._window_count = 0.0, 0  # train loss since the last log line
 
     # ------------------------------------------------------------------ public
@@ -334,6 +342,12 @@ class Trainer:
         saved_cfg = state["config"].get("finetune", {})
         changed = [f"{k}: {saved_cfg[k]!r} -> {getattr(self.cfg, k)!r}"
                    for k in RESUME_INVARIANT if k in saved_cfg and saved_cfg[k] != getattr(self.cfg, k)]
+        saved_trajectory = state.get("trajectory")
+        if saved_trajectory is not None and self.trajectory:
+            changed += differences(saved_trajectory, self.trajectory)
+        elif self.trajectory:
+            warnings.warn(f"{path} records no trajectory settings (written by an older version): only "
+                          "finetune settings are compared", stacklevel=2)
         if changed:
             raise FinetuneError(
                 f"cannot resume {path}: settings differ from the checkpoint ({'; '.join(changed)}). "
@@ -362,6 +376,7 @@ class Trainer:
                           "for bit", stacklevel=2)
             self._seed_process_rngs(step=progress.step)
         self._saved_at_step = progress.step
+        self._start_step = progress.step
         if distributed.is_main():
             log.info("resumed from %s at step %d/%d (epoch %d, batch %d)", path, progress.step,
                      self.total_steps, progress.epoch, progress.batch_in_epoch)
@@ -433,15 +448,14 @@ class Trainer:
         step = p.step + 1
         if n_bad:
             if not cfg.skip_nonfinite:
-                good = self.run_dir / ckpt.LAST
-                raise NonFiniteError(
-                    f"non-finite loss or gradient at step {step} "
-                    f"(epoch {p.epoch}, batch {p.batch_in_epoch}). "
-                    f"Nothing was saved; the last good checkpoint is "
-                    f"{good if good.exists() else 'none (no checkpoint yet)'}. Lower finetune.lr, or set "
-                    "finetune.skip_nonfinite=true to skip such steps.", step)
+                raise NonFiniteError(self._nonfinite_message(step) + " Or set finetune.skip_nonfinite=true "
+                                     "to skip such steps.", step)
             self.optimizer.zero_grad(set_to_none=True)
             p.skipped_steps += 1
+            if p.skipped_steps > cfg.max_skipped_steps:
+                raise NonFiniteError(
+                    self._nonfinite_message(step) + f" {p.skipped_steps} steps were skipped, more than "
+                    f"finetune.max_skipped_steps={cfg.max_skipped_steps}.", step)
             if distributed.is_main():
                 warnings.warn(f"skipped step {step}: non-finite loss or gradient "
                               f"({p.skipped_steps} skipped so far)", stacklevel=2)
@@ -461,6 +475,23 @@ class Trainer:
         if p.step % cfg.log_every_steps == 0 or p.step == self.total_steps:
             self._log(lr, grad_norm)
         return n_stop > 0
+
+    def _nonfinite_message(self, step: int) -> str:
+        """Where a non-finite loss or gradient appeared and its likely cause (nothing is saved)."""
+        p = self.progress
+        good = self.run_dir / ckpt.LAST
+        where = (f"non-finite loss or gradient at step {step} (epoch {p.epoch}, batch {p.batch_in_epoch}). "
+                 f"Nothing was saved; the last good checkpoint is "
+                 f"{good if good.exists() else 'none (no checkpoint yet)'}.")
+        bad = first_nonfinite(self.model.state_dict())
+        if bad is not None:
+            return (f"{where} The weights themselves are non-finite ({bad}): the starting weights "
+                    "(finetune.init) or the checkpoint resumed from are broken, not the learning rate.")
+        if p.step == self._start_step:
+            return (f"{where} The weights are finite and no update has been made in this process yet, so "
+                    "finetune.lr is not the cause: check the starting weights (finetune.init), the data "
+                    "and the model flags.")
+        return f"{where} Lower finetune.lr (or set finetune.grad_clip)."
 
     def _grad_norm(self) -> Tensor:
         """Total gradient 2-norm (before clipping); clips to ``grad_clip`` when set."""
@@ -516,6 +547,11 @@ class Trainer:
         }
         if train_loss is not None:
             point.update(self._loss_fields("train_loss", train_loss))
+        if heldout is not None and not math.isfinite(heldout):
+            # JSON has no NaN: the values become null (io.atomic_write_json) and this flag says why
+            point["heldout_loss_nonfinite"] = True
+            if distributed.is_main():
+                warnings.warn(f"the held-out loss at step {p.step} is {heldout}", stacklevel=2)
         self.curve.append(point)
         if self.tracker is not None and distributed.is_main() and heldout is not None:
             self.tracker.log({"heldout/loss_nats": point["heldout_loss_nats"],
@@ -561,6 +597,7 @@ class Trainer:
                 "global_batch": self.global_batch,
                 "steps_per_epoch": self.steps_per_epoch,
                 "config": {**self.run_config, "finetune": asdict(self.cfg)},
+                "trajectory": self.trajectory,
             }
             ckpt.save_training_state(self.run_dir, ckpt.serialize(state), epoch_end=epoch_end)
             write_loss_curve(self.run_dir / LOSS_CURVE, self.curve)
@@ -571,6 +608,12 @@ class Trainer:
         """Write the final weights as plain state_dicts (rank 0) and summarize the run."""
         model_path = self.run_dir / ckpt.EXPORTED_MODEL
         ema_path = self.run_dir / ckpt.EXPORTED_EMA if self.ema is not None else None
+        for what, weights in (("weights", self.model.state_dict()),
+                              ("EMA weights", self.ema.averaged_state_dict(self.model) if self.ema else {})):
+            bad = first_nonfinite(weights)
+            if bad is not None:
+                raise FinetuneError(f"the trained {what} are non-finite ({bad}); nothing was exported to "
+                                    f"{self.run_dir}. Lower finetune.lr, or start a new run.")
         if distributed.is_main():
             ckpt.export_state_dict(model_path, self.model.state_dict())
             if self.ema is not None:

@@ -3,7 +3,9 @@
 The official files are ``torch.save(model.state_dict())`` of improved-diffusion's ``UNetModel``.
 They are loaded with ``torch.load(..., weights_only=True)``. A file that does not fit the model
 built from the config fails with the flags that are probably wrong (read off the file's tensor
-shapes) and the first mismatched keys; an unreadable file fails saying to delete and re-download it.
+shapes) and the first mismatched keys; an unreadable file fails saying to delete and re-download it;
+a file that torch's safe unpickler refuses (it would run code or build arbitrary objects) fails
+saying so; a file holding NaN or infinite weights fails naming the first such tensor.
 """
 
 from __future__ import annotations
@@ -77,12 +79,13 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if unsupported:  # a well-formed pickle holding more than tensors
+        refused = _refused_by_weights_only(str(e), path)
+        if refused:  # a well-formed pickle asking for more than tensors
             raise CheckpointError(
-                f"{path} holds Python objects other than tensors ({unsupported.group(1)}), which "
-                f"torch.load(weights_only=True) refuses to unpickle. Give a file of plain tensors "
-                f"(a state_dict)."
+                f"{path} asks to unpickle {refused}, which torch.load(weights_only=True) refuses: it "
+                f"was not loaded and none of its code ran. This is not a damaged download; a weights "
+                f"file must hold plain tensors (a state_dict). Do not load it with weights_only=False "
+                f"unless you trust its source."
             ) from e
         raise _unreadable(path, e) from e
     except Exception as e:  # truncated zip, random bytes, empty file: torch raises many types
@@ -92,6 +95,35 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     if not (isinstance(obj, Mapping) and obj and all(isinstance(v, Tensor) for v in obj.values())):
         raise CheckpointError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
     return dict(obj)
+
+
+def _refused_by_weights_only(message: str, path: Path) -> str | None:
+    """What torch's weights-only unpickler refused in a well-formed file (a global, or the instructions
+    of a plain pickle), else None (damaged or random bytes).
+
+    Torch words it differently across versions: "Unsupported global: GLOBAL os.system ...",
+    "Trying to load unsupported GLOBAL posix.system whose module posix is blocked", or, for a plain
+    pickle (not a torch.save zip file), "WeightsUnpickler error: Unsupported operand 149"."""
+    found = re.search(r"(?:Unsupported global: |unsupported )GLOBAL (\S+?)(?=[\s.,]*(?:\s|$))", message)
+    if found:
+        return f"the global {found.group(1)}"
+    with open(path, "rb") as f:
+        head = f.read(2)
+    operand = re.search(r"WeightsUnpickler error:\s*(Unsupported operand \d+)", message)
+    if operand and len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # a pickle's PROTO header
+        return (f"a plain Python pickle (protocol {head[1]}, not a torch.save file) whose instructions it "
+                f"does not allow ({operand.group(1)})")
+    return None
+
+
+def first_nonfinite(state: Mapping[str, Tensor]) -> str | None:
+    """``"<name>: <count> non-finite of <numel>"`` for the first float tensor holding NaN/inf, else None."""
+    for name, value in state.items():
+        if isinstance(value, Tensor) and value.is_floating_point():
+            bad = int((~torch.isfinite(value)).sum())
+            if bad:
+                return f"{name}: {bad} non-finite of {value.numel()}"
+    return None
 
 
 def _unreadable(path: Path, e: Exception) -> CheckpointError:
@@ -105,7 +137,8 @@ def _unreadable(path: Path, e: Exception) -> CheckpointError:
 def load_checkpoint(model: nn.Module, path: str | Path) -> str:
     """Load a state_dict file into ``model`` (strict); returns the file's sha256 (hex).
 
-    Raises :class:`CheckpointError` for an unreadable file or one that does not fit the model.
+    Raises :class:`CheckpointError` for an unreadable file, one that does not fit the model, or one
+    holding NaN or infinite weights.
     """
     path = Path(path)
     if not path.is_file():
@@ -117,6 +150,10 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> str:
     mismatched = [k for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or mismatched:
         raise CheckpointError(_mismatch_message(path, model, state, missing, unexpected, mismatched))
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise CheckpointError(f"{path} holds non-finite weights (first: {bad}); every estimate from it "
+                              f"would be NaN. Use the weights of a run that finished without divergence.")
     model.load_state_dict(state)
     return file_sha256(path)
 

@@ -49,7 +49,7 @@ from torch.utils.data import Dataset, Subset
 
 from itdiffusion import distributed
 from itdiffusion.artifacts import LOSS_CURVE
-from itdiffusion.checkpointing import EXPORTED_MODEL
+from itdiffusion.checkpointing import EXPORTED_MODEL, LAST, load_training_state
 from itdiffusion.config import FinetuneConfig
 from itdiffusion.data import load_images
 from itdiffusion.discrete import any_order_loss, build_masked_pixel_model, images_to_tokens
@@ -68,6 +68,7 @@ from itdiffusion.stages import CONFIG_DIR, config_dict, git_commit, launch, rank
 from itdiffusion.stages.stats import load_or_compute_reference
 from itdiffusion.tracking import Tracker
 from itdiffusion.training import LossFn, Preempted, Trainer, validate_config
+from itdiffusion.trajectory import INIT_SHA256, differences, trajectory_settings
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +88,14 @@ def finetune_run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.paths.checkpoint_dir) / "finetune" / cfg.finetune.run_name
 
 
-def load_initial_weights(cfg: DictConfig, model: nn.Module) -> str:
-    """Load the starting weights named by ``finetune.init``; returns their description (path and sha256)."""
+def load_initial_weights(cfg: DictConfig, model: nn.Module) -> tuple[str, str | None]:
+    """Load the starting weights named by ``finetune.init``; returns their description (path and sha256)
+    and their sha256 (None from scratch)."""
     init = cfg.finetune.init
     if init is None and cfg.model.kind == "masked_pixels" and not cfg.model.checkpoint:
         init = "scratch"  # masked-pixel models have no official weights
     if init == "scratch":
-        return "scratch"
+        return "scratch", None
     try:
         if init:
             path = Path(init)
@@ -105,7 +107,27 @@ def load_initial_weights(cfg: DictConfig, model: nn.Module) -> str:
         sha256 = load_checkpoint(model, path)
     except (FileNotFoundError, ValueError, CheckpointError) as e:
         raise UserError(f"{e} (finetune.init: null = the model's checkpoint, a path, or scratch)") from e
-    return f"{path} (sha256 {sha256})"
+    return f"{path} (sha256 {sha256})", sha256
+
+
+def check_finished_run(ckpt_dir: Path, settings: dict) -> None:
+    """``skip_done`` on a finished run: refuse when its last checkpoint was trained with other settings
+    (the starting weights' sha256 is not compared here: they are not loaded when skipping)."""
+    path = ckpt_dir / LAST
+    if not path.is_file():
+        return
+    try:
+        saved = load_training_state(path).get("trajectory")
+    except CheckpointError as e:
+        raise UserError(f"skip_done: cannot read {path} to check its settings ({e})") from e
+    if saved is None:
+        return
+    saved = {k: v for k, v in saved.items() if k != INIT_SHA256}
+    changed = differences(saved, settings)
+    if changed:
+        raise UserError(f"skip_done: {ckpt_dir} holds a finished run with other settings "
+                        f"({'; '.join(changed)}). Use the same settings, or set finetune.run_name to a new "
+                        "name.")
 
 
 def it_objective(model_cfg: Any, reference: GaussianReference) -> LossFn:
@@ -172,13 +194,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     device = setup_device(cfg)
     settings = finetune_settings(cfg)
     ckpt_dir = finetune_run_dir(cfg)
+    trajectory = trajectory_settings(cfg)
     if cfg.skip_done and (ckpt_dir / EXPORTED_MODEL).is_file():
+        check_finished_run(ckpt_dir, trajectory)
         log.info("skip_done: %s exists, nothing to do", ckpt_dir / EXPORTED_MODEL)
         return {"run_name": settings.run_name, "model_path": str(ckpt_dir / EXPORTED_MODEL), "skipped": True}
 
     torch.manual_seed(settings.seed)  # the initial weights when training from scratch
     model, train_objective, heldout_objective, dim = build_objectives(cfg, settings, device)
-    init = load_initial_weights(cfg, model)
+    init, init_sha256 = load_initial_weights(cfg, model)
+    trajectory[INIT_SHA256] = init_sha256
 
     with Tracker(cfg.logger, config_dict(cfg), job_type="finetune",
                  name=f"finetune-{settings.run_name}-{cfg.run_id}") as tracker:
@@ -188,6 +213,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             heldout_set=heldout_images(cfg, settings.heldout_images),
             heldout_loss=heldout_objective, hflip=cfg.data.hflip,
             num_workers=cfg.data.num_workers, tracker=tracker, run_config=config_dict(cfg),
+            trajectory=trajectory,
         )
         log.info("fine-tuning %s (%s objective, init %s): %d steps of %d images x %d process(es); "
                  "checkpoints in %s", cfg.model.name, settings.objective, init, trainer.total_steps,

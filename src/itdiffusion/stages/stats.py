@@ -7,11 +7,20 @@ The reference (mean, eigen-decomposition of the covariance: full SVD, or diagona
 (seed ``data.seed``) gives the IT bound its baseline: entropy h_G (nats) and mmse_G(a). It is
 cached atomically at ``<paths.cache_dir>/reference_<dataset key>_n<count>[_diag].pt`` and reused by
 ``evaluate`` and ``finetune`` through :func:`load_or_compute_reference`.
+
+The cache is keyed by content, not by path: a cache file is used only when its record names the
+same format version (:data:`CACHE_FORMAT`), settings (count, covariance, subset seed, image size) and
+data fingerprint (:func:`data_fingerprint`: name, size, modification time and sha256 of every file the
+training split is read from). Replacing ``train.npz`` (or any CIFAR-10 batch or image) at the same
+path therefore recomputes the reference.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import pickle
 from pathlib import Path
 
@@ -20,7 +29,7 @@ import torch
 from omegaconf import DictConfig
 
 from itdiffusion import distributed
-from itdiffusion.data import dataset_key, load_images, random_subset, to_model_range
+from itdiffusion.data import dataset_key, load_images, random_subset, source_files, to_model_range
 from itdiffusion.information import GaussianReference
 from itdiffusion.io import atomic_torch_save, atomic_write_json, file_lock
 from itdiffusion.stages import CONFIG_DIR, config_dict, launch, rank_zero_first, setup_device
@@ -29,7 +38,10 @@ from itdiffusion.units import nats_to_bpd
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = "itdiffusion.gaussian_reference/1"
+CACHE_FORMAT = "itdiffusion.gaussian_reference/2"  # /2: keyed by the data's content fingerprint
+# (path, size, mtime, ctime, inode) -> sha256: each file hashed once per process (ctime changes on every
+# write and cannot be set back, so a file rewritten with its old size and mtime is hashed again)
+_FILE_SHA256: dict[tuple, str] = {}
 
 
 def reference_cache_path(cfg: DictConfig) -> Path:
@@ -74,13 +86,47 @@ def compute_reference(cfg: DictConfig) -> GaussianReference:
     return GaussianReference.from_data(x, diagonal=cfg.data.stats_diagonal)
 
 
+def _file_sha256(path: Path, st: os.stat_result) -> str:
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    if key not in _FILE_SHA256:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        _FILE_SHA256[key] = h.hexdigest()
+    return _FILE_SHA256[key]
+
+
+def data_fingerprint(data_cfg) -> str:
+    """sha256 over (relative name, size, mtime, sha256) of every file of the training split; for
+    ``patches``, over the settings and scikit-image's version (the photos ship with it)."""
+    files = source_files(data_cfg, "train")
+    if files is None:
+        import skimage
+
+        entries: list = [dataset_key(data_cfg), skimage.__version__]
+    else:
+        entries = []
+        for path in files:
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                entries.append([path.name, None])  # load_images reports the missing file
+                continue
+            entries.append([path.name, st.st_size, st.st_mtime_ns, _file_sha256(path, st)])
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
 def _cache_identity(cfg: DictConfig) -> dict:
-    """The fields that say which statistics a cache file holds."""
+    """The fields that say which statistics a cache file holds: format, settings, data content."""
     return {
         "format": CACHE_FORMAT,
         "dataset_key": dataset_key(cfg.data),
         "stats_images": cfg.data.stats_images,
         "diagonal": cfg.data.stats_diagonal,
+        "subset_seed": cfg.data.seed,
+        "image_size": cfg.data.image_size,
+        "data_fingerprint": data_fingerprint(cfg.data),
     }
 
 
