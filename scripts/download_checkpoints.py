@@ -1,7 +1,9 @@
-"""Download the official IDDPM CIFAR-10 checkpoints into <checkpoint_dir>/iddpm/.
+"""Download the official IDDPM CIFAR-10 checkpoints into <checkpoint_dir>/iddpm/ (and, when named, ITD's
+published fine-tuned weights into <checkpoint_dir>/<kind>/, checked against their sha256 and size).
 
-    python scripts/download_checkpoints.py                      # both
+    python scripts/download_checkpoints.py                      # both official IDDPM files
     python scripts/download_checkpoints.py iddpm_cifar10_vlb    # one
+    python scripts/download_checkpoints.py iddpm_cifar10_itd_tuned ddpm_cifar10_itd_tuned
     python scripts/download_checkpoints.py --checkpoint-dir /data/checkpoints
 
 The URLs are those of conf/model/<name>.yaml; files already present are kept. Prints each file's
@@ -21,22 +23,25 @@ from itdiffusion.models.iddpm import resolve_checkpoint
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "model"
 OFFICIAL = ("iddpm_cifar10_vlb", "iddpm_cifar10_hybrid")
+KNOWN = (*OFFICIAL, "iddpm_cifar10_itd_tuned", "ddpm_cifar10_itd_tuned")  # ITD's published tuned weights
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="*", metavar="MODEL",
-                        help=f"model configs whose checkpoint_url to fetch, of {OFFICIAL} (default: both)")
+                        help=f"model configs whose checkpoint_url to fetch, of {KNOWN} (default: {OFFICIAL})")
     parser.add_argument("--checkpoint-dir", default="checkpoints", help="default: checkpoints")
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.models) - set(OFFICIAL))
+    unknown = sorted(set(args.models) - set(KNOWN))
     if unknown:
-        parser.error(f"unknown model(s) {unknown}; choose from {OFFICIAL}")
+        parser.error(f"unknown model(s) {unknown}; choose from {KNOWN}")
     for name in args.models or OFFICIAL:
         cfg = OmegaConf.load(CONF_DIR / f"{name}.yaml")
         try:
-            source = {"name": name, "checkpoint": None, "checkpoint_url": cfg.checkpoint_url}
+            source = {"name": name, "kind": cfg.get("kind", "iddpm"), "checkpoint": None,
+                      **{k: cfg.get(k) for k in ("checkpoint_url", "checkpoint_sha256", "checkpoint_bytes",
+                                                 "checkpoint_file")}}
             path = resolve_checkpoint(source, args.checkpoint_dir)
         except CheckpointError as e:
             print(f"{name}: {e}", file=sys.stderr)

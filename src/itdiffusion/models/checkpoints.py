@@ -16,7 +16,7 @@ import pickle
 import re
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from itdiffusion.errors import CheckpointError
-from itdiffusion.io import atomic_write
+from itdiffusion.io import atomic_write, file_lock
 
 _SHOW_KEYS = 5  # mismatched keys listed per kind in an error message
 
@@ -73,6 +73,69 @@ def download(url: str, dest: str | Path, *, progress: bool = True, timeout: floa
             f"elsewhere and place it at {dest}, or point model.checkpoint at a local copy."
         ) from e
     return sha.hexdigest()
+
+
+def verify_file(path: str | Path, *, sha256: str | None = None, size: int | None = None) -> str:
+    """Check a file's size (bytes) and sha256 (hex) where given; returns its sha256.
+
+    Raises :class:`CheckpointError` saying what was expected and to delete the file and fetch it again.
+    """
+    path = Path(path)
+    got_size = path.stat().st_size
+    if size is not None and got_size != size:
+        raise CheckpointError(f"{path} has {got_size} bytes, expected {size}: it is incomplete or another "
+                              f"file. Delete it and download it again.")
+    got = file_sha256(path)
+    if sha256 is not None and got != sha256.lower():
+        raise CheckpointError(f"{path} has sha256 {got}, expected {sha256.lower()}: it is damaged or another "
+                              f"file. Delete it and download it again.")
+    return got
+
+
+def fetch(url: str, dest: str | Path, *, sha256: str | None = None, size: int | None = None,
+          progress: bool = True) -> Path:
+    """``dest``, downloaded from ``url`` first when missing, checked against ``sha256`` and ``size``.
+
+    Concurrent callers (one per torchrun rank) are serialized by a lock file: one downloads, the others
+    then find the finished file. A download that fails the check is deleted; a file already present that
+    fails it is kept and reported (it may have been placed by hand).
+    """
+    dest = Path(dest)
+    with file_lock(dest.parent / f".{dest.name}.lock"):
+        if dest.is_file():
+            verify_file(dest, sha256=sha256, size=size)
+            return dest
+        print(f"downloading {url} -> {dest}", flush=True)
+        download(url, dest, progress=progress)
+        try:
+            got = verify_file(dest, sha256=sha256, size=size)
+        except CheckpointError as e:
+            dest.unlink()
+            raise CheckpointError(f"the download of {url} failed its check and was deleted: {e}") from e
+        print(f"saved {dest} (sha256 {got})", flush=True)
+    return dest
+
+
+WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")  # DataParallel/DDP, wrapper classes, torch.compile
+
+
+def strip_wrapper_prefixes(state: Mapping[str, Tensor], expected: Iterable[str]) -> dict[str, Tensor]:
+    """``state`` with the prefixes of wrapper modules removed from its keys while every key carries one
+    and the keys do not already fit ``expected`` (e.g. ``model.input_blocks.0.0.weight`` of a class that
+    holds the U-Net as ``self.model``, or ``module.`` of DistributedDataParallel)."""
+    state, expected = dict(state), set(expected)
+    while set(state) != expected:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """The state_dict in a file, loaded with ``weights_only=True`` (a training checkpoint's ``"model"``
+    entry); :class:`CheckpointError` for an unreadable file or one that holds no state_dict."""
+    return _read_state_dict(Path(path))
 
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
@@ -137,14 +200,16 @@ def _unreadable(path: Path, e: Exception) -> CheckpointError:
 def load_checkpoint(model: nn.Module, path: str | Path) -> str:
     """Load a state_dict file into ``model`` (strict); returns the file's sha256 (hex).
 
+    Keys prefixed by a wrapper module (``model.``, ``module.``, :func:`strip_wrapper_prefixes`) are mapped.
+
     Raises :class:`CheckpointError` for an unreadable file, one that does not fit the model, or one
     holding NaN or infinite weights.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    state = _read_state_dict(path)
     expected = model.state_dict()
+    state = strip_wrapper_prefixes(_read_state_dict(path), expected)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [k for k in expected if k in state and state[k].shape != expected[k].shape]

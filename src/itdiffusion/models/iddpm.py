@@ -21,8 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from itdiffusion.io import file_lock
-from itdiffusion.models.checkpoints import CheckpointError, download, load_checkpoint
+from itdiffusion.models.checkpoints import CheckpointError, fetch, load_checkpoint
 from itdiffusion.models.schedules import logsnr_to_step, step_to_logsnr
 from itdiffusion.models.upstream import improved_diffusion
 
@@ -69,7 +68,9 @@ def iddpm_flags(model_cfg: Any) -> dict[str, Any]:
 
 def resolve_checkpoint(model_cfg: Any, checkpoint_dir: str | Path, *, progress: bool = True) -> Path:
     """Path of the model's weights: ``model.checkpoint`` if set (it must exist), else the file of
-    ``model.checkpoint_url`` in ``<checkpoint_dir>/iddpm/``, downloaded first when missing.
+    ``model.checkpoint_url`` in ``<checkpoint_dir>/<model.kind>/`` (named ``model.checkpoint_file``, else
+    as in the URL), downloaded first when missing and checked against ``model.checkpoint_sha256`` and
+    ``model.checkpoint_bytes`` where set (:func:`itdiffusion.models.checkpoints.fetch`).
 
     Concurrent callers (one per torchrun rank) are serialized by a lock file: one downloads, the
     others then find the finished file.
@@ -84,14 +85,10 @@ def resolve_checkpoint(model_cfg: Any, checkpoint_dir: str | Path, *, progress: 
         return path
     if not url:
         raise ValueError(f"model {name} names no weights: set model.checkpoint=/path/to/weights.pt")
-    dest = Path(checkpoint_dir) / "iddpm" / Path(urllib.parse.urlparse(url).path).name
-    if not dest.is_file():
-        with file_lock(dest.parent / f".{dest.name}.lock"):
-            if not dest.is_file():
-                print(f"downloading {url} -> {dest}", flush=True)
-                sha256 = download(url, dest, progress=progress)
-                print(f"saved {dest} (sha256 {sha256})", flush=True)
-    return dest
+    file_name = cfg.get("checkpoint_file") or Path(urllib.parse.urlparse(url).path).name
+    dest = Path(checkpoint_dir) / cfg.get("kind", "iddpm") / file_name
+    return fetch(url, dest, sha256=cfg.get("checkpoint_sha256"), size=cfg.get("checkpoint_bytes"),
+                 progress=progress)
 
 
 def build_model_and_diffusion(model_cfg: Any) -> tuple[nn.Module, Any]:

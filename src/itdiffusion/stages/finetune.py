@@ -1,10 +1,13 @@
-"""Stage ``finetune``: train an IDDPM U-Net on the IT bound (or on its own IDDPM loss).
+"""Stage ``finetune``: train an IDDPM U-Net (or a DDPM's diffusers U-Net) on the IT bound (or on its own
+IDDPM loss).
 
 ``python -m itdiffusion.stages.finetune model=iddpm_cifar10_vlb`` (the paper: IT loss, Adam, lr 2.5e-5,
 batch 32 per GPU, 10 epochs, from the _vlb checkpoint)
 ``torchrun --nproc_per_node=8 -m itdiffusion.stages.finetune run_id=tune model=iddpm_cifar10_vlb``
 ``python -m itdiffusion.stages.finetune model=iddpm_tiny data=patches finetune=smoke_base`` (train the
 tiny smoke model from scratch on IDDPM's loss)
+``python -m itdiffusion.stages.finetune model=ddpm_cifar10 finetune=ddpm`` (ITD's DDPM(tune): IT loss,
+Adam, lr 1e-4, batch 64, 10 epochs, from google/ddpm-cifar10-32; ``model.kind=ddpm`` trains with ``it`` only)
 
 Objectives (``finetune.objective``):
 
@@ -57,6 +60,7 @@ from itdiffusion.errors import UserError
 from itdiffusion.information import GaussianReference, it_loss
 from itdiffusion.io import atomic_write_json
 from itdiffusion.models.checkpoints import CheckpointError
+from itdiffusion.models.ddpm import DDPMDenoiser, DDPMNetwork, build_unet, load_unet_weights, train_alpha_bar
 from itdiffusion.models.iddpm import (
     IDDPMDenoiser,
     build_model_and_diffusion,
@@ -96,6 +100,8 @@ def load_initial_weights(cfg: DictConfig, model: nn.Module) -> tuple[str, str | 
         init = "scratch"  # masked-pixel models have no official weights
     if init == "scratch":
         return "scratch", None
+    if cfg.model.kind == "ddpm":
+        return load_ddpm_initial_weights(cfg, model)
     try:
         if init:
             path = Path(init)
@@ -130,6 +136,32 @@ def check_finished_run(ckpt_dir: Path, settings: dict) -> None:
                         "name.")
 
 
+def load_ddpm_initial_weights(cfg: DictConfig, unet: nn.Module) -> tuple[str, str]:
+    """``finetune.init`` for a DDPM (a path: a diffusers directory or a ``.pt``; null: the model's weights,
+    :func:`itdiffusion.models.ddpm.load_unet_weights`); returns their description and sha256."""
+    model_cfg = cfg.model
+    if cfg.finetune.init:
+        if not Path(cfg.finetune.init).exists():
+            raise UserError(f"finetune.init={cfg.finetune.init} does not exist "
+                            f"(finetune.init: null = the model's checkpoint, a path, or scratch)")
+        model_cfg = OmegaConf.merge(cfg.model, {"checkpoint": str(cfg.finetune.init)})
+    try:
+        with rank_zero_first():  # one download under torchrun
+            source, sha256 = load_unet_weights(unet, model_cfg, cfg.paths.checkpoint_dir)
+    except CheckpointError as e:
+        raise UserError(f"{e} (finetune.init: null = the model's checkpoint, a path, or scratch)") from e
+    return f"{source} (sha256 {sha256})", sha256
+
+
+def ddpm_it_objective(model_cfg: Any, reference: GaussianReference) -> LossFn:
+    """The IT bound of a DDPM's ``UNet2DModel`` (through :class:`DDPMDenoiser`), seeded per image."""
+    alpha_bar = train_alpha_bar(model_cfg)
+
+    def loss(net: nn.Module, x: Tensor, seeds: Tensor) -> Tensor:
+        return it_loss(DDPMDenoiser(DDPMNetwork(net, alpha_bar)), x, reference, image_seeds=seeds)
+    return loss
+
+
 def it_objective(model_cfg: Any, reference: GaussianReference) -> LossFn:
     """The IT bound with one log-SNR per image (nats per image), seeded per image."""
     def loss(net: nn.Module, x: Tensor, seeds: Tensor) -> Tensor:
@@ -158,7 +190,10 @@ def any_order_objective() -> LossFn:
 
 
 def check_objective(cfg: DictConfig, objective: str) -> None:
-    """Masked-diffusion models train with ``any_order`` only, IDDPM models never."""
+    """Masked-diffusion models train with ``any_order`` only, IDDPM models never; DDPMs with ``it`` only."""
+    if cfg.model.kind == "ddpm" and objective != "it":
+        raise UserError(f"model={cfg.model.name} (kind ddpm) cannot train with "
+                        f"finetune.objective={objective}; use finetune.objective=it")
     masked = cfg.model.kind == "masked_pixels"
     if masked != (objective == "any_order"):
         need = "finetune.objective=any_order" if masked else "finetune.objective=it or iddpm"
@@ -174,6 +209,10 @@ def build_objectives(cfg: DictConfig, settings: FinetuneConfig, device: torch.de
         model = build_masked_pixel_model(cfg.model)
         objective = any_order_objective()
         return model, objective, objective, model.length
+    if cfg.model.kind == "ddpm":
+        reference = load_or_compute_reference(cfg, device)
+        objective = ddpm_it_objective(cfg.model, reference)
+        return build_unet(cfg.model), objective, objective, reference.dim
     model, diffusion = build_model_and_diffusion(cfg.model)
     reference = load_or_compute_reference(cfg, device)
     train_objective = it_objective(cfg.model, reference) if settings.objective == "it" else \
