@@ -11,6 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import itdiffusion.stages.finetune as finetune_stage
+from itdiffusion.artifacts import read_loss_curve
 from itdiffusion.checkpointing import load_training_state
 from itdiffusion.errors import UserError
 from itdiffusion.models import ddpm
@@ -51,9 +52,9 @@ def test_two_it_steps_from_a_diffusers_directory(tmp_path, cache_dir, base_dir):
     assert summary["steps"] == 2 and summary["objective"] == "it"
     assert summary["init"].startswith(str(base_dir)) and "sha256" in summary["init"]
     run_dir = Path(summary["checkpoint_dir"])
-    assert run_dir.name == "ddpm_tiny_it"
+    assert run_dir.name.startswith("ddpm_tiny_it_")  # the default run name ends in a hash of the settings
     assert json.loads((tmp_path / "run" / SUMMARY).read_text())["steps"] == 2
-    curve = json.loads((run_dir / "loss_curve.json").read_text())
+    curve = read_loss_curve(run_dir / "loss_curve.json")
     assert [p["step"] for p in curve] == [0, 2]
     assert all(0 < p["heldout_loss_bpd"] < 50 for p in curve)
 
@@ -80,7 +81,7 @@ def test_crash_then_resume_gives_the_same_weights(tmp_path, cache_dir, base_dir,
     cfg = cfg_for(tmp_path / "faults", cache_dir, *steps)
     with pytest.raises(Crash):
         run(cfg, tmp_path / "faults" / "run1")
-    run_dir = tmp_path / "faults" / "checkpoints" / "finetune" / "ddpm_tiny_it"
+    run_dir = finetune_stage.finetune_run_dir(cfg)
     assert load_training_state(run_dir / "last.pt")["progress"]["step"] == 1
     assert not (run_dir / "model.pt").exists()
     monkeypatch.setattr(finetune_stage, "Trainer", real_trainer)
