@@ -131,7 +131,7 @@ def test_two_gloo_processes_match_one_process(work):
     assert rc == 0, out
     one, two = weights(work, "one"), weights(work, "two")
     torch.manual_seed(0)  # the scratch initialisation (finetune.seed=0)
-    tiny = OmegaConf.load(ROOT / "conf" / "model" / "iddpm_tiny.yaml")
+    tiny = OmegaConf.load(Path(CONFIG_DIR) / "model" / "iddpm_tiny.yaml")
     model_cfg = OmegaConf.merge(tiny, {"num_channels": 64})
     init = build_model_and_diffusion(model_cfg)[0].state_dict()
     assert max((one[k] - init[k]).abs().max() for k in one) > 5e-5  # it trained (Adam: ~lr per step)

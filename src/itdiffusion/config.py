@@ -1,4 +1,4 @@
-"""Structured configs: the schema behind ``conf/``.
+"""Structured configs: the schema behind ``src/itdiffusion/conf/``.
 
 Each config group has a dataclass registered in Hydra's ConfigStore, so a mistyped key or a value
 of the wrong type in an override is an error (``estimator.npoint=5`` fails), never a silent default.

@@ -30,7 +30,7 @@ from itdiffusion.errors import UserError
 
 log = logging.getLogger("itdiffusion")
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "conf")
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # shipped inside the package
 
 register_configs()
 
