@@ -13,7 +13,6 @@ import os
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -49,7 +48,7 @@ class DataConfig:
     patches_per_photo: int = 64
     patches_test_photos: list[str] = field(default_factory=lambda: ["chelsea", "coffee"])
     patch_photo_size: int = 256  # photos are resized so their shorter side has this many pixels
-    seed: int = 0
+    seed: int = "${seed}"  # the reference's training subset, the patches' crops (default: the top-level seed)
 
 
 @dataclass
@@ -121,7 +120,7 @@ class EstimatorConfig:
     precision_check_images: int = 8  # test images of the paired fp32-vs-fast check (>= 2)
     num_masks: int = 100  # masks per image for masked-diffusion models (I-MDCE; model.kind=masked_pixels)
     corrupt_fraction: float = 0.05  # masked models' log-ratio example: sub-pixels replaced by noise
-    seed: int = 0
+    seed: int = "${seed}"  # every image's log-SNR points and noises (default: the top-level seed)
 
 
 @dataclass
@@ -144,7 +143,7 @@ class FinetuneConfig:
     heldout_images: int = 256  # first test images for the held-out loss curve (0: none)
     log_every_steps: int = 10  # tracker (wandb) rows: the mean train loss over this many steps
     skip_nonfinite: bool = False  # skip (and count) steps with a NaN/inf loss or gradient instead of stopping
-    seed: int = 0  # data order, flips, per-image noise, dropout, scratch initialisation
+    seed: int = "${seed}"  # data order, flips, per-image noise, dropout, scratch init (default: the top seed)
 
 
 @dataclass
@@ -178,13 +177,21 @@ class Config:
     ensemble_curves: list[str] = field(default_factory=list)
     skip_done: bool = False  # skip a stage whose outputs already exist in its run dir (resumable chains)
     device: str = "auto"  # auto | cpu | cuda
+    # everything random in a stage: data.seed, estimator.seed and finetune.seed follow it unless set
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def default_run_id() -> str:
+    """The run id when none is given: in a Hydra multirun job ``<sweep id>-<job number>``
+    (:mod:`itdiffusion.sweeps`), else :func:`process_run_id`."""
+    from itdiffusion.sweeps import job_run_id
+
+    return job_run_id() or process_run_id()
 
 
 @functools.cache
-def default_run_id() -> str:
-    """The run id when none is given: ``ITD_RUN_ID``, else one that every torchrun rank agrees on.
+def process_run_id() -> str:
+    """This process's run id: ``ITD_RUN_ID``, else one that every torchrun rank agrees on.
 
     A single process gets a timestamp plus a random suffix. Under ``torchrun --standalone`` the
     ranks share torchelastic's rendezvous id; other multi-process launches must pass ``run_id=...``
@@ -205,6 +212,10 @@ def register_configs() -> None:
     """Register the schemas; YAML files name them in their defaults list (``- /schema/model@_here_``)."""
     if not OmegaConf.has_resolver("itd_run_id"):
         OmegaConf.register_new_resolver("itd_run_id", default_run_id)
+    if not OmegaConf.has_resolver("itd_sweep_id"):
+        from itdiffusion.sweeps import sweep_id
+
+        OmegaConf.register_new_resolver("itd_sweep_id", sweep_id)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     schemas = {"paths": PathsConfig, "data": DataConfig, "model": ModelConfig, "estimator": EstimatorConfig,

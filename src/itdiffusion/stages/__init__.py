@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from itdiffusion import distributed
+from itdiffusion import distributed, sweeps
 from itdiffusion.config import register_configs
 from itdiffusion.errors import UserError
 
@@ -40,12 +40,38 @@ def launch(stage: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    job = sweeps.current_job()
+    if job is not None:
+        launch_sweep_job(stage, cfg, run_dir, job)
+        return
     try:
         stage(cfg, run_dir)
     except UserError as e:
         log.error("%s", e)
         distributed.shutdown()
         sys.exit(2)
+    distributed.shutdown()
+
+
+def launch_sweep_job(stage: Callable[[DictConfig, Path], Any], cfg: DictConfig, run_dir: Path,
+                     job: tuple[int, list[str]]) -> None:
+    """One job of a Hydra multirun: a failure is logged (which job, why) and written to the job's
+    ``job_status.json`` instead of ending the sweep; :class:`itdiffusion.sweeps.SweepReport` sums up."""
+    from itdiffusion.training import Preempted
+
+    try:
+        stage(cfg, run_dir)
+    except Preempted:
+        raise  # SIGTERM: the whole sweep is being stopped
+    except Exception as e:
+        if isinstance(e, UserError):
+            log.error("sweep job #%d (%s) failed: %s", job[0], " ".join(job[1]), e)
+        else:
+            log.exception("sweep job #%d (%s) failed", job[0], " ".join(job[1]))
+        sweeps.write_status(run_dir, job, e)
+    else:
+        if distributed.is_main():
+            sweeps.write_status(run_dir, job, None)
     distributed.shutdown()
 
 

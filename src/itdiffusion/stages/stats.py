@@ -35,6 +35,7 @@ CACHE_FORMAT = "itdiffusion.gaussian_reference/1"
 def reference_cache_path(cfg: DictConfig) -> Path:
     """Where the reference of ``cfg.data`` with ``cfg.data.stats_images`` images is cached."""
     suffix = "_diag" if cfg.data.stats_diagonal else ""
+    suffix += f"_seed{cfg.data.seed}" if cfg.data.seed else ""  # the subset drawn (seed 0: the old names)
     return (
         Path(cfg.paths.cache_dir) / f"reference_{dataset_key(cfg.data)}_n{cfg.data.stats_images}{suffix}.pt"
     )
@@ -81,6 +82,7 @@ def _cache_identity(cfg: DictConfig) -> dict:
         "dataset_key": dataset_key(cfg.data),
         "stats_images": cfg.data.stats_images,
         "diagonal": cfg.data.stats_diagonal,
+        "seed": cfg.data.seed,
     }
 
 
