@@ -96,8 +96,12 @@ def rank_zero_first() -> Iterator[None]:
 
 
 def git_commit() -> str | None:
-    """The commit of the source tree (with ``+dirty`` for uncommitted changes), None outside git."""
-    root = Path(__file__).resolve().parents[3]
+    """The commit of the source tree (with ``+dirty`` for uncommitted changes); None outside a git
+    checkout, e.g. for an installed wheel (whose folder may lie inside some unrelated repository)."""
+    package = Path(__file__).resolve().parents[1]
+    root = package.parents[1]
+    if package.parent.name != "src" or not (root / "pyproject.toml").is_file():
+        return None
     try:
         commit = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"],
