@@ -117,7 +117,9 @@ def test_sigkill_then_sigterm_then_resume_gives_identical_weights(work):
 
 
 def test_two_gloo_processes_match_one_process(work):
-    """torchrun, 2 processes x batch 2 against 1 process x batch 4: the same weights within 1e-5.
+    """torchrun, 2 processes against 1 process, both at finetune.batch_size=4 (the global batch: 2 images
+    per process), and 1 process in passes of 3 + 1 images (gradient accumulation): the same weights
+    within 1e-5.
 
     64 channels, not iddpm_tiny's 32: with GroupNorm(32, 32) every group is one channel, so the
     bias of each conv that feeds a norm has an exactly zero gradient; Adam divides that gradient's
@@ -127,9 +129,12 @@ def test_two_gloo_processes_match_one_process(work):
     wide = ("model.num_channels=64", "finetune.max_steps=3", "finetune.save_every_steps=null")
     run_in_process(work, "one", *wide)
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
-    rc, out = finish(launch(overrides(work, "two", *wide, "finetune.batch_size=2"), launcher))
+    rc, out = finish(launch(overrides(work, "two", *wide), launcher))
     assert rc == 0, out
+    assert "3 steps of 4 images (2 process(es) x 2, passes of 2)" in out
+    run_in_process(work, "accumulated", *wide, "finetune.micro_batch_size=3")
     one, two = weights(work, "one"), weights(work, "two")
+    accumulated = weights(work, "accumulated")
     torch.manual_seed(0)  # the scratch initialisation (finetune.seed=0)
     tiny = OmegaConf.load(Path(CONFIG_DIR) / "model" / "iddpm_tiny.yaml")
     model_cfg = OmegaConf.merge(tiny, {"num_channels": 64})
@@ -137,6 +142,7 @@ def test_two_gloo_processes_match_one_process(work):
     assert max((one[k] - init[k]).abs().max() for k in one) > 5e-5  # it trained (Adam: ~lr per step)
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-5)
+        torch.testing.assert_close(accumulated[k], one[k], rtol=0, atol=1e-5)
 
 
 def test_bad_setting_exits_2_with_one_message(work):

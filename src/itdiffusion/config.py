@@ -132,7 +132,9 @@ class FinetuneConfig:
     run_name: str = "${model.name}_${finetune.objective}"  # run dir: <checkpoint_dir>/finetune/<run_name>
     epochs: int = 10
     max_steps: int | None = None  # stop after this many steps (None: epochs decide)
-    batch_size: int = 32  # per process
+    batch_size: int = 32  # the global batch (all processes together): results do not depend on the GPU count
+    micro_batch_size: int | None = None  # images per forward pass and process (None: its whole share);
+    # smaller: gradient accumulation over passes (same update up to rounding)
     lr: float = 2.5e-5  # AdamW (= Adam at weight_decay 0)
     weight_decay: float = 0.0
     grad_clip: float | None = None  # clip the global gradient norm (None: no clipping)

@@ -1,7 +1,7 @@
 """Stage ``finetune``: train an IDDPM U-Net on the IT bound (or on its own IDDPM loss).
 
 ``python -m itdiffusion.stages.finetune model=iddpm_cifar10_vlb`` (the paper: IT loss, Adam, lr 2.5e-5,
-batch 32 per GPU, 10 epochs, from the _vlb checkpoint)
+global batch 32, 10 epochs, from the _vlb checkpoint)
 ``torchrun --nproc_per_node=8 -m itdiffusion.stages.finetune run_id=tune model=iddpm_cifar10_vlb``
 ``python -m itdiffusion.stages.finetune model=iddpm_tiny data=patches finetune=smoke_base`` (train the
 tiny smoke model from scratch on IDDPM's loss)
@@ -188,9 +188,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             heldout_loss=heldout_objective, hflip=cfg.data.hflip,
             num_workers=cfg.data.num_workers, tracker=tracker, run_config=config_dict(cfg),
         )
-        log.info("fine-tuning %s (%s objective, init %s): %d steps of %d images x %d process(es); "
-                 "checkpoints in %s", cfg.model.name, settings.objective, init, trainer.total_steps,
-                 settings.batch_size, distributed.world_size(), ckpt_dir)
+        log.info("fine-tuning %s (%s objective, init %s): %d steps of %d images (%d process(es) x %d, "
+                 "passes of %d); checkpoints in %s", cfg.model.name, settings.objective, init,
+                 trainer.total_steps, settings.batch_size, distributed.world_size(), trainer.local_batch,
+                 trainer.micro_batch, ckpt_dir)
         result = trainer.run()
         last = result.curve[-1]
         summary = {
