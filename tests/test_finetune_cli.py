@@ -41,8 +41,10 @@ def run_in_process(work: Path, run_name: str, *extra: str) -> dict:
     return run(cfg, work / "outputs" / "finetune" / run_name)
 
 
-def launch(args: list[str], launcher: tuple[str, ...] = ()) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+def launch(args: list[str], launcher: tuple[str, ...] = (), env_extra: dict | None = None
+           ) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not (env_extra and k.startswith("SLURM_"))}
+    env.update(OMP_NUM_THREADS="1", **(env_extra or {}))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
     return subprocess.Popen([*(launcher or (sys.executable,)), "-m", "itdiffusion.stages.finetune", *args],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -149,3 +151,31 @@ def test_bad_setting_exits_2_with_one_message(work):
     rc, out = finish(launch(overrides(work, "bad", "finetune.lr=-1")))
     assert rc == 2
     assert "finetune.lr=-1.0 must be a positive number" in out and "Traceback" not in out
+
+
+def test_a_faked_srun_step_matches_torchrun(work, tmp_path):
+    """Two processes started the way srun starts them (SLURM_* variables, no torchrun, no RANK or
+    WORLD_SIZE): the weights of the one-process run (and so of torchrun's, see above) within 1e-5."""
+    import socket
+
+    wide = ("model.num_channels=64", "finetune.max_steps=3", "finetune.save_every_steps=null")
+    if not (run_dir(work, "one") / "model.pt").is_file():
+        run_in_process(work, "one", *wide)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = {"SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2",
+               "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NODELIST": "localhost",
+               "MASTER_PORT": str(port)}
+        args = [a for a in overrides(work, "srun", *wide) if not a.startswith("run_id=")]  # agreed via SLURM
+        procs.append(launch(args, env_extra=env))
+    outs = [finish(p) for p in procs]
+    assert [rc for rc, _ in outs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+    assert "3 steps of 4 images (2 process(es) x 2" in outs[0][1]
+    summary = json.loads((work / "outputs" / "finetune" / "slurm-77-0" / "finetune.json").read_text())
+    assert summary["world_size"] == 2
+    one, srun = weights(work, "one"), weights(work, "srun")
+    for k in one:
+        torch.testing.assert_close(srun[k], one[k], rtol=0, atol=1e-5)

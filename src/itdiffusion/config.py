@@ -203,6 +203,8 @@ def process_run_id() -> str:
         return os.environ["ITD_RUN_ID"]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         rdzv = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+        if rdzv in ("", "none") and os.environ.get("SLURM_JOB_ID") and os.environ.get("SLURM_STEP_ID"):
+            return f"slurm-{os.environ['SLURM_JOB_ID']}-{os.environ['SLURM_STEP_ID']}"  # srun: one step
         if rdzv in ("", "none"):
             raise ValueError("launched with several processes: pass run_id=<name> (or set ITD_RUN_ID) "
                              "so that all ranks write to one run dir")

@@ -33,6 +33,7 @@ log = logging.getLogger("itdiffusion")
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # shipped inside the package
 
 register_configs()
+distributed.adopt_slurm_env()  # srun without torchrun: ranks from SLURM's variables (before the run id)
 
 
 def launch(stage: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> None:
@@ -81,7 +82,12 @@ def setup_device(cfg: DictConfig) -> torch.device:
         device = distributed.resolve_device(cfg.device)
     except RuntimeError as e:  # a GPU was requested where none exists
         raise UserError(str(e)) from e
-    distributed.init(device)
+    try:
+        distributed.init(device)
+    except RuntimeError as e:
+        if distributed.SLURM_PROBLEM is None:
+            raise
+        raise UserError(str(e)) from e
     return device
 
 
