@@ -121,3 +121,20 @@ class SweepReport(Callback):
         log.error("%s", message)
         print(message, file=sys.stderr)
         sys.exit(SWEEP_FAILED_EXIT)
+
+
+def expand(arguments: list[str]) -> list[list[str]]:
+    """The jobs of a sweep as the basic sweeper makes them: ``["a=1,2", "b=x"]`` -> ``[["a=1", "b=x"],
+    ["a=2", "b=x"]]`` (used by scripts/reproduce.sh to run the whole chain once per job)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides(arguments)
+    return [list(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+if __name__ == "__main__":  # python -m itdiffusion.sweeps <overrides>: one shell-quoted job per line
+    import shlex
+
+    for job in expand(sys.argv[1:]):
+        print(shlex.join(job))
