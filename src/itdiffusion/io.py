@@ -96,15 +96,35 @@ SOFT_LOCK_TIMEOUT_S = 3600.0  # a lock file left by a killed process is never re
 
 
 @contextlib.contextmanager
-def file_lock(path: str | os.PathLike) -> Iterator[None]:
+def file_lock(path: str | os.PathLike, *, remove_on_error: bool = False) -> Iterator[None]:
     """Exclusive advisory lock on ``path`` (created if missing) for read-modify-write sections.
+
+    ``remove_on_error``: delete the lock file (and its folder, if this call created it and it is empty)
+    when the section raises, so a failed first download leaves nothing behind. Only for sections that
+    check again and write atomically: a process already waiting then holds a lock on the deleted file.
 
     Where the filesystem does not support ``flock`` (Lustre or NFS mounted without it: ENOLCK,
     EOPNOTSUPP), the lock falls back, with one warning per process, to ``filelock``'s lock file
     ``<path>.soft`` (atomic creation; safe between processes that share the filesystem).
     """
     path = Path(path)
+    new_folder = not path.parent.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with _locked(path):
+            yield
+    except BaseException:
+        if remove_on_error:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            if new_folder:
+                with contextlib.suppress(OSError):
+                    path.parent.rmdir()
+        raise
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
     with open(path, "a+b") as f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)

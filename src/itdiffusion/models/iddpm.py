@@ -86,7 +86,7 @@ def resolve_checkpoint(model_cfg: Any, checkpoint_dir: str | Path, *, progress: 
         raise ValueError(f"model {name} names no weights: set model.checkpoint=/path/to/weights.pt")
     dest = Path(checkpoint_dir) / "iddpm" / Path(urllib.parse.urlparse(url).path).name
     if not dest.is_file():
-        with file_lock(dest.parent / f".{dest.name}.lock"):
+        with file_lock(dest.parent / f".{dest.name}.lock", remove_on_error=True):
             if not dest.is_file():
                 print(f"downloading {url} -> {dest}", flush=True)
                 sha256 = download(url, dest, progress=progress)

@@ -52,7 +52,7 @@ def load_or_compute_reference(cfg: DictConfig, device: torch.device | str = "cpu
     with rank_zero_first():
         reference = _read_cache(path, cfg)
         if reference is None:
-            with file_lock(path.with_name(path.name + ".lock")):
+            with file_lock(path.with_name(path.name + ".lock"), remove_on_error=True):
                 reference = _read_cache(path, cfg)  # another process may have written it meanwhile
                 if reference is None:
                     reference = compute_reference(cfg)
