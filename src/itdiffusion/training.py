@@ -7,8 +7,9 @@ The loop is model-agnostic. It trains ``model`` on a per-image loss
 where ``x`` is a batch scaled to [-1, 1] and ``seeds`` (int64 [B]) gives each image its own random
 stream (log-SNR, noise, timestep). Seeds are a hash of (``finetune.seed``, stream, epoch, dataset
 index), so the randomness of an image never depends on which process or batch position it lands
-in: N processes with batch B each see the same global batches and the same noise as one process
-with batch N*B, and a resumed run draws exactly what an uninterrupted one would. Horizontal flips
+in: ``finetune.batch_size`` is the global batch, N processes each take batch_size / N images of the
+same global batches (in passes of ``finetune.micro_batch_size``, gradients accumulated) with the same
+noise as one process, and a resumed run draws exactly what an uninterrupted one would. Horizontal flips
 are drawn from the same hash. The only global RNG the loop leaves to torch is dropout's, one stream
 per process, which every checkpoint records.
 
