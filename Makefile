@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: setup test test-slow lint smoke reproduce bench clean
+.PHONY: setup test test-slow test-package lint smoke reproduce bench clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+# A wheel of this tree installed (non-editable) into a temporary venv runs a stage from another folder.
+test-package: $(STAMP)
+	$(PY) -m pytest -q tests/test_package.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests scripts

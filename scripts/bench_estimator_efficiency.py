@@ -198,7 +198,7 @@ def smoke_unet_setup(checkpoint: Path, num_images: int):
     from itdiffusion.stages.stats import load_or_compute_reference
 
     register_configs()
-    with initialize_config_dir(config_dir=str(Path("conf").resolve()), version_base=None):
+    with initialize_config_dir(config_dir=str(Path("src/itdiffusion/conf").resolve()), version_base=None):
         cfg = compose("config", overrides=["experiment=smoke", f"model.checkpoint={checkpoint}",
                                            "logger=none", f"data.num_images={num_images}"])
     reference = load_or_compute_reference(cfg)

@@ -34,7 +34,7 @@ def _model_cfg(tiny: bool) -> dict:
     from omegaconf import OmegaConf
 
     name = "iddpm_tiny" if tiny else "iddpm_cifar10_vlb"
-    cfg = OmegaConf.to_container(OmegaConf.load(f"conf/model/{name}.yaml"))
+    cfg = OmegaConf.to_container(OmegaConf.load(f"src/itdiffusion/conf/model/{name}.yaml"))
     cfg.pop("defaults", None)
     return cfg
 

@@ -38,7 +38,7 @@ def run(model_name: str, steps: int | None, num_images: int, steps_per_batch: in
         seed: int = 0) -> dict:
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.to_container(OmegaConf.load(f"conf/model/{model_name}.yaml"))
+    cfg = OmegaConf.to_container(OmegaConf.load(f"src/itdiffusion/conf/model/{model_name}.yaml"))
     cfg.pop("defaults", None)
     if steps is not None:
         cfg["diffusion_steps"] = steps

@@ -6,8 +6,8 @@ published fine-tuned weights into <checkpoint_dir>/<kind>/, checked against thei
     python scripts/download_checkpoints.py iddpm_cifar10_itd_tuned ddpm_cifar10_itd_tuned
     python scripts/download_checkpoints.py --checkpoint-dir /data/checkpoints
 
-The URLs are those of conf/model/<name>.yaml; files already present are kept. Prints each file's
-path and sha256.
+The URLs are those of src/itdiffusion/conf/model/<name>.yaml; files already present are kept. Prints each
+file's path and sha256.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from itdiffusion.models.checkpoints import CheckpointError, file_sha256
 from itdiffusion.models.iddpm import resolve_checkpoint
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "model"
+CONF_DIR = Path(__file__).resolve().parent.parent / "src" / "itdiffusion" / "conf" / "model"
 OFFICIAL = ("iddpm_cifar10_vlb", "iddpm_cifar10_hybrid")
 KNOWN = (*OFFICIAL, "iddpm_cifar10_itd_tuned", "ddpm_cifar10_itd_tuned")  # ITD's published tuned weights
 

@@ -21,11 +21,43 @@
 # <paths.checkpoint_dir>/finetune/<REPRO_ID>-<base|tune>/). A stage whose outputs exist is skipped:
 # rerunning the same command resumes where it stopped (fine-tuning resumes from its last checkpoint).
 # REPRO_ID defaults to <experiment>-<hash of the overrides>; all its runs share that wandb group.
+#
+# Sweeps: `-m a=1,2 b=x,y` runs the whole chain once per combination (each its own REPRO_ID), goes on
+# after a failed one, and exits 1 unless all succeeded.
+#
+# GPUs and nodes (GPU stages run under torchrun; stats and report are one process on every node):
+#   NPROC=<GPUs per node>     default: every visible GPU
+#   NNODES=<nodes>            default 1 (torchrun --standalone); with more, every node runs this script and
+#   RDZV_ENDPOINT=host:port   torchrun's c10d rendezvous on one of the nodes (RDZV_ID: the job's id), or
+#   MASTER_ADDR, MASTER_PORT, NODE_RANK   a static rendezvous instead
+#   PREPARE=1                 only the downloads and the dataset statistics (steps 1-2), e.g. once before
+#                             the nodes start (scripts/slurm.sbatch)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 if [[ -z "${PY:-}" ]]; then
   if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+
+sweep=0 rest=()
+for arg in "$@"; do
+  if [[ "$arg" == -m || "$arg" == --multirun ]]; then sweep=1; else rest+=("$arg"); fi
+done
+if (( sweep )); then
+  mapfile -t jobs < <("$PY" -m itdiffusion.sweeps "${rest[@]}")
+  failed=()
+  for i in "${!jobs[@]}"; do
+    eval "job=(${jobs[$i]})"
+    echo "== sweep job #$i/${#jobs[@]}: ${job[*]}"
+    if ! REPRO_ID="${REPRO_ID:+$REPRO_ID-$i}" bash "$0" "${job[@]}"; then failed+=("#$i (${job[*]})"); fi
+  done
+  if (( ${#failed[@]} )); then
+    printf '== sweep: %d of %d job(s) failed:\n' "${#failed[@]}" "${#jobs[@]}" >&2
+    printf '   %s\n' "${failed[@]}" >&2
+    exit 1
+  fi
+  echo "== sweep: all ${#jobs[@]} job(s) succeeded"
+  exit 0
 fi
 
 experiment="" OUT=outputs CKPT=checkpoints
@@ -48,10 +80,24 @@ else
   NPROC="${NPROC:-$("$PY" -c 'import torch; print(torch.cuda.device_count())')}"
 fi
 
-stage() {  # stage <module> <overrides...>: one process, or torchrun over NPROC GPUs
+NNODES="${NNODES:-1}"
+if (( NNODES > 1 )); then
+  if [[ -n "${RDZV_ENDPOINT:-}" ]]; then
+    TORCHRUN=(--nnodes="$NNODES" --rdzv_backend=c10d --rdzv_endpoint="$RDZV_ENDPOINT" --rdzv_id="${RDZV_ID:-$REPRO_ID}")
+  elif [[ -n "${MASTER_ADDR:-}" && -n "${NODE_RANK:-}" ]]; then
+    TORCHRUN=(--nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" --master_port="${MASTER_PORT:-29500}")
+  else
+    echo "NNODES=$NNODES needs RDZV_ENDPOINT=<host:port> (and RDZV_ID), or MASTER_ADDR and NODE_RANK" >&2
+    exit 2
+  fi
+else
+  TORCHRUN=(--standalone)
+fi
+
+stage() {  # stage <module> <overrides...>: one process, or torchrun over NPROC GPUs (x NNODES nodes)
   local module="$1"; shift
-  if (( NPROC > 1 )); then
-    "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m "itdiffusion.stages.$module" "$@"
+  if (( NPROC > 1 || NNODES > 1 )); then
+    "$PY" -m torch.distributed.run "${TORCHRUN[@]}" --nproc_per_node="$NPROC" -m "itdiffusion.stages.$module" "$@"
   else
     "$PY" -m "itdiffusion.stages.$module" "$@"
   fi
@@ -94,6 +140,11 @@ else
     single finetune "${COMMON[@]}" "run_id=$REPRO_ID-base" finetune=smoke_base "finetune.run_name=$REPRO_ID-base" \
       finetune.init=scratch
   fi
+fi
+
+if [[ "${PREPARE:-0}" == 1 ]]; then
+  echo "== [$REPRO_ID] PREPARE=1: data, statistics and base model ready"
+  exit 0
 fi
 
 step "3/9 evaluate the base model (VLB and IT)"

@@ -131,7 +131,7 @@ def tiny_checkpoints(tmp_path_factory):
     from itdiffusion.models.iddpm import build_model_and_diffusion
 
     folder = tmp_path_factory.mktemp("tiny_checkpoints")
-    model_cfg = OmegaConf.load(REPO / "conf" / "model" / "iddpm_tiny.yaml")
+    model_cfg = OmegaConf.load(Path(CONFIG_DIR) / "model" / "iddpm_tiny.yaml")
     paths = []
     for seed in (0, 1):
         torch.manual_seed(seed)

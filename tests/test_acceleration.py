@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import REPO, TINY, run_cli
+from conftest import TINY, run_cli
 from itdiffusion.config import check_values
 from itdiffusion.errors import UserError
 from itdiffusion.models.acceleration import (
@@ -21,10 +22,10 @@ from itdiffusion.models.acceleration import (
     resolve_fast_path,
 )
 from itdiffusion.models.iddpm import IDDPMDenoiser, build_model_and_diffusion
-from itdiffusion.stages import evaluate, precision
+from itdiffusion.stages import CONFIG_DIR, evaluate, precision
 from itdiffusion.variational import vlb
 
-TINY_MODEL = OmegaConf.load(REPO / "conf" / "model" / "iddpm_tiny.yaml")
+TINY_MODEL = OmegaConf.load(Path(CONFIG_DIR) / "model" / "iddpm_tiny.yaml")
 
 
 def random_tiny_unet(seed: int = 0) -> torch.nn.Module:

@@ -17,8 +17,9 @@ from itdiffusion.errors import UserError
 from itdiffusion.models.checkpoints import CheckpointError, load_checkpoint
 from itdiffusion.models.iddpm import build_model_and_diffusion
 from itdiffusion.results import FORMAT, ResultsStoreError, load_runs
+from itdiffusion.stages import CONFIG_DIR
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF = Path(CONFIG_DIR)
 
 
 def tiny_model():

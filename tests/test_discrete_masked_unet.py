@@ -20,8 +20,9 @@ from itdiffusion.discrete import (
     masked_pixel_metrics,
     tokens_to_images,
 )
+from itdiffusion.stages import CONFIG_DIR
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(CONFIG_DIR)
 
 
 def _gen(seed):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import REPO, TINY, path_overrides
+from conftest import TINY, path_overrides
 from itdiffusion.artifacts import commit_evaluation, read_per_image
 from itdiffusion.errors import UserError
 from itdiffusion.models.checkpoints import file_sha256
@@ -25,7 +26,7 @@ def members(tmp_path_factory, shared_cache):
     """``(make_cfg, checkpoints, run dirs)``: two tiny U-Nets with different outputs, each evaluated alone
     (VLB and IT, the defaults of ``make smoke``'s steps 3 and 5), once for this module."""
     root = tmp_path_factory.mktemp("ensemble_curves")
-    model_cfg = OmegaConf.load(REPO / "conf" / "model" / "iddpm_tiny.yaml")
+    model_cfg = OmegaConf.load(Path(CONFIG_DIR) / "model" / "iddpm_tiny.yaml")
     checkpoints = []
     for seed in (0, 1):  # a fresh U-Net predicts eps_hat = 0 (zeroed last layer): perturb every weight
         torch.manual_seed(seed)

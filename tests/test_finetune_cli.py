@@ -42,8 +42,10 @@ def run_in_process(work: Path, run_name: str, *extra: str) -> dict:
     return run(cfg, work / "outputs" / "finetune" / run_name)
 
 
-def launch(args: list[str], launcher: tuple[str, ...] = ()) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+def launch(args: list[str], launcher: tuple[str, ...] = (), env_extra: dict | None = None
+           ) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not (env_extra and k.startswith("SLURM_"))}
+    env.update(OMP_NUM_THREADS="1", **(env_extra or {}))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
     return subprocess.Popen([*(launcher or (sys.executable,)), "-m", "itdiffusion.stages.finetune", *args],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -118,7 +120,9 @@ def test_sigkill_then_sigterm_then_resume_gives_identical_weights(work):
 
 
 def test_two_gloo_processes_match_one_process(work):
-    """torchrun, 2 processes x batch 2 against 1 process x batch 4: the same weights within 1e-5.
+    """torchrun, 2 processes against 1 process, both at finetune.batch_size=4 (the global batch: 2 images
+    per process), and 1 process in passes of 3 + 1 images (gradient accumulation): the same weights
+    within 1e-5.
 
     64 channels, not iddpm_tiny's 32: with GroupNorm(32, 32) every group is one channel, so the
     bias of each conv that feeds a norm has an exactly zero gradient; Adam divides that gradient's
@@ -128,19 +132,51 @@ def test_two_gloo_processes_match_one_process(work):
     wide = ("model.num_channels=64", "finetune.max_steps=3", "finetune.save_every_steps=null")
     run_in_process(work, "one", *wide)
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
-    rc, out = finish(launch(overrides(work, "two", *wide, "finetune.batch_size=2"), launcher))
+    rc, out = finish(launch(overrides(work, "two", *wide), launcher))
     assert rc == 0, out
+    assert "3 steps of 4 images (2 process(es) x 2, passes of 2)" in out
+    run_in_process(work, "accumulated", *wide, "finetune.micro_batch_size=3")
     one, two = weights(work, "one"), weights(work, "two")
+    accumulated = weights(work, "accumulated")
     torch.manual_seed(0)  # the scratch initialisation (finetune.seed=0)
-    tiny = OmegaConf.load(ROOT / "conf" / "model" / "iddpm_tiny.yaml")
+    tiny = OmegaConf.load(Path(CONFIG_DIR) / "model" / "iddpm_tiny.yaml")
     model_cfg = OmegaConf.merge(tiny, {"num_channels": 64})
     init = build_model_and_diffusion(model_cfg)[0].state_dict()
     assert max((one[k] - init[k]).abs().max() for k in one) > 5e-5  # it trained (Adam: ~lr per step)
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-5)
+        torch.testing.assert_close(accumulated[k], one[k], rtol=0, atol=1e-5)
 
 
 def test_bad_setting_exits_2_with_one_message(work):
     rc, out = finish(launch(overrides(work, "bad", "finetune.lr=-1")))
     assert rc == 2
     assert "error: finetune.lr=-1.0 must be > 0" in out and "Traceback" not in out
+
+
+def test_a_faked_srun_step_matches_torchrun(work, tmp_path):
+    """Two processes started the way srun starts them (SLURM_* variables, no torchrun, no RANK or
+    WORLD_SIZE): the weights of the one-process run (and so of torchrun's, see above) within 1e-5."""
+    import socket
+
+    wide = ("model.num_channels=64", "finetune.max_steps=3", "finetune.save_every_steps=null")
+    if not (run_dir(work, "one") / "model.pt").is_file():
+        run_in_process(work, "one", *wide)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = {"SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2",
+               "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NODELIST": "localhost",
+               "MASTER_PORT": str(port)}
+        args = [a for a in overrides(work, "srun", *wide) if not a.startswith("run_id=")]  # agreed via SLURM
+        procs.append(launch(args, env_extra=env))
+    outs = [finish(p) for p in procs]
+    assert [rc for rc, _ in outs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+    assert "3 steps of 4 images (2 process(es) x 2" in outs[0][1]
+    summary = json.loads((work / "outputs" / "finetune" / "slurm-77-0" / "finetune.json").read_text())
+    assert summary["world_size"] == 2
+    one, srun = weights(work, "one"), weights(work, "srun")
+    for k in one:
+        torch.testing.assert_close(srun[k], one[k], rtol=0, atol=1e-5)

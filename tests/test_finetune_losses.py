@@ -12,8 +12,9 @@ from omegaconf import OmegaConf
 from itdiffusion.denoisers import GaussianMixture
 from itdiffusion.information import GaussianReference, it_loss
 from itdiffusion.models.iddpm import build_model_and_diffusion, iddpm_training_loss
+from itdiffusion.stages import CONFIG_DIR
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF = Path(CONFIG_DIR)
 
 
 def tiny_unet(**overrides):

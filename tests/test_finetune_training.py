@@ -157,3 +157,11 @@ def test_bf16_autocast_is_active_in_the_loss(tmp_path):
     result = make_trainer(tmp_path, loss=loss, bf16=True, max_steps=3).run()
     assert seen == [True, True, True]
     assert all(torch.isfinite(torch.tensor(p["heldout_loss_nats"])) for p in result.curve)
+
+
+def test_a_global_batch_that_the_processes_cannot_share_is_a_clear_error(tmp_path, monkeypatch):
+    from itdiffusion import distributed
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    with pytest.raises(FinetuneError, match=r"batch_size=4 \(the global batch\) is not a multiple of the 3"):
+        make_trainer(tmp_path)

@@ -11,8 +11,9 @@ from omegaconf import OmegaConf
 from itdiffusion.models.checkpoints import CheckpointError, download, load_checkpoint
 from itdiffusion.models.iddpm import build_model_and_diffusion, resolve_checkpoint
 from itdiffusion.models.upstream import improved_diffusion
+from itdiffusion.stages import CONFIG_DIR
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF = Path(CONFIG_DIR)
 
 
 def tiny_cfg(**overrides):
@@ -179,7 +180,7 @@ def test_download_script_keeps_present_files_and_rejects_unknown_names(tmp_path,
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "download_checkpoints", CONF.parent / "scripts" / "download_checkpoints.py"
+        "download_checkpoints", Path(__file__).resolve().parents[1] / "scripts" / "download_checkpoints.py"
     )
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)

@@ -15,8 +15,9 @@ from itdiffusion.models.iddpm import (
     timestep_to_logsnr,
 )
 from itdiffusion.models.upstream import improved_diffusion
+from itdiffusion.stages import CONFIG_DIR
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF = Path(CONFIG_DIR)
 
 
 def tiny_cfg(**overrides):

@@ -1,5 +1,6 @@
 """Atomic writes: all-or-nothing replacement, no leftovers on failure, normal permissions, locking."""
 
+import errno
 import json
 import multiprocessing as mp
 import os
@@ -59,3 +60,37 @@ def test_file_lock_serialises_read_modify_write(tmp_path):
         p.join(30)
     assert [p.exitcode for p in procs] == [0, 0, 0]
     assert len(json.loads(path.read_text())) == 75
+
+
+def _no_flock(fd, op):
+    raise OSError(errno.ENOLCK, "No locks available")
+
+
+def test_file_lock_falls_back_with_one_warning_where_flock_is_unsupported(tmp_path, monkeypatch, recwarn):
+    import itdiffusion.io as io_module
+
+    monkeypatch.setattr(io_module.fcntl, "flock", _no_flock)
+    monkeypatch.setattr(io_module, "_warned_no_flock", False)
+    path, lock = tmp_path / "rows.json", tmp_path / "rows.lock"
+    _append_under_lock(path, lock, 3)
+    assert sum("flock is not supported" in str(w.message) for w in recwarn) == 1
+    ctx = mp.get_context("fork")  # the fallback still serialises processes
+    procs = [ctx.Process(target=_append_under_lock, args=(path, lock, 15)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert len(json.loads(path.read_text())) == 3 + 45
+    assert not (tmp_path / "rows.lock.soft").exists()  # released
+
+
+def test_other_lock_errors_are_not_hidden(tmp_path, monkeypatch):
+    import itdiffusion.io as io_module
+
+    def broken(fd, op):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(io_module.fcntl, "flock", broken)
+    with pytest.raises(OSError, match="I/O error"), file_lock(tmp_path / "x.lock"):
+        pass

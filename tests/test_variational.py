@@ -10,9 +10,10 @@ from torch import nn
 
 from itdiffusion.models.iddpm import build_model_and_diffusion
 from itdiffusion.models.upstream import improved_diffusion
+from itdiffusion.stages import CONFIG_DIR
 from itdiffusion.variational import vlb
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF = Path(CONFIG_DIR)
 
 
 class ToyNet(nn.Module):

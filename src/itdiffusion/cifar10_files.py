@@ -106,12 +106,15 @@ def check_files(folder: Path, split: str, verify: bool) -> str | None:
     return None
 
 
+ARCHIVE = "cifar-10-python.tar.gz"  # torchvision's CIFAR10.filename
+
+
 def download(root: Path) -> None:
     """Fetch and extract the official archive into ``root`` (torchvision checks the archive's md5)."""
     from torchvision.datasets import CIFAR10
     from torchvision.datasets.utils import download_and_extract_archive
 
-    download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+    download_and_extract_archive(CIFAR10.url, str(root), filename=ARCHIVE, md5=CIFAR10.tgz_md5)
 
 
 def read_split(folder: Path, split: str) -> np.ndarray:

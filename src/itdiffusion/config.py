@@ -1,4 +1,4 @@
-"""Structured configs: the schema behind ``conf/``.
+"""Structured configs: the schema behind ``src/itdiffusion/conf/``.
 
 Each config group has a dataclass registered in Hydra's ConfigStore, so a mistyped key or a value
 of the wrong type in an override is an error (``estimator.npoint=5`` fails), never a silent default.
@@ -52,7 +52,7 @@ class DataConfig:
     patches_per_photo: int = 64
     patches_test_photos: list[str] = field(default_factory=lambda: ["chelsea", "coffee"])
     patch_photo_size: int = 256  # photos are resized so their shorter side has this many pixels
-    seed: int = 0
+    seed: int = "${seed}"  # the reference's training subset, the patches' crops (default: the top-level seed)
 
 
 @dataclass
@@ -178,7 +178,7 @@ class EstimatorConfig:
     precision_check_images: int = 8  # test images of the paired fp32-vs-fast check (>= 2)
     num_masks: int = 100  # masks per image for masked-diffusion models (I-MDCE; model.kind=masked_pixels)
     corrupt_fraction: float = 0.05  # masked models' log-ratio example: sub-pixels replaced by noise
-    seed: int = 0
+    seed: int = "${seed}"  # every image's log-SNR points and noises (default: the top-level seed)
 
 
 @dataclass
@@ -192,7 +192,9 @@ class FinetuneConfig:
     run_name: str = "${model.name}_${finetune.objective}_${itd_settings_hash:}"
     epochs: int = 10
     max_steps: int | None = None  # stop after this many steps (None: epochs decide)
-    batch_size: int = 32  # per process
+    batch_size: int = 32  # the global batch (all processes together): results do not depend on the GPU count
+    micro_batch_size: int | None = None  # images per forward pass and process (None: its whole share);
+    # smaller: gradient accumulation over passes (same update up to rounding)
     lr: float = 2.5e-5  # AdamW (= Adam at weight_decay 0)
     weight_decay: float = 0.0
     grad_clip: float | None = None  # clip the global gradient norm (None: no clipping)
@@ -204,7 +206,7 @@ class FinetuneConfig:
     log_every_steps: int = 10  # tracker (wandb) rows: the mean train loss over this many steps
     skip_nonfinite: bool = False  # skip (and count) steps with a NaN/inf loss or gradient instead of stopping
     max_skipped_steps: int = 10  # with skip_nonfinite: give up (exit 2) when more steps than this are skipped
-    seed: int = 0  # data order, flips, per-image noise, dropout, scratch initialisation
+    seed: int = "${seed}"  # data order, flips, per-image noise, dropout, scratch init (default: the top seed)
 
 
 @dataclass
@@ -238,13 +240,21 @@ class Config:
     ensemble_curves: list[str] = field(default_factory=list)
     skip_done: bool = False  # skip a stage whose outputs already exist in its run dir (resumable chains)
     device: str = "auto"  # auto | cpu | cuda
+    # everything random in a stage: data.seed, estimator.seed and finetune.seed follow it unless set
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def default_run_id() -> str:
+    """The run id when none is given: in a Hydra multirun job ``<sweep id>-<job number>``
+    (:mod:`itdiffusion.sweeps`), else :func:`process_run_id`."""
+    from itdiffusion.sweeps import job_run_id
+
+    return job_run_id() or process_run_id()
 
 
 @functools.cache
-def default_run_id() -> str:
-    """The run id when none is given: ``ITD_RUN_ID``, else one that every torchrun rank agrees on.
+def process_run_id() -> str:
+    """This process's run id: ``ITD_RUN_ID``, else one that every torchrun rank agrees on.
 
     A single process gets a timestamp plus a random suffix. Under ``torchrun --standalone`` the
     ranks share torchelastic's rendezvous id; other multi-process launches must pass ``run_id=...``
@@ -254,6 +264,8 @@ def default_run_id() -> str:
         return os.environ["ITD_RUN_ID"]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         rdzv = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+        if rdzv in ("", "none") and os.environ.get("SLURM_JOB_ID") and os.environ.get("SLURM_STEP_ID"):
+            return f"slurm-{os.environ['SLURM_JOB_ID']}-{os.environ['SLURM_STEP_ID']}"  # srun: one step
         if rdzv in ("", "none"):
             raise ValueError("launched with several processes: pass run_id=<name> (or set ITD_RUN_ID) "
                              "so that all ranks write to one run dir")
@@ -269,6 +281,10 @@ def register_configs() -> None:
         from itdiffusion.trajectory import settings_hash_resolver
 
         OmegaConf.register_new_resolver("itd_settings_hash", settings_hash_resolver)
+    if not OmegaConf.has_resolver("itd_sweep_id"):
+        from itdiffusion.sweeps import sweep_id
+
+        OmegaConf.register_new_resolver("itd_sweep_id", sweep_id)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     schemas = {"paths": PathsConfig, "data": DataConfig, "model": ModelConfig, "estimator": EstimatorConfig,
@@ -398,7 +414,8 @@ VALUE_RULES: tuple[Rule, ...] = (
     Rule("finetune.objective", OneOf(FINETUNE_OBJECTIVES)),
     Rule("finetune.epochs", AT_LEAST_ONE),
     Rule("finetune.max_steps", AT_LEAST_ONE_OR_NULL),
-    Rule("finetune.batch_size", Bounds(low=1, why="(images per process)")),
+    Rule("finetune.batch_size", Bounds(low=1, why="(images per step, all processes together)")),
+    Rule("finetune.micro_batch_size", AT_LEAST_ONE_OR_NULL),
     Rule("finetune.lr", Bounds(low=0, low_open=True, why="(the paper uses 2.5e-5)")),
     Rule("finetune.weight_decay", NON_NEGATIVE),
     Rule("finetune.grad_clip", Bounds(low=0, low_open=True, nullable=True, why="(null: no clipping)")),

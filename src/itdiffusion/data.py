@@ -18,6 +18,7 @@ Sources (``data.name``):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import zipfile
 from collections.abc import Sequence
@@ -183,6 +184,7 @@ def _load_cifar10(data_cfg, split: str) -> ImageTensorDataset:
             f"(about 170 MB), or download {CIFAR10_URL} and extract it into {root.resolve()}, "
             f"or point data.root at the folder that contains cifar-10-batches-py."
         )
+    created = _missing_folders(root) if data_cfg.download else []
     try:
         problem = cifar10_files.check_files(folder, split, data_cfg.verify)
         if problem and data_cfg.download:
@@ -191,15 +193,42 @@ def _load_cifar10(data_cfg, split: str) -> ImageTensorDataset:
         if problem:
             raise RuntimeError(problem)
     except RuntimeError as e:  # a missing file or an md5 mismatch
+        _remove_partial_download(root, cifar10_files.ARCHIVE, created)
         raise DatasetError(
             f"CIFAR-10 in {folder.resolve()} is incomplete or corrupted (md5 check: {e}). "
             f"Delete the folder and rerun with data.download=true, or re-extract {CIFAR10_URL} there."
         ) from e
-    except OSError as e:  # download failed
-        raise DatasetError(f"downloading CIFAR-10 into {root.resolve()} failed: {e}") from e
+    except OSError as e:  # download failed (no network, proxy, disk)
+        _remove_partial_download(root, cifar10_files.ARCHIVE, created)
+        raise DatasetError(
+            f"downloading CIFAR-10 from {CIFAR10_URL} into {root.resolve()} failed ({e}). Without network "
+            f"access, fetch that file elsewhere and extract it into {root.resolve()} (giving "
+            f"{folder.resolve()}), then rerun; or point data.root at a folder that already holds "
+            "cifar-10-batches-py (data.download=false)."
+        ) from e
     images = cifar10_files.read_split(folder, split)
     _check_nhwc(images, data_cfg.image_size, str(folder))
     return ImageTensorDataset(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and those of its ancestors that do not exist yet, deepest first."""
+    missing = []
+    for p in (path, *path.parents):
+        if p.exists():
+            break
+        missing.append(p)
+    return missing
+
+
+def _remove_partial_download(root: Path, archive: str, created: list[Path]) -> None:
+    """After a failed download: the partial archive and the folders the download created (if empty)."""
+    if created:  # the folder was new: nothing in it predates this download
+        with contextlib.suppress(OSError):
+            (root / archive).unlink()
+    for folder in created:
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only if empty
 
 
 def _load_image_folder(data_cfg, split: str) -> ImageFileDataset:

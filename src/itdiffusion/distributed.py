@@ -1,8 +1,12 @@
-"""torchrun / DistributedDataParallel helpers.
+"""torchrun / SLURM / DistributedDataParallel helpers.
 
-Launch with ``torchrun --nproc_per_node=N -m itdiffusion.stages.<stage> ...``. Without torchrun
-(no ``WORLD_SIZE`` in the environment) everything runs as a single process of rank 0.
-Backend: NCCL on CUDA, gloo on CPU. Only rank 0 writes files and logs (:func:`is_main`).
+Launch with ``torchrun --nproc_per_node=N -m itdiffusion.stages.<stage> ...``, or with SLURM's
+``srun --ntasks=N python -m itdiffusion.stages.<stage> ...`` (one task per GPU): :func:`adopt_slurm_env`
+maps ``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS`` (or ``SLURM_NTASKS``) and ``SLURM_LOCALID`` to torch's
+``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``, and ``MASTER_ADDR`` (if not given) to the first host of
+``SLURM_NODELIST`` (``MASTER_PORT``: given, else derived from ``SLURM_JOB_ID``). Without either (no
+``WORLD_SIZE``) everything runs as a single process of rank 0. Backend: NCCL on CUDA, gloo on CPU.
+Only rank 0 writes files and logs (:func:`is_main`).
 """
 
 from __future__ import annotations
@@ -10,6 +14,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
+import shutil
+import subprocess
 
 import torch
 import torch.distributed as dist
@@ -35,6 +42,55 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+SLURM_PROBLEM: str | None = None  # why an srun step could not be mapped to ranks (raised by init)
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM host list: ``node[03-05,9],gpu1`` -> ``node03``; ``a,b`` -> ``a``."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise ValueError(f"cannot read the host list {nodelist!r}")
+    prefix, ranges = match.groups()
+    return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "")
+
+
+def _master_addr(nodelist: str) -> str:
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                                 timeout=30, check=True).stdout.split()
+            if out:
+                return out[0]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return first_host(nodelist)
+
+
+def adopt_slurm_env(env: dict | None = None) -> None:
+    """Inside an ``srun`` step of several tasks not started by torchrun, set torch's rank variables from
+    SLURM's (see the module docstring). A no-op elsewhere; sets :data:`SLURM_PROBLEM` when it cannot."""
+    global SLURM_PROBLEM
+    env = os.environ if env is None else env
+    if "WORLD_SIZE" in env or "RANK" in env or "SLURM_STEP_ID" not in env:
+        return  # torchrun (or the user) set the ranks, or not an srun step (an sbatch script itself)
+    ntasks = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or "1")
+    if ntasks <= 1:
+        return
+    if "SLURM_PROCID" not in env or ("MASTER_ADDR" not in env and not env.get("SLURM_NODELIST")):
+        SLURM_PROBLEM = (f"this srun step has {ntasks} tasks but SLURM_PROCID or SLURM_NODELIST is missing, "
+                         "so the tasks cannot tell their ranks apart: set MASTER_ADDR and launch with "
+                         "srun (one task per GPU) or torchrun (scripts/reproduce.sh, scripts/slurm.sbatch)")
+        return
+    try:
+        master = env.get("MASTER_ADDR") or _master_addr(env["SLURM_NODELIST"])
+    except ValueError as e:
+        SLURM_PROBLEM = f"{e}: set MASTER_ADDR to the first node's address"
+        return
+    env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=str(ntasks), LOCAL_RANK=env.get("SLURM_LOCALID", "0"),
+               MASTER_ADDR=master,
+               MASTER_PORT=env.get("MASTER_PORT") or str(15000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+
+
 def resolve_device(requested: str = "auto") -> torch.device:
     """``auto`` -> this rank's GPU if CUDA is available, else CPU. ``cuda`` without a GPU is an error."""
     if requested == "auto":
@@ -46,12 +102,20 @@ def resolve_device(requested: str = "auto") -> torch.device:
                 "(torch.cuda.is_available() is False). Use device=cpu or device=auto."
             )
         if requested == "cuda":
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            local, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+            if count == 1:
+                return torch.device("cuda", 0)  # one GPU per task (srun --gpus-per-task=1)
+            if local >= count:
+                raise RuntimeError(f"local rank {local} but only {count} GPUs are visible: launch at most "
+                                   f"{count} processes per node")
+            return torch.device("cuda", local)
     return torch.device(requested)
 
 
 def init(device: torch.device) -> None:
-    """Initialise the process group when launched by torchrun (idempotent)."""
+    """Initialise the process group when launched by torchrun or srun (idempotent)."""
+    if SLURM_PROBLEM is not None:
+        raise RuntimeError(SLURM_PROBLEM)
     if not launched_by_torchrun() or is_distributed():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"

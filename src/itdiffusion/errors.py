@@ -14,6 +14,13 @@ class DatasetError(UserError):
     """A dataset is missing, corrupted, empty, or holds images of the wrong size or channel count."""
 
 
+class Preempted(Exception):  # noqa: N818 (a control-flow signal, not an error)
+    """SIGTERM arrived and the stage saved what it had (a checkpoint, finished evaluation chunks): the
+    stage exits with status 143 (128 + SIGTERM) and the same command resumes it."""
+
+    EXIT_STATUS = 143
+
+
 class CheckpointError(RuntimeError):
     """A weights or training-state file that cannot be read, downloaded or loaded into the configured model
     (unreadable, truncated, foreign, or of another format version). Stages turn it into a UserError."""

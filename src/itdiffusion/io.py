@@ -8,12 +8,14 @@ and are renamed over the target, so a reader sees either the old file or the who
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import io
 import json
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -104,14 +106,69 @@ def atomic_savez(path: str | os.PathLike, **arrays: Any) -> Path:
     return atomic_write(path, write)
 
 
+_FLOCK_UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+_warned_no_flock = False
+SOFT_LOCK_TIMEOUT_S = 3600.0  # a lock file left by a killed process is never released: give up after this
+
+
 @contextlib.contextmanager
-def file_lock(path: str | os.PathLike) -> Iterator[None]:
-    """Exclusive advisory lock on ``path`` (created if missing) for read-modify-write sections."""
+def file_lock(path: str | os.PathLike, *, remove_on_error: bool = False) -> Iterator[None]:
+    """Exclusive advisory lock on ``path`` (created if missing) for read-modify-write sections.
+
+    ``remove_on_error``: delete the lock file (and its folder, if this call created it and it is empty)
+    when the section raises, so a failed first download leaves nothing behind. Only for sections that
+    check again and write atomically: a process already waiting then holds a lock on the deleted file.
+
+    Where the filesystem does not support ``flock`` (Lustre or NFS mounted without it: ENOLCK,
+    EOPNOTSUPP), the lock falls back, with one warning per process, to ``filelock``'s lock file
+    ``<path>.soft`` (atomic creation; safe between processes that share the filesystem).
+    """
     path = Path(path)
+    new_folder = not path.parent.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with _locked(path):
+            yield
+    except BaseException:
+        if remove_on_error:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            if new_folder:
+                with contextlib.suppress(OSError):
+                    path.parent.rmdir()
+        raise
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
     with open(path, "a+b") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno not in _FLOCK_UNSUPPORTED:
+                raise
+            with _soft_lock(path, e):
+                yield
+            return
         try:
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _soft_lock(path: Path, error: OSError) -> Iterator[None]:
+    import filelock
+
+    global _warned_no_flock
+    if not _warned_no_flock:
+        _warned_no_flock = True
+        warnings.warn(f"flock is not supported on the filesystem of {path} ({error.strerror}); using "
+                      "lock files (filelock.SoftFileLock) instead", RuntimeWarning, stacklevel=3)
+    soft = str(path) + ".soft"
+    try:
+        with filelock.SoftFileLock(soft, timeout=SOFT_LOCK_TIMEOUT_S):
+            yield
+    except filelock.Timeout as e:
+        raise TimeoutError(f"waited {SOFT_LOCK_TIMEOUT_S:.0f} s for the lock file {soft}: if no other "
+                           "process of this pipeline runs, a killed one left it behind; delete it") from e

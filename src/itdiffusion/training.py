@@ -7,8 +7,9 @@ The loop is model-agnostic. It trains ``model`` on a per-image loss
 where ``x`` is a batch scaled to [-1, 1] and ``seeds`` (int64 [B]) gives each image its own random
 stream (log-SNR, noise, timestep). Seeds are a hash of (``finetune.seed``, stream, epoch, dataset
 index), so the randomness of an image never depends on which process or batch position it lands
-in: N processes with batch B each see the same global batches and the same noise as one process
-with batch N*B, and a resumed run draws exactly what an uninterrupted one would. Horizontal flips
+in: ``finetune.batch_size`` is the global batch, N processes each take batch_size / N images of the
+same global batches (in passes of ``finetune.micro_batch_size``, gradients accumulated) with the same
+noise as one process, and a resumed run draws exactly what an uninterrupted one would. Horizontal flips
 are drawn from the same hash. The only global RNG the loop leaves to torch is dropout's, one stream
 per process, which every checkpoint records.
 
@@ -46,7 +47,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from itdiffusion import checkpointing as ckpt
-from itdiffusion import distributed
+from itdiffusion import distributed, errors
 from itdiffusion.artifacts import LOSS_CURVE, write_loss_curve
 from itdiffusion.config import FinetuneConfig, value_problems
 from itdiffusion.data import to_model_range
@@ -80,7 +81,7 @@ class NonFiniteError(FinetuneError):
         self.step = step
 
 
-class Preempted(Exception):  # noqa: N818 (a control-flow signal, not an error)
+class Preempted(errors.Preempted):
     """SIGTERM arrived; a checkpoint at ``step`` was saved. Rerun the same command to resume."""
 
     def __init__(self, step: int, path: Path):
@@ -258,20 +259,31 @@ class Trainer:
 
         self.train_set = IndexedImages(train_set)
         self.world = distributed.world_size()
-        self.global_batch = cfg.batch_size * self.world
+        # finetune.batch_size is the global batch: each process takes its share of the same images per
+        # step (the sampler's global order does not depend on the process count), in forward passes of
+        # at most finetune.micro_batch_size images whose gradients are accumulated
+        self.global_batch = cfg.batch_size
+        if cfg.batch_size % self.world:
+            near = self.world * max(1, round(cfg.batch_size / self.world))
+            raise FinetuneError(
+                f"finetune.batch_size={cfg.batch_size} (the global batch) is not a multiple of the "
+                f"{self.world} processes: use a multiple of {self.world} (e.g. {near}); "
+                "finetune.micro_batch_size bounds the images per forward pass")
+        self.local_batch = cfg.batch_size // self.world
+        self.micro_batch = min(cfg.micro_batch_size or self.local_batch, self.local_batch)
         if len(self.train_set) == 0:
             raise FinetuneError("the training set is empty: check data.root and data.train_split")
         self.sampler = ResumableSampler(self.train_set, seed=cfg.seed)
-        self.steps_per_epoch = len(self.sampler) // cfg.batch_size
+        self.steps_per_epoch = len(self.sampler) // self.local_batch
         if self.steps_per_epoch == 0:
             raise FinetuneError(
                 f"the training set has {len(self.train_set)} images, fewer than one global batch of "
-                f"{self.global_batch} ({self.world} process(es) x finetune.batch_size={cfg.batch_size})"
+                f"{cfg.batch_size} (finetune.batch_size)"
             )
         self.total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
-        self.loader = DataLoader(self.train_set, batch_size=cfg.batch_size, sampler=self.sampler,
+        self.loader = DataLoader(self.train_set, batch_size=self.local_batch, sampler=self.sampler,
                                  drop_last=True, num_workers=num_workers,
                                  worker_init_fn=_ignore_sigterm if num_workers else None,
                                  # its own generator: creating an iterator must not draw from the
@@ -401,7 +413,7 @@ class Trainer:
     # ------------------------------------------------------------------ training
     def _run_epoch(self, net: nn.Module, bar: tqdm) -> None:
         p = self.progress
-        self.sampler.set_position(p.epoch, p.batch_in_epoch * self.cfg.batch_size)
+        self.sampler.set_position(p.epoch, p.batch_in_epoch * self.local_batch)
         for images, indices in self.loader:
             stop_requested = self._step(net, images, indices)
             bar.update(1)
@@ -429,12 +441,9 @@ class Trainer:
         seeds = stream_seed_tensor(cfg.seed, indices, Stream.TRAIN_LOSS, p.epoch)
 
         net.train()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            losses = self.train_loss(net, x, seeds)
-        losses = losses.float()
-        loss = losses.mean()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        losses = self._accumulate_gradients(net, x, seeds)
+        loss = losses.mean()
         grad_norm = self._grad_norm()
 
         # one collective per step: loss sum, image count, non-finite flag, stop request
@@ -492,6 +501,24 @@ class Trainer:
                     "finetune.lr is not the cause: check the starting weights (finetune.init), the data "
                     "and the model flags.")
         return f"{where} Lower finetune.lr (or set finetune.grad_clip)."
+
+    def _accumulate_gradients(self, net: nn.Module, x: Tensor, seeds: Tensor) -> Tensor:
+        """Gradient of this process's mean loss, in forward passes of ``micro_batch`` images (each
+        image's draws come from its seed, so the split does not change them); returns the losses [B].
+        Under DDP, gradients are averaged over processes once, on the last pass."""
+        parts = []
+        starts = range(0, len(x), self.micro_batch)
+        for k, start in enumerate(starts):
+            last = k == len(starts) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()
+            with sync:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+                    losses = self.train_loss(net, x[start:start + self.micro_batch],
+                                             seeds[start:start + self.micro_batch])
+                losses = losses.float()
+                (losses.sum() / len(x)).backward()
+            parts.append(losses.detach())
+        return torch.cat(parts)
 
     def _grad_norm(self) -> Tensor:
         """Total gradient 2-norm (before clipping); clips to ``grad_clip`` when set."""
@@ -565,8 +592,8 @@ class Trainer:
         self.model.eval()
         mine = list(distributed.shard_indices(len(self.heldout)))
         parts = [torch.zeros(0, dtype=torch.float64, device=self.device)]
-        for start in range(0, len(mine), self.cfg.batch_size):
-            chunk = mine[start:start + self.cfg.batch_size]
+        for start in range(0, len(mine), self.micro_batch):
+            chunk = mine[start:start + self.micro_batch]
             images = torch.stack([self.heldout[i][0] for i in chunk])
             indices = torch.tensor(chunk, dtype=torch.int64)
             x = to_model_range(images).to(self.device)

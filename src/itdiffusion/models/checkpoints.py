@@ -101,7 +101,7 @@ def fetch(url: str, dest: str | Path, *, sha256: str | None = None, size: int | 
     fails it is kept and reported (it may have been placed by hand).
     """
     dest = Path(dest)
-    with file_lock(dest.parent / f".{dest.name}.lock"):
+    with file_lock(dest.parent / f".{dest.name}.lock", remove_on_error=True):
         if dest.is_file():
             verify_file(dest, sha256=sha256, size=size)
             return dest

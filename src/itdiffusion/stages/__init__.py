@@ -28,15 +28,16 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from itdiffusion import distributed
+from itdiffusion import distributed, sweeps
 from itdiffusion.config import check_values, register_configs
-from itdiffusion.errors import UserError
+from itdiffusion.errors import Preempted, UserError
 
 log = logging.getLogger("itdiffusion")
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "conf")
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # shipped inside the package
 
 register_configs()
+distributed.adopt_slurm_env()  # srun without torchrun: ranks from SLURM's variables (before the run id)
 
 
 def launch(stage: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> None:
@@ -51,6 +52,10 @@ def launch(stage: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> None:
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    job = sweeps.current_job()
+    if job is not None:
+        launch_sweep_job(stage, cfg, run_dir, job)
+        return
     created = _created_by_this_process(run_dir)
     try:
         check_values(cfg)
@@ -62,6 +67,10 @@ def launch(stage: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> None:
             remove_unused_run_dir(run_dir, hydra_cfg.job.name, cfg.paths.output_dir)
         distributed.shutdown()
         sys.exit(2)
+    except Preempted as e:  # SIGTERM: what was done is saved, the same command resumes
+        log.warning("%s", e)
+        distributed.shutdown()
+        sys.exit(Preempted.EXIT_STATUS)
     distributed.shutdown()
 
 
@@ -152,13 +161,40 @@ def _env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def launch_sweep_job(stage: Callable[[DictConfig, Path], Any], cfg: DictConfig, run_dir: Path,
+                     job: tuple[int, list[str]]) -> None:
+    """One job of a Hydra multirun: a failure is logged (which job, why) and written to the job's
+    ``job_status.json`` instead of ending the sweep; :class:`itdiffusion.sweeps.SweepReport` sums up."""
+    try:
+        check_values(cfg)
+        check_output_dirs(cfg, Path(inspect.getfile(stage)).stem)
+        stage(cfg, run_dir)
+    except Preempted:
+        raise  # SIGTERM: the whole sweep is being stopped
+    except Exception as e:
+        if isinstance(e, UserError):
+            log.error("sweep job #%d (%s) failed: %s", job[0], " ".join(job[1]), e)
+        else:
+            log.exception("sweep job #%d (%s) failed", job[0], " ".join(job[1]))
+        sweeps.write_status(run_dir, job, e)
+    else:
+        if distributed.is_main():
+            sweeps.write_status(run_dir, job, None)
+    distributed.shutdown()
+
+
 def setup_device(cfg: DictConfig) -> torch.device:
     """Resolve ``cfg.device`` and join the torchrun process group (a no-op for one process)."""
     try:
         device = distributed.resolve_device(cfg.device)
     except RuntimeError as e:  # a GPU was requested where none exists
         raise UserError(str(e)) from e
-    distributed.init(device)
+    try:
+        distributed.init(device)
+    except RuntimeError as e:
+        if distributed.SLURM_PROBLEM is None:
+            raise
+        raise UserError(str(e)) from e
     return device
 
 
@@ -173,8 +209,12 @@ def rank_zero_first() -> Iterator[None]:
 
 
 def git_commit() -> str | None:
-    """The commit of the source tree (with ``+dirty`` for uncommitted changes), None outside git."""
-    root = Path(__file__).resolve().parents[3]
+    """The commit of the source tree (with ``+dirty`` for uncommitted changes); None outside a git
+    checkout, e.g. for an installed wheel (whose folder may lie inside some unrelated repository)."""
+    package = Path(__file__).resolve().parents[1]
+    root = package.parents[1]
+    if package.parent.name != "src" or not (root / "pyproject.toml").is_file():
+        return None
     try:
         commit = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"],

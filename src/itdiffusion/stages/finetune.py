@@ -2,7 +2,7 @@
 IDDPM loss).
 
 ``python -m itdiffusion.stages.finetune model=iddpm_cifar10_vlb`` (the paper: IT loss, Adam, lr 2.5e-5,
-batch 32 per GPU, 10 epochs, from the _vlb checkpoint)
+global batch 32, 10 epochs, from the _vlb checkpoint)
 ``torchrun --nproc_per_node=8 -m itdiffusion.stages.finetune run_id=tune model=iddpm_cifar10_vlb``
 ``python -m itdiffusion.stages.finetune model=iddpm_tiny data=patches finetune=smoke_base`` (train the
 tiny smoke model from scratch on IDDPM's loss)
@@ -40,7 +40,6 @@ exits with status 143; bad settings and non-finite losses exit with status 2 and
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -71,12 +70,11 @@ from itdiffusion.models.iddpm import (
 from itdiffusion.stages import CONFIG_DIR, config_dict, git_commit, launch, rank_zero_first, setup_device
 from itdiffusion.stages.stats import load_or_compute_reference
 from itdiffusion.tracking import Tracker
-from itdiffusion.training import LossFn, Preempted, Trainer, validate_config
+from itdiffusion.training import LossFn, Trainer, validate_config
 from itdiffusion.trajectory import INIT_SHA256, differences, trajectory_settings
 
 log = logging.getLogger(__name__)
 
-PREEMPTED_EXIT = 143  # 128 + SIGTERM: the run saved a checkpoint and can be resumed
 SUMMARY = "finetune.json"
 
 
@@ -254,9 +252,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             num_workers=cfg.data.num_workers, tracker=tracker, run_config=config_dict(cfg),
             trajectory=trajectory,
         )
-        log.info("fine-tuning %s (%s objective, init %s): %d steps of %d images x %d process(es); "
-                 "checkpoints in %s", cfg.model.name, settings.objective, init, trainer.total_steps,
-                 settings.batch_size, distributed.world_size(), ckpt_dir)
+        log.info("fine-tuning %s (%s objective, init %s): %d steps of %d images (%d process(es) x %d, "
+                 "passes of %d); checkpoints in %s", cfg.model.name, settings.objective, init,
+                 trainer.total_steps, settings.batch_size, distributed.world_size(), trainer.local_batch,
+                 trainer.micro_batch, ckpt_dir)
         result = trainer.run()
         last = result.curve[-1]
         summary = {
@@ -278,12 +277,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
-    try:
-        launch(run, cfg)
-    except Preempted as e:
-        log.warning("%s", e)
-        distributed.shutdown()
-        sys.exit(PREEMPTED_EXIT)
+    launch(run, cfg)
 
 
 if __name__ == "__main__":

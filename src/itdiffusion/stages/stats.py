@@ -47,6 +47,7 @@ _FILE_SHA256: dict[tuple, str] = {}
 def reference_cache_path(cfg: DictConfig) -> Path:
     """Where the reference of ``cfg.data`` with ``cfg.data.stats_images`` images is cached."""
     suffix = "_diag" if cfg.data.stats_diagonal else ""
+    suffix += f"_seed{cfg.data.seed}" if cfg.data.seed else ""  # the subset drawn (seed 0: the old names)
     return (
         Path(cfg.paths.cache_dir) / f"reference_{dataset_key(cfg.data)}_n{cfg.data.stats_images}{suffix}.pt"
     )
@@ -63,7 +64,7 @@ def load_or_compute_reference(cfg: DictConfig, device: torch.device | str = "cpu
     with rank_zero_first():
         reference = _read_cache(path, cfg)
         if reference is None:
-            with file_lock(path.with_name(path.name + ".lock")):
+            with file_lock(path.with_name(path.name + ".lock"), remove_on_error=True):
                 reference = _read_cache(path, cfg)  # another process may have written it meanwhile
                 if reference is None:
                     reference = compute_reference(cfg)

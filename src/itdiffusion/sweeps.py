@@ -1,0 +1,140 @@
+"""Hydra multirun (``-m``) support: one run id per job, failed jobs reported, the sweep's exit status.
+
+``python -m itdiffusion.stages.evaluate -m estimator.npoints=8,16 seed=1,2`` runs four jobs in
+``<paths.output_dir>/multirun/<stage>/<sweep id>/<job number>/``. The sweep id is ``ITD_SWEEP_ID``, else
+the process's default run id (:func:`itdiffusion.config.default_run_id`); it is exported as
+``ITD_SWEEP_ID`` so that jobs started in other processes (the submitit launchers) agree on it. Each job's
+default ``run_id`` is ``<sweep id>-<job number>``: its own results row and wandb run name.
+
+A job that fails does not stop the sweep: :func:`itdiffusion.stages.launch` logs which job failed and
+why and writes ``job_status.json`` into every job's run dir; :class:`SweepReport` (a Hydra callback, see
+``conf/config.yaml``) reads them when the sweep ends, logs one line per failed job and exits with
+status 1 unless every job succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("itdiffusion")
+
+STATUS_FILE = "job_status.json"
+SWEEP_FAILED_EXIT = 1
+
+
+def current_job() -> tuple[int, list[str]] | None:
+    """(job number, its overrides) when this process runs a job of a Hydra multirun, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return int(hydra_cfg.job.num), list(hydra_cfg.overrides.task)
+
+
+def sweep_id() -> str:
+    """This process's sweep id: ``ITD_SWEEP_ID``, else a new one (then exported as ``ITD_SWEEP_ID``)."""
+    from itdiffusion.config import process_run_id
+
+    if not os.environ.get("ITD_SWEEP_ID"):
+        os.environ["ITD_SWEEP_ID"] = process_run_id()
+    return os.environ["ITD_SWEEP_ID"]
+
+
+def job_run_id() -> str | None:
+    """``<sweep id>-<job number>`` inside a multirun job, else None."""
+    job = current_job()
+    return None if job is None else f"{sweep_id()}-{job[0]}"
+
+
+def write_status(run_dir: Path, job: tuple[int, list[str]], error: BaseException | None) -> None:
+    """``job_status.json`` in the job's run dir: its number, overrides, ok/failed and the error message."""
+    from itdiffusion.io import atomic_write_json
+
+    record = {"job": job[0], "overrides": job[1], "status": "failed" if error else "ok", "time": time.time(),
+              "error": None if error is None else f"{type(error).__name__}: {error}"}
+    atomic_write_json(run_dir / STATUS_FILE, record)
+
+
+def expected_jobs(config: DictConfig) -> int | None:
+    """How many jobs the basic sweeper makes of this sweep's overrides (None for other sweepers)."""
+    if "BasicSweeper" not in str(OmegaConf.select(config, "hydra.sweeper._target_", default="")):
+        return None
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    return sum(len(batch) for batch in BasicSweeper.split_arguments(overrides, None))
+
+
+def summarize(sweep_dir: Path, since: float, expected: int | None) -> tuple[list[dict], list[str]]:
+    """The status records written since ``since`` below ``sweep_dir`` and one line per failed/missing job."""
+    records = []
+    for path in sorted(sweep_dir.glob(f"*/{STATUS_FILE}")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(record, dict) and record.get("time", 0) >= since:
+            records.append({**record, "run_dir": str(path.parent)})
+    problems = [f"job #{r['job']} ({' '.join(r['overrides']) or 'no overrides'}) failed: {r['error']} "
+                f"(log: {r['run_dir']})" for r in records if r["status"] != "ok"]
+    if expected is not None and len(records) < expected:
+        seen = {r["job"] for r in records}
+        missing = [str(n) for n in range(expected) if n not in seen]
+        problems.append(f"job(s) #{', #'.join(missing)} left no status (killed, or failed before the stage "
+                        f"started: see their logs under {sweep_dir})")
+    return records, problems
+
+
+class SweepReport(Callback):
+    """Hydra callback: at the end of a multirun, report failed jobs and exit 1 unless all succeeded."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.started = time.time() - 1.0  # file times may be coarser than the clock
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        records, problems = summarize(sweep_dir, self.started, expected_jobs(config))
+        ok = sum(r["status"] == "ok" for r in records)
+        if not problems:
+            log.info("sweep %s: all %d job(s) succeeded", sweep_dir, ok)
+            return
+        for line in problems:
+            log.error("%s", line)
+        message = f"sweep {sweep_dir}: {ok} job(s) succeeded, {len(problems)} failed or missing"
+        log.error("%s", message)
+        print(message, file=sys.stderr)
+        sys.exit(SWEEP_FAILED_EXIT)
+
+
+def expand(arguments: list[str]) -> list[list[str]]:
+    """The jobs of a sweep as the basic sweeper makes them: ``["a=1,2", "b=x"]`` -> ``[["a=1", "b=x"],
+    ["a=2", "b=x"]]`` (used by scripts/reproduce.sh to run the whole chain once per job)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides(arguments)
+    return [list(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+if __name__ == "__main__":  # python -m itdiffusion.sweeps <overrides>: one shell-quoted job per line
+    import shlex
+
+    for job in expand(sys.argv[1:]):
+        print(shlex.join(job))
