@@ -62,7 +62,7 @@ def test_continuous_matches_mixture_log_density(d, num_images):
     # Non-Gaussian: the best Gaussian's cross-entropy exceeds the truth by 3x the tolerance (exact values).
     best_gaussian = torch.distributions.MultivariateNormal(dist.mean, covariance_matrix=dist.covariance)
     assert (-best_gaussian.log_prob(x) - truth).mean() > 0.03 * d
-    _check_continuous(dist, x, truth, reference)
+    _check_continuous(dist, x, truth, reference, control_variate=True)  # the stage's setting
 
 
 def test_discrete_matches_lattice_probability():

@@ -205,3 +205,32 @@ def test_one_pass_returns_both_decoders():
                     generator=torch.Generator().manual_seed(7), steps_per_batch=3)
         torch.testing.assert_close(one.total(density), alone.total_bpd, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(one.decoder_bpd, one.discrete_decoder_bpd, rtol=0, atol=0)
+
+
+def test_float32_images_get_calc_bpd_loops_noise():
+    """calc_bpd_loop draws randn_like(x): float32 noise for float32 images; vlb draws the same."""
+    diffusion = upstream_diffusion(steps=20)
+    model = ToyNet(6, seed=3)
+
+    class Float32(nn.Module):
+        def forward(self, x, t):
+            return model(x.double(), t).float()
+
+    x = pixels(2, seed=3).float()
+    ref = reference_bound(Float32(), diffusion, x, seed=7)
+    ours = vlb(model, diffusion, x, generator=torch.Generator().manual_seed(7))
+    assert_matches(ours, {k: v.double() for k, v in ref.items()}, atol=1e-4)
+
+
+def test_vlb_mc_stderr_is_honest():
+    """Over 30 noise seeds, each image's spread of totals matches its reported Monte Carlo stderr."""
+    diffusion = upstream_diffusion(steps=50)
+    model = ToyNet(6, seed=5)
+    x = pixels(4, seed=5)
+    runs = [vlb(model, diffusion, x, generator=torch.Generator().manual_seed(100 + s), steps_per_batch=25)
+            for s in range(30)]
+    for density in (False, True):
+        totals = torch.stack([r.total(density) for r in runs])
+        stderrs = torch.stack([r.mc_stderr(density) for r in runs])
+        ratio = totals.std(0) / stderrs.square().mean(0).sqrt()
+        assert ((ratio > 1 / 1.5) & (ratio < 1.5)).all(), f"spread / stderr per image: {ratio.tolist()}"

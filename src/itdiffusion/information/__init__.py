@@ -62,13 +62,21 @@ from itdiffusion.information.crossfit import (
 from itdiffusion.information.curves import (
     ROUNDING_MODES,
     Curves,
+    check_arguments,
     draw_seeds,
     image_draws,
     round_to_lattice,
     sample_curves,
 )
 from itdiffusion.information.estimate import ESTIMATES, ITEstimate, estimate
-from itdiffusion.information.proposal import SAMPLING_MODES, LogSNRProposal, resolving_logsnr
+from itdiffusion.information.pilot import proposal_for
+from itdiffusion.information.proposal import (
+    ITD_CLIP,
+    SAMPLING_MODES,
+    LogSNRProposal,
+    itd_range,
+    resolving_logsnr,
+)
 from itdiffusion.information.reference import (
     DEFAULT_MIN_EIGVAL,
     ITD_VARIANCE_FACTOR,
@@ -78,12 +86,12 @@ from itdiffusion.information.reference import (
 )
 
 __all__ = [
-    "DECISION_BINS", "DEFAULT_MIN_EIGVAL", "ESTIMATES", "ITD_VARIANCE_FACTOR", "LOG_2PI_E",
+    "DECISION_BINS", "DEFAULT_MIN_EIGVAL", "ESTIMATES", "ITD_CLIP", "ITD_VARIANCE_FACTOR", "LOG_2PI_E",
     "MOMENT_VARIANCE_FACTOR", "ROUNDING_MODES", "SAMPLING_MODES", "CurveNLL", "Curves", "GaussianReference",
     "ITEstimate", "LogSNRProposal", "continuous_nll_from_curve", "continuous_tails", "cross_fitted_choice",
     "cross_fitted_coefficient", "discrete_nll_from_curve", "estimate", "image_draws", "it_loss", "it_nll",
-    "left_tail", "mc_mean_and_stderr", "resolving_logsnr", "right_tail_bound", "round_to_lattice",
-    "sample_curves",
+    "itd_range", "left_tail", "mc_mean_and_stderr", "proposal_for", "resolving_logsnr", "right_tail_bound",
+    "round_to_lattice", "sample_curves",
 ]
 
 
@@ -95,8 +103,10 @@ def it_nll(denoiser: Denoiser, x: Tensor, reference: GaussianReference, *, npoin
     """Information-theoretic NLL estimates of the images ``x`` ``[B, *shape]`` under ``denoiser`` (nats):
     :func:`sample_curves` then :func:`estimate`, the same two calls the evaluate stage makes.
 
-    For each image, ``npoints`` log-SNRs are drawn from ``proposal`` (default: the reference's truncated
-    logistic, :class:`LogSNRProposal`, reaching :func:`resolving_logsnr` when ``delta`` is given) with
+    For each image, ``npoints`` log-SNRs are drawn from ``proposal`` (default: :func:`proposal_for`, the
+    reference's truncated logistic reaching :func:`resolving_logsnr` when ``delta`` is given, its range
+    extended by a pilot of ``denoiser`` on the first images until the denoiser no longer beats the
+    reference's decoder; the stage makes the same call) with
     ``logsnr_sampling`` (``stratified``, ``random``, ``grid``), one noise draw per point, and ONE denoiser
     call per (image, point) gives x_hat for every estimate:
 
@@ -120,6 +130,10 @@ def it_nll(denoiser: Denoiser, x: Tensor, reference: GaussianReference, *, npoin
     network call), gives errors whose mean over the noise is known exactly; minus that mean they are a
     zero-mean control variate (see ``scripts/bench_estimator_efficiency.py``).
     """
+    if proposal is None:  # arguments checked first: the pilot runs the denoiser
+        check_arguments(x, reference, npoints, logsnr_sampling, rounding, delta, xinterval, dequantize,
+                        batch_size)
+        proposal = proposal_for(reference, denoiser, x, delta=delta, xinterval=xinterval)
     curves = sample_curves(denoiser, x, reference, npoints=npoints, seeds=draw_seeds(x.shape[0], image_seeds,
                                                                                       generator),
                            proposal=proposal, sampling=logsnr_sampling, delta=delta, xinterval=xinterval,

@@ -93,7 +93,8 @@ def continuous_nll_from_curve(mmse: Tensor, logsnr: Tensor, log_q: Tensor, refer
                               clamp: bool = True, *, x: Tensor | None = None,
                               gaussian_mmse: Tensor | None = None, tails: Tensor | None = None,
                               proposal: LogSNRProposal | None = None, sampling: str = "stratified",
-                              gaussian_errors: Tensor | None = None) -> CurveNLL:
+                              gaussian_errors: Tensor | None = None,
+                              within: tuple[float, float] | None = None) -> CurveNLL:
     """``-ln p(x) = h_G + 1/2 E_q[(mmse(x, a) - mmse_G(a)) / q(a)]`` (+ tails), per image, in nats.
 
     ``mmse``: ``[B, K]`` eps-unit errors at the points ``logsnr`` ``[B, K]`` with proposal log-densities
@@ -112,6 +113,9 @@ def continuous_nll_from_curve(mmse: Tensor, logsnr: Tensor, log_q: Tensor, refer
     (:meth:`GaussianReference.decoder_errors`); minus their exact mean they are a zero-mean control variate
     for the channel noise (:func:`~itdiffusion.information.crossfit.integrate`).
     Differentiable in ``mmse`` (``it_loss`` uses it with K = 1 and no clamp).
+    ``within = (lo, hi)`` (inside the sampled range): the integral restricted to it, the points outside
+    counting zero (the Gaussian decoder there, whose integral outside ``within`` ``tails`` must then hold,
+    e.g. ``continuous_tails(reference, x, within)``): ITD's range from the same curves.
     """
     proposal = proposal or LogSNRProposal.from_reference(reference)
     logsnr = logsnr.to(torch.float64)
@@ -130,6 +134,10 @@ def continuous_nll_from_curve(mmse: Tensor, logsnr: Tensor, log_q: Tensor, refer
         gap = torch.zeros_like(mmse_g) if gaussian_mmse is None else (gaussian_mmse - mmse_g) * weight
         candidates.append(gap)
     control = _noise_control(gaussian_errors, gaussian_mmse, weight)
+    if within is not None:
+        inside = ((logsnr >= within[0]) & (logsnr <= within[1])).to(weight.dtype)
+        candidates = [c * inside for c in candidates]
+        control = None if control is None else control * inside
     mean, stderr = integrate(candidates, logsnr, proposal, sampling, control)
     nll = reference.entropy + 0.5 * mean
     if tails is not None:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from itdiffusion.denoisers import Denoiser, noisy_channel, x_from_eps
 from itdiffusion.information.bounds import continuous_tails, left_tail
-from itdiffusion.information.proposal import SAMPLING_MODES, LogSNRProposal
+from itdiffusion.information.proposal import SAMPLING_MODES, LogSNRProposal, itd_range
 from itdiffusion.information.reference import GaussianReference
 
 ROUNDING_MODES = ("none", "hard", "soft")
@@ -44,6 +44,8 @@ class Curves:
     - ``continuous_tail`` ``[B]``: the continuous integral outside the sampled range (closed form,
       :func:`continuous_tails`); ``discrete_left_tail`` ``[B]``: the discrete one below it
       (:func:`left_tail`).
+    - ``continuous_tail_itd`` ``[B]``: the continuous integral outside ITD's range (:func:`itd_range`
+      intersected with the sampled one), for the estimate restricted to ITD's range.
     - ``*_dequantized``: the same at the dequantized image.
     - ``network_evals``: denoiser calls per image and model; ``proposal``, ``sampling``: how the points were
       drawn; ``delta``: the lattice spacing (None: continuous data, no discrete or dequantized curves).
@@ -64,6 +66,7 @@ class Curves:
     gaussian_mmse_dequantized: Tensor | None = None
     gaussian_errors_dequantized: Tensor | None = None
     continuous_tail_dequantized: Tensor | None = None
+    continuous_tail_itd: Tensor | None = None
 
     @property
     def num_models(self) -> int:
@@ -161,7 +164,7 @@ def sample_curves(denoisers: Denoiser | Sequence[Denoiser], x: Tensor, reference
     """
     denoisers = list(denoisers) if isinstance(denoisers, Sequence) else [denoisers]
     proposal = proposal or LogSNRProposal.from_reference(reference, delta=delta)
-    _check_arguments(x, reference, npoints, sampling, rounding, delta, xinterval, dequantize, batch_size)
+    check_arguments(x, reference, npoints, sampling, rounding, delta, xinterval, dequantize, batch_size)
     num, shape = x.shape[0], tuple(x.shape[1:])
     images = x.detach().to(torch.float64)
     interval = None if xinterval is None else (float(xinterval[0]), float(xinterval[1]))
@@ -198,7 +201,7 @@ def sample_curves(denoisers: Denoiser | Sequence[Denoiser], x: Tensor, reference
     return curves
 
 
-def _check_arguments(x, reference, npoints, sampling, rounding, delta, xinterval, dequantize, batch_size):
+def check_arguments(x, reference, npoints, sampling, rounding, delta, xinterval, dequantize, batch_size):
     if npoints < 2:
         raise ValueError(f"it_nll: npoints must be at least 2 (for a standard error), got {npoints}")
     if sampling not in SAMPLING_MODES:
@@ -229,6 +232,9 @@ def _gaussian_constants(reference: GaussianReference, x: Tensor, logsnr: Tensor,
         xs, a = x[rows].to(reference.mean.device), logsnr[rows]
         out["gaussian_mmse" + suffix].append(reference.pointwise_mmse(xs, a).cpu())
         out["continuous_tail" + suffix].append(continuous_tails(reference, xs, proposal.bounds).cpu())
+        if not suffix:
+            out.setdefault("continuous_tail_itd", []).append(
+                continuous_tails(reference, xs, itd_range(reference, proposal.bounds)).cpu())
         if delta is not None:
             out["discrete_left_tail"].append(left_tail(reference, xs, proposal.bounds[0]).cpu())
     return {k: torch.cat(v) for k, v in out.items()}

@@ -22,7 +22,7 @@ from itdiffusion.information.bounds import (
     right_tail_bound,
 )
 from itdiffusion.information.curves import Curves
-from itdiffusion.information.proposal import resolving_logsnr
+from itdiffusion.information.proposal import itd_range, resolving_logsnr
 from itdiffusion.information.reference import GaussianReference
 
 # estimate() warns when the discrete right-tail bound exceeds this many nats per dimension.
@@ -36,7 +36,10 @@ class ITEstimate:
     """Per-image IT estimates in nats (float64, ``[B]``), their Monte Carlo standard errors, and the curves.
 
     ``discrete`` includes ``discrete_left_tail`` and ``discrete_right_tail``; ``discrete_notails`` is ITD's
-    table convention without them. ``dequantized`` already includes ``d ln(1/delta)``: it is a discrete NLL.
+    table convention without them. ``continuous_itd_range`` (+ ``_stderr``): the continuous estimate with
+    the integral restricted to ITD's log-SNR range (:func:`itd_range`; the Gaussian decoder outside it), from
+    the same curves: ITD's convention, beside ``continuous`` (the full, pilot-extended range).
+    ``dequantized`` already includes ``d ln(1/delta)``: it is a discrete NLL.
     The curve properties (``logsnr``, ``log_q``, ``mmse``, ...) are the curves' ``[B, K]`` arrays (``mmse``
     and its twins ``[M, B, K]`` when the curves hold several models).
     """
@@ -51,6 +54,8 @@ class ITEstimate:
     discrete_right_tail: float | None = None
     dequantized: Tensor | None = None
     dequantized_stderr: Tensor | None = None
+    continuous_itd_range: Tensor | None = None
+    continuous_itd_range_stderr: Tensor | None = None
 
     @property
     def network_evals(self) -> int:
@@ -100,6 +105,12 @@ def estimate(curves: Curves, reference: GaussianReference, *, clamp: bool = True
     cont = continuous_nll_from_curve(c.mmse, c.logsnr, log_q, reference, clamp, gaussian_mmse=c.gaussian_mmse,
                                      gaussian_errors=c.gaussian_errors, tails=c.continuous_tail, **common)
     est = ITEstimate(continuous=cont.nll, continuous_stderr=cont.stderr, curves=curves)
+    if c.continuous_tail_itd is not None:
+        itd = continuous_nll_from_curve(c.mmse, c.logsnr, log_q, reference, clamp,
+                                        gaussian_mmse=c.gaussian_mmse, gaussian_errors=c.gaussian_errors,
+                                        tails=c.continuous_tail_itd,
+                                        within=itd_range(reference, c.proposal.bounds), **common)
+        est.continuous_itd_range, est.continuous_itd_range_stderr = itd.nll, itd.stderr
     if c.delta is not None:
         # per model the rounded x_hat first (its error vanishes at high SNR, the raw one's does not)
         cands = torch.stack([curve for j in range(c.num_models)
@@ -121,7 +132,7 @@ def estimate(curves: Curves, reference: GaussianReference, *, clamp: bool = True
         est.dequantized = deq.nll + reference.dim * math.log(1.0 / c.delta)
         est.dequantized_stderr = deq.stderr
     for name in ("continuous", "continuous_stderr", *ESTIMATES, "discrete_stderr", "dequantized_stderr",
-                 "discrete_left_tail"):
+                 "discrete_left_tail", "continuous_itd_range", "continuous_itd_range_stderr"):
         value = getattr(est, name)
         if isinstance(value, Tensor):
             setattr(est, name, value.cpu())
