@@ -168,8 +168,10 @@ step "5/9 evaluate the fine-tuned model"
 if [[ -f "$OUT/evaluate/$REPRO_ID-tuned/metrics.json" ]]; then
   done_already "$OUT/evaluate/$REPRO_ID-tuned/metrics.json"
 else
+  # the base run's log-SNR proposal (its pilot's range), so that step 6 can combine both runs' curves
   stage evaluate "${COMMON[@]}" "run_id=$REPRO_ID-tuned" "model.checkpoint=$TUNED" "label='$BASE_LABEL(tune)'" \
-    "paper_row='IDDPM(tune)'" model.training_objective=IT
+    "paper_row='IDDPM(tune)'" model.training_objective=IT \
+    "estimator.logsnr_proposal_from=$OUT/evaluate/$REPRO_ID-base"
 fi
 
 step "6/9 ensemble of the base and fine-tuned models (from the curves of steps 3 and 5: no network runs)"

@@ -125,8 +125,8 @@ def test_compare_estimates_is_a_paired_bound():
 
 # --- the check in the evaluate stage ------------------------------------------------------------------
 
-ESTIMATES = ("it_continuous_bpd", "it_discrete_bpd", "it_discrete_notails_bpd", "it_dequantized_bpd",
-             "vlb_bpd", "vlb_continuous_bpd")
+ESTIMATES = ("it_continuous_bpd", "it_continuous_itd_range_bpd", "it_discrete_bpd", "it_discrete_notails_bpd",
+             "it_dequantized_bpd", "vlb_bpd", "vlb_continuous_bpd")
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +170,7 @@ def test_an_ensemble_is_checked_member_by_member(check_cfg, tmp_path, random_che
                     "estimator.precision=bf16", "estimator.precision_tolerance_bpd=1.0")
     check = _run(cfg, tmp_path / "run")["precision_check"]
     names = {f"{p}it_{e}_bpd" for p in ("m0_", "m1_", "ensemble_")
-             for e in ("continuous", "discrete", "discrete_notails", "dequantized")}
+             for e in ("continuous", "continuous_itd_range", "discrete", "discrete_notails", "dequantized")}
     assert set(check["estimates"]) == names and check["used"] == "bf16 autocast, contiguous, eager"
     assert check["estimates"]["m0_it_continuous_bpd"] == check["estimates"]["m1_it_continuous_bpd"]
 

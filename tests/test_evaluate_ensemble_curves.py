@@ -102,7 +102,7 @@ def test_the_reused_ensemble_is_the_evaluated_ensemble(members, tmp_path, monkey
         ("", ["estimator.npoints=5"], r"estimator\.npoints=4 there, 5 here"),
         ("", ["estimator.clip=3"], r"estimator\.clip=4\.0 there, 3\.0 here"),
         ("", ["data.num_images=3"], r"holds test images 0\.\.3 \(4 images\), this run evaluates 0\.\.2 "),
-        ("", ["data.stats_images=30"], r"its logsnr at test images \[0, 1, 2, 3\] differ from this run's"),
+        ("", ["data.stats_images=30"], r"its gaussian_mmse at test images \[0, 1, 2, 3\] differ from this"),
         ("missing", [], r"nonexistent/metrics\.json not found\. Evaluate .*tiny_1\.pt first"),
         ("one_run", [], r"1 runs for 2 ensemble checkpoints"),
         ("", ["estimator.vlb=true"], r"set estimator\.vlb=false, or drop ensemble_curves"),

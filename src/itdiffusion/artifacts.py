@@ -42,7 +42,13 @@ LOSS_CURVE_FORMAT, LOSS_CURVE_VERSION = "itdiffusion.loss_curve", 1  # version 0
 
 # The estimates an evaluation reports, as metrics.json keys (bits/dim, each with _stderr and, for Monte
 # Carlo estimates, _mc_stderr twins) and per_image.npz names (``<name>_nats`` / ``<name>_bpd`` per image).
-IT_ESTIMATES = ("it_continuous", "it_discrete", "it_discrete_notails", "it_dequantized")
+IT_ESTIMATES = (
+    "it_continuous",
+    "it_continuous_itd_range",
+    "it_discrete",
+    "it_discrete_notails",
+    "it_dequantized",
+)
 VLB_ESTIMATES = ("vlb", "vlb_continuous")
 REPORTED_BPD = tuple(f"{name}_bpd" for name in VLB_ESTIMATES + IT_ESTIMATES)
 MASKED_ESTIMATES = (

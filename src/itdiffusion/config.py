@@ -178,6 +178,9 @@ class EstimatorConfig:
     precision_check_images: int = 8  # test images of the paired fp32-vs-fast check (>= 2)
     num_masks: int = 100  # masks per image for masked-diffusion models (I-MDCE; model.kind=masked_pixels)
     corrupt_fraction: float = 0.05  # masked models' log-ratio example: sub-pixels replaced by noise
+    # an evaluate run whose log-SNR proposal this run uses instead of running the pilot (so that an ensemble
+    # can combine both runs' stored curves: ensemble_curves); null: the pilot chooses the range
+    logsnr_proposal_from: str | None = None
     seed: int = "${seed}"  # every image's log-SNR points and noises (default: the top-level seed)
 
 

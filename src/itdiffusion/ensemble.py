@@ -27,22 +27,17 @@ REEVALUATE = "or drop ensemble_curves to evaluate the ensemble's networks here"
 
 
 def curves_from_member_runs(
-    runs: Sequence[str],
-    members: Sequence,
-    test,
-    reference: GaussianReference,
-    proposal: LogSNRProposal,
-    est_cfg,
-    check_images: int = 4,
+    runs: Sequence[str], members: Sequence, test, reference: GaussianReference, est_cfg, check_images: int = 4
 ) -> tuple[PerImage, list[str]]:
     """The ensemble's :class:`PerImage` (curves of every member, no estimates) from its members' runs.
 
     ``runs[j]``: member j's evaluate run dir (or its ``per_image.npz``). Each must be a complete evaluation
     (:func:`artifacts.read_evaluation`) of member j's checkpoint (sha256) with this run's
-    :data:`CURVE_SETTINGS`, of the test images of ``test``, with the same log-SNR points in every run; on
-    ``check_images`` images spread over the set, the points (from the image seeds and ``proposal``) and
-    the reference's errors at those images are recomputed here (another seed, proposal, reference or
-    dataset fails). Anything else is a :class:`UserError`. Returns it and the ``per_image.npz`` paths.
+    :data:`CURVE_SETTINGS`, of the test images of ``test``, with the same log-SNR proposal and points in
+    every run (evaluate the later members with ``estimator.logsnr_proposal_from=<first member's run>``); on
+    ``check_images`` images spread over the set, the points (from the image seeds and the stored proposal)
+    and the reference's errors at those images are recomputed here (another seed, reference or dataset
+    fails). Anything else is a :class:`UserError`. Returns it and the ``per_image.npz`` paths.
     """
     if len(runs) != len(members):
         raise UserError(
@@ -55,9 +50,16 @@ def curves_from_member_runs(
         sources.append(str(npz))
         stored.append(_member_curves(npz, len(test), est_cfg))
     for npz, curves in zip(sources[1:], stored[1:], strict=True):
+        if curves.proposal != stored[0].proposal:
+            raise _refuse(
+                npz,
+                f"its log-SNR proposal differs from that of {sources[0]} (the pilot chose "
+                f"another range: evaluate it with estimator.logsnr_proposal_from="
+                f"{Path(sources[0]).parent})",
+            )
         if not torch.equal(curves.logsnr, stored[0].logsnr):
             raise _refuse(npz, f"its log-SNR points differ from those of {sources[0]}")
-    _check_draws(sources[0], stored[0], test, reference, proposal, est_cfg, check_images)
+    _check_draws(sources[0], stored[0], test, reference, est_cfg, check_images)
     curves = Curves.stack(stored)
     evals = torch.zeros(len(members), len(test), dtype=torch.float64)
     return PerImage(
@@ -66,6 +68,22 @@ def curves_from_member_runs(
         member_values={"network_evals": evals},
         curves=curves,
     ), sources
+
+
+def proposal_of_run(run: str) -> LogSNRProposal:
+    """The log-SNR proposal a complete evaluate run sampled its curves from
+    (``estimator.logsnr_proposal_from``)."""
+    path = Path(run)
+    try:
+        _, npz = artifacts.read_evaluation(path.parent if path.suffix == ".npz" else path)
+        curves = artifacts.read_per_image(npz).curves
+    except ArtifactError as e:
+        raise UserError(f"estimator.logsnr_proposal_from={run}: {e}") from e
+    if curves is None:
+        raise UserError(
+            f"estimator.logsnr_proposal_from={run}: that run has no IT curves (estimator.it=false)"
+        )
+    return curves.proposal
 
 
 def _refuse(npz, what: str) -> UserError:
@@ -135,7 +153,6 @@ def _check_draws(
     curves: Curves,
     test,
     reference: GaussianReference,
-    proposal: LogSNRProposal,
     est_cfg,
     check_images: int,
 ) -> None:
@@ -146,7 +163,7 @@ def _check_draws(
         [
             image_draws(
                 stream_seed(est_cfg.seed, int(i), Stream.POINTS),
-                proposal,
+                curves.proposal,
                 est_cfg.npoints,
                 est_cfg.logsnr_sampling,
                 x.shape[1:],

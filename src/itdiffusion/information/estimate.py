@@ -28,7 +28,8 @@ from itdiffusion.information.reference import GaussianReference
 # estimate() warns when the discrete right-tail bound exceeds this many nats per dimension.
 RIGHT_TAIL_WARN_NATS_PER_DIM = 1e-3
 
-ESTIMATES = ("continuous", "discrete", "discrete_notails", "dequantized")  # per-image nats, ITEstimate fields
+# per-image nats, ITEstimate fields (each with a ``<name>_stderr`` twin; discrete_notails shares discrete's)
+ESTIMATES = ("continuous", "continuous_itd_range", "discrete", "discrete_notails", "dequantized")
 
 
 @dataclass

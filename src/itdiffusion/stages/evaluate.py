@@ -25,6 +25,7 @@ evaluation (:mod:`itdiffusion.ensemble`). Masked-diffusion models (``model.kind=
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -37,9 +38,10 @@ from omegaconf import DictConfig
 from itdiffusion import distributed
 from itdiffusion.artifacts import ENSEMBLE, IT_ESTIMATES, REPORTED_BPD, PerImage
 from itdiffusion.data import load_images, to_model_range
-from itdiffusion.ensemble import REEVALUATE, curves_from_member_runs
+from itdiffusion.ensemble import REEVALUATE, curves_from_member_runs, proposal_of_run
 from itdiffusion.errors import UserError
-from itdiffusion.information import GaussianReference, LogSNRProposal, estimate, sample_curves
+from itdiffusion.information import GaussianReference, LogSNRProposal, estimate, proposal_for, sample_curves
+from itdiffusion.information.pilot import PILOT_IMAGES
 from itdiffusion.models.loading import Member, load_members
 from itdiffusion.seeding import Stream, stream_seeds
 from itdiffusion.stages import CONFIG_DIR, evaluate_masked, launch, rank_zero_first, setup_device, skeleton
@@ -63,18 +65,19 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     started, est = time.time(), cfg.estimator
     device = setup_device(cfg)
     reference = load_or_compute_reference(cfg, device)
-    # the upper end reaches the log-SNR that resolves the pixel lattice (the discrete right tail vanishes)
-    proposal = LogSNRProposal.from_reference(reference, clip=est.clip, delta=PIXEL_BIN)
     with rank_zero_first():
         test = load_images(cfg.data, "test")
     members = load_members(cfg, device, resolve_first=rank_zero_first)
     if cfg.ensemble_curves:  # the members' stored curves: rank 0 reads them, no network runs anywhere
         found = distributed.on_main(
-            lambda: curves_from_member_runs(cfg.ensemble_curves, members, test, reference, proposal, est)
+            lambda: curves_from_member_runs(cfg.ensemble_curves, members, test, reference, est)
         )
         per_image, sources = found or (None, None)
+        proposal = None if per_image is None else per_image.curves.proposal
         precision = {"checked": False, "used": None, "reason": "ensemble_curves: no network evaluation"}
     else:
+        proposal = distributed.broadcast_object(
+            distributed.on_main(lambda: choose_proposal(cfg, members, test, reference)))
         members, precision = select_fast_path(  # fp32 eager unless a fast path keeps the numbers
             members, est, device, lambda ms: check_estimates(ms, test, reference, proposal, est, device)
         )
@@ -102,6 +105,23 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     metrics = skeleton.finish(cfg, run_dir, per_image, metrics, REPORTED_BPD)
     distributed.barrier()
     return metrics
+
+
+def choose_proposal(cfg: DictConfig, members: Sequence[Member], test, reference: GaussianReference):
+    """The log-SNR proposal of this run: the one stored in ``estimator.logsnr_proposal_from`` (an evaluate
+    run whose curves an ensemble will combine with this run's), else the reference's extended by the pilot
+    of :func:`itdiffusion.information.proposal_for` on the first test images (the range covers every
+    log-SNR where the models beat the Gaussian decoder; the upper end reaches the log-SNR that resolves the
+    pixel lattice)."""
+    est = cfg.estimator
+    if est.logsnr_proposal_from:
+        return proposal_of_run(est.logsnr_proposal_from)
+    if not est.it:
+        return LogSNRProposal.from_reference(reference, clip=est.clip, delta=PIXEL_BIN)
+    idx = range(min(PILOT_IMAGES, len(test)))
+    x = to_model_range(torch.stack([test[i][0] for i in idx])).to(reference.mean.device)
+    return proposal_for(reference, [m.denoiser for m in members], x, clip=est.clip, delta=PIXEL_BIN,
+                        xinterval=XINTERVAL, batch_size=est.batch_size)
 
 
 @torch.no_grad()
@@ -146,6 +166,8 @@ def sample(
         ]
         out.member_values["vlb_bpd"] = torch.stack([r.total(False).cpu() for r in results])
         out.member_values["vlb_continuous_bpd"] = torch.stack([r.total(True).cpu() for r in results])
+        for key, continuous in (("vlb_bpd_mc_stderr", False), ("vlb_continuous_bpd_mc_stderr", True)):
+            out.member_values[key] = torch.stack([r.mc_stderr(continuous).cpu() for r in results])
         evals += torch.tensor([[r.terms_bpd.shape[1]] for r in results], dtype=torch.float64)
     out.member_values["network_evals"] = evals
     return out
@@ -183,6 +205,8 @@ def summarize(
         "dim": dim,
         "gaussian_entropy_bpd": float(nats_to_bpd(float(reference.entropy), dim)),
         "logsnr_range": list(proposal.bounds),
+        "logsnr_core_range": list(proposal.core_bounds),
+        "logsnr_proposal": dataclasses.asdict(proposal),
     }
     per_member = [_group_metrics(per_image, f"m{j}", j, dim) for j in range(len(members))]
     if len(members) == 1:
@@ -199,7 +223,7 @@ def _group_metrics(per_image: PerImage, group: str, member: int | None, dim: int
     out: dict = {}
     if group in per_image.groups and per_image.estimates:
         values = per_image.group(group)
-        for name in IT_ESTIMATES:
+        for name in (n for n in IT_ESTIMATES if f"{n}_nats" in values):
             bpd = nats_to_bpd(values[f"{name}_nats"], dim)
             out[f"{name}_bpd"], out[f"{name}_bpd_stderr"] = mean_and_stderr(bpd)
             mc = nats_to_bpd(values[f"{name}_mc_stderr_nats"], dim)
@@ -208,6 +232,8 @@ def _group_metrics(per_image: PerImage, group: str, member: int | None, dim: int
         for key, rows in per_image.member_values.items():
             if key == "network_evals":
                 out[key] = int(rows[member].sum().item())
+            elif key.endswith("_mc_stderr"):  # the Monte Carlo noise of the mean alone
+                out[key] = float(rows[member].square().sum().sqrt() / rows[member].numel())
             else:
                 out[key], out[f"{key}_stderr"] = mean_and_stderr(rows[member])
     return out
