@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,14 +68,25 @@ class OfflineRun:
         return self.path.parent / "files"
 
     def logged_keys(self) -> set[str]:
-        return {k for row in self.history for k in row}
+        """Logged keys; a media object (table, histogram, plot) as its own key with its ``_type``."""
+        return {k.removesuffix("/_type") if k.endswith("/_type") else k
+                for row in self.history for k in row if not _media_field(k, row)}
+
+    def media_type(self, key: str) -> str | None:
+        return next((row[f"{key}/_type"] for row in self.history if f"{key}/_type" in row), None)
 
     def media(self, key: str) -> dict:
-        """The JSON a ``wandb.Table`` (or plot table) logged under ``key`` was written to."""
+        """The JSON a ``wandb.Table`` logged under ``key`` was written to."""
         for row in self.history:
-            if key in row and isinstance(row[key], dict) and "path" in row[key]:
-                return json.loads((self.files / row[key]["path"]).read_text())
+            if f"{key}/path" in row:
+                return json.loads((self.files / row[f"{key}/path"]).read_text())
         raise KeyError(key)
+
+
+def _media_field(key: str, row: dict) -> bool:
+    """A field of a media object (``<key>/path``, ``<key>/sha256``, ...) other than its ``_type``."""
+    head, _, tail = key.rpartition("/")
+    return bool(head) and tail != "_type" and f"{head}/_type" in row
 
 
 def read_run(path: str | Path) -> OfflineRun:
@@ -83,7 +95,12 @@ def read_run(path: str | Path) -> OfflineRun:
     if path.is_dir():
         path = next(path.glob("run-*.wandb"))
     run = OfflineRun(path)
-    for rec in records(path):
+    found = records(path)
+    deadline = time.time() + 20  # wandb's service may still be writing the end of the file
+    while not any(r.WhichOneof("record_type") == "exit" for r in found) and time.time() < deadline:
+        time.sleep(0.2)
+        found = records(path)
+    for rec in found:
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             r = rec.run

@@ -178,6 +178,9 @@ class EstimatorConfig:
     precision_check_images: int = 8  # test images of the paired fp32-vs-fast check (>= 2)
     num_masks: int = 100  # masks per image for masked-diffusion models (I-MDCE; model.kind=masked_pixels)
     corrupt_fraction: float = 0.05  # masked models' log-ratio example: sub-pixels replaced by noise
+    # per-pixel information maps (itdiffusion.pixel_maps) of the first this many test images: one more
+    # network pass over their log-SNR points; 0: none
+    pixel_maps: int = 16
     seed: int = 0
 
 
@@ -210,11 +213,13 @@ class FinetuneConfig:
 @dataclass
 class LoggerConfig:
     backend: str = "wandb"  # wandb | none
-    project: str = "itdiffusion"
-    entity: str | None = None
-    mode: str = "offline"  # offline | online | disabled
+    # wandb's variables fill what is not set explicitly (an override wins): WANDB_PROJECT, WANDB_ENTITY,
+    # WANDB_MODE, WANDB_DIR; WANDB_TAGS adds to tags (itdiffusion.tracking)
+    project: str = "${oc.env:WANDB_PROJECT,itdiffusion}"
+    entity: str | None = "${oc.env:WANDB_ENTITY,null}"
+    mode: str = "${oc.env:WANDB_MODE,offline}"  # offline | online | disabled
     group: str | None = None  # runs of one reproduction share a group
-    dir: str = "${paths.output_dir}"
+    dir: str = "${oc.env:WANDB_DIR,${paths.output_dir}}"
     tags: list[str] = field(default_factory=list)
     init_timeout: float = 20.0  # seconds to wait for an online wandb.init before falling back to offline
 
@@ -395,6 +400,7 @@ VALUE_RULES: tuple[Rule, ...] = (
     Rule("estimator.precision_check_images", Bounds(low=2, why="(a standard error needs two images)")),
     Rule("estimator.num_masks", Bounds(low=2, why="(a standard error needs two masks)")),
     Rule("estimator.corrupt_fraction", Bounds(low=0, high=1, low_open=True)),
+    Rule("estimator.pixel_maps", NON_NEGATIVE),
     Rule("finetune.objective", OneOf(FINETUNE_OBJECTIVES)),
     Rule("finetune.epochs", AT_LEAST_ONE),
     Rule("finetune.max_steps", AT_LEAST_ONE_OR_NULL),
@@ -410,7 +416,7 @@ VALUE_RULES: tuple[Rule, ...] = (
     Rule("finetune.max_skipped_steps", NON_NEGATIVE),
     Rule("finetune.log_every_steps", AT_LEAST_ONE),
     Rule("logger.backend", OneOf(("wandb", "none"))),
-    Rule("logger.mode", OneOf(("offline", "online", "disabled"))),
+    Rule("logger.mode", OneOf(("offline", "online", "disabled", "dryrun", "run"))),  # wandb's old names too
     Rule("logger.init_timeout", POSITIVE),
 )
 
