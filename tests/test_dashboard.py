@@ -5,6 +5,7 @@ figures whose data agree with metrics.json."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,3 +123,52 @@ def test_wandb_variables_are_honoured_and_explicit_config_wins(wb_cfg, tiny_chec
     cfg = wb_cfg(f"model.checkpoint={tiny_checkpoints[0]}", "estimator.pixel_maps=0", "estimator.vlb=false")
     evaluate.run(cfg, tmp_path / "b")
     assert len(by_job(tmp_path, "evaluate")) == 1  # disabled: no run at all
+
+
+def test_report_tables_are_numeric_and_its_figures_agree_with_the_tables(wb_cfg, tiny_checkpoints, tmp_path):
+    import torch
+    from PIL import Image
+
+    from itdiffusion.artifacts import PerImage, commit_evaluation
+    from itdiffusion.stages import report
+
+    common = ("data.num_images=16", "estimator.npoints=16", "estimator.pixel_maps=2")
+    for run_id, ckpt, row in (("base", 0, "IDDPM"), ("tuned", 1, "IDDPM(tune)")):
+        evaluate.run(wb_cfg(f"model.checkpoint={tiny_checkpoints[ckpt]}", f"run_id={run_id}",
+                            f"paper_row='{row}'", *common), tmp_path / "outputs" / "evaluate" / run_id)
+    masked = tmp_path / "outputs" / "evaluate" / "masked"  # a masked-diffusion run's metrics
+    masked.mkdir(parents=True)
+    commit_evaluation(masked, PerImage(index=torch.arange(2)),
+                      {"run_id": "masked", "group": "g", "label": "mdm", "created": "x", "mdce_bpd": 3.5,
+                       "mdce_bpd_stderr": 0.1, "mdce_timefree_bpd": 3.4, "mdce_timefree_bpd_stderr": 0.1})
+    out = report.run(wb_cfg("run_id=rep"), tmp_path / "rep")
+
+    # the gap figure's numbers give each table's continuous estimate (within its standard error)
+    for run_id in ("base", "tuned"):
+        check = out["figure_checks"][run_id]
+        assert abs(check["figure_bpd"] - check["table_bpd"]) < check["table_stderr"]
+    names = {Path(f).stem for f in out["figures"]["g"]}
+    assert {"g_mmse", "g_mmse_gap", "g_per_image", "g_pixel_maps"} <= names
+    for fig in out["figures"]["g"]:
+        with Image.open(tmp_path / "outputs" / "results" / fig) as im:
+            assert im.format == "PNG" and np.asarray(im.convert("L")).std() > 5
+
+    [rep] = by_job(tmp_path, "report")
+    assert rep.name == "report-rep"
+    table1 = rep.media("g/table1_continuous")
+    cols = table1["columns"]
+    assert cols[:3] == ["model", "run_id", "training_objective"]
+    assert {"it_continuous", "it_continuous_stderr", "it_continuous_paper", "it_continuous_diff"} <= set(cols)
+    base = next(r for r in table1["data"] if r[1] == "base")
+    row = dict(zip(cols, base, strict=True))
+    metrics = json.loads((tmp_path / "outputs" / "evaluate" / "base" / "metrics.json").read_text())
+    assert row["it_continuous"] == pytest.approx(metrics["it_continuous_bpd"])
+    assert row["it_continuous_paper"] == -4.09
+    assert row["it_continuous_diff"] == pytest.approx(metrics["it_continuous_bpd"] + 4.09)
+    assert all(isinstance(row[c], float) for c in cols if c.startswith("it_continuous"))
+    assert rep.media("g/table2_discrete")["columns"][2:6] == ["vlb", "vlb_stderr", "vlb_paper", "vlb_diff"]
+    imdce = rep.media("g/imdce")
+    assert [r[1] for r in imdce["data"]] == ["masked"] and imdce["data"][0][3] == 3.5
+    assert rep.media("figure_checks")["columns"][:3] == ["run_id", "figure_bpd", "table_bpd"]
+    assert {"evaluate-base:latest", "evaluate-tuned:latest"} <= {i["artifact"] for i in rep.config["inputs"]}
+    assert rep.media_type("g/mmse_gap") == "image-file"

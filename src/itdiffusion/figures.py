@@ -398,16 +398,18 @@ def plot_pixel_maps(maps: Mapping[str, PixelMapData], path: Path, max_images: in
         for r, (label, m) in enumerate(runs):
             im = axes[i, 1 + 2 * r].imshow(m.bits[i], cmap="magma", vmin=min(0.0, float(m.bits[:n].min())),
                                            vmax=bit_max)
-            axes[i, 1 + 2 * r].set_title(f"{label}: {m.total_bits[i]:.0f} bits", fontsize=7)
+            axes[i, 1 + 2 * r].set_title((f"{label}\n" if i == 0 else "") + f"bits: {m.total_bits[i]:.0f}",
+                                         fontsize=7)
             fig.colorbar(im, ax=axes[i, 1 + 2 * r], fraction=0.046)
             im = axes[i, 2 + 2 * r].imshow(m.band[i], cmap="viridis", vmin=band_lo, vmax=band_hi)
-            axes[i, 2 + 2 * r].set_title(f"{label}: log-SNR band", fontsize=7)
+            axes[i, 2 + 2 * r].set_title((f"{label}\n" if i == 0 else "") + "log-SNR band", fontsize=7)
             fig.colorbar(im, ax=axes[i, 2 + 2 * r], fraction=0.046)
         if diff:
             delta = runs[1][1].bits[i] - runs[0][1].bits[i]
             lim = float(np.abs(delta).max()) or 1.0
             im = axes[i, -1].imshow(delta, cmap="RdBu_r", vmin=-lim, vmax=lim)
-            axes[i, -1].set_title(f"{runs[1][0]} − {runs[0][0]}: {delta.sum():+.0f} bits", fontsize=7)
+            axes[i, -1].set_title(("second − first\n" if i == 0 else "") + f"{delta.sum():+.0f} bits",
+                                  fontsize=7)
             fig.colorbar(im, ax=axes[i, -1], fraction=0.046)
     for ax in axes.ravel():
         ax.set_xticks([])
