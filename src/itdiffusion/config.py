@@ -416,7 +416,7 @@ VALUE_RULES: tuple[Rule, ...] = (
     Rule("finetune.max_skipped_steps", NON_NEGATIVE),
     Rule("finetune.log_every_steps", AT_LEAST_ONE),
     Rule("logger.backend", OneOf(("wandb", "none"))),
-    Rule("logger.mode", OneOf(("offline", "online", "disabled", "dryrun", "run"))),  # wandb's old names too
+    Rule("logger.mode", OneOf(("offline", "online", "disabled"))),
     Rule("logger.init_timeout", POSITIVE),
 )
 

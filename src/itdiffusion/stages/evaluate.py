@@ -92,7 +92,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
         return None
     per_image = with_estimates(per_image, reference)
     skeleton.check_finite(per_image, reference.dim)
-    if sources is None:  # curves from a network pass here (not reused): the networks can map pixels
+    if sources is None and len(members) == 1:  # single models (an ensemble's maps are its members')
         add_pixel_maps(per_image, members, test, reference, est, device)
     metrics = {
         **summarize(per_image, members, reference, proposal, est),
