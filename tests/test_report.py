@@ -142,20 +142,27 @@ def curves_per_image(logsnr: np.ndarray, reference_mmse: np.ndarray, *mmse: np.n
     return PerImage(index=torch.arange(b), curves=curves, reference_mmse=t(reference_mmse))
 
 
-def test_mmse_gap_curve_recovers_a_known_gap(tmp_path):
+def test_gap_data_integrates_a_known_gap():
+    """A model whose error is a known amount below the Gaussian decoder's: the binned gap follows it and
+    the implied estimate is the Gaussian's minus its integral / 2."""
+    from itdiffusion import figures
+
     rng = np.random.default_rng(0)
-    logsnr = rng.uniform(-6, 6, (50, 40))
+    proposal = LogSNRProposal(0.0, 2.0)
+    b, k = 200, 64
+    logsnr = proposal.points(b * k, "random", torch.Generator().manual_seed(0)).reshape(b, k).numpy()
     mmse_g = 100 / (1 + np.exp(-logsnr))
     gap = 10 * np.exp(-(logsnr**2) / 4)
-    centres, means, errs = report.mmse_gap_curve(curves_per_image(logsnr, mmse_g, mmse_g - gap), bins=20)
-    assert np.all(np.diff(centres) > 0)
-    # each bin is 0.6 wide: the binned mean of a smooth gap is close to its value at the bin centre
-    np.testing.assert_allclose(means, 10 * np.exp(-(centres**2) / 4), atol=0.2)
-    assert np.all(np.isfinite(errs))
-    # an ensemble's curve: per bin the best member, never below the Gaussian decoder (gap 0)
-    pair = curves_per_image(logsnr, mmse_g, mmse_g - gap, mmse_g - 5 + 0 * gap)
-    _, best, _ = report.mmse_gap_curve(pair, bins=20)
-    np.testing.assert_allclose(best, np.maximum(means, 5.0), atol=1e-9)
+    per_image = curves_per_image(logsnr, mmse_g, mmse_g - gap + rng.normal(0, 0.1, logsnr.shape))
+    per_image.curves.proposal = proposal
+    data = figures.gap_data(per_image, entropy_nats=0.0, dim=1)
+    np.testing.assert_allclose(data.gap[0], 10 * np.exp(-(data.centres**2) / 4), atol=1.0)
+    lo, hi = proposal.bounds
+    grid = np.linspace(lo, hi, 20001)
+    exact = 0.5 * np.trapezoid(10 * np.exp(-(grid**2) / 4), grid)  # nats the model saves
+    assert data.gaussian_bpd == pytest.approx(0.0, abs=1e-9)  # the decoder at the images is mmse_G here
+    assert data.implied_bpd * math.log(2) == pytest.approx(-exact, rel=0.03)
+    assert (data.chosen == 0).all()  # the model is better everywhere: never the Gaussian decoder
 
 
 def fake_evaluation(outputs: Path, run_id: str, group: str, **values) -> None:
@@ -166,7 +173,8 @@ def fake_evaluation(outputs: Path, run_id: str, group: str, **values) -> None:
     logsnr = rng.uniform(-5, 5, (6, 16))
     mmse_g = 3072 / (1 + np.exp(-logsnr))
     commit_evaluation(
-        run_dir, curves_per_image(logsnr, mmse_g, mmse_g * 0.9), metrics(run_id, group=group, **values)
+        run_dir, curves_per_image(logsnr, mmse_g, mmse_g * 0.9),
+        metrics(run_id, group=group, dim=3072, gaussian_entropy_bpd=1.0, **values)
     )
 
 
@@ -217,11 +225,16 @@ def test_report_stage_writes_tables_figures_and_keeps_old_rows(tmp_path, make_cf
     assert md.index("## repro1") < md.index("## repro0")  # newest group first
     assert md.index("r-base [IDDPM]") < md.index("r-tuned [IDDPM(tune)]")
     figures = out["figures"]["repro1"]
-    assert len(figures) == 2
+    # (no per-image figure: these fake runs hold curves but no per-image estimates)
+    assert {Path(f).stem.removeprefix("repro1_") for f in figures} == {"mmse", "mmse_gap", "loss"}
     for fig in figures:
         assert f"]({fig})" in md
         with Image.open(outputs / "results" / fig) as im:
             assert im.format == "PNG" and im.size[0] > 100
+    # a later evaluation re-renders results.md from the store: the figure links stay
+    record_run(outputs / "results", metrics("late", group="repro1", vlb_bpd=3.1, vlb_bpd_stderr=0.1))
+    md = (outputs / "results" / "results.md").read_text()
+    assert all(f"]({fig})" in md for fig in figures)
 
 
 def test_report_without_any_metrics_says_what_to_run(make_cfg, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 import wandb
@@ -114,3 +115,25 @@ def test_online_failure_is_remembered_by_this_and_later_processes(logger_cfg, mo
     with Tracker(logger_cfg("logger.mode=online"), {}, job_type="test"):
         pass
     assert modes[4:] == ["online", "offline"]
+
+
+def test_console_output_is_captured_and_a_kept_id_resumes_the_run(logger_cfg, tmp_path):
+    id_file = tmp_path / "run" / "wandb_run.json"
+    with Tracker(logger_cfg(), {}, job_type="test", id_file=id_file) as tracker:
+        print("a line on the console")
+        first = tracker.run.id
+    with Tracker(logger_cfg(), {}, job_type="test", id_file=id_file) as tracker:
+        assert tracker.run.id == first  # the restart continues the same wandb run
+    runs = offline_runs(tmp_path)
+    assert len(runs) == 2 and all(f"-{first}" in r.name for r in runs)
+    log_file = runs[0] / "files" / "output.log"
+    for _ in range(100):  # wandb's service writes it after finish returns
+        if log_file.exists() and "a line on the console" in log_file.read_text():
+            break
+        time.sleep(0.1)
+    assert "a line on the console" in log_file.read_text()
+
+
+def test_disabled_mode_makes_no_run(logger_cfg, tmp_path):
+    assert not Tracker(logger_cfg("logger.mode=disabled"), {}, job_type="test").active
+    assert not offline_runs(tmp_path)

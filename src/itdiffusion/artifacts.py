@@ -78,6 +78,9 @@ class PerImage:
       ``network_evals``.
     - ``curves``: the IT error curves of the M models (None without IT estimates); ``reference_mmse``
       ``[B, K]``: the Gaussian reference's ``mmse_G(a)`` at every point (for figures).
+    - ``pixel_maps``: for the first few images, each pixel's share of the continuous estimate
+      (:class:`itdiffusion.pixel_maps.PixelMaps` fields: ``index`` ``[P]``, ``images`` ``[P, *shape]``,
+      ``nats``/``stderr``/``band`` ``[M, P, d]``, ``total_nats`` ``[M, P]``), or None.
     """
 
     index: Tensor
@@ -86,6 +89,7 @@ class PerImage:
     member_values: dict[str, Tensor] = field(default_factory=dict)
     curves: Curves | None = None
     reference_mmse: Tensor | None = None
+    pixel_maps: dict[str, Tensor] | None = None
 
     @property
     def num_images(self) -> int:
@@ -139,6 +143,8 @@ def write_per_image(path: str | os.PathLike, per_image: PerImage) -> Path:
             arrays[f"curves__{k}"] = v.numpy().astype(np.float32) if v.dim() >= 2 else v.numpy()
     if per_image.reference_mmse is not None:
         arrays["reference_mmse"] = per_image.reference_mmse.numpy().astype(np.float32)
+    for k, v in (per_image.pixel_maps or {}).items():
+        arrays[f"pixel__{k}"] = v.numpy()
     arrays["meta"] = np.array(json.dumps(meta))
     return atomic_savez(path, **arrays)
 
@@ -186,6 +192,7 @@ def read_per_image(path: str | os.PathLike) -> PerImage:
         member_values=section("member__"),
         curves=curves,
         reference_mmse=None if reference_mmse is None else torch.from_numpy(reference_mmse).double(),
+        pixel_maps=section("pixel__") or None,
     )
 
 
@@ -259,12 +266,23 @@ def is_complete(run_dir: str | os.PathLike) -> bool:
 # ------------------------------------------------------------------------------------------------------
 
 
-def write_loss_curve(path: str | os.PathLike, points: list[dict]) -> Path:
+def write_loss_curve(path: str | os.PathLike, points: list[dict], objective: str | None = None) -> Path:
     """Points ``{step, epoch, train_loss_<unit>, heldout_loss_<unit>, ...}`` (``<unit>``: ``bpd`` and
-    ``nats`` for the IT loss, the objective's name otherwise)."""
-    return atomic_write_json(
-        path, {"format": LOSS_CURVE_FORMAT, "version": LOSS_CURVE_VERSION, "points": points}
-    )
+    ``nats`` for the IT loss, the objective's name otherwise); ``objective``: the training objective
+    (``it``, ``iddpm``, ``any_order``: what the bits/dim are bits of)."""
+    data = {"format": LOSS_CURVE_FORMAT, "version": LOSS_CURVE_VERSION, "points": points}
+    if objective is not None:
+        data["objective"] = objective
+    return atomic_write_json(path, data)
+
+
+def loss_curve_objective(path: str | os.PathLike) -> str | None:
+    """The training objective a ``loss_curve.json`` records (None: not recorded, or unreadable)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("objective") if isinstance(data, dict) else None
 
 
 def read_loss_curve(path: str | os.PathLike) -> list[dict]:
@@ -306,6 +324,7 @@ __all__ = [
     "commit_evaluation",
     "file_sha256",
     "is_complete",
+    "loss_curve_objective",
     "read_evaluation",
     "read_loss_curve",
     "read_metrics",

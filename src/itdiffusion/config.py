@@ -181,6 +181,9 @@ class EstimatorConfig:
     # an evaluate run whose log-SNR proposal this run uses instead of running the pilot (so that an ensemble
     # can combine both runs' stored curves: ensemble_curves); null: the pilot chooses the range
     logsnr_proposal_from: str | None = None
+    # per-pixel information maps (itdiffusion.pixel_maps) of the first this many test images: one more
+    # network pass over their log-SNR points; 0: none
+    pixel_maps: int = 16
     seed: int = "${seed}"  # every image's log-SNR points and noises (default: the top-level seed)
 
 
@@ -215,11 +218,13 @@ class FinetuneConfig:
 @dataclass
 class LoggerConfig:
     backend: str = "wandb"  # wandb | none
-    project: str = "itdiffusion"
-    entity: str | None = None
-    mode: str = "offline"  # offline | online | disabled
+    # wandb's variables fill what is not set explicitly (an override wins): WANDB_PROJECT, WANDB_ENTITY,
+    # WANDB_MODE, WANDB_DIR; WANDB_TAGS adds to tags (itdiffusion.tracking)
+    project: str = "${oc.env:WANDB_PROJECT,itdiffusion}"
+    entity: str | None = "${oc.env:WANDB_ENTITY,null}"
+    mode: str = "${oc.env:WANDB_MODE,offline}"  # offline | online | disabled
     group: str | None = None  # runs of one reproduction share a group
-    dir: str = "${paths.output_dir}"
+    dir: str = "${oc.env:WANDB_DIR,${paths.output_dir}}"
     tags: list[str] = field(default_factory=list)
     init_timeout: float = 20.0  # seconds to wait for an online wandb.init before falling back to offline
 
@@ -414,6 +419,7 @@ VALUE_RULES: tuple[Rule, ...] = (
     Rule("estimator.precision_check_images", Bounds(low=2, why="(a standard error needs two images)")),
     Rule("estimator.num_masks", Bounds(low=2, why="(a standard error needs two masks)")),
     Rule("estimator.corrupt_fraction", Bounds(low=0, high=1, low_open=True)),
+    Rule("estimator.pixel_maps", NON_NEGATIVE),
     Rule("finetune.objective", OneOf(FINETUNE_OBJECTIVES)),
     Rule("finetune.epochs", AT_LEAST_ONE),
     Rule("finetune.max_steps", AT_LEAST_ONE_OR_NULL),

@@ -152,16 +152,30 @@ def record_runs(
     paths = results_paths(results_dir)
     with file_lock(paths["lock"]):
         stored = load_runs(results_dir)
+        stored_figures = {**load_figures(results_dir), **{g: list(f) for g, f in (figures or {}).items()}}
         for metrics in runs:
             if not metrics.get("run_id"):
                 raise ValueError("a results row needs a run_id")
             stored[str(metrics["run_id"])] = {k: v for k, v in metrics.items() if k != "config"}
         atomic_write_json(
-            paths["json"], {"format": FORMAT, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": stored}
+            paths["json"],
+            {"format": FORMAT, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": stored,
+             "figures": stored_figures},
         )
         atomic_write_text(paths["csv"], render_csv(stored))
-        atomic_write_text(paths["md"], render_markdown(stored, figures or {}))
+        atomic_write_text(paths["md"], render_markdown(stored, stored_figures))
     return stored
+
+
+def load_figures(results_dir: str | Path) -> dict[str, list[str]]:
+    """The figures the store knows, by group (paths relative to the results dir): kept across writes, so
+    results.md links every figure whatever order evaluations and reports finish in."""
+    path = results_paths(results_dir)["json"]
+    if not path.is_file():
+        return {}
+    load_runs(results_dir)  # the same checks
+    figures = json.loads(path.read_text()).get("figures") or {}
+    return {str(g): [str(f) for f in fs] for g, fs in figures.items() if isinstance(fs, list)}
 
 
 def record_run(results_dir: str | Path, metrics: Mapping) -> dict:
@@ -205,13 +219,67 @@ def groups(runs: Mapping[str, Mapping]) -> list[tuple[str, list[dict]]]:
 def table_rows(rows: list[dict], columns: tuple[Column, ...], lead: tuple[str, ...] = ()) -> list[list[str]]:
     """One line per run: model label, the ``lead`` fields, our values, then the paper's values."""
     out = []
+    labels = row_labels(rows)
     for run in rows:
         paper = PAPER.get(run.get("paper_row") or "", {})
-        line = [_label(run), *[str(run.get(f) or "—") for f in lead]]
+        line = [labels[run["run_id"]], *[_lead(run, f) for f in lead]]
         line += [format_cell(cell_value(run, c)) for c in columns]
         line += [f"{paper[c.name]:.2f}" if c.name in paper else "—" for c in columns if _paper_has(c)]
         out.append(line)
     return out
+
+
+def numeric_table(rows: list[dict], columns: tuple[Column, ...], lead: tuple[str, ...] = ()
+                  ) -> tuple[list[str], list[list]]:
+    """(headers, rows) of a table of numbers (for wandb): ``model``, ``run_id``, the ``lead`` fields, then
+    per column ``<name>``, ``<name>_stderr``, ``<name>_paper`` and ``<name>_diff`` (ours minus the paper's),
+    bits/dim; None where there is no value."""
+    headers = ["model", "run_id", *lead]
+    for c in columns:
+        headers += [c.name, f"{c.name}_stderr", f"{c.name}_paper", f"{c.name}_diff"]
+    labels = row_labels(rows)
+    out = []
+    for run in rows:
+        paper = PAPER.get(run.get("paper_row") or "", {})
+        line: list = [labels[run["run_id"]], run["run_id"], *[_lead(run, f) for f in lead]]
+        for c in columns:
+            value, published = cell_value(run, c), paper.get(c.name)
+            mean, stderr = value if value is not None else (None, None)
+            stderr = stderr if stderr is not None and math.isfinite(stderr) else None
+            diff = mean - published if mean is not None and published is not None else None
+            line += [mean, stderr, published, diff]
+        out.append(line)
+    return headers, out
+
+
+def row_labels(rows: list[dict]) -> dict[str, str]:
+    """Each run's row name: its label (and paper row); where several rows of a table share a name, the run
+    id and the settings that differ between them (log-SNR points, checkpoint sha256 prefix)."""
+    base = {r["run_id"]: _label(r) for r in rows}
+    out = {}
+    for run in rows:
+        twins = [r for r in rows if base[r["run_id"]] == base[run["run_id"]]]
+        if len(twins) == 1:
+            out[run["run_id"]] = base[run["run_id"]]
+            continue
+        extra = [f"run {run['run_id']}"]
+        if len({str(r.get("npoints")) for r in twins}) > 1:
+            extra.append(f"K={run.get('npoints') or '—'}")
+        if len({_short(r.get("checkpoint_sha256"), 8) for r in twins}) > 1:
+            extra.append(f"ckpt {_short(run.get('checkpoint_sha256'), 8)}")
+        out[run["run_id"]] = f"{base[run['run_id']]} ({', '.join(extra)})"
+    return out
+
+
+def is_ensemble(run: Mapping) -> bool:
+    return isinstance(run.get("checkpoint"), list) or bool(run.get("members"))
+
+
+def _lead(run: Mapping, key: str):
+    """A lead field's text; an ensemble has no single training objective."""
+    if key == "training_objective" and is_ensemble(run):
+        return "—"
+    return str(run.get(key) or "—")
 
 
 def table_headers(columns: tuple[Column, ...], lead: tuple[str, ...] = ()) -> list[str]:
@@ -279,7 +347,7 @@ def render_markdown(runs: Mapping[str, Mapping], figures: Mapping[str, list[str]
             ],
             [
                 [
-                    _label(r),
+                    row_labels(rows)[r["run_id"]],
                     r["run_id"],
                     str(r.get("num_images")),
                     str(r.get("npoints") or "—"),
@@ -334,12 +402,12 @@ def _label(run: Mapping) -> str:
     return label if not paper or paper == label else f"{label} [{paper}]"
 
 
-def _short(value) -> str:
+def _short(value, n: int = 12) -> str:
     if not value:
         return "—"
     if isinstance(value, list):
-        return ", ".join(_short(v) for v in value)
-    return str(value)[:12]
+        return ", ".join(_short(v, n) for v in value)
+    return str(value)[:n]
 
 
 def _csv_scalar(value) -> str:

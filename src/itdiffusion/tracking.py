@@ -7,14 +7,24 @@
   warning, and the failure is remembered: later trackers of the same process, and processes writing
   to the same ``logger.dir`` within :data:`REMEMBER_S` (the other stages of a reproduction), go
   offline at once instead of waiting again. Delete ``<logger.dir>/wandb/.online_unavailable`` to retry.
-- ``logger=none`` (``logger.backend=none``) disables tracking.
+- ``logger=none`` (``logger.backend=none``) or ``logger.mode=disabled`` disables tracking.
+- wandb's own variables are honoured where the config gives no value of its own: ``logger.mode``,
+  ``project``, ``entity`` and ``dir`` default to ``$WANDB_MODE``, ``$WANDB_PROJECT``, ``$WANDB_ENTITY``,
+  ``$WANDB_DIR`` (else offline, itdiffusion, none, ``paths.output_dir``); an explicit override wins.
+  ``$WANDB_TAGS`` (comma-separated) adds to ``logger.tags`` and to the stage's own tags.
+- A run given an ``id_file`` keeps its wandb id there: a restart of the same run (a resumed fine-tune, a
+  rerun of an evaluation) continues the same wandb run (``resume="allow"``) instead of adding one.
+- Console output is captured (the run's ``output.log``).
 - Only rank 0 logs; on other ranks every method is a no-op. Runs of one reproduction share
   ``logger.group``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import secrets
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,6 +39,46 @@ log = logging.getLogger(__name__)
 REMEMBER_S = 6 * 3600.0  # how long a failed online start sends later processes straight to offline
 ONLINE_UNAVAILABLE = ".online_unavailable"  # in <logger.dir>/wandb/: why online failed, and when
 _online_failure: str | None = None  # this process's failed online start, if any
+MODE_SYNONYMS = {"dryrun": "offline", "run": "online"}  # wandb's older names for the modes
+MAX_TAG = 64  # wandb's limit on a tag's length
+
+
+def env_tags() -> list[str]:
+    """``$WANDB_TAGS`` as a list (comma-separated)."""
+    return [t.strip() for t in os.environ.get("WANDB_TAGS", "").split(",") if t.strip()]
+
+
+def run_tags(*values) -> list[str]:
+    """Tags from stage values (experiment, model, paper row, objective), None and duplicates dropped."""
+    out: list[str] = []
+    for v in values:
+        if v is None or v == "":
+            continue
+        tag = str(v)[:MAX_TAG]
+        if tag not in out:
+            out.append(tag)
+    return out
+
+
+def stored_run_id(id_file: Path | None) -> str | None:
+    """The wandb id kept in ``id_file`` (None if there is none or it cannot be read)."""
+    if id_file is None:
+        return None
+    try:
+        return str(json.loads(Path(id_file).read_text())["wandb_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _store_run_id(id_file: Path, run_id: str) -> None:
+    from itdiffusion.io import atomic_write_json
+
+    try:
+        Path(id_file).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(id_file, {"wandb_id": run_id})
+    except OSError as e:
+        log.warning("could not keep the wandb run id in %s (%s): a restart starts a new wandb run",
+                    id_file, e)
 
 
 def _known_online_failure(wandb_dir: Path) -> str | None:
@@ -62,11 +112,18 @@ class Tracker:
     """
 
     def __init__(
-        self, logger_cfg, run_cfg: Mapping | DictConfig | None, job_type: str, name: str | None = None
+        self,
+        logger_cfg,
+        run_cfg: Mapping | DictConfig | None,
+        job_type: str,
+        name: str | None = None,
+        tags: Sequence[str] = (),
+        id_file: str | Path | None = None,
     ):
         self.run = None
         self._wandb = None
-        if logger_cfg.backend == "none" or not distributed.is_main():
+        self.mode = MODE_SYNONYMS.get(str(logger_cfg.mode), str(logger_cfg.mode))
+        if logger_cfg.backend == "none" or self.mode == "disabled" or not distributed.is_main():
             return
         if logger_cfg.backend != "wandb":
             log.warning("logger.backend=%r is unknown (wandb | none); tracking is off", logger_cfg.backend)
@@ -78,7 +135,11 @@ class Tracker:
             return
         self._wandb = wandb
         config = OmegaConf.to_container(run_cfg, resolve=True) if isinstance(run_cfg, DictConfig) else run_cfg
+        self.id_file = None if id_file is None else Path(id_file)
+        self.tags = run_tags(*logger_cfg.tags, *env_tags(), *tags)
         self.run = self._init(logger_cfg, dict(config or {}), job_type, name)
+        if self.run is not None and self.id_file is not None and stored_run_id(self.id_file) != self.run.id:
+            _store_run_id(self.id_file, self.run.id)
 
     @property
     def active(self) -> bool:
@@ -93,11 +154,13 @@ class Tracker:
             group=logger_cfg.group,
             job_type=job_type,
             name=name,
-            tags=list(logger_cfg.tags),
+            tags=self.tags,
             config=config,
             dir=str(wandb_dir),
+            id=stored_run_id(self.id_file) or secrets.token_hex(4),
+            resume="allow",
         )
-        mode = logger_cfg.mode
+        mode = self.mode
         known = _known_online_failure(wandb_dir) if mode == "online" else None
         if known is not None:
             log.warning("wandb online failed earlier (%s); continuing offline without retrying (delete %s "
@@ -132,7 +195,7 @@ class Tracker:
             return None
 
     def _settings(self, logger_cfg):
-        return self._wandb.Settings(init_timeout=logger_cfg.init_timeout, console="off", silent=True)
+        return self._wandb.Settings(init_timeout=logger_cfg.init_timeout, console="wrap", silent=True)
 
     def _call(self, what: str, fn, *args, **kwargs) -> None:
         if self.run is None:
@@ -171,6 +234,79 @@ class Tracker:
                 "log_image", lambda: self.run.log({key: self._wandb.Image(str(path), caption=caption)})
             )
 
+    @property
+    def offline(self) -> bool:
+        return self.run is not None and bool(getattr(self.run, "offline", False))
+
+    def config_update(self, values: Mapping[str, Any]) -> None:
+        """Settings (not metrics): the run's config."""
+        if self.run is not None:
+            self._call("config", self.run.config.update, dict(values), allow_val_change=True)
+
+    def log_line_plot(self, key: str, x: str, y: str, series: Mapping[str, tuple[Sequence, Sequence]],
+                      title: str) -> None:
+        """One line per series (name -> (xs, ys)): a long table ``key`` (columns x, series, y) and its line
+        plot ``key + "_plot"``."""
+        if self.run is None:
+            return
+        rows = [[float(a), name, float(b)]
+                for name, (xs, ys) in series.items() for a, b in zip(xs, ys, strict=True)]
+
+        def log_it():
+            table = self._wandb.Table(columns=[x, "series", y], data=rows)
+            plot = self._wandb.plot.line(table, x, y, stroke="series", title=title)
+            self.run.log({key: table, f"{key}_plot": plot})
+
+        self._call("log_line_plot", log_it)
+
+    def log_histogram(self, key: str, values: Sequence[float]) -> None:
+        if self.run is not None:
+            self._call("log_histogram",
+                       lambda: self.run.log({key: self._wandb.Histogram([float(v) for v in values])}))
+
+    def log_scatter(self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], x: str, y: str,
+                    title: str) -> None:
+        """A table ``key`` and the scatter plot of its columns ``x`` and ``y`` (``key + "_plot"``)."""
+        if self.run is None:
+            return
+
+        def log_it():
+            table = self._wandb.Table(columns=list(columns), data=[list(r) for r in rows])
+            self.run.log({key: table, f"{key}_plot": self._wandb.plot.scatter(table, x, y, title=title)})
+
+        self._call("log_scatter", log_it)
+
+    def log_artifact(self, name: str, kind: str, paths: Sequence[str | Path], metadata: Mapping | None = None,
+                     aliases: Sequence[str] = ()) -> None:
+        """Log files as the artifact ``name`` of type ``kind`` (a new version when their content changed)."""
+        if self.run is None:
+            return
+
+        def log_it():
+            artifact = self._wandb.Artifact(_artifact_name(name), type=kind, metadata=dict(metadata or {}))
+            for p in paths:
+                artifact.add_file(str(p))
+            self.run.log_artifact(artifact, aliases=["latest", *aliases])
+
+        self._call("log_artifact", log_it)
+
+    def use_artifact(self, name: str, kind: str, alias: str = "latest") -> None:
+        """Declare the artifact ``name:alias`` an input of this run (lineage). Online only (wandb cannot
+        resolve artifacts offline): offline runs record it in their config as ``inputs`` instead, so the
+        link survives ``wandb sync`` as metadata."""
+        if self.run is None:
+            return
+        ref = f"{_artifact_name(name)}:{alias}"
+        if not self.offline:
+            try:
+                self.run.use_artifact(ref, type=kind)
+            except Exception as e:  # noqa: BLE001 - not logged yet, or unreachable: keep the link as metadata
+                log.info("wandb use_artifact(%s) failed (%s); recording it as metadata", ref, e)
+            else:
+                return
+        inputs = list(self.run.config.get("inputs", []) or [])
+        self.config_update({"inputs": [*inputs, {"artifact": ref, "type": kind}]})
+
     def finish(self) -> None:
         if self.run is not None:
             self._call("finish", self.run.finish)
@@ -181,3 +317,8 @@ class Tracker:
 
     def __exit__(self, *exc) -> None:
         self.finish()
+
+
+def _artifact_name(name: str) -> str:
+    """wandb artifact names: letters, digits, dashes, underscores and dots."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name)[:128]

@@ -627,7 +627,7 @@ class Trainer:
                 "trajectory": self.trajectory,
             }
             ckpt.save_training_state(self.run_dir, ckpt.serialize(state), epoch_end=epoch_end)
-            write_loss_curve(self.run_dir / LOSS_CURVE, self.curve)
+            write_loss_curve(self.run_dir / LOSS_CURVE, self.curve, objective=self.cfg.objective)
         self._saved_at_step = self.progress.step
         distributed.barrier()
 
@@ -645,7 +645,7 @@ class Trainer:
             ckpt.export_state_dict(model_path, self.model.state_dict())
             if self.ema is not None:
                 ckpt.export_state_dict(ema_path, self.ema.averaged_state_dict(self.model))
-            write_loss_curve(self.run_dir / LOSS_CURVE, self.curve)
+            write_loss_curve(self.run_dir / LOSS_CURVE, self.curve, objective=self.cfg.objective)
         distributed.barrier()
         return FinetuneResult(steps=self.progress.step, skipped_steps=self.progress.skipped_steps,
                               curve=self.curve, model_path=model_path, ema_path=ema_path)

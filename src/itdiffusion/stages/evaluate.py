@@ -43,6 +43,7 @@ from itdiffusion.errors import UserError
 from itdiffusion.information import GaussianReference, LogSNRProposal, estimate, proposal_for, sample_curves
 from itdiffusion.information.pilot import PILOT_IMAGES
 from itdiffusion.models.loading import Member, load_members
+from itdiffusion.pixel_maps import pixel_maps
 from itdiffusion.seeding import Stream, stream_seeds
 from itdiffusion.stages import CONFIG_DIR, evaluate_masked, launch, rank_zero_first, setup_device, skeleton
 from itdiffusion.stages.precision import select_fast_path
@@ -94,6 +95,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
         return None
     per_image = with_estimates(per_image, reference)
     skeleton.check_finite(per_image, reference.dim)
+    if sources is None and len(members) == 1:  # single models (an ensemble's maps are its members')
+        add_pixel_maps(per_image, members, test, reference, est, device)
     metrics = {
         **summarize(per_image, members, reference, proposal, est),
         **skeleton.provenance(cfg, members),
@@ -186,6 +189,23 @@ def with_estimates(per_image: PerImage, reference: GaussianReference) -> PerImag
     per_image.groups = [f"m{g[0]}" for g in groups[: curves.num_models]] + [ENSEMBLE] * (len(groups) > 1)
     per_image.estimates = {f"it_{name}_nats": torch.stack([f[name] for f in found]) for name in found[0]}
     per_image.reference_mmse = reference.mmse(curves.logsnr.to(reference.mean.device)).cpu()
+    return per_image
+
+
+def add_pixel_maps(per_image: PerImage, members: Sequence[Member], test, reference: GaussianReference, est,
+                   device: torch.device) -> PerImage:
+    """Rank 0: ``per_image.pixel_maps`` for the first ``estimator.pixel_maps`` evaluated images, each pixel's
+    share of every member's continuous estimate (:func:`itdiffusion.pixel_maps.pixel_maps`: one network
+    pass over those images' stored points and noise)."""
+    count = min(est.pixel_maps, per_image.num_images)
+    if not est.it or count == 0 or per_image.curves is None:
+        return per_image
+    indices = per_image.index[:count].tolist()
+    x = to_model_range(torch.stack([test[i][0] for i in indices])).to(device)
+    maps = pixel_maps([m.denoiser for m in members], x, list(range(count)), per_image.curves, reference,
+                      stream_seeds(est.seed, indices, Stream.POINTS), xinterval=XINTERVAL,
+                      batch_size=est.batch_size)
+    per_image.pixel_maps = maps.tensors()
     return per_image
 
 

@@ -53,12 +53,13 @@ from itdiffusion import distributed
 from itdiffusion.artifacts import LOSS_CURVE
 from itdiffusion.checkpointing import EXPORTED_MODEL, LAST, load_training_state
 from itdiffusion.config import FinetuneConfig
+from itdiffusion.dashboard import TRACKING_ID, log_model
 from itdiffusion.data import load_images
 from itdiffusion.discrete import any_order_loss, build_masked_pixel_model, images_to_tokens
 from itdiffusion.errors import UserError
 from itdiffusion.information import GaussianReference, it_loss
 from itdiffusion.io import atomic_write_json
-from itdiffusion.models.checkpoints import CheckpointError
+from itdiffusion.models.checkpoints import CheckpointError, file_sha256
 from itdiffusion.models.ddpm import DDPMDenoiser, DDPMNetwork, build_unet, load_unet_weights, train_alpha_bar
 from itdiffusion.models.iddpm import (
     IDDPMDenoiser,
@@ -69,7 +70,7 @@ from itdiffusion.models.iddpm import (
 )
 from itdiffusion.stages import CONFIG_DIR, config_dict, git_commit, launch, rank_zero_first, setup_device
 from itdiffusion.stages.stats import load_or_compute_reference
-from itdiffusion.tracking import Tracker
+from itdiffusion.tracking import Tracker, run_tags
 from itdiffusion.training import LossFn, Trainer, validate_config
 from itdiffusion.trajectory import INIT_SHA256, differences, trajectory_settings
 
@@ -242,8 +243,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     init, init_sha256 = load_initial_weights(cfg, model)
     trajectory[INIT_SHA256] = init_sha256
 
-    with Tracker(cfg.logger, config_dict(cfg), job_type="finetune",
-                 name=f"finetune-{settings.run_name}-{cfg.run_id}") as tracker:
+    with Tracker(cfg.logger, config_dict(cfg), job_type="finetune", name=f"finetune-{cfg.run_id}",
+                 tags=run_tags(cfg.experiment, cfg.model.name, cfg.paper_row, settings.objective),
+                 id_file=ckpt_dir / TRACKING_ID) as tracker:  # a restart resumes the same wandb run
         trainer = Trainer(
             model, train_objective, load_images(cfg.data, "train"), settings, ckpt_dir, device=device,
             dim=dim, train_loss_is_nll=settings.objective in ("it", "any_order"),
@@ -271,6 +273,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         if distributed.is_main():
             atomic_write_json(run_dir / SUMMARY, summary)
             tracker.summary({k: v for k, v in summary.items() if k != "config"})
+            log_model(tracker, settings.run_name, Path(result.model_path), file_sha256(result.model_path),
+                      {"run_id": cfg.run_id, "objective": settings.objective, "steps": result.steps,
+                       "init": init, "final_heldout_loss_bpd": last["heldout_loss_bpd"]})
     log.info("done: %d steps (%d skipped); weights %s", result.steps, result.skipped_steps, result.model_path)
     return summary
 

@@ -4,11 +4,15 @@
 
 1. Every ``metrics.json`` under ``paths.output_dir`` is merged by run id into
    ``<paths.results_dir>/results.{json,csv,md}`` (see :mod:`itdiffusion.results`).
-2. Figures in ``<paths.results_dir>/figures/``, per reproduction group: the MMSE gap
-   mmse_G(a) - mmse(a) against log-SNR a for every evaluated model (from each run's
-   ``per_image.npz``), and the fine-tuning loss curves (each finetune run's ``loss_curve.json``
-   with records ``step, epoch, train_loss, heldout_loss``).
-3. The same tables go to wandb as ``wandb.Table`` objects with the figures.
+2. Figures in ``<paths.results_dir>/figures/``, per reproduction group, from each run's
+   ``per_image.npz`` (:mod:`itdiffusion.figures`: made from what the estimator integrates): the paper's
+   MMSE figure (``<group>_mmse.png``), the MMSE gap the continuous estimate integrates
+   (``_mmse_gap.png``; ``figure_checks`` compares the estimate it implies with the table), per-image
+   histograms and the IT-vs-VLB scatter (``_per_image.png``), per-pixel information maps
+   (``_pixel_maps.png``) and the fine-tuning losses, one panel per unit (``_loss.png``). The store
+   keeps the figure links (results.md lists them whatever order runs finish in).
+3. wandb: Table 1, Table 2 and the I-MDCE table as numbers (mean, stderr, the paper's value, the
+   difference), the figures with captions, and the evaluations' artifacts as inputs.
 """
 
 from __future__ import annotations
@@ -22,21 +26,23 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from itdiffusion import artifacts
+from itdiffusion import artifacts, figures
 from itdiffusion.artifacts import PerImage
+from itdiffusion.dashboard import EVALUATION_ARTIFACT_TYPE, TRACKING_ID
 from itdiffusion.errors import UserError
 from itdiffusion.results import (
     CONTINUOUS_COLUMNS,
     DISCRETE_COLUMNS,
+    MDCE_COLUMNS,
     groups,
     load_runs,
+    numeric_table,
     record_runs,
     results_paths,
-    table_headers,
-    table_rows,
+    row_labels,
 )
 from itdiffusion.stages import CONFIG_DIR, config_dict, launch
-from itdiffusion.tracking import Tracker
+from itdiffusion.tracking import Tracker, run_tags
 
 log = logging.getLogger(__name__)
 
@@ -55,72 +61,9 @@ def find_metrics(root: str | Path) -> list[dict]:
     return found
 
 
-def mmse_gap_curve(per_image: PerImage, bins: int = 50) -> tuple[np.ndarray, ...]:
-    """Binned mean of mmse_G(a) - mmse(a) (eps units, summed over dimensions) against log-SNR a.
-
-    Each image has its own log-SNR points, so the points of all images are pooled into ``bins``
-    equal-count bins of a. With several models (an ensemble's members, evaluated on the same points),
-    each bin shows the best of them or of the Gaussian decoder (gap 0): ITD's pointwise minimum of the
-    MMSE curves. Returns (bin centre, mean gap, its standard error).
-    """
-    curves = per_image.curves
-    logsnr = curves.logsnr.numpy().ravel()
-    gaps = [(per_image.reference_mmse - mmse).numpy().ravel() for mmse in curves.mmse]
-    order = np.argsort(logsnr)
-    centres, means, errs = [], [], []
-    for chunk in np.array_split(order, min(bins, len(order))):
-        centres.append(logsnr[chunk].mean())
-        candidates = [(gap[chunk].mean(), _sem(gap[chunk])) for gap in gaps]
-        if len(gaps) > 1:
-            candidates.append((0.0, 0.0))
-        mean, err = max(candidates, key=lambda c: c[0])
-        means.append(mean)
-        errs.append(err)
-    return np.array(centres), np.array(means), np.array(errs)
-
-
-def _sem(values: np.ndarray) -> float:
-    return values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
-
-
-def plot_mmse_gap(runs: Sequence[Mapping], path: Path) -> Path | None:
-    """One figure: a curve per evaluated model, and for an ensemble the best of its members per bin."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curves = []
-    for run in runs:
-        npz = Path(run["metrics_path"]).with_name(artifacts.PER_IMAGE) if run.get("metrics_path") else None
-        if npz is None or not npz.is_file():
-            continue
-        try:
-            per_image = artifacts.read_per_image(npz)
-        except artifacts.ArtifactError as e:
-            log.warning("no MMSE curve for %s: %s", run["run_id"], e)
-            continue
-        if per_image.curves is not None and per_image.reference_mmse is not None:
-            curves.append((str(run.get("label") or run["run_id"]), mmse_gap_curve(per_image)))
-    if not curves:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, (a, gap, err) in curves:
-        ax.plot(a, gap, label=label)
-        ax.fill_between(a, gap - err, gap + err, alpha=0.2)
-    ax.axhline(0.0, color="k", lw=0.8)
-    ax.set_xlabel("log-SNR a")
-    ax.set_ylabel(r"mmse$_G$(a) − mmse(a)   ($\epsilon$ units, summed over d)")
-    ax.set_title("MMSE gap to the Gaussian reference (area/2 = nats below h_G)")
-    ax.legend()
-    fig.tight_layout()
-    _save_figure(fig, path)
-    plt.close(fig)
-    return path
-
-
-def find_loss_curves(*roots: str | Path) -> list[tuple[str, list[dict]]]:
-    """(run name, points) for every ``loss_curve.json`` below ``roots``; the run name is its folder's name.
+def find_loss_curves(*roots: str | Path) -> list[tuple[str, list[dict], str | None]]:
+    """(run name, points, objective) for every ``loss_curve.json`` below ``roots``; the run name is its
+    folder's name.
 
     A curve is a list of points ``{step, epoch, train_loss_<unit>, heldout_loss_<unit>}`` as the
     finetune stage writes them (``<unit>``: ``bpd`` and ``nats`` for the IT loss, the objective's
@@ -135,7 +78,7 @@ def find_loss_curves(*roots: str | Path) -> list[tuple[str, list[dict]]]:
                 log.warning("skipping %s", e)
                 continue
             if points:
-                found.append((path.parent.name, points))
+                found.append((path.parent.name, points, artifacts.loss_curve_objective(path)))
     return found
 
 
@@ -153,37 +96,118 @@ def loss_series(points: Sequence[Mapping], kind: str) -> tuple[str, list[tuple[f
     return None
 
 
-def plot_loss_curves(curves: Sequence[tuple[str, list[dict]]], path: Path) -> Path | None:
-    """Train (solid) and held-out (dashed, markers) loss against optimizer step, a colour per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not curves:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for k, (name, points) in enumerate(curves):
-        for kind, style in (("train", "-"), ("heldout", "o--")):
-            found = loss_series(points, kind)
-            if found:
-                unit, series = found
-                steps, values = zip(*series, strict=True)
-                ax.plot(steps, values, style, color=f"C{k % 10}", label=f"{name}: {kind} ({unit})")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (bits/dim where available)")
-    ax.set_title("Training and held-out loss")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    _save_figure(fig, path)
-    plt.close(fig)
-    return path
-
-
 def _save_figure(fig, path: Path) -> None:
     from itdiffusion.io import atomic_write
 
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+
+
+def loss_panels(curves: Sequence[tuple[str, list[dict], str | None]]) -> dict[str, list]:
+    """Loss series by unit (:data:`itdiffusion.figures.LOSS_UNITS`): ``unit -> [(run, kind, points)]``.
+    Bits/dim are bits of the continuous IT bound, except for masked-diffusion runs (``any_order``: discrete
+    bits/dim); the held-out loss of an ``iddpm`` run is the IT bound."""
+    panels: dict[str, list] = {}
+    for name, points, objective in curves:
+        for kind in ("train", "heldout"):
+            found = loss_series(points, kind)
+            if not found:
+                continue
+            unit, series = found
+            if unit == "bpd":
+                key = figures.LOSS_UNITS["any_order" if objective == "any_order" else "it"]
+            else:
+                key = figures.LOSS_UNITS.get(unit, unit)
+            panels.setdefault(key, []).append((name, kind, series))
+    return panels
+
+
+def _evaluations(rows: Sequence[Mapping]) -> list[tuple[Mapping, PerImage]]:
+    """(metrics, per_image) of the rows whose evaluation is on disk and complete."""
+    out = []
+    for run in rows:
+        if not run.get("metrics_path"):
+            continue
+        try:
+            _, npz = artifacts.read_evaluation(Path(run["metrics_path"]).parent)
+            out.append((run, artifacts.read_per_image(npz)))
+        except artifacts.ArtifactError as e:
+            log.warning("no figures for %s: %s", run["run_id"], e)
+    return out
+
+
+def group_figures(rows: list[dict], loss_curves, figure_dir: Path, slug: str) -> tuple[dict[str, Path], dict]:
+    """The figures of one group (name -> path) and the figure-vs-table checks (run id -> numbers)."""
+    labels = row_labels(rows)
+    evaluations = _evaluations(rows)
+    with_curves = [(r, p) for r, p in evaluations
+                   if p.curves is not None and p.reference_mmse is not None and r.get("dim")]
+    made: dict[str, Path] = {}
+    checks: dict = {}
+    if with_curves:
+        made["mmse"] = figures.plot_mmse(_group_mmse(with_curves, labels), figure_dir / f"{slug}_mmse.png")
+        gaps = {}
+        for run, per_image in with_curves:
+            dim = int(run["dim"])
+            entropy = float(run["gaussian_entropy_bpd"]) * dim * math.log(2)
+            gaps[labels[run["run_id"]]] = data = figures.gap_data(per_image, entropy, dim)
+            checks[run["run_id"]] = {
+                "figure_bpd": data.implied_bpd, "table_bpd": run.get("it_continuous_bpd"),
+                "table_stderr": run.get("it_continuous_bpd_stderr"), "gaussian_bpd": data.gaussian_bpd}
+        made["mmse_gap"] = figures.plot_gap(gaps, figure_dir / f"{slug}_mmse_gap.png")
+    values = {labels[r["run_id"]]: figures.per_image_bpd(p, int(r.get("dim") or 0)) for r, p in evaluations
+              if r.get("dim")}
+    path = figures.plot_per_image(values, figure_dir / f"{slug}_per_image.png")
+    if path is not None:
+        made["per_image"] = path
+    maps = _pixel_map_runs(evaluations, labels)
+    if maps:
+        made["pixel_maps"] = figures.plot_pixel_maps(maps, figure_dir / f"{slug}_pixel_maps.png")
+    path = figures.plot_losses(loss_panels(loss_curves), figure_dir / f"{slug}_loss.png")
+    if path is not None:
+        made["loss"] = path
+    return made, checks
+
+
+def _group_mmse(with_curves, labels) -> figures.MMSEData:
+    """One MMSE figure for a group: every single-model run's curve (an ensemble's members otherwise), the
+    references from the first run (the runs of a group share their test images and points)."""
+    singles = [(r, p) for r, p in with_curves if p.curves.num_models == 1] or with_curves[:1]
+    first_run, first = singles[0]
+    merged = figures.mmse_data(first, int(first_run["dim"]), names=[labels[first_run["run_id"]]]
+                               if first.curves.num_models == 1 else None)
+    references = {k: merged.continuous.pop(k) for k in
+                  (figures.MMSEData.GAUSSIAN_DECODER, figures.MMSEData.REFERENCE, figures.MMSEData.STANDARD)}
+    for run, per_image in singles[1:]:
+        data = figures.mmse_data(per_image, int(run["dim"]), names=[labels[run["run_id"]]])
+        if len(data.centres) != len(merged.centres):
+            continue
+        merged.continuous[labels[run["run_id"]]] = data.continuous[labels[run["run_id"]]]
+        merged.discrete.update(data.discrete)
+    merged.best = np.min([v[0] for v in merged.continuous.values()], axis=0)
+    merged.continuous.update(references)
+    return merged
+
+
+def _pixel_map_runs(evaluations, labels) -> dict[str, figures.PixelMapData]:
+    """Maps to draw: the base and tuned paper rows when both have them, else the first two runs with maps."""
+    have = [(r, p) for r, p in evaluations if p.pixel_maps is not None]
+    by_row = {r.get("paper_row"): (r, p) for r, p in have}
+    chosen = [by_row[k] for k in ("IDDPM", "IDDPM(tune)") if k in by_row]
+    if len(chosen) < 2:
+        chosen = have[:2]
+    return {labels[r["run_id"]]: figures.pixel_map_data(p.pixel_maps) for r, p in chosen}
+
+
+CAPTIONS = {
+    "mmse": "Binned mean E||eps - eps_hat||^2 per log-SNR of each model, the N(mu, Sigma) reference's "
+            "analytic mmse_G, the N(0, I) curve, and the reference's linear decoder at the test images (the "
+            "estimate's clamp alternative); shaded: where the best model is below that decoder.",
+    "mmse_gap": figures.GAP_CAPTION,
+    "per_image": "Per-image IT bits/dim (histograms) and IT discrete against the discrete VLB per image.",
+    "pixel_maps": "Each pixel's share of -log2 p(x) (channels summed) and the log-SNR its information comes "
+                  "from; the difference of two runs on the same images.",
+    "loss": "Training (solid) and held-out (dashed) loss, one panel per unit.",
+}
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -195,35 +219,50 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             f"no metrics.json under {Path(cfg.paths.output_dir).resolve()}: run the evaluate stage first"
         )
     runs = record_runs(results_dir, found)
-    figures: dict[str, list[str]] = {}
+    figure_paths: dict[str, dict[str, Path]] = {}
+    checks: dict = {}
     figure_dir = results_dir / "figures"
     loss_curves = find_loss_curves(cfg.paths.output_dir, Path(cfg.paths.checkpoint_dir) / "finetune")
     for group, rows in groups(runs):
-        slug = _slug(group)
-        made = [plot_mmse_gap(rows, figure_dir / f"{slug}_mmse_gap.png")]
         group_curves = [c for c in loss_curves if _belongs(c[0], rows, group)]
-        made.append(plot_loss_curves(group_curves, figure_dir / f"{slug}_loss.png"))
-        figures[group] = [str(p.relative_to(results_dir)) for p in made if p is not None]
-    runs = record_runs(results_dir, [], figures=figures)  # re-render the markdown with the figure links
+        figure_paths[group], group_checks = group_figures(rows, group_curves, figure_dir, _slug(group))
+        checks.update(group_checks)
+    listed = {g: [str(p.relative_to(results_dir)) for p in made.values()] for g, made in figure_paths.items()}
+    runs = record_runs(results_dir, [], figures=listed)  # the store keeps the figure links
     paths = results_paths(results_dir)
-    with Tracker(cfg.logger, config_dict(cfg), job_type="report", name=f"report-{cfg.run_id}") as tracker:
+    with Tracker(cfg.logger, config_dict(cfg), job_type="report", name=f"report-{cfg.run_id}",
+                 tags=run_tags(cfg.experiment, "report"), id_file=Path(run_dir) / TRACKING_ID) as tracker:
+        for metrics in found:
+            tracker.use_artifact(f"evaluate-{metrics['run_id']}", EVALUATION_ARTIFACT_TYPE)
         for group, rows in groups(runs):
-            tracker.log_table(
-                f"{group}/continuous",
-                table_headers(CONTINUOUS_COLUMNS, ("Training objective",)),
-                table_rows(rows, CONTINUOUS_COLUMNS, ("training_objective",)),
-            )
-            tracker.log_table(
-                f"{group}/discrete", table_headers(DISCRETE_COLUMNS), table_rows(rows, DISCRETE_COLUMNS)
-            )
-            for fig in figures.get(group, []):
-                tracker.log_image(f"{group}/{Path(fig).stem}", results_dir / fig)
+            log_group_tables(tracker, group, rows)
+            for name, path in figure_paths.get(group, {}).items():
+                tracker.log_image(f"{group}/{name}", path, caption=CAPTIONS.get(name))
+        if checks:
+            tracker.log_table("figure_checks", ["run_id", "figure_bpd", "table_bpd", "table_stderr",
+                                                "gaussian_bpd"],
+                              [[k, v["figure_bpd"], v["table_bpd"], v["table_stderr"], v["gaussian_bpd"]]
+                               for k, v in checks.items()])
     log.info("wrote %s (%d runs)", paths["md"], len(runs))
     return {
         "runs": len(runs),
-        "figures": figures,
+        "figures": listed,
+        "figure_checks": checks,
         "results": {k: str(v) for k, v in paths.items() if k != "lock"},
     }
+
+
+def log_group_tables(tracker: Tracker, group: str, rows: list[dict]) -> None:
+    """Table 1, Table 2 and (when there are masked-diffusion rows) the I-MDCE table, as numbers."""
+    mdce = [r for r in rows if any(r.get(c.metric) is not None for c in MDCE_COLUMNS)]
+    gaussian = [r for r in rows if r not in mdce]
+    tables = [("table1_continuous", gaussian, CONTINUOUS_COLUMNS, ("training_objective",)),
+              ("table2_discrete", gaussian, DISCRETE_COLUMNS, ()),
+              ("imdce", mdce, MDCE_COLUMNS, ("training_objective",))]
+    for name, table_rows_, columns, lead in tables:
+        if table_rows_:
+            headers, values = numeric_table(table_rows_, columns, lead)
+            tracker.log_table(f"{group}/{name}", headers, values)
 
 
 def _belongs(curve_name: str, rows: Sequence[Mapping], group: str) -> bool:

@@ -18,12 +18,11 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from itdiffusion import artifacts, distributed
+from itdiffusion import artifacts, dashboard, distributed
 from itdiffusion.artifacts import PerImage
 from itdiffusion.errors import UserError
 from itdiffusion.results import ResultsStoreError, record_run
 from itdiffusion.stages import config_dict, git_commit
-from itdiffusion.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +117,7 @@ def finish(cfg: DictConfig, run_dir: Path, per_image: PerImage, metrics: dict, s
     to the tracker. Returns the metrics written."""
     metrics = artifacts.commit_evaluation(run_dir, per_image, metrics)
     _record(cfg, metrics, run_dir / artifacts.METRICS)
-    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    with Tracker(
-        cfg.logger, metrics["config"], job_type="evaluate", name=f"evaluate-{cfg.run_id}"
-    ) as tracker:
-        tracker.log({f"eval/{k}": v for k, v in scalars.items()})
-        tracker.summary(scalars)
+    dashboard.log_evaluation(cfg, run_dir, per_image, metrics)
     log.info(
         "%s: %s",
         cfg.label,

@@ -1,0 +1,149 @@
+"""What each stage puts in its wandb run (rank 0), over :class:`itdiffusion.tracking.Tracker`.
+
+- evaluate (:func:`log_evaluation`): the settings and provenance as config; every estimate once, as
+  numbers (``<estimate>_bpd``, ``_bpd_stderr``, ``_bpd_mc_stderr``; ensemble members as ``m<j>/...``);
+  ``mmse_curve`` (binned mean MMSE per log-SNR of each model and of the Gaussian references, a table and
+  a line plot); ``histogram/<estimate>`` (per-image bits/dim); ``per_image`` (a table of per-image
+  bits/dim) with the IT-vs-VLB scatter plot; the artifact ``evaluate-<run_id>`` (type ``evaluation``:
+  metrics.json, per_image.npz) that uses the checkpoint's ``model-<finetune run>`` artifact when it has one.
+- finetune (:func:`log_model`): ``model.pt`` as the artifact ``model-<finetune.run_name>`` (type
+  ``model``, alias ``sha256-<first 12>``), recorded next to the weights (:data:`ARTIFACT_RECORD`) so that
+  an evaluation of those weights can name it.
+- report: numeric tables and figures (:mod:`itdiffusion.stages.report`), using the evaluations'
+  artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from itdiffusion import artifacts, figures
+from itdiffusion.artifacts import PerImage
+from itdiffusion.tracking import Tracker, run_tags
+
+log = logging.getLogger(__name__)
+
+TRACKING_ID = "wandb_run.json"  # in a run's folder: the wandb id a restart resumes
+ARTIFACT_RECORD = "wandb_artifact.json"  # next to fine-tuned weights: the artifact they were logged as
+MODEL_ARTIFACT_TYPE, EVALUATION_ARTIFACT_TYPE = "model", "evaluation"
+_METRIC = re.compile(r"_(bpd|nats)(_stderr|_mc_stderr)?$")
+
+
+def is_metric(key: str, value) -> bool:
+    """Whether a metrics.json entry is a measured number (an estimate, its errors, the cost)."""
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return numeric and (bool(_METRIC.search(key)) or key == "network_evals")
+
+
+def split_metrics(metrics: Mapping) -> tuple[dict, dict]:
+    """(numbers to log, settings for the config) of a metrics.json; members' numbers as ``m<j>/<key>``."""
+    numbers = {k: v for k, v in metrics.items() if is_metric(k, v) and k != "gaussian_entropy_bpd"}
+    for j, member in enumerate(metrics.get("members") or []):
+        numbers.update({f"m{j}/{k}": v for k, v in member.items() if is_metric(k, v)})
+    settings = {k: v for k, v in metrics.items() if k not in numbers and k not in ("config", "members")}
+    return numbers, settings
+
+
+def evaluation_tags(cfg, metrics: Mapping) -> list[str]:
+    """experiment, model, paper row, training objective (not for ensembles: their members' may differ)."""
+    ensemble = isinstance(metrics.get("checkpoint"), list)
+    return run_tags(cfg.experiment, cfg.model.name, cfg.paper_row,
+                    None if ensemble else metrics.get("training_objective"), "ensemble" if ensemble else None)
+
+
+def log_evaluation(cfg, run_dir: Path, per_image: PerImage, metrics: Mapping) -> None:
+    """Rank 0, after the run dir is committed: the evaluate run's wandb content (see the module)."""
+    numbers, settings = split_metrics(metrics)
+    config = {**(metrics.get("config") or {}), "run": settings}
+    with Tracker(cfg.logger, config, job_type="evaluate", name=f"evaluate-{cfg.run_id}",
+                 tags=evaluation_tags(cfg, metrics), id_file=Path(run_dir) / TRACKING_ID) as tracker:
+        if not tracker.active:
+            return
+        tracker.log(numbers)
+        dim = int(metrics.get("dim") or 0)
+        if per_image.curves is not None and per_image.reference_mmse is not None and dim:
+            log_mmse_curves(tracker, per_image, dim)
+        if dim:
+            log_per_image(tracker, per_image, dim)
+        uses = []
+        for path, sha in _checkpoints(metrics):
+            record = checkpoint_artifact(path, sha)
+            if record is not None:
+                tracker.use_artifact(record["name"], MODEL_ARTIFACT_TYPE, record["alias"])
+                uses.append(f"{record['name']}:{record['alias']}")
+        tracker.log_artifact(
+            f"evaluate-{cfg.run_id}", EVALUATION_ARTIFACT_TYPE,
+            [Path(run_dir) / artifacts.METRICS, Path(run_dir) / artifacts.PER_IMAGE],
+            metadata={"run_id": cfg.run_id, "label": metrics.get("label"), "group": metrics.get("group"),
+                      "uses": uses, "checkpoint_sha256": metrics.get("checkpoint_sha256"), **numbers})
+
+
+def log_mmse_curves(tracker: Tracker, per_image: PerImage, dim: int) -> None:
+    """``mmse_curve``: binned mean E||eps - eps_hat||^2 per log-SNR (``figures.mmse_data``)."""
+    data = figures.mmse_data(per_image, dim, names=per_image.groups[: per_image.curves.num_models])
+    series = {name: (data.centres, mean) for name, (mean, _) in {**data.continuous, **data.discrete}.items()}
+    tracker.log_line_plot("mmse_curve", "logsnr", "mmse", series,
+                          title="E||eps - eps_hat||^2 against log-SNR (binned means)")
+
+
+def log_per_image(tracker: Tracker, per_image: PerImage, dim: int) -> None:
+    """Histograms of the per-image bits/dim, their table and the IT-vs-VLB scatter."""
+    values = figures.per_image_bpd(per_image, dim)
+    if not values:
+        return
+    for key, v in values.items():
+        tracker.log_histogram(f"histogram/{key}", v)
+    columns = ["index", *values]
+    rows = np.column_stack([per_image.index.numpy(), *values.values()]).tolist()
+    rows = [[int(r[0]), *r[1:]] for r in rows]
+    if "it_discrete_bpd" in values and "vlb_bpd" in values:
+        tracker.log_scatter("per_image", columns, rows, "vlb_bpd", "it_discrete_bpd",
+                            title="per image: IT discrete against the VLB (bits/dim)")
+    else:
+        tracker.log_table("per_image", columns, rows)
+
+
+def _checkpoints(metrics: Mapping) -> list[tuple[str, str]]:
+    paths, shas = metrics.get("checkpoint"), metrics.get("checkpoint_sha256")
+    if not isinstance(paths, list):
+        paths, shas = [paths], [shas]
+    return [(p, s) for p, s in zip(paths, shas or [None] * len(paths), strict=False) if p and s]
+
+
+def checkpoint_artifact(path: str | Path, sha256: str) -> dict | None:
+    """The artifact record of fine-tuned weights (:data:`ARTIFACT_RECORD` next to them) if they are the
+    weights it describes, else None."""
+    record_path = Path(path).parent / ARTIFACT_RECORD
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        return None
+    entry = record.get(Path(path).name) if isinstance(record, dict) else None
+    return entry if isinstance(entry, dict) and entry.get("sha256") == sha256 else None
+
+
+def log_model(tracker: Tracker, run_name: str, model_path: Path, sha256: str, metadata: Mapping) -> None:
+    """Finetune: the exported weights as the artifact ``model-<run_name>`` and its record next to them."""
+    if not tracker.active:
+        return
+    name, alias = f"model-{run_name}", f"sha256-{sha256[:12]}"
+    tracker.log_artifact(name, MODEL_ARTIFACT_TYPE, [model_path], metadata={"sha256": sha256, **metadata},
+                         aliases=[alias])
+    record_path = Path(model_path).parent / ARTIFACT_RECORD
+    try:
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    except (OSError, ValueError):
+        record = {}
+    record[Path(model_path).name] = {"name": name, "alias": alias, "sha256": sha256}
+    from itdiffusion.io import atomic_write_json
+
+    try:
+        atomic_write_json(record_path, record)
+    except OSError as e:
+        log.warning("could not write %s (%s): evaluations will not link to the artifact", record_path, e)
