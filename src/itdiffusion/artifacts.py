@@ -125,8 +125,9 @@ class PerImage:
 # ------------------------------------------------------------------------------------------------------
 
 
-def write_per_image(path: str | os.PathLike, per_image: PerImage) -> Path:
-    """Write ``per_image`` atomically (curves as float32, per-image values as float64)."""
+def write_per_image(path: str | os.PathLike, per_image: PerImage, *, exact: bool = False) -> Path:
+    """Write ``per_image`` atomically (curves as float32, or with ``exact`` as float64 like every per-image
+    value: the partial files of a resumable evaluation, whose estimates must not change on resume)."""
     arrays: dict[str, np.ndarray] = {"index": per_image.index.numpy().astype(np.int64)}
     meta: dict = {"format": PER_IMAGE_FORMAT, "version": PER_IMAGE_VERSION, "groups": per_image.groups}
     arrays.update({f"estimate__{k}": v.numpy() for k, v in per_image.estimates.items()})
@@ -140,7 +141,7 @@ def write_per_image(path: str | os.PathLike, per_image: PerImage) -> Path:
             "network_evals": c.network_evals,
         }
         for k, v in c.tensors().items():  # [B, K] and [M, B, K] curves in float32, [B] constants in float64
-            arrays[f"curves__{k}"] = v.numpy().astype(np.float32) if v.dim() >= 2 else v.numpy()
+            arrays[f"curves__{k}"] = v.numpy().astype(np.float32) if v.dim() >= 2 and not exact else v.numpy()
     if per_image.reference_mmse is not None:
         arrays["reference_mmse"] = per_image.reference_mmse.numpy().astype(np.float32)
     for k, v in (per_image.pixel_maps or {}).items():

@@ -46,6 +46,7 @@ from itdiffusion.models.loading import Member, load_members
 from itdiffusion.pixel_maps import pixel_maps
 from itdiffusion.seeding import Stream, stream_seeds
 from itdiffusion.stages import CONFIG_DIR, evaluate_masked, launch, rank_zero_first, setup_device, skeleton
+from itdiffusion.stages.partial import Partial
 from itdiffusion.stages.precision import select_fast_path
 from itdiffusion.stages.stats import load_or_compute_reference
 from itdiffusion.units import PIXEL_BIN, mean_and_stderr, nats_to_bpd
@@ -78,7 +79,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
         precision = {"checked": False, "used": None, "reason": "ensemble_curves: no network evaluation"}
     else:
         proposal = distributed.broadcast_object(
-            distributed.on_main(lambda: choose_proposal(cfg, members, test, reference)))
+            distributed.on_main(lambda: choose_proposal(cfg, members, test, reference))
+        )
         members, precision = select_fast_path(  # fp32 eager unless a fast path keeps the numbers
             members, est, device, lambda ms: check_estimates(ms, test, reference, proposal, est, device)
         )
@@ -88,6 +90,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
             test,
             chunk,
             lambda idx, images: sample(members, images, idx, reference, proposal, est, device),
+            Partial(
+                run_dir, skeleton.fingerprint(cfg, members, proposal=proposal, fast_path=precision["used"])
+            ),
         )
         sources = None
     if not distributed.is_main():
@@ -123,8 +128,15 @@ def choose_proposal(cfg: DictConfig, members: Sequence[Member], test, reference:
         return LogSNRProposal.from_reference(reference, clip=est.clip, delta=PIXEL_BIN)
     idx = range(min(PILOT_IMAGES, len(test)))
     x = to_model_range(torch.stack([test[i][0] for i in idx])).to(reference.mean.device)
-    return proposal_for(reference, [m.denoiser for m in members], x, clip=est.clip, delta=PIXEL_BIN,
-                        xinterval=XINTERVAL, batch_size=est.batch_size)
+    return proposal_for(
+        reference,
+        [m.denoiser for m in members],
+        x,
+        clip=est.clip,
+        delta=PIXEL_BIN,
+        xinterval=XINTERVAL,
+        batch_size=est.batch_size,
+    )
 
 
 @torch.no_grad()
@@ -192,8 +204,14 @@ def with_estimates(per_image: PerImage, reference: GaussianReference) -> PerImag
     return per_image
 
 
-def add_pixel_maps(per_image: PerImage, members: Sequence[Member], test, reference: GaussianReference, est,
-                   device: torch.device) -> PerImage:
+def add_pixel_maps(
+    per_image: PerImage,
+    members: Sequence[Member],
+    test,
+    reference: GaussianReference,
+    est,
+    device: torch.device,
+) -> PerImage:
     """Rank 0: ``per_image.pixel_maps`` for the first ``estimator.pixel_maps`` evaluated images, each pixel's
     share of every member's continuous estimate (:func:`itdiffusion.pixel_maps.pixel_maps`: one network
     pass over those images' stored points and noise)."""
@@ -202,9 +220,16 @@ def add_pixel_maps(per_image: PerImage, members: Sequence[Member], test, referen
         return per_image
     indices = per_image.index[:count].tolist()
     x = to_model_range(torch.stack([test[i][0] for i in indices])).to(device)
-    maps = pixel_maps([m.denoiser for m in members], x, list(range(count)), per_image.curves, reference,
-                      stream_seeds(est.seed, indices, Stream.POINTS), xinterval=XINTERVAL,
-                      batch_size=est.batch_size)
+    maps = pixel_maps(
+        [m.denoiser for m in members],
+        x,
+        list(range(count)),
+        per_image.curves,
+        reference,
+        stream_seeds(est.seed, indices, Stream.POINTS),
+        xinterval=XINTERVAL,
+        batch_size=est.batch_size,
+    )
     per_image.pixel_maps = maps.tensors()
     return per_image
 

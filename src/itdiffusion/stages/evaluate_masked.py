@@ -28,6 +28,7 @@ from itdiffusion.errors import UserError
 from itdiffusion.models.loading import load_members
 from itdiffusion.seeding import Stream, stream_seeds
 from itdiffusion.stages import rank_zero_first, setup_device, skeleton
+from itdiffusion.stages.partial import Partial
 from itdiffusion.units import mean_and_stderr
 
 
@@ -44,7 +45,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     member = load_members(cfg, device)[0]
     chunk = max(1, est.batch_size // est.num_masks)
     per_image = skeleton.evaluate_sharded(
-        cfg.label, test, chunk, lambda idx, images: sample(member.network, images, idx, est)
+        cfg.label,
+        test,
+        chunk,
+        lambda idx, images: sample(member.network, images, idx, est),
+        Partial(run_dir, skeleton.fingerprint(cfg, [member])),
     )
     if not distributed.is_main():
         distributed.barrier()

@@ -8,6 +8,8 @@ as a unit, record the results row, log to the tracker). Only rank 0 writes files
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -20,9 +22,10 @@ from tqdm import tqdm
 
 from itdiffusion import artifacts, dashboard, distributed
 from itdiffusion.artifacts import PerImage
-from itdiffusion.errors import UserError
+from itdiffusion.errors import Preempted, UserError
 from itdiffusion.results import ResultsStoreError, record_run
 from itdiffusion.stages import config_dict, git_commit
+from itdiffusion.stages.partial import Partial, sigterm_flag
 
 log = logging.getLogger(__name__)
 
@@ -47,27 +50,65 @@ def skip_done(cfg: DictConfig, run_dir: Path) -> bool:
 
 
 def evaluate_sharded(
-    label: str, dataset, chunk: int, fn: Callable[[list[int], torch.Tensor], PerImage]
+    label: str,
+    dataset,
+    chunk: int,
+    fn: Callable[[list[int], torch.Tensor], PerImage],
+    partial: Partial | None = None,
 ) -> PerImage | None:
-    """``fn(indices, uint8 images)`` on this rank's share of ``dataset``, ``chunk`` images at a time; the
-    rows of every rank, in image order, on rank 0 (None on the other ranks)."""
-    mine = distributed.shard_indices(len(dataset))
+    """``fn(indices, uint8 images)`` on chunks of ``chunk`` images of ``dataset`` (global chunks dealt to
+    the ranks in turn); the rows of every rank, in image order, on rank 0 (None on the other ranks). With
+    ``partial``, finished chunks are kept and a rerun reuses them; SIGTERM keeps the chunk in progress and
+    raises :class:`~itdiffusion.errors.Preempted` (:mod:`itdiffusion.stages.partial`)."""
+    starts = list(range(0, len(dataset), chunk))[distributed.rank() :: distributed.world_size()]
+    if partial is not None:
+        partial.open()
     parts = []
-    with tqdm(
-        total=len(dataset),
-        desc=f"evaluate {label}",
-        unit="img",
-        disable=not distributed.is_main(),
-        dynamic_ncols=True,
-    ) as bar:
-        for start in range(mine.start, mine.stop, chunk):
-            idx = list(range(start, min(start + chunk, mine.stop)))
-            parts.append(fn(idx, torch.stack([dataset[i][0] for i in idx])))
-            bar.update(len(idx) * distributed.world_size())
+    with (
+        tqdm(
+            total=len(dataset),
+            desc=f"evaluate {label}",
+            unit="img",
+            disable=not distributed.is_main(),
+            dynamic_ncols=True,
+        ) as bar,
+        sigterm_flag() if partial is not None else contextlib.nullcontext([False]) as stop_requested,
+    ):
+        for k, start in enumerate(starts):
+            stop = min(start + chunk, len(dataset))
+            part = None if partial is None else partial.load(start, stop)
+            if part is None:
+                idx = list(range(start, stop))
+                part = fn(idx, torch.stack([dataset[i][0] for i in idx]))
+                if partial is not None:
+                    partial.save(start, stop, part)
+            parts.append(part)
+            bar.update((stop - start) * distributed.world_size())
+            if stop_requested[0] and k + 1 < len(starts):
+                raise Preempted(
+                    f"SIGTERM: {k + 1} of this rank's {len(starts)} chunks are kept in "
+                    f"{partial.folder}; rerun the same command to resume"
+                )
     gathered = distributed.gather_to_main(parts)
     if gathered is None:
         return None
-    return PerImage.cat([p for rank_parts in gathered for p in rank_parts])
+    return PerImage.cat(
+        sorted((p for rank_parts in gathered for p in rank_parts), key=lambda p: int(p.index[0]))
+    )
+
+
+def fingerprint(cfg: DictConfig, members: Sequence, **extra) -> dict:
+    """Everything that decides an evaluation's per-image numbers (for resuming it): the model, data and
+    estimator settings, the checkpoints' sha256 and ``extra`` (the log-SNR proposal, the U-Net's path)."""
+    resolved = config_dict(cfg)
+    return {
+        "model": resolved["model"],
+        "data": resolved["data"],
+        "estimator": resolved["estimator"],
+        "checkpoints": [m.sha256 for m in members],
+        "per_image_version": artifacts.PER_IMAGE_VERSION,
+        **{k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in extra.items()},
+    }
 
 
 def provenance(cfg: DictConfig, members: Sequence) -> dict:
@@ -94,8 +135,11 @@ def provenance(cfg: DictConfig, members: Sequence) -> dict:
 def check_finite(per_image: PerImage, dim: int) -> None:
     """UserError naming the first image and estimate that is non-finite or absurd (> :data:`ABSURD_BPD`)."""
     named = {
-        **{f"{g}.{k}": v for k, rows in per_image.estimates.items()
-           for g, v in zip(per_image.groups, rows, strict=True)},
+        **{
+            f"{g}.{k}": v
+            for k, rows in per_image.estimates.items()
+            for g, v in zip(per_image.groups, rows, strict=True)
+        },
         **{f"m{j}.{k}": v for k, rows in per_image.member_values.items() for j, v in enumerate(rows)},
     }
     for name, values in named.items():
@@ -116,6 +160,7 @@ def finish(cfg: DictConfig, run_dir: Path, per_image: PerImage, metrics: dict, s
     """Rank 0: commit the run dir (``per_image.npz``, then ``metrics.json``), record the results row, log
     to the tracker. Returns the metrics written."""
     metrics = artifacts.commit_evaluation(run_dir, per_image, metrics)
+    Partial(run_dir, {}).remove()  # the finished chunks of a resumable run are in per_image.npz now
     _record(cfg, metrics, run_dir / artifacts.METRICS)
     dashboard.log_evaluation(cfg, run_dir, per_image, metrics)
     log.info(
