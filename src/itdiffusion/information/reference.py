@@ -105,9 +105,11 @@ class GaussianReference:
         """``mmse_G(a) = sum_i sigmoid(a + ln lambda_i)`` (eps units), elementwise over ``logsnr`` (any shape;
         evaluated in chunks, so memory does not grow with ``logsnr.numel() * d``)."""
         a = torch.as_tensor(logsnr, dtype=torch.float64, device=self.mean.device)
-        flat, log_lam = a.reshape(-1), self.log_eigvals
-        step = max(1, MMSE_CHUNK_ELEMENTS // self.dim)  # memory: step x d, whatever the number of values
-        out = torch.cat([torch.sigmoid(c[:, None] + log_lam).sum(-1) for c in flat.split(step)]) \
+        flat = a.reshape(-1)
+        log_lam, counts = torch.unique(self.log_eigvals, return_counts=True)  # equal eigenvalues once
+        counts = counts.to(torch.float64)
+        step = max(1, MMSE_CHUNK_ELEMENTS // log_lam.numel())  # memory: step x d, whatever the count of a
+        out = torch.cat([(torch.sigmoid(c[:, None] + log_lam) * counts).sum(-1) for c in flat.split(step)]) \
             if flat.numel() else flat.clone()
         return out.reshape(a.shape)
 
