@@ -2,6 +2,7 @@
 # The paper's pipeline end to end, resumable:
 #
 #   bash scripts/reproduce.sh experiment=paper [hydra overrides...]    # make reproduce ARGS="..."
+#   bash scripts/reproduce.sh experiment=paper_full [overrides...]     # the paper's protocol at full cost
 #   bash scripts/reproduce.sh experiment=smoke [hydra overrides...]    # make smoke ARGS="..."
 #
 # stats -> base model -> evaluate base -> IT fine-tune -> evaluate tuned -> ensemble -> masked
@@ -68,10 +69,12 @@ for arg in "$@"; do
     paths.checkpoint_dir=*) CKPT="${arg#*=}" ;;
   esac
 done
-if [[ "$experiment" != paper && "$experiment" != smoke ]]; then
-  echo "usage: $0 experiment=paper|smoke [hydra overrides...]" >&2
+if [[ "$experiment" != paper && "$experiment" != paper_full && "$experiment" != smoke ]]; then
+  echo "usage: $0 experiment=paper|paper_full|smoke [hydra overrides...]" >&2
   exit 2
 fi
+# paper_full: the paper's steps at full cost (its config sets estimator.budget=per_image; stages get it in $@)
+if [[ "$experiment" == paper_full ]]; then experiment=paper; fi
 REPRO_ID="${REPRO_ID:-$experiment-$(printf '%s\n' "$@" | sha1sum | cut -c1-8)}"
 
 if [[ "$experiment" == smoke ]]; then
@@ -168,10 +171,11 @@ step "5/9 evaluate the fine-tuned model"
 if [[ -f "$OUT/evaluate/$REPRO_ID-tuned/metrics.json" ]]; then
   done_already "$OUT/evaluate/$REPRO_ID-tuned/metrics.json"
 else
-  # the base run's log-SNR proposal (its pilot's range), so that step 6 can combine both runs' curves
+  # the base run's log-SNR proposal (its pilot's range) and, with a dataset budget, its points per image, so
+  # that step 6 can combine both runs' curves
   stage evaluate "${COMMON[@]}" "run_id=$REPRO_ID-tuned" "model.checkpoint=$TUNED" "label='$BASE_LABEL(tune)'" \
     "paper_row='IDDPM(tune)'" model.training_objective=IT \
-    "estimator.logsnr_proposal_from=$OUT/evaluate/$REPRO_ID-base"
+    "estimator.logsnr_proposal_from=$OUT/evaluate/$REPRO_ID-base" "estimator.budget_from=$OUT/evaluate/$REPRO_ID-base"
 fi
 
 step "6/9 ensemble of the base and fine-tuned models (from the curves of steps 3 and 5: no network runs)"

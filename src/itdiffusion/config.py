@@ -184,6 +184,18 @@ class EstimatorConfig:
     # per-pixel information maps (itdiffusion.pixel_maps) of the first this many test images: one more
     # network pass over their log-SNR points; 0: none
     pixel_maps: int = 16
+    # VLB middle terms: all (the exact T-step sum) or K sampled timesteps in geometric strata (unbiased, with
+    # a Monte Carlo stderr; itdiffusion.variational.vlb_sampled)
+    vlb_steps: str = "all"
+    # per_image: npoints and vlb_steps as given, every image to full precision (per-image estimates, e.g. for
+    # outlier detection). dataset: a pilot picks the fewest points and VLB steps per image that reach the
+    # target stderr of each dataset mean (itdiffusion.budget; metrics.json "budget"); npoints and vlb_steps
+    # are then the full-cost protocol it is compared with (and the caps)
+    budget: str = "per_image"
+    target_stderr_bpd: float | None = None  # dataset budget: the stderr each dataset mean must reach
+    target_stderr_ratio: float = 1.1  # ... or (target_stderr_bpd null) this times the full-cost protocol's
+    pilot_images: int = 16  # dataset budget: test images of the pilot (their own seeds)
+    budget_from: str | None = None  # dataset budget: reuse this evaluate run's chosen npoints / vlb_steps
     seed: int = "${seed}"  # every image's log-SNR points and noises (default: the top-level seed)
 
 
@@ -321,6 +333,7 @@ LOGSNR_SAMPLINGS = ("stratified", "random", "grid")  # itdiffusion.information.S
 PRECISIONS = ("fp32", "bf16", "auto")  # estimator.precision (itdiffusion.models.acceleration)
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")  # estimator.compile (same)
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")  # cuda:N: GPU number N
+BUDGETS = ("per_image", "dataset")  # estimator.budget (itdiffusion.budget.BUDGETS)
 
 
 @dataclass(frozen=True)
@@ -375,6 +388,22 @@ class Bounds:
         return f"{key}={value!r} must be {self.describe()}" + (f" {self.why}" if self.why else "")
 
 
+@dataclass(frozen=True)
+class AllOrCount:
+    """The string ``all`` or a whole number >= ``low`` (given as an int or its digits)."""
+
+    low: int = 1
+
+    def allows(self, value: Any) -> bool:
+        if value == "all":
+            return True
+        text = str(value)
+        return not isinstance(value, bool) and text.isdigit() and int(text) >= self.low
+
+    def problem(self, key: str, value: Any) -> str:
+        return f"{key}={value!r} must be 'all' or a whole number >= {self.low}"
+
+
 POSITIVE = Bounds(low=0, low_open=True)
 AT_LEAST_ONE = Bounds(low=1)
 AT_LEAST_ONE_OR_NULL = Bounds(low=1, nullable=True)
@@ -386,7 +415,7 @@ class Rule:
     """``key`` (dotted, from the config root) must satisfy ``check``; only when the key ``when`` is true."""
 
     key: str
-    check: OneOf | Bounds
+    check: OneOf | Bounds | AllOrCount
     when: str | None = None
 
 
@@ -420,6 +449,12 @@ VALUE_RULES: tuple[Rule, ...] = (
     Rule("estimator.num_masks", Bounds(low=2, why="(a standard error needs two masks)")),
     Rule("estimator.corrupt_fraction", Bounds(low=0, high=1, low_open=True)),
     Rule("estimator.pixel_maps", NON_NEGATIVE),
+    Rule("estimator.vlb_steps", AllOrCount(low=2), when="estimator.vlb"),
+    Rule("estimator.budget", OneOf(BUDGETS)),
+    Rule("estimator.target_stderr_bpd", Bounds(low=0, low_open=True, nullable=True,
+                                               why="(bits/dim; null: target_stderr_ratio)")),
+    Rule("estimator.target_stderr_ratio", Bounds(low=1, low_open=True, why="(times the full-cost stderr)")),
+    Rule("estimator.pilot_images", Bounds(low=2, why="(a between-image variance needs two images)")),
     Rule("finetune.objective", OneOf(FINETUNE_OBJECTIVES)),
     Rule("finetune.epochs", AT_LEAST_ONE),
     Rule("finetune.max_steps", AT_LEAST_ONE_OR_NULL),

@@ -31,6 +31,8 @@ class Stream(IntEnum):
     TRAIN_FLIP = 7  # finetune: an image's horizontal flip (per epoch)
     HELDOUT = 8  # finetune: the held-out loss's draws
     DROPOUT = 9  # finetune: the process RNG (dropout) from a step and rank
+    PILOT_POINTS = 10  # evaluate, dataset budget: a pilot image's points and noise (more: the rung's K)
+    PILOT_VLB = 11  # evaluate, dataset budget: a pilot image's sampled VLB steps and noise (more: the K)
 
 
 def stream_seed(seed: int, index: int, stream: Stream | int, *more: int) -> int:

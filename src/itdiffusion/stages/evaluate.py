@@ -37,6 +37,7 @@ from omegaconf import DictConfig
 
 from itdiffusion import distributed
 from itdiffusion.artifacts import ENSEMBLE, IT_ESTIMATES, REPORTED_BPD, PerImage
+from itdiffusion.budget import DecoderChoice, estimate_with_choice
 from itdiffusion.data import load_images, to_model_range
 from itdiffusion.ensemble import REEVALUATE, curves_from_member_runs, proposal_of_run
 from itdiffusion.errors import UserError
@@ -45,12 +46,20 @@ from itdiffusion.information.pilot import PILOT_IMAGES
 from itdiffusion.models.loading import Member, load_members
 from itdiffusion.pixel_maps import pixel_maps
 from itdiffusion.seeding import Stream, stream_seeds
-from itdiffusion.stages import CONFIG_DIR, evaluate_masked, launch, rank_zero_first, setup_device, skeleton
+from itdiffusion.stages import (
+    CONFIG_DIR,
+    budget_pilot,
+    evaluate_masked,
+    launch,
+    rank_zero_first,
+    setup_device,
+    skeleton,
+)
 from itdiffusion.stages.partial import Partial
 from itdiffusion.stages.precision import select_fast_path
 from itdiffusion.stages.stats import load_or_compute_reference
 from itdiffusion.units import PIXEL_BIN, mean_and_stderr, nats_to_bpd
-from itdiffusion.variational import vlb_per_image
+from itdiffusion.variational import VLB_ALL_STEPS, vlb_per_image, vlb_sampled
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +80,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
         test = load_images(cfg.data, "test")
     members = load_members(cfg, device, resolve_first=rank_zero_first)
     if cfg.ensemble_curves:  # the members' stored curves: rank 0 reads them, no network runs anywhere
+        budget, est = _budget(cfg, members, test, reference, None, device)  # the first member's plan
         found = distributed.on_main(
             lambda: curves_from_member_runs(cfg.ensemble_curves, members, test, reference, est)
         )
@@ -81,6 +91,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
         proposal = distributed.broadcast_object(
             distributed.on_main(lambda: choose_proposal(cfg, members, test, reference))
         )
+        budget, est = _budget(cfg, members, test, reference, proposal, device)
         members, precision = select_fast_path(  # fp32 eager unless a fast path keeps the numbers
             members, est, device, lambda ms: check_estimates(ms, test, reference, proposal, est, device)
         )
@@ -98,12 +109,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     if not distributed.is_main():
         distributed.barrier()
         return None
-    per_image = with_estimates(per_image, reference)
+    per_image = with_estimates(per_image, reference, _decoder_choice(budget))
     skeleton.check_finite(per_image, reference.dim)
     if sources is None and len(members) == 1:  # single models (an ensemble's maps are its members')
         add_pixel_maps(per_image, members, test, reference, est, device)
     metrics = {
         **summarize(per_image, members, reference, proposal, est),
+        **({"budget": budget} if budget else {}),
         **skeleton.provenance(cfg, members),
         "precision_check": precision,
         "elapsed_s": round(time.time() - started, 2),
@@ -173,7 +185,17 @@ def sample(
             batch_size=est.batch_size,
         )
         evals += out.curves.network_evals
-    if est.vlb:  # one pass per image serves both decoders (discrete, continuous-density)
+    if est.vlb and str(est.vlb_steps) != VLB_ALL_STEPS:  # sampled timesteps: unbiased, with an MC stderr
+        seeds = stream_seeds(est.seed, indices, Stream.VLB)
+        results = [
+            vlb_sampled(m.network, m.diffusion, x, seeds, int(est.vlb_steps), batch_size=est.batch_size)
+            for m in members
+        ]
+        for key, continuous in (("vlb_bpd", False), ("vlb_continuous_bpd", True)):
+            out.member_values[key] = torch.stack([r.total(continuous) for r in results])
+            out.member_values[key + "_mc_stderr"] = torch.stack([r.mc_stderr_bpd for r in results])
+        evals += torch.tensor([[r.network_evals] for r in results], dtype=torch.float64)
+    elif est.vlb:  # one pass per image serves both decoders (discrete, continuous-density)
         seeds = stream_seeds(est.seed, indices, Stream.VLB)
         results = [
             vlb_per_image(m.network, m.diffusion, x, seeds, steps_per_batch=est.vlb_steps_per_batch)
@@ -188,16 +210,25 @@ def sample(
     return out
 
 
-def with_estimates(per_image: PerImage, reference: GaussianReference) -> PerImage:
+def with_estimates(
+    per_image: PerImage, reference: GaussianReference, choice: DecoderChoice | None = None
+) -> PerImage:
     """``per_image`` with the IT estimates (nats, ``[G, B]``) of every member and, for several members,
-    of their ensemble (group ``ensemble``), each by :func:`itdiffusion.information.estimate`."""
+    of their ensemble (group ``ensemble``), each by :func:`itdiffusion.information.estimate`; with a
+    dataset budget's ``choice`` (fitted on the pilot, for the run's models together), by
+    :func:`itdiffusion.budget.estimate_with_choice` for the groups it was fitted for."""
     curves = per_image.curves
     if curves is None:
         return per_image
     groups = [[j] for j in range(curves.num_models)]
     if curves.num_models > 1:
         groups.append(list(range(curves.num_models)))
-    found = [estimate(curves.models(g), reference).per_image() for g in groups]
+    found = [
+        (estimate_with_choice(curves.models(g), reference, choice)
+         if choice is not None and len(g) == choice.num_models else estimate(curves.models(g), reference))
+        .per_image()
+        for g in groups
+    ]
     per_image.groups = [f"m{g[0]}" for g in groups[: curves.num_models]] + [ENSEMBLE] * (len(groups) > 1)
     per_image.estimates = {f"it_{name}_nats": torch.stack([f[name] for f in found]) for name in found[0]}
     per_image.reference_mmse = reference.mmse(curves.logsnr.to(reference.mean.device)).cpu()
@@ -311,6 +342,32 @@ def check_estimates(
         for j, values in enumerate(per_image.member_values.get(key, [])):
             out[("" if single else f"m{j}_") + key] = values
     return out
+
+
+def _budget(cfg: DictConfig, members, test, reference, proposal, device):
+    """The dataset budget's plan (None for ``estimator.budget=per_image``) and the estimator settings the
+    run uses (the plan's npoints and vlb_steps, also written into ``cfg`` so metrics.json's config says
+    what was evaluated; the budget section keeps the full-cost settings)."""
+    est = cfg.estimator
+    if est.budget != "dataset":
+        return None, est
+    source = est.budget_from or (cfg.ensemble_curves[0] if cfg.ensemble_curves else None)
+    if source is not None:
+        budget = budget_pilot.plan_from_run(source)
+    else:
+        budget = distributed.broadcast_object(
+            distributed.on_main(lambda: budget_pilot.plan(members, test, reference, proposal, est, device))
+        )
+    log.info("dataset budget: %s per image (full protocol: %s), network evaluations per image %s",
+             budget["chosen"], budget["full"], budget.get("network_evals_per_image"))
+    for key, value in budget["chosen"].items():
+        cfg.estimator[key] = value
+    return budget, cfg.estimator
+
+
+def _decoder_choice(budget: dict | None) -> DecoderChoice | None:
+    found = (budget or {}).get("decoder_choice")
+    return DecoderChoice.from_dict(found) if found else None
 
 
 def _check_settings(cfg: DictConfig) -> None:

@@ -1,0 +1,68 @@
+"""The evaluate stage under a dataset budget: the pilot, the chosen settings, the sampled VLB."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from itdiffusion.artifacts import read_per_image
+from itdiffusion.config import value_problems
+from itdiffusion.stages import evaluate
+
+
+@pytest.fixture
+def tiny_cfg(make_cfg, shared_cache):
+    from conftest import TINY
+
+    def make(*overrides):
+        return make_cfg(*TINY, f"paths.cache_dir={shared_cache}", *overrides)
+
+    return make
+
+
+def test_dataset_budget_records_the_pilot_and_uses_its_choice(tiny_cfg, tiny_checkpoints, tmp_path):
+    cfg = tiny_cfg(f"model.checkpoint={tiny_checkpoints[0]}", "model.diffusion_steps=12",
+                   "estimator.npoints=16", "estimator.budget=dataset", "estimator.pilot_images=4",
+                   "estimator.target_stderr_bpd=1000", "run_id=budget")
+    run_dir = tmp_path / "run"
+    evaluate.run(cfg, run_dir)
+    stored = json.loads((run_dir / "metrics.json").read_text())
+    budget = stored["budget"]
+    # a huge target: the fewest points (2) and VLB strata (2) do
+    assert budget["chosen"] == {"npoints": 2, "vlb_steps": "2"}
+    assert budget["full"] == {"npoints": 16, "vlb_steps": "all"}
+    assert budget["network_evals_per_image"] == {"budgeted": 2 * 2 + 3, "full": 2 * 16 + 12,
+                                                 "ratio": round(44 / 7, 2)}
+    assert set(budget["pilot"]["it"]) == {"it_continuous", "it_discrete", "it_dequantized"}
+    assert set(budget["pilot"]["vlb"]) == {"vlb", "vlb_continuous"}
+    assert budget["pilot"]["it"]["it_continuous"]["ladder"] == [2, 4, 8, 16]
+    assert budget["pilot"]["vlb"]["vlb"]["ladder"] == [2, 4, 8]
+    assert set(budget["decoder_choice"]["index"]) == {"continuous", "discrete", "dequantized"}
+    # the run evaluated what was chosen, and says so in its config
+    assert stored["config"]["estimator"]["npoints"] == 2 and stored["npoints"] == 2
+    assert stored["network_evals"] == 4 * 7
+    per_image = read_per_image(run_dir / "per_image.npz")
+    assert per_image.curves.logsnr.shape == (4, 2)
+    assert np.isfinite(stored["vlb_bpd_mc_stderr"]) and stored["vlb_bpd_mc_stderr"] > 0
+    assert stored["vlb_bpd_stderr"] >= stored["vlb_bpd_mc_stderr"] * 0.5
+    assert np.isfinite(stored["it_discrete_bpd_mc_stderr"])
+
+
+def test_a_tight_target_falls_back_to_the_full_protocol(tiny_cfg, tiny_checkpoints, tmp_path):
+    cfg = tiny_cfg(f"model.checkpoint={tiny_checkpoints[0]}", "estimator.vlb=false", "estimator.npoints=8",
+                   "estimator.budget=dataset", "estimator.pilot_images=3", "estimator.target_stderr_bpd=1e-6")
+    metrics = evaluate.run(cfg, tmp_path / "run")
+    assert metrics["budget"]["chosen"] == {"npoints": 8}
+    assert metrics["budget"]["target_reached"] == {"npoints": False}
+
+
+def test_budget_values_are_checked_at_launch(tiny_cfg):
+    cfg = tiny_cfg("estimator.budget=both", "estimator.vlb_steps=alll", "estimator.target_stderr_ratio=0.9",
+                   "estimator.pilot_images=1")
+    problems = " ".join(value_problems(cfg))
+    for key in ("estimator.budget", "estimator.vlb_steps", "estimator.target_stderr_ratio",
+                "estimator.pilot_images"):
+        assert key in problems
+    assert not value_problems(tiny_cfg("estimator.vlb_steps=32"))
