@@ -40,13 +40,37 @@ def skip_done(cfg: DictConfig, run_dir: Path) -> bool:
         return False
     if artifacts.is_complete(run_dir):
         metrics_path = run_dir / artifacts.METRICS
+        metrics = artifacts.read_metrics(metrics_path)
+        changed = settings_differences(metrics.get("config", {}), config_dict(cfg))
+        if changed:
+            raise UserError(f"skip_done: {run_dir} holds a complete evaluation with other settings "
+                            f"({'; '.join(changed)}): use another run_id, or delete that run dir to redo it")
         log.info("skip_done: %s is complete, nothing to do", run_dir)
         if distributed.is_main():
-            _record(cfg, artifacts.read_metrics(metrics_path), metrics_path)
+            _record(cfg, metrics, metrics_path)
         return True
     if (run_dir / artifacts.METRICS).exists() or (run_dir / artifacts.PER_IMAGE).exists():
         log.warning("skip_done: %s holds an incomplete evaluation; evaluating again", run_dir)
     return False
+
+
+# Settings that change how fast a run goes, never its numbers; and those a dataset budget fills in.
+SPEED_ONLY = {"estimator.batch_size", "estimator.vlb_steps_per_batch"}
+BUDGET_CHOSEN = {"estimator.npoints", "estimator.vlb_steps"}
+
+
+def settings_differences(stored: dict, current: dict) -> list[str]:
+    """``key: old -> new`` for each model, data and estimator setting that differs between a stored run's
+    config and this one (speed-only settings, and under a dataset budget the values it chose, excepted)."""
+    skip = SPEED_ONLY | (BUDGET_CHOSEN if current.get("estimator", {}).get("budget") == "dataset" else set())
+    out = []
+    for section in ("model", "data", "estimator"):
+        old, new = stored.get(section, {}), current.get(section, {})
+        for key in sorted(set(old) | set(new)):
+            name = f"{section}.{key}"
+            if name not in skip and old.get(key) != new.get(key):
+                out.append(f"{name}: {old.get(key)!r} -> {new.get(key)!r}")
+    return out
 
 
 def evaluate_sharded(
