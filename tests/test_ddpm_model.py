@@ -293,3 +293,16 @@ def test_published_file_sizes_fit_the_configured_architectures(name, published_b
     state = model.state_dict()
     overhead = published_bytes - 4 * sum(v.numel() for v in state.values())
     assert 300 * len(state) < overhead < 450 * len(state)
+
+
+def test_nonfinite_weights_are_refused_from_a_state_dict_and_a_diffusers_folder(pretrained_dir, tmp_path):
+    source = UNet2DModel.from_pretrained(pretrained_dir, low_cpu_mem_usage=False)
+    state = source.state_dict()
+    state["conv_in.bias"] = state["conv_in.bias"].clone().fill_(float("nan"))
+    torch.save(state, tmp_path / "nan.pt")
+    with pytest.raises(CheckpointError, match="non-finite weights .*conv_in.bias"):
+        ddpm.load_unet(small_cfg(f"model.checkpoint={tmp_path / 'nan.pt'}"), "unused")
+    source.load_state_dict(state)
+    source.save_pretrained(tmp_path / "nan_folder")
+    with pytest.raises(CheckpointError, match="non-finite weights .*conv_in.bias"):
+        ddpm.load_unet(small_cfg(f"model.checkpoint={tmp_path / 'nan_folder'}"), "unused")

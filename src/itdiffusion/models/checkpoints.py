@@ -16,7 +16,7 @@ import pickle
 import re
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -197,43 +197,56 @@ def _unreadable(path: Path, e: Exception) -> CheckpointError:
     )
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> str:
+def load_checkpoint(model: nn.Module, path: str | Path, *,
+                    map_keys: Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], dict] | None = None,
+                    explain: Callable[[nn.Module, Mapping[str, Tensor]], list[str]] | None = None) -> str:
     """Load a state_dict file into ``model`` (strict); returns the file's sha256 (hex).
 
-    Keys prefixed by a wrapper module (``model.``, ``module.``, :func:`strip_wrapper_prefixes`) are mapped.
-
-    Raises :class:`CheckpointError` for an unreadable file, one that does not fit the model, or one
-    holding NaN or infinite weights.
+    ``map_keys(state, expected)`` maps the file's keys onto the model's (default: the prefixes of wrapper
+    modules, ``model.``, ``module.``, removed: :func:`strip_wrapper_prefixes`); ``explain(model, state)``
+    says in a few lines what may be wrong when the file does not fit (default: the improved-diffusion flags
+    its shapes show). Raises :class:`CheckpointError` for an unreadable file, one that does not fit the
+    model, or one holding NaN or infinite weights.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     expected = model.state_dict()
-    state = strip_wrapper_prefixes(_read_state_dict(path), expected)
+    state = (map_keys or strip_wrapper_prefixes)(_read_state_dict(path), expected)
+    load_state_checked(model, state, path, explain or _iddpm_suspects)
+    return file_sha256(path)
+
+
+def load_state_checked(model: nn.Module, state: Mapping[str, Tensor], source: str | Path,
+                       explain: Callable[[nn.Module, Mapping[str, Tensor]], list[str]]) -> None:
+    """``model.load_state_dict(state)`` after checking that every key and shape fits and every weight is
+    finite (:class:`CheckpointError` naming ``source`` otherwise)."""
+    expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [k for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or mismatched:
-        raise CheckpointError(_mismatch_message(path, model, state, missing, unexpected, mismatched))
+        raise CheckpointError(_mismatch_message(source, explain(model, state), expected, state, missing,
+                                                unexpected, mismatched))
     bad = first_nonfinite(state)
     if bad is not None:
-        raise CheckpointError(f"{path} holds non-finite weights (first: {bad}); every estimate from it "
+        raise CheckpointError(f"{source} holds non-finite weights (first: {bad}); every estimate from it "
                               f"would be NaN. Use the weights of a run that finished without divergence.")
     model.load_state_dict(state)
-    return file_sha256(path)
 
 
-def _mismatch_message(path: Path, model: nn.Module, state: Mapping[str, Tensor],
-                      missing: list[str], unexpected: list[str], mismatched: list[str]) -> str:
-    lines = [f"{path} does not fit the model built from the config."]
+def _iddpm_suspects(model: nn.Module, state: Mapping[str, Tensor]) -> list[str]:
     suspects = suspect_flags(model, state)
     if suspects:
-        lines.append("Probably wrong flag(s):")
-        lines += [f"  - {s}" for s in suspects]
-    else:
-        lines.append("No flag could be read off the file's shapes (num_heads, dropout and the "
-                     "diffusion flags do not show in the weights); compare the keys below.")
-    expected = model.state_dict()
+        return ["Probably wrong flag(s):", *(f"  - {s}" for s in suspects)]
+    return ["No flag could be read off the file's shapes (num_heads, dropout and the diffusion flags do not "
+            "show in the weights); compare the keys below."]
+
+
+def _mismatch_message(source: str | Path, explanation: list[str], expected: Mapping[str, Tensor],
+                      state: Mapping[str, Tensor], missing: list[str], unexpected: list[str],
+                      mismatched: list[str]) -> str:
+    lines = [f"{source} does not fit the model built from the config.", *explanation]
     if mismatched:
         lines.append(f"Shape mismatches ({len(mismatched)}): " + "; ".join(
             f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"

@@ -51,7 +51,8 @@ from itdiffusion.errors import UserError
 from itdiffusion.models.checkpoints import (
     CheckpointError,
     file_sha256,
-    read_state_dict,
+    load_checkpoint,
+    load_state_checked,
     strip_wrapper_prefixes,
 )
 from itdiffusion.models.iddpm import _as_dict, resolve_checkpoint
@@ -87,7 +88,6 @@ SCHEDULE = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "p
             "variance_type")
 VARIANCE_TYPES = {"fixed_large": "FIXED_LARGE", "fixed_small": "FIXED_SMALL"}
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-_SHOW_KEYS = 5
 
 
 def ddpm_settings(model_cfg: Any) -> dict[str, Any]:
@@ -233,25 +233,9 @@ def map_state_dict_keys(state: Mapping[str, Tensor], expected: Mapping[str, Tens
     return mapped
 
 
-def _load_state_dict_file(unet: nn.Module, path: Path) -> None:
-    expected = unet.state_dict()
-    state = map_state_dict_keys(read_state_dict(path), expected)
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or mismatched:
-        lines = [f"{path} does not fit the UNet2DModel built from the model config (check the architecture "
-                 f"keys: block_out_channels, down_block_types, up_block_types, layers_per_block, ...)."]
-        if mismatched:
-            lines.append(f"Shape mismatches ({len(mismatched)}): " + "; ".join(
-                f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-                for k in mismatched[:_SHOW_KEYS]))
-        if missing:
-            lines.append(f"Missing from the file ({len(missing)}): {', '.join(missing[:_SHOW_KEYS])}")
-        if unexpected:
-            lines.append(f"Unexpected in the file ({len(unexpected)}): {', '.join(unexpected[:_SHOW_KEYS])}")
-        raise CheckpointError("\n".join(lines))
-    unet.load_state_dict(state)
+def _architecture_hint(unet: nn.Module, state: Mapping[str, Tensor]) -> list[str]:
+    return ["It is not a UNet2DModel of this config: check the architecture keys (block_out_channels, "
+            "down_block_types, up_block_types, layers_per_block, ...)."]
 
 
 def _hub_cache(cache_dir: str | Path | None) -> str:
@@ -342,7 +326,7 @@ def _load_diffusers_dir(unet: nn.Module, folder: Path, cfg: dict[str, Any]) -> P
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"diffusers could not load {folder} ({type(e).__name__}: {e}); delete and "
                               f"download it again") from e
-    unet.load_state_dict(loaded.state_dict())
+    load_state_checked(unet, loaded.state_dict(), folder, _architecture_hint)
     return weights
 
 
@@ -368,8 +352,8 @@ def load_unet_weights(unet: nn.Module, model_cfg: Any, checkpoint_dir: str | Pat
             path = resolve_checkpoint(cfg, checkpoint_dir, progress=progress)
         except (FileNotFoundError, ValueError) as e:
             raise UserError(str(e)) from e
-        _load_state_dict_file(unet, path)
-        return str(path), file_sha256(path)
+        sha256 = load_checkpoint(unet, path, map_keys=map_state_dict_keys, explain=_architecture_hint)
+        return str(path), sha256
     if not pretrained:
         raise UserError(f"model {cfg.get('name')} names no weights: set model.pretrained=<hub id or "
                         f"diffusers directory> or model.checkpoint=<directory or .pt state dict>")
