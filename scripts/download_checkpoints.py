@@ -1,9 +1,11 @@
 """Download the official IDDPM CIFAR-10 checkpoints into <checkpoint_dir>/iddpm/ (and, when named, ITD's
-published fine-tuned weights into <checkpoint_dir>/<kind>/, checked against their sha256 and size).
+published fine-tuned weights into <checkpoint_dir>/<kind>/, checked against their sha256 and size, or
+DDPM's google/ddpm-cifar10-32 into the Hugging Face hub's cache).
 
     python scripts/download_checkpoints.py                      # both official IDDPM files
     python scripts/download_checkpoints.py iddpm_cifar10_vlb    # one
     python scripts/download_checkpoints.py iddpm_cifar10_itd_tuned ddpm_cifar10_itd_tuned
+    python scripts/download_checkpoints.py ddpm_cifar10         # the hub's diffusers folder (its cache)
     python scripts/download_checkpoints.py --checkpoint-dir /data/checkpoints
 
 The URLs are those of src/itdiffusion/conf/model/<name>.yaml; files already present are kept. Prints each
@@ -18,12 +20,15 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from itdiffusion.errors import UserError
+from itdiffusion.models import ddpm
 from itdiffusion.models.checkpoints import CheckpointError, file_sha256
 from itdiffusion.models.iddpm import resolve_checkpoint
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "src" / "itdiffusion" / "conf" / "model"
 OFFICIAL = ("iddpm_cifar10_vlb", "iddpm_cifar10_hybrid")
-KNOWN = (*OFFICIAL, "iddpm_cifar10_itd_tuned", "ddpm_cifar10_itd_tuned")  # ITD's published tuned weights
+KNOWN = (*OFFICIAL, "iddpm_cifar10_itd_tuned", "ddpm_cifar10_itd_tuned",  # ITD's published tuned weights
+         "ddpm_cifar10")  # a hub id (model.pretrained): printed as its folder in the hub's cache
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +43,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown model(s) {unknown}; choose from {KNOWN}")
     for name in args.models or OFFICIAL:
         cfg = OmegaConf.load(CONF_DIR / f"{name}.yaml")
+        if cfg.get("pretrained") and not cfg.get("checkpoint_url"):
+            try:
+                folder = ddpm.pretrained_dir(cfg)
+            except UserError as e:
+                print(f"{name}: {e}", file=sys.stderr)
+                return 1
+            weights = next(folder / f for f in ddpm.WEIGHT_FILES if (folder / f).is_file())
+            print(f"{name}: {folder} sha256={file_sha256(weights)}")
+            continue
         try:
             source = {"name": name, "kind": cfg.get("kind", "iddpm"), "checkpoint": None,
                       **{k: cfg.get(k) for k in ("checkpoint_url", "checkpoint_sha256", "checkpoint_bytes",

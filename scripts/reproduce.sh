@@ -5,17 +5,22 @@
 #   bash scripts/reproduce.sh experiment=paper_full [overrides...]     # the paper's protocol at full cost
 #   bash scripts/reproduce.sh experiment=smoke [hydra overrides...]    # make smoke ARGS="..."
 #
-# stats -> base model -> evaluate base -> IT fine-tune -> evaluate tuned -> ensemble -> masked
-# diffusion model -> evaluate it (I-MDCE) -> report.
+# stats -> base models -> per model family (MODELS=iddpm,ddpm): evaluate base -> IT fine-tune -> evaluate
+# tuned -> ensemble of the two [-> evaluate ITD's published tuned weights] -> ensemble of every model (with
+# two families) -> masked diffusion model -> evaluate it (I-MDCE) -> report.
 #
-# - paper: CIFAR-10 (downloaded through torchvision if missing) and the official IDDPM L_vlb
-#   checkpoint (downloaded if missing); GPU stages run under torchrun on every visible GPU
-#   (NPROC=<n> to choose).
+# - paper: CIFAR-10 (downloaded through torchvision if missing), the official IDDPM L_vlb checkpoint and
+#   DDPM's google/ddpm-cifar10-32 (Hugging Face hub cache), and ITD's published fine-tuned weights
+#   (PUBLISHED=0 leaves them out); all downloaded if missing. GPU stages run under torchrun on every
+#   visible GPU (NPROC=<n> to choose). Default MODELS=iddpm,ddpm.
 # - smoke: offline, on the CPU, in minutes: the tiny U-Net (model=iddpm_tiny) trained briefly on
 #   its own IDDPM loss is the base model, on 32x32 crops of scikit-image's photos (data=patches);
 #   the masked-diffusion steps train model=masked_pixels_tiny for a few steps (finetune=smoke_masked).
+#   Default MODELS=iddpm; MODELS=ddpm (make smoke-ddpm) trains a tiny diffusers UNet2DModel
+#   (model=ddpm_tiny) from scratch on the IT loss for its base model.
 # - The masked-diffusion model on CIFAR-10 (model=masked_pixels_cifar10, trained from scratch,
-#   finetune=masked) is hours of GPU time: experiment=paper runs it only with MASKED=1.
+#   finetune=masked) is hours of GPU time: experiment=paper runs it only with MASKED=1 (MASKED=0 leaves
+#   the smoke run's out).
 #
 # Every stage runs as its own process with run id <REPRO_ID>-<step>, so its outputs land in
 # <paths.output_dir>/<stage>/<REPRO_ID>-<step> (fine-tuned weights in
@@ -75,7 +80,34 @@ if [[ "$experiment" != paper && "$experiment" != paper_full && "$experiment" != 
 fi
 # paper_full: the paper's steps at full cost (its config sets estimator.budget=per_image; stages get it in $@)
 if [[ "$experiment" == paper_full ]]; then experiment=paper; fi
-REPRO_ID="${REPRO_ID:-$experiment-$(printf '%s\n' "$@" | sha1sum | cut -c1-8)}"
+# Model families (MODELS=iddpm,ddpm), the masked-diffusion steps (MASKED=1) and ITD's published fine-tuned
+# weights (PUBLISHED=1; paper only: downloaded): defaults per experiment. Settings other than the defaults
+# join the overrides in REPRO_ID's hash, so each combination has its own runs and results group.
+if [[ "$experiment" == paper ]]; then
+  DEFAULTS="MODELS=iddpm,ddpm MASKED=0 PUBLISHED=1" MASKED_COST=", hours of GPU"
+else
+  DEFAULTS="MODELS=iddpm MASKED=1 PUBLISHED=0" MASKED_COST=""
+fi
+for setting in $DEFAULTS; do
+  name="${setting%%=*}"
+  if [[ -z "${!name:-}" ]]; then declare "$setting"; fi
+done
+IFS=, read -r -a FAMILIES <<<"$MODELS"
+for fam in "${FAMILIES[@]}" ""; do
+  if [[ "$fam" != iddpm && "$fam" != ddpm && ( -n "$fam" || ${#FAMILIES[@]} == 0 ) ]]; then
+    echo "MODELS=$MODELS: name the model families iddpm, ddpm or both (MODELS=iddpm,ddpm)" >&2
+    exit 2
+  fi
+done
+if [[ "$experiment" == smoke && "$PUBLISHED" == 1 ]]; then
+  echo "PUBLISHED=1: ITD's published weights are CIFAR-10 models, evaluated by experiment=paper only" >&2
+  exit 2
+fi
+settings_id=()
+for setting in MODELS MASKED PUBLISHED; do
+  if [[ " $DEFAULTS " != *" $setting=${!setting} "* ]]; then settings_id+=("$setting=${!setting}"); fi
+done
+REPRO_ID="${REPRO_ID:-$experiment-$(printf '%s\n' "$@" "${settings_id[@]}" | sha1sum | cut -c1-8)}"
 
 if [[ "$experiment" == smoke ]]; then
   NPROC=1
@@ -115,78 +147,145 @@ done_already() { echo "   exists: $1 (skipped; delete it to redo this step)"; }
 COMMON=("logger.group=$REPRO_ID" "skip_done=true" "$@")
 started=$SECONDS
 
-step "1/9 dataset statistics (Gaussian reference)"
+step "dataset statistics (Gaussian reference)"
 if [[ "$experiment" == paper ]]; then
   single stats "${COMMON[@]}" "run_id=$REPRO_ID-stats" data.download=true
 else
   single stats "${COMMON[@]}" "run_id=$REPRO_ID-stats"
 fi
 
-step "2/9 base model"
-if [[ "$experiment" == paper ]]; then
-  BASE="$CKPT/iddpm/cifar10_uncond_vlb_50M_500K.pt"
-  BASE_LABEL=IDDPM
-  if [[ -f "$BASE" ]]; then
-    done_already "$BASE"
-  elif ! "$PY" scripts/download_checkpoints.py iddpm_cifar10_vlb --checkpoint-dir "$CKPT"; then
-    echo "Could not download the IDDPM checkpoint. Fetch" >&2
-    echo "  https://openaipublic.blob.core.windows.net/diffusion/march-2021/cifar10_uncond_vlb_50M_500K.pt" >&2
-    echo "by hand and place it at $BASE, then rerun this command." >&2
-    exit 1
-  fi
-else
-  BASE="$CKPT/finetune/$REPRO_ID-base/model.pt"
-  BASE_LABEL=iddpm_tiny
-  if [[ -f "$BASE" ]]; then
-    done_already "$BASE"
+# One family's chain (FAMILIES: iddpm, ddpm). Run ids: <REPRO_ID>-<prefix><step>, prefix "" for IDDPM (the
+# ids of earlier versions, so their outputs are reused) and "ddpm-" for DDPM.
+family_settings() {  # family_settings <family>: the variables of its chain
+  FAM="$1"
+  case "$FAM" in
+    iddpm) P="" ROW=IDDPM MODEL_ARGS=() MODEL_NAME=iddpm_tiny TUNE_CFG=smoke BASE_CFG=(finetune.objective=iddpm)
+           if [[ "$experiment" == paper ]]; then MODEL_NAME=iddpm_cifar10_vlb TUNE_CFG=default; fi ;;
+    # ddpm_tiny's VLB chain: DDPM's betas rescaled to 20 steps (smoke's diffusion_steps) would exceed 1
+    ddpm)  P="ddpm-" ROW=DDPM MODEL_ARGS=(model=ddpm_tiny model.diffusion_steps=100) MODEL_NAME=ddpm_tiny
+           TUNE_CFG=smoke BASE_CFG=(finetune.objective=it)
+           if [[ "$experiment" == paper ]]; then MODEL_NAME=ddpm_cifar10 MODEL_ARGS=(model=ddpm_cifar10) TUNE_CFG=ddpm; fi ;;
+    *) echo "MODELS=$MODELS: unknown family $FAM (iddpm, ddpm)" >&2; exit 2 ;;
+  esac
+  if [[ "$experiment" == paper ]]; then LABEL=$ROW; else LABEL=$MODEL_NAME; fi
+  TUNED="$CKPT/finetune/$REPRO_ID-${P}tune/model.pt"
+}
+
+base_model() {  # base_model <family>: sets BASE (downloaded for the paper, trained briefly for the smoke run)
+  family_settings "$1"
+  step "$ROW: base model"
+  if [[ "$experiment" == paper && "$FAM" == iddpm ]]; then
+    BASE="$CKPT/iddpm/cifar10_uncond_vlb_50M_500K.pt"
+    if [[ -f "$BASE" ]]; then
+      done_already "$BASE"
+    elif ! "$PY" scripts/download_checkpoints.py iddpm_cifar10_vlb --checkpoint-dir "$CKPT"; then
+      echo "Could not download the IDDPM checkpoint. Fetch" >&2
+      echo "  https://openaipublic.blob.core.windows.net/diffusion/march-2021/cifar10_uncond_vlb_50M_500K.pt" >&2
+      echo "by hand and place it at $BASE, then rerun this command." >&2
+      exit 1
+    fi
+  elif [[ "$experiment" == paper ]]; then  # google/ddpm-cifar10-32: its folder in the Hugging Face hub's cache
+    local found
+    found="$("$PY" scripts/download_checkpoints.py ddpm_cifar10)" || exit 1  # the script says how to fix it
+    BASE="$(sed -n 's/^ddpm_cifar10: \(.*\) sha256=.*$/\1/p' <<<"$found")"
+    echo "   $BASE"
   else
-    single finetune "${COMMON[@]}" "run_id=$REPRO_ID-base" finetune=smoke_base "finetune.run_name=$REPRO_ID-base" \
-      finetune.init=scratch
+    BASE="$CKPT/finetune/$REPRO_ID-${P}base/model.pt"
+    if [[ -f "$BASE" ]]; then
+      done_already "$BASE"
+    else
+      single finetune "${COMMON[@]}" "${MODEL_ARGS[@]}" "run_id=$REPRO_ID-${P}base" finetune=smoke_base \
+        "finetune.run_name=$REPRO_ID-${P}base" finetune.init=scratch "${BASE_CFG[@]}"
+    fi
   fi
-fi
+  if [[ "$experiment" == paper && "$PUBLISHED" == 1 ]]; then
+    step "$ROW(tune): ITD's published fine-tuned weights (${FAM}_cifar10_itd_tuned)"
+    if ! "$PY" scripts/download_checkpoints.py "${FAM}_cifar10_itd_tuned" --checkpoint-dir "$CKPT"; then
+      echo "Could not download ITD's published $ROW(tune) weights: see src/itdiffusion/conf/model/" >&2
+      echo "${FAM}_cifar10_itd_tuned.yaml (checkpoint_url, checkpoint_file) for the URL and the file to place in" >&2
+      echo "$CKPT/$FAM/, or rerun with PUBLISHED=0 to leave these rows out." >&2
+      exit 1
+    fi
+  fi
+  BASES[$FAM]="$BASE"
+}
+
+evaluated() {  # evaluated <run id>: true (and says so) when that evaluate run is complete
+  if [[ -f "$OUT/evaluate/$1/metrics.json" ]]; then done_already "$OUT/evaluate/$1/metrics.json"; else return 1; fi
+}
+
+family_chain() {  # family_chain <family>: evaluate base -> IT fine-tune -> evaluate tuned -> ensemble -> published
+  family_settings "$1"
+  BASE="${BASES[$FAM]}"
+  # every evaluation takes the log-SNR proposal of the first one (its pilot's range) and, with a dataset
+  # budget, its points per image, so that the ensembles can combine any runs' stored curves
+  local proposal=()
+  shared_points() { proposal=("estimator.logsnr_proposal_from=$OUT/evaluate/$PROPOSAL_RUN"
+                              "estimator.budget_from=$OUT/evaluate/$PROPOSAL_RUN"); }
+  if [[ -n "$PROPOSAL_RUN" ]]; then shared_points; fi
+
+  step "$ROW: evaluate the base model (VLB and IT)"
+  evaluated "$REPRO_ID-${P}base" || stage evaluate "${COMMON[@]}" "${MODEL_ARGS[@]}" "run_id=$REPRO_ID-${P}base" \
+    "model.checkpoint=$BASE" "label=$LABEL" "paper_row=$ROW" "${proposal[@]}"
+  if [[ -z "$PROPOSAL_RUN" ]]; then
+    PROPOSAL_RUN="$REPRO_ID-${P}base"
+    shared_points
+  fi
+
+  step "$ROW: IT fine-tuning"
+  if [[ -f "$TUNED" ]]; then
+    done_already "$TUNED"
+  else
+    stage finetune "${COMMON[@]}" "${MODEL_ARGS[@]}" "run_id=$REPRO_ID-${P}tune" "finetune=$TUNE_CFG" \
+      "finetune.run_name=$REPRO_ID-${P}tune" "finetune.init=$BASE" finetune.objective=it
+  fi
+
+  step "$ROW: evaluate the fine-tuned model"
+  evaluated "$REPRO_ID-${P}tuned" || stage evaluate "${COMMON[@]}" "${MODEL_ARGS[@]}" "run_id=$REPRO_ID-${P}tuned" \
+    "model.checkpoint=$TUNED" "label='$LABEL(tune)'" "paper_row='$ROW(tune)'" model.training_objective=IT \
+    "${proposal[@]}"
+
+  # The paper's ensemble is that of all four models (ITD's plot_results.py): with one family, its base and
+  # tuned models stand for it; with several, each family's pair is a plain row and the ensemble of all
+  # models (below) is compared with the paper.
+  local label=Ensemble row=Ensemble
+  if (( ${#FAMILIES[@]} > 1 )); then label="'$LABEL + $LABEL(tune) ensemble'" row=null; fi
+  step "$ROW: ensemble of the base and fine-tuned models (from their stored curves: no network runs)"
+  # every image's log-SNR points and noise come from its own seeds, so the members' runs hold exactly the
+  # ensemble's curves; the stage checks that (checkpoints, settings, points) and refuses otherwise
+  evaluated "$REPRO_ID-${P}ensemble" || stage evaluate "${COMMON[@]}" "${MODEL_ARGS[@]}" \
+    "run_id=$REPRO_ID-${P}ensemble" "ensemble=[$BASE,$TUNED]" \
+    "ensemble_curves=[$OUT/evaluate/$REPRO_ID-${P}base,$OUT/evaluate/$REPRO_ID-${P}tuned]" estimator.vlb=false \
+    "label=$label" "paper_row=$row" "model.training_objective='—'"
+  MEMBERS+=("$BASE" "$TUNED") MEMBER_MODELS+=("$MODEL_NAME" "$MODEL_NAME")
+  MEMBER_RUNS+=("$OUT/evaluate/$REPRO_ID-${P}base" "$OUT/evaluate/$REPRO_ID-${P}tuned")
+
+  if [[ "$experiment" == paper && "$PUBLISHED" == 1 ]]; then
+    step "$ROW(tune), ITD's published weights: evaluate ${FAM}_cifar10_itd_tuned"
+    evaluated "$REPRO_ID-${P}published" || stage evaluate "${COMMON[@]}" "model=${FAM}_cifar10_itd_tuned" \
+      "run_id=$REPRO_ID-${P}published" "label='$ROW(tune), ITD published weights'" "paper_row='$ROW(tune)'" \
+      "${proposal[@]}"
+  fi
+}
+
+declare -A BASES=()
+PROPOSAL_RUN="" MEMBERS=() MEMBER_MODELS=() MEMBER_RUNS=()
+for fam in "${FAMILIES[@]}"; do base_model "$fam"; done
 
 if [[ "${PREPARE:-0}" == 1 ]]; then
-  echo "== [$REPRO_ID] PREPARE=1: data, statistics and base model ready"
+  echo "== [$REPRO_ID] PREPARE=1: data, statistics and base models ready"
   exit 0
 fi
 
-step "3/9 evaluate the base model (VLB and IT)"
-if [[ -f "$OUT/evaluate/$REPRO_ID-base/metrics.json" ]]; then
-  done_already "$OUT/evaluate/$REPRO_ID-base/metrics.json"
-else
-  stage evaluate "${COMMON[@]}" "run_id=$REPRO_ID-base" "model.checkpoint=$BASE" "label=$BASE_LABEL" paper_row=IDDPM
-fi
+for fam in "${FAMILIES[@]}"; do family_chain "$fam"; done
 
-step "4/9 IT fine-tuning"
-TUNED="$CKPT/finetune/$REPRO_ID-tune/model.pt"
-if [[ -f "$TUNED" ]]; then
-  done_already "$TUNED"
-else
-  if [[ "$experiment" == paper ]]; then TUNE_CFG=default; else TUNE_CFG=smoke; fi
-  stage finetune "${COMMON[@]}" "run_id=$REPRO_ID-tune" "finetune=$TUNE_CFG" "finetune.run_name=$REPRO_ID-tune" \
-    "finetune.init=$BASE" finetune.objective=it
-fi
-
-step "5/9 evaluate the fine-tuned model"
-if [[ -f "$OUT/evaluate/$REPRO_ID-tuned/metrics.json" ]]; then
-  done_already "$OUT/evaluate/$REPRO_ID-tuned/metrics.json"
-else
-  # the base run's log-SNR proposal (its pilot's range) and, with a dataset budget, its points per image, so
-  # that step 6 can combine both runs' curves
-  stage evaluate "${COMMON[@]}" "run_id=$REPRO_ID-tuned" "model.checkpoint=$TUNED" "label='$BASE_LABEL(tune)'" \
-    "paper_row='IDDPM(tune)'" model.training_objective=IT \
-    "estimator.logsnr_proposal_from=$OUT/evaluate/$REPRO_ID-base" "estimator.budget_from=$OUT/evaluate/$REPRO_ID-base"
-fi
-
-step "6/9 ensemble of the base and fine-tuned models (from the curves of steps 3 and 5: no network runs)"
-if [[ -f "$OUT/evaluate/$REPRO_ID-ensemble/metrics.json" ]]; then
-  done_already "$OUT/evaluate/$REPRO_ID-ensemble/metrics.json"
-else
-  # every image's log-SNR points and noise come from its own seeds, so the members' runs hold exactly the
-  # ensemble's curves; the stage checks that (checkpoints, settings, points) and refuses otherwise
-  stage evaluate "${COMMON[@]}" "run_id=$REPRO_ID-ensemble" "ensemble=[$BASE,$TUNED]" \
-    "ensemble_curves=[$OUT/evaluate/$REPRO_ID-base,$OUT/evaluate/$REPRO_ID-tuned]" estimator.vlb=false \
-    label=Ensemble paper_row=Ensemble "model.training_objective='—'"
+if (( ${#FAMILIES[@]} > 1 )); then
+  step "ensemble of every model (${MEMBER_MODELS[*]}; from their stored curves: no network runs)"
+  join() { local IFS=,; echo "$*"; }
+  evaluated "$REPRO_ID-ensemble-all" || stage evaluate "${COMMON[@]}" "run_id=$REPRO_ID-ensemble-all" \
+    "ensemble=[$(join "${MEMBERS[@]}")]" "ensemble_models=[$(join "${MEMBER_MODELS[@]}")]" \
+    "ensemble_curves=[$(join "${MEMBER_RUNS[@]}")]" estimator.vlb=false label=Ensemble paper_row=Ensemble \
+    "model.training_objective='—'"
 fi
 
 MASKED_RUN="$REPRO_ID-masked"
@@ -197,10 +296,10 @@ else
   MASKED_EVAL=(data.num_images=4 estimator.num_masks=4 estimator.batch_size=16)
 fi
 MASKED_CKPT="$CKPT/finetune/$MASKED_RUN/$MASKED_WEIGHTS"
-if [[ "$experiment" == paper && "${MASKED:-0}" != 1 ]]; then
-  step "7/9, 8/9 masked diffusion model: not run (MASKED=1 trains $MASKED_MODEL from scratch, hours of GPU)"
+if [[ "$MASKED" != 1 ]]; then
+  step "masked diffusion model: not run (MASKED=1 trains $MASKED_MODEL from scratch${MASKED_COST})"
 else
-  step "7/9 masked diffusion model ($MASKED_MODEL, any-order loss)"
+  step "masked diffusion model ($MASKED_MODEL, any-order loss)"
   if [[ -f "$MASKED_CKPT" ]]; then
     done_already "$MASKED_CKPT"
   else
@@ -208,7 +307,7 @@ else
       "finetune.run_name=$MASKED_RUN"
   fi
 
-  step "8/9 evaluate the masked diffusion model (I-MDCE)"
+  step "evaluate the masked diffusion model (I-MDCE)"
   if [[ -f "$OUT/evaluate/$MASKED_RUN/metrics.json" ]]; then
     done_already "$OUT/evaluate/$MASKED_RUN/metrics.json"
   else
@@ -217,7 +316,7 @@ else
   fi
 fi
 
-step "9/9 report"
+step "report"
 single report "${COMMON[@]}" "run_id=$REPRO_ID-report"
 
 echo

@@ -249,3 +249,43 @@ def test_record_runs_refuses_to_overwrite_an_unreadable_store(tmp_path):
     with pytest.raises(ResultsStoreError, match="move it aside"):
         record_runs(tmp_path, [metrics("a")])
     assert (tmp_path / "results.json").read_text() == "{ not json"
+
+
+def test_report_has_the_ddpm_rows_and_the_published_weights_rows(tmp_path, make_cfg):
+    """DDPM, DDPM(tune) and ITD's published tuned weights beside the paper's Table 2 numbers."""
+    outputs = tmp_path / "outputs"
+    discrete = {"vlb_bpd": 3.4, "vlb_bpd_stderr": 0.01, "it_discrete_notails_bpd": 3.6,
+                "it_discrete_notails_bpd_stderr": 0.01, "it_dequantized_bpd": 3.5,
+                "it_dequantized_bpd_stderr": 0.01, "it_continuous_bpd": -3.7,
+                "it_continuous_bpd_stderr": 0.01}
+    runs = {  # run id: (label, paper row, training objective)
+        "d-base": ("DDPM", "DDPM", "L_simple"),
+        "d-tuned": ("DDPM(tune)", "DDPM(tune)", "L_simple + IT"),
+        "d-pub": ("DDPM(tune), ITD's published weights", "DDPM(tune)", "L_simple + IT fine-tuning (ITD)"),
+        "i-base": ("IDDPM", "IDDPM", "L_vlb"),
+        "i-pub": ("IDDPM(tune), ITD's published weights", "IDDPM(tune)", "L_vlb + IT fine-tuning (ITD)"),
+    }
+    for run_id, (label, row, objective) in runs.items():
+        fake_evaluation(outputs, run_id, "both", label=label, paper_row=row, training_objective=objective,
+                        **discrete)
+    report.run(make_cfg("run_id=rep"), tmp_path / "rundir")
+    md = (outputs / "results" / "results.md").read_text()
+    table2 = md[md.index("### Table 2"):md.index("### Runs")]
+    lines = {x.split(" | ")[0].removeprefix("| "): x for x in table2.splitlines() if x.startswith("| ")}
+    # ours (VLB, IT discrete no tails, with tails, dequantized), then the paper's three numbers
+    assert lines["DDPM"].endswith("| 3.37 | 3.68 | 3.51 |")
+    assert lines["DDPM(tune)"].endswith("| 3.45 | 3.48 | 3.41 |")
+    assert lines["DDPM(tune), ITD's published weights [DDPM(tune)]"].endswith("| 3.45 | 3.48 | 3.41 |")
+    assert lines["IDDPM(tune), ITD's published weights [IDDPM(tune)]"].endswith("| 3.14 | 3.15 | 3.18 |")
+    assert lines["IDDPM"].endswith("| 2.94 | 3.16 | 3.17 |")
+    assert "3.400 ± 0.010 | 3.600 ± 0.010 | — | 3.500 ± 0.010" in lines["DDPM"]
+    # the paper's order: DDPM, IDDPM, DDPM(tune), IDDPM(tune)
+    order = [table2.index(f"| {name}") for name in ("DDPM |", "IDDPM |", "DDPM(tune) |", "IDDPM(tune), ITD")]
+    assert order == sorted(order)
+    # Table 1: the DDPM rows have no published continuous numbers here; the IDDPM rows have theirs
+    table1 = md[md.index("### Table 1"):md.index("### Table 2")]
+    ddpm_line = next(x for x in table1.splitlines() if x.startswith("| DDPM | L_simple |"))
+    assert ddpm_line.endswith("| — | — |") and "-3.700 ± 0.010" in ddpm_line
+    assert next(x for x in table1.splitlines() if x.startswith("| IDDPM |")).endswith("| -4.05 | -4.09 |")
+    csv_rows = {r.split(",")[0]: r for r in (outputs / "results" / "results.csv").read_text().splitlines()}
+    assert "3.37" in csv_rows["d-base"] and "3.41" in csv_rows["d-pub"]

@@ -252,8 +252,12 @@ class Config:
     experiment: str = "default"
     run_id: str = "${itd_run_id:}"  # names the run dir; shared by all torchrun ranks (see default_run_id)
     label: str = "${model.name}"  # the row name in the results tables
-    paper_row: str | None = None  # the published row this run reproduces (IDDPM, IDDPM(tune), Ensemble)
+    # the published row a run reproduces: DDPM, IDDPM, DDPM(tune), IDDPM(tune), Ensemble (results.PAPER)
+    paper_row: str | None = None
     ensemble: list[str] = field(default_factory=list)  # evaluate: >= 2 checkpoints of `model` to ensemble
+    # evaluate, ensembles across model families: one model config name (conf/model/) per `ensemble` entry,
+    # e.g. [iddpm_cifar10_vlb,ddpm_cifar10]; empty: every checkpoint is a `model` (itdiffusion.models.loading)
+    ensemble_models: list[str] = field(default_factory=list)
     # evaluate, ensembles: one evaluate run per member (its run dir or per_image.npz, in `ensemble` order)
     # whose stored MMSE curves the ensemble reuses: no network evaluation (estimator.vlb=false; the runs
     # must share this run's checkpoints, test images and estimator settings, else a UserError says which)

@@ -283,6 +283,19 @@ def _hub_snapshot(repo_id: str, revision: str | None, cache_dir: str | Path | No
     return config.parent
 
 
+def pretrained_dir(model_cfg: Any, cache_dir: str | Path | None = None,
+                   local_files_only: bool | None = None) -> Path:
+    """The diffusers folder of ``model.pretrained``: that directory, or the hub cache's snapshot of the hub
+    id (config.json, the weights, scheduler_config.json; downloaded when missing). The reproduction passes
+    it as ``model.checkpoint`` so that base, fine-tuning and ensembles name the same weights."""
+    pretrained, revision = model_cfg.get("pretrained"), model_cfg.get("hub_revision")
+    if not pretrained:
+        raise UserError(f"model {model_cfg.get('name')} has no model.pretrained (hub id or diffusers "
+                        "directory)")
+    folder = Path(pretrained).expanduser()
+    return folder if folder.is_dir() else _hub_snapshot(pretrained, revision, cache_dir, local_files_only)
+
+
 def _check_diffusers_dir(folder: Path, cfg: dict[str, Any]) -> None:
     """A diffusers folder's config.json (and scheduler_config.json, if any) must agree with the config.
 

@@ -43,7 +43,7 @@ from itdiffusion.ensemble import REEVALUATE, curves_from_member_runs, proposal_o
 from itdiffusion.errors import UserError
 from itdiffusion.information import GaussianReference, LogSNRProposal, estimate, proposal_for, sample_curves
 from itdiffusion.information.pilot import PILOT_IMAGES
-from itdiffusion.models.loading import Member, load_members
+from itdiffusion.models.loading import Member, check_ensemble, load_members
 from itdiffusion.pixel_maps import pixel_maps
 from itdiffusion.seeding import Stream, stream_seeds
 from itdiffusion.stages import (
@@ -288,7 +288,7 @@ def summarize(
     if len(members) == 1:
         return {**metrics, **per_member[0]}
     metrics["members"] = [
-        {"checkpoint": m.checkpoint, "checkpoint_sha256": m.sha256, **values}
+        {"model": m.model_cfg.name, "checkpoint": m.checkpoint, "checkpoint_sha256": m.sha256, **values}
         for m, values in zip(members, per_member, strict=True)
     ]
     ensemble = _group_metrics(per_image, ENSEMBLE, None, dim)
@@ -374,6 +374,7 @@ def _check_settings(cfg: DictConfig) -> None:
     est = cfg.estimator  # values are checked at launch (config.check_values); here the combinations
     if not (est.it or est.vlb):
         raise UserError("nothing to evaluate: estimator.it and estimator.vlb are both false")
+    check_ensemble(cfg)  # ensemble= and ensemble_models= together (one UserError before any work)
     if cfg.ensemble and not est.it:
         raise UserError("an ensemble combines MMSE curves: it needs estimator.it=true")
     if cfg.ensemble_curves and not cfg.ensemble:

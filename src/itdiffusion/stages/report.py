@@ -191,7 +191,9 @@ def _group_mmse(with_curves, labels) -> figures.MMSEData:
 def _pixel_map_runs(evaluations, labels) -> dict[str, figures.PixelMapData]:
     """Maps to draw: the base and tuned paper rows when both have them, else the first two runs with maps."""
     have = [(r, p) for r, p in evaluations if p.pixel_maps is not None]
-    by_row = {r.get("paper_row"): (r, p) for r, p in have}
+    by_row: dict = {}
+    for r, p in have:  # a paper row's first run (table order): ours before the published weights'
+        by_row.setdefault(r.get("paper_row"), (r, p))
     chosen = [by_row[k] for k in ("IDDPM", "IDDPM(tune)") if k in by_row]
     if len(chosen) < 2:
         chosen = have[:2]

@@ -145,7 +145,7 @@ def provenance(cfg: DictConfig, members: Sequence) -> dict:
         "paper_row": cfg.paper_row,
         "experiment": cfg.experiment,
         "group": cfg.logger.group,
-        "model": cfg.model.name,
+        "model": _model_names(members) or cfg.model.name,
         "training_objective": cfg.model.training_objective,
         "checkpoint": members[0].checkpoint if one else [m.checkpoint for m in members],
         "checkpoint_sha256": members[0].sha256 if one else [m.sha256 for m in members],
@@ -154,6 +154,12 @@ def provenance(cfg: DictConfig, members: Sequence) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": config_dict(cfg),
     }
+
+
+def _model_names(members: Sequence) -> str | list[str] | None:
+    """The members' model config name, or their names when they differ (ensembles across families)."""
+    names = [m.model_cfg.name for m in members if getattr(m, "model_cfg", None) is not None]
+    return None if not names else names[0] if len(set(names)) == 1 else names
 
 
 def check_finite(per_image: PerImage, dim: int) -> None:
