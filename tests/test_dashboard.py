@@ -158,14 +158,17 @@ def test_report_tables_are_numeric_and_its_figures_agree_with_the_tables(wb_cfg,
     table1 = rep.media("g/table1_continuous")
     cols = table1["columns"]
     assert cols[:3] == ["model", "run_id", "training_objective"]
-    assert {"it_continuous", "it_continuous_stderr", "it_continuous_paper", "it_continuous_diff"} <= set(cols)
+    itd = "it_continuous_itd_range"
+    assert {itd, f"{itd}_stderr", f"{itd}_paper", f"{itd}_diff", "it_continuous"} <= set(cols)
     base = next(r for r in table1["data"] if r[1] == "base")
     row = dict(zip(cols, base, strict=True))
     metrics = json.loads((tmp_path / "outputs" / "evaluate" / "base" / "metrics.json").read_text())
     assert row["it_continuous"] == pytest.approx(metrics["it_continuous_bpd"])
-    assert row["it_continuous_paper"] == -4.09
-    assert row["it_continuous_diff"] == pytest.approx(metrics["it_continuous_bpd"] + 4.09)
-    assert all(isinstance(row[c], float) for c in cols if c.startswith("it_continuous"))
+    assert row[itd] == pytest.approx(metrics["it_continuous_itd_range_bpd"])
+    assert row[f"{itd}_paper"] == -4.09
+    assert row[f"{itd}_diff"] == pytest.approx(metrics["it_continuous_itd_range_bpd"] + 4.09)
+    assert all(isinstance(row[c], float) for c in cols if c.startswith(itd))  # the paper column: numbers
+    assert isinstance(row["it_continuous"], float) and isinstance(row["it_continuous_stderr"], float)
     assert rep.media("g/table2_discrete")["columns"][2:6] == ["vlb", "vlb_stderr", "vlb_paper", "vlb_diff"]
     imdce = rep.media("g/imdce")
     assert [r[1] for r in imdce["data"]] == ["masked"] and imdce["data"][0][3] == 3.5
