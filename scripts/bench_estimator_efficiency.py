@@ -163,7 +163,8 @@ def _ranges(denoiser, x, reference, **kw) -> dict:
     print(f"\nPilot range {tuple(round(v, 2) for v in pilot.bounds)} (reference's core "
           f"{tuple(round(v, 2) for v in pilot.core_bounds)}), {counted.evals} pilot evaluations in all "
           f"({counted.evals / x.shape[0]:.1f} per image here; once per evaluation, whatever its size).")
-    return {"reference range": LogSNRProposal.from_reference(reference, **kw), "pilot range": pilot}
+    base = {k: v for k, v in kw.items() if k in ("clip", "delta")}  # what the reference's proposal takes
+    return {"reference range": LogSNRProposal.from_reference(reference, **base), "pilot range": pilot}
 
 
 def _table(title: str, rows: list[Row], key: str, truth_bpd: float | None = None):
