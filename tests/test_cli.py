@@ -53,12 +53,13 @@ def test_report_on_the_command_line(tmp_path):
     run_dir = tmp_path / "outputs" / "evaluate" / "r1"
     run_dir.mkdir(parents=True)
     metrics = {"run_id": "r1", "label": "m", "group": "g"}
-    metrics.update(it_continuous_bpd=-4.0, it_continuous_bpd_stderr=0.1)
+    metrics.update(it_continuous_bpd=-4.0, it_continuous_bpd_stderr=0.1, it_continuous_itd_range_bpd=-4.1,
+                   it_continuous_itd_range_bpd_stderr=0.1)
     commit_evaluation(run_dir, PerImage(index=torch.arange(2)), metrics)
     proc = run_cli("report", "logger=none", "run_id=rep", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (tmp_path / "outputs" / "results" / "results.md").read_text()
-    assert "| m | — | — | — | -4.000 ± 0.100 |" in table
+    assert "| m | — | — | — | -4.100 ± 0.100 | -4.000 ± 0.100 |" in table  # IT: ITD's range, full range
     assert (
         tmp_path / "outputs" / "report" / "rep" / ".hydra" / "config.yaml"
     ).is_file()  # the stage's run dir
