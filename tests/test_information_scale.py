@@ -6,52 +6,25 @@ with d = 3,072 must stay below 3 GB of peak RSS, in a fresh process so that the 
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
+import importlib.util
 
 import torch
 
 from conftest import REPO
 from itdiffusion.information import GaussianReference
 
-SCALE = r"""
-import json, resource, sys, torch
-from itdiffusion.information import Curves, GaussianReference, LogSNRProposal, estimate
-N, K, d = 2000, 1000, 3072
-torch.set_num_threads(1)
-g = torch.Generator().manual_seed(0)
-# a spectrum of 16 distinct eigenvalues over 4 decades (equal eigenvalues are summed once)
-eig = torch.logspace(-4, 0, 16, dtype=torch.float64).repeat_interleave(d // 16)
-ref = GaussianReference(torch.zeros(d, dtype=torch.float64), eig, None, (3, 32, 32))
-prop = LogSNRProposal.from_reference(ref, delta=2 / 255)
-logsnr = prop.points(N * K, "random", g).reshape(N, K)
-def curve(scale):  # a plausible error curve: the reference's, perturbed per point
-    return ref.mmse(logsnr) * (scale + 0.2 * torch.rand(N, K, generator=g, dtype=torch.float64))
-zeros = torch.zeros(N, dtype=torch.float64)
-curves = Curves(logsnr=logsnr, mmse=curve(0.8)[None], gaussian_mmse=curve(1.0), continuous_tail=zeros,
-                proposal=prop, sampling="random", network_evals=K, delta=2 / 255,
-                mmse_rounded=curve(0.7)[None],
-                discrete_left_tail=zeros, gaussian_errors=curve(1.0), mmse_dequantized=curve(0.8)[None],
-                gaussian_mmse_dequantized=curve(1.0), gaussian_errors_dequantized=curve(1.0),
-                continuous_tail_dequantized=zeros, continuous_tail_itd=zeros)
-est = estimate(curves, ref)
-print(json.dumps({"peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                  "finite": bool(torch.isfinite(est.continuous).all() and torch.isfinite(est.discrete).all()
-                                 and torch.isfinite(est.dequantized).all())}))
-"""
+
+def load_bench_scale():
+    spec = importlib.util.spec_from_file_location("bench_scale", REPO / "scripts" / "bench_scale.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_the_estimate_of_two_million_image_points_at_d_3072_stays_below_3_gb():
-    proc = subprocess.run(
-        [sys.executable, "-c", SCALE],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={"PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    """Synthetic curves (16 distinct eigenvalues over 4 decades, so that mmse_G stays cheap) through
+    ``estimate`` in a fresh process: scripts/bench_scale.py's measurement, at 2,000 x 1,000 image-points."""
+    result = load_bench_scale().estimate_peak(2000, 1000, 1)
     assert result["finite"]
     assert result["peak_gb"] < 3.0, result
 

@@ -94,7 +94,8 @@ def continuous_nll_from_curve(mmse: Tensor, logsnr: Tensor, log_q: Tensor, refer
                               gaussian_mmse: Tensor | None = None, tails: Tensor | None = None,
                               proposal: LogSNRProposal | None = None, sampling: str = "stratified",
                               gaussian_errors: Tensor | None = None,
-                              within: tuple[float, float] | None = None) -> CurveNLL:
+                              within: tuple[float, float] | None = None,
+                              reference_mmse: Tensor | None = None) -> CurveNLL:
     """``-ln p(x) = h_G + 1/2 E_q[(mmse(x, a) - mmse_G(a)) / q(a)]`` (+ tails), per image, in nats.
 
     ``mmse``: ``[B, K]`` eps-unit errors at the points ``logsnr`` ``[B, K]`` with proposal log-densities
@@ -112,6 +113,8 @@ def continuous_nll_from_curve(mmse: Tensor, logsnr: Tensor, log_q: Tensor, refer
     Gaussian error): the reference decoder's errors on the same points and noise
     (:meth:`GaussianReference.decoder_errors`); minus their exact mean they are a zero-mean control variate
     for the channel noise (:func:`~itdiffusion.information.crossfit.integrate`).
+    ``reference_mmse`` ``[B, K]``: ``mmse_G`` at the points, when the caller has it already (it costs
+    ``B K d`` operations).
     Differentiable in ``mmse`` (``it_loss`` uses it with K = 1 and no clamp).
     ``within = (lo, hi)`` (inside the sampled range): the integral restricted to it, the points outside
     counting zero (the Gaussian decoder there, whose integral outside ``within`` ``tails`` must then hold,
@@ -128,7 +131,7 @@ def continuous_nll_from_curve(mmse: Tensor, logsnr: Tensor, log_q: Tensor, refer
     if gaussian_errors is not None and gaussian_mmse is None:
         raise ValueError("continuous_nll_from_curve: gaussian_errors (the control variate) needs x or "
                          "gaussian_mmse")
-    mmse_g = reference.mmse(logsnr)
+    mmse_g = reference.mmse(logsnr) if reference_mmse is None else reference_mmse.to(torch.float64)
     candidates = [(_as_candidates(mmse) - mmse_g) * weight]
     if clamp:
         gap = torch.zeros_like(mmse_g) if gaussian_mmse is None else (gaussian_mmse - mmse_g) * weight

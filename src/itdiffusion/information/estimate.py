@@ -87,7 +87,8 @@ class ITEstimate:
     gaussian_errors_dequantized = property(lambda self: self.curves.gaussian_errors_dequantized)
 
 
-def estimate(curves: Curves, reference: GaussianReference, *, clamp: bool = True) -> ITEstimate:
+def estimate(curves: Curves, reference: GaussianReference, *, clamp: bool = True,
+             reference_mmse: Tensor | None = None) -> ITEstimate:
     """Every IT estimate of the model(s) in ``curves`` (nats per image, on the CPU).
 
     - ``continuous``: :func:`continuous_nll_from_curve` of ``mmse`` (M > 1: the models are candidates, the
@@ -98,18 +99,22 @@ def estimate(curves: Curves, reference: GaussianReference, *, clamp: bool = True
       ``min(mses, mses_round_xhat)``, unbiased), plus both tails; ``discrete_notails`` without them.
     - ``dequantized`` (curves with ``mmse_dequantized``): the continuous estimate at the dequantized images
       plus ``d ln(1/delta)``.
+
+    ``mmse_G`` at the points (``B K d`` operations) is computed once here, or taken from ``reference_mmse``.
     """
     dev = reference.mean.device
     c = curves.to(dev)
+    mmse_g = reference.mmse(c.logsnr) if reference_mmse is None else reference_mmse.to(dev, torch.float64)
     common = dict(proposal=c.proposal, sampling=c.sampling)
     log_q = c.log_q
     cont = continuous_nll_from_curve(c.mmse, c.logsnr, log_q, reference, clamp, gaussian_mmse=c.gaussian_mmse,
-                                     gaussian_errors=c.gaussian_errors, tails=c.continuous_tail, **common)
+                                     gaussian_errors=c.gaussian_errors, tails=c.continuous_tail,
+                                     reference_mmse=mmse_g, **common)
     est = ITEstimate(continuous=cont.nll, continuous_stderr=cont.stderr, curves=curves)
     if c.continuous_tail_itd is not None:
         itd = continuous_nll_from_curve(c.mmse, c.logsnr, log_q, reference, clamp,
                                         gaussian_mmse=c.gaussian_mmse, gaussian_errors=c.gaussian_errors,
-                                        tails=c.continuous_tail_itd,
+                                        tails=c.continuous_tail_itd, reference_mmse=mmse_g,
                                         within=itd_range(reference, c.proposal.bounds), **common)
         est.continuous_itd_range, est.continuous_itd_range_stderr = itd.nll, itd.stderr
     if c.delta is not None:
@@ -129,7 +134,8 @@ def estimate(curves: Curves, reference: GaussianReference, *, clamp: bool = True
         deq = continuous_nll_from_curve(c.mmse_dequantized, c.logsnr, log_q, reference, clamp,
                                         gaussian_mmse=c.gaussian_mmse_dequantized,
                                         gaussian_errors=c.gaussian_errors_dequantized,
-                                        tails=c.continuous_tail_dequantized, **common)
+                                        tails=c.continuous_tail_dequantized, reference_mmse=mmse_g,
+                                        **common)
         est.dequantized = deq.nll + reference.dim * math.log(1.0 / c.delta)
         est.dequantized_stderr = deq.stderr
     for name in ("continuous", "continuous_stderr", *ESTIMATES, "discrete_stderr", "dequantized_stderr",

@@ -223,15 +223,17 @@ def with_estimates(
     groups = [[j] for j in range(curves.num_models)]
     if curves.num_models > 1:
         groups.append(list(range(curves.num_models)))
+    mmse_g = reference.mmse(curves.logsnr.to(reference.mean.device))  # B K d operations: once for all groups
     found = [
         (estimate_with_choice(curves.models(g), reference, choice)
-         if choice is not None and len(g) == choice.num_models else estimate(curves.models(g), reference))
+         if choice is not None and len(g) == choice.num_models
+         else estimate(curves.models(g), reference, reference_mmse=mmse_g))
         .per_image()
         for g in groups
     ]
     per_image.groups = [f"m{g[0]}" for g in groups[: curves.num_models]] + [ENSEMBLE] * (len(groups) > 1)
     per_image.estimates = {f"it_{name}_nats": torch.stack([f[name] for f in found]) for name in found[0]}
-    per_image.reference_mmse = reference.mmse(curves.logsnr.to(reference.mean.device)).cpu()
+    per_image.reference_mmse = mmse_g.cpu()
     return per_image
 
 

@@ -48,7 +48,7 @@ class Partial:
                                  if stored.get(k) != self.fingerprint.get(k))
                 log.warning("%s holds chunks evaluated with other settings (%s): evaluating again",
                             self.folder, ", ".join(changed))
-                shutil.rmtree(self.folder, ignore_errors=True)
+                discard(self.folder.parent)
             self.folder.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.folder / SETTINGS, self.fingerprint)
         distributed.barrier()
@@ -66,9 +66,6 @@ class Partial:
     def save(self, start: int, stop: int, part: PerImage) -> None:
         write_per_image(self._path(start, stop), part, exact=True)
 
-    def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-
     def _path(self, start: int, stop: int) -> Path:
         return self.folder / f"chunk_{start:07d}_{stop:07d}.npz"
 
@@ -77,6 +74,11 @@ class Partial:
             return json.loads((self.folder / SETTINGS).read_text())
         except (OSError, ValueError):
             return None
+
+
+def discard(run_dir: Path) -> None:
+    """Remove the finished chunks of a run dir once its ``per_image.npz`` holds them (or they are stale)."""
+    shutil.rmtree(Path(run_dir) / PARTIAL, ignore_errors=True)
 
 
 @contextlib.contextmanager

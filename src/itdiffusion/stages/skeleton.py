@@ -25,7 +25,7 @@ from itdiffusion.artifacts import PerImage
 from itdiffusion.errors import Preempted, UserError
 from itdiffusion.results import ResultsStoreError, record_run
 from itdiffusion.stages import config_dict, git_commit
-from itdiffusion.stages.partial import Partial, sigterm_flag
+from itdiffusion.stages.partial import Partial, discard, sigterm_flag
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def finish(cfg: DictConfig, run_dir: Path, per_image: PerImage, metrics: dict, s
     """Rank 0: commit the run dir (``per_image.npz``, then ``metrics.json``), record the results row, log
     to the tracker. Returns the metrics written."""
     metrics = artifacts.commit_evaluation(run_dir, per_image, metrics)
-    Partial(run_dir, {}).remove()  # the finished chunks of a resumable run are in per_image.npz now
+    discard(run_dir)  # the finished chunks of a resumable run are in per_image.npz now
     _record(cfg, metrics, run_dir / artifacts.METRICS)
     dashboard.log_evaluation(cfg, run_dir, per_image, metrics)
     log.info(
