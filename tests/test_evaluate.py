@@ -90,6 +90,7 @@ def test_ensemble_of_a_model_with_itself_is_that_model(tiny_cfg, tiny_checkpoint
         (["estimator.it=false", "estimator.vlb=false"], "nothing to evaluate"),
         (["ensemble=[a.pt]"], "at least two checkpoints"),
         (["model.checkpoint=/nonexistent/weights.pt"], "/nonexistent/weights.pt"),
+        (["estimator.logsnr_proposal_from=/nonexistent/run"], "no evaluate run there"),
     ],
 )
 def test_bad_settings_are_user_errors(tiny_cfg, tmp_path, overrides, match):

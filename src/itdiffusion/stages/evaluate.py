@@ -225,10 +225,11 @@ def with_estimates(
         groups.append(list(range(curves.num_models)))
     mmse_g = reference.mmse(curves.logsnr.to(reference.mean.device))  # B K d operations: once for all groups
     found = [
-        (estimate_with_choice(curves.models(g), reference, choice)
-         if choice is not None and len(g) == choice.num_models
-         else estimate(curves.models(g), reference, reference_mmse=mmse_g))
-        .per_image()
+        (
+            estimate_with_choice(curves.models(g), reference, choice)
+            if choice is not None and len(g) == choice.num_models
+            else estimate(curves.models(g), reference, reference_mmse=mmse_g)
+        ).per_image()
         for g in groups
     ]
     per_image.groups = [f"m{g[0]}" for g in groups[: curves.num_models]] + [ENSEMBLE] * (len(groups) > 1)
@@ -360,8 +361,12 @@ def _budget(cfg: DictConfig, members, test, reference, proposal, device):
         budget = distributed.broadcast_object(
             distributed.on_main(lambda: budget_pilot.plan(members, test, reference, proposal, est, device))
         )
-    log.info("dataset budget: %s per image (full protocol: %s), network evaluations per image %s",
-             budget["chosen"], budget["full"], budget.get("network_evals_per_image"))
+    log.info(
+        "dataset budget: %s per image (full protocol: %s), network evaluations per image %s",
+        budget["chosen"],
+        budget["full"],
+        budget.get("network_evals_per_image"),
+    )
     for key, value in budget["chosen"].items():
         cfg.estimator[key] = value
     return budget, cfg.estimator
@@ -376,6 +381,16 @@ def _check_settings(cfg: DictConfig) -> None:
     est = cfg.estimator  # values are checked at launch (config.check_values); here the combinations
     if not (est.it or est.vlb):
         raise UserError("nothing to evaluate: estimator.it and estimator.vlb are both false")
+    source = est.logsnr_proposal_from
+    if (
+        source
+        and not (Path(source) / "metrics.json").is_file()
+        and not Path(source).with_name("metrics.json").is_file()
+    ):
+        raise UserError(
+            f"estimator.logsnr_proposal_from={source}: no evaluate run there (its metrics.json "
+            "is missing): evaluate that run first, or leave the key unset to run the pilot"
+        )
     check_ensemble(cfg)  # ensemble= and ensemble_models= together (one UserError before any work)
     if cfg.ensemble and not est.it:
         raise UserError("an ensemble combines MMSE curves: it needs estimator.it=true")
