@@ -8,17 +8,14 @@ YAML files in ``conf/<group>/`` extend these schemas through their ``defaults`` 
 
 from __future__ import annotations
 
-import functools
 import math
-import os
-import secrets
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from itdiffusion import run_ids, trajectory
 from itdiffusion.errors import UserError
 
 
@@ -268,47 +265,14 @@ class Config:
     seed: int = 0
 
 
-def default_run_id() -> str:
-    """The run id when none is given: in a Hydra multirun job ``<sweep id>-<job number>``
-    (:mod:`itdiffusion.sweeps`), else :func:`process_run_id`."""
-    from itdiffusion.sweeps import job_run_id
-
-    return job_run_id() or process_run_id()
-
-
-@functools.cache
-def process_run_id() -> str:
-    """This process's run id: ``ITD_RUN_ID``, else one that every torchrun rank agrees on.
-
-    A single process gets a timestamp plus a random suffix. Under ``torchrun --standalone`` the
-    ranks share torchelastic's rendezvous id; other multi-process launches must pass ``run_id=...``
-    (``scripts/reproduce.sh`` always does), since ranks cannot talk before Hydra picks the run dir.
-    """
-    if os.environ.get("ITD_RUN_ID"):
-        return os.environ["ITD_RUN_ID"]
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        rdzv = os.environ.get("TORCHELASTIC_RUN_ID", "none")
-        if rdzv in ("", "none") and os.environ.get("SLURM_JOB_ID") and os.environ.get("SLURM_STEP_ID"):
-            return f"slurm-{os.environ['SLURM_JOB_ID']}-{os.environ['SLURM_STEP_ID']}"  # srun: one step
-        if rdzv in ("", "none"):
-            raise ValueError("launched with several processes: pass run_id=<name> (or set ITD_RUN_ID) "
-                             "so that all ranks write to one run dir")
-        return "torchrun-" + rdzv.replace("-", "")[:12]
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
-
-
 def register_configs() -> None:
     """Register the schemas; YAML files name them in their defaults list (``- /schema/model@_here_``)."""
     if not OmegaConf.has_resolver("itd_run_id"):
-        OmegaConf.register_new_resolver("itd_run_id", default_run_id)
+        OmegaConf.register_new_resolver("itd_run_id", run_ids.default_run_id)
     if not OmegaConf.has_resolver("itd_settings_hash"):
-        from itdiffusion.trajectory import settings_hash_resolver
-
-        OmegaConf.register_new_resolver("itd_settings_hash", settings_hash_resolver)
+        OmegaConf.register_new_resolver("itd_settings_hash", trajectory.settings_hash_resolver)
     if not OmegaConf.has_resolver("itd_sweep_id"):
-        from itdiffusion.sweeps import sweep_id
-
-        OmegaConf.register_new_resolver("itd_sweep_id", sweep_id)
+        OmegaConf.register_new_resolver("itd_sweep_id", run_ids.sweep_id)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     schemas = {"paths": PathsConfig, "data": DataConfig, "model": ModelConfig, "estimator": EstimatorConfig,
