@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from itdiffusion.config import MaskedPixelsModelConfig, register_configs
+from itdiffusion.config import MaskedPixelsModelConfig
 from itdiffusion.discrete import (
     any_order_loss,
     bottom_given_top_nll,
@@ -30,7 +30,6 @@ def _gen(seed):
 
 
 def _model_cfg(name):
-    register_configs()
     with initialize_config_dir(str(CONF), version_base=None):
         return compose(overrides=[f"+model={name}"]).model
 

@@ -67,7 +67,7 @@ def test_model_yamls_compose_with_hydra_against_the_schema(tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException
 
-    from itdiffusion.config import register_configs
+    from itdiffusion.stages import register_configs
 
     register_configs()
     (tmp_path / "config.yaml").write_text(

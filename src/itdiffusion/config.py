@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -17,6 +18,8 @@ from omegaconf import MISSING, OmegaConf
 
 from itdiffusion import run_ids, trajectory
 from itdiffusion.errors import UserError
+
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # the Hydra config tree, shipped in the package
 
 
 @dataclass

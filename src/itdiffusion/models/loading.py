@@ -24,6 +24,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from itdiffusion.config import CONFIG_DIR
 from itdiffusion.denoisers import Denoiser
 from itdiffusion.errors import CheckpointError, UserError
 from itdiffusion.models.acceleration import FastPath, accelerate
@@ -149,8 +150,6 @@ def load_members(cfg: Any, device: torch.device, resolve_first: Callable | None 
 
 def model_names() -> list[str]:
     """The model configs shipped in ``conf/model/`` (the names ``model=`` and ``ensemble_models`` take)."""
-    from itdiffusion.stages import CONFIG_DIR
-
     return sorted(p.stem for p in (Path(CONFIG_DIR) / "model").glob("*.yaml"))
 
 
@@ -192,8 +191,6 @@ def model_config(name: str) -> Any:
     """The model config ``name`` as Hydra composes ``model=<name>`` (its schema and defaults list)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-
-    from itdiffusion.stages import CONFIG_DIR
 
     if GlobalHydra.instance().is_initialized():  # inside a stage (hydra.main): its config search path
         return compose(config_name="config", overrides=[f"model={name}"]).model

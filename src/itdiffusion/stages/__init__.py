@@ -28,16 +28,27 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from itdiffusion import distributed, sweeps
-from itdiffusion.config import check_values, register_configs
+from itdiffusion import config, distributed, sweeps
+from itdiffusion.config import CONFIG_DIR, check_values
 from itdiffusion.errors import Preempted, UserError
 
 log = logging.getLogger("itdiffusion")
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # shipped inside the package
+__all__ = ["CONFIG_DIR", "launch", "prepare_process", "register_configs"]
 
-register_configs()
-distributed.adopt_slurm_env()  # srun without torchrun: ranks from SLURM's variables (before the run id)
+
+def register_configs() -> None:
+    """The schemas and resolvers in Hydra's ConfigStore (:func:`itdiffusion.config.register_configs`):
+    what composing a config needs (tests and scripts that compose call it too)."""
+    config.register_configs()
+
+
+def prepare_process() -> None:
+    """What a stage's command line does before Hydra composes its config (never at import):
+    :func:`register_configs`, and under srun without torchrun the ranks taken from SLURM's variables
+    (before the run id is chosen)."""
+    register_configs()
+    distributed.adopt_slurm_env()
 
 
 def launch(stage: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> None:

@@ -51,6 +51,7 @@ from itdiffusion.stages import (
     budget_pilot,
     evaluate_masked,
     launch,
+    prepare_process,
     rank_zero_first,
     setup_device,
     skeleton,
@@ -408,8 +409,13 @@ def _check_settings(cfg: DictConfig) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     launch(run, cfg)
+
+
+def main() -> None:
+    prepare_process()
+    hydra_main()
 
 
 if __name__ == "__main__":

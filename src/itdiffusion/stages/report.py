@@ -41,7 +41,7 @@ from itdiffusion.results import (
     results_paths,
     row_labels,
 )
-from itdiffusion.stages import CONFIG_DIR, config_dict, launch
+from itdiffusion.stages import CONFIG_DIR, config_dict, launch, prepare_process
 from itdiffusion.tracking import Tracker, run_tags
 
 log = logging.getLogger(__name__)
@@ -285,8 +285,13 @@ def _slug(text: str) -> str:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     launch(run, cfg)
+
+
+def main() -> None:
+    prepare_process()
+    hydra_main()
 
 
 if __name__ == "__main__":
