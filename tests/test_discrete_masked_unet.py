@@ -13,13 +13,13 @@ from itdiffusion.discrete import (
     any_order_loss,
     bottom_given_top_nll,
     bottom_half,
-    build_masked_pixel_model,
     corrupt_images,
     corrupted_log_ratio,
     images_to_tokens,
     masked_pixel_metrics,
     tokens_to_images,
 )
+from itdiffusion.models.masked_unet import build_masked_pixel_model
 from itdiffusion.stages import CONFIG_DIR
 
 CONF = Path(CONFIG_DIR)

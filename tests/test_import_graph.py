@@ -155,3 +155,11 @@ def test_importing_any_module_has_no_side_effects(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     problems = json.loads(done.stdout.strip().splitlines()[-1])
     assert not problems, "\n".join(problems)
+
+
+def test_discrete_estimators_do_not_import_the_models():
+    """models/ builds networks over discrete/'s tokens and estimators; never the other way round."""
+    upward = sorted(f"{name} -> {target}" for name, targets in graph().items()
+                    if name.startswith("itdiffusion.discrete") for target in targets
+                    if target.startswith("itdiffusion.models"))
+    assert not upward
