@@ -9,6 +9,7 @@ YAML files in ``conf/<group>/`` extend these schemas through their ``defaults`` 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,8 @@ class ModelConfig:
 @dataclass
 class MaskedPixelsModelConfig(ModelConfig):
     """A masked (absorbing) diffusion model over sub-pixels: improved-diffusion's UNetModel with a
-    token embedding in and ``vocab_size`` logits per channel out (``discrete.build_masked_pixel_model``).
+    token embedding in and ``vocab_size`` logits per channel out
+    (:func:`itdiffusion.models.masked_unet.build_masked_pixel_model`).
 
     Uses the U-Net keys of ``ModelConfig`` (image_size, num_channels, num_res_blocks, num_heads,
     num_heads_upsample, attention_resolutions, dropout, use_checkpoint, use_scale_shift_norm) and
@@ -268,8 +270,10 @@ class Config:
     seed: int = 0
 
 
-def register_configs() -> None:
-    """Register the schemas; YAML files name them in their defaults list (``- /schema/model@_here_``)."""
+def register_configs(model_schemas: Mapping[str, type] | None = None) -> None:
+    """Register the schemas; YAML files name them in their defaults list (``- /schema/model@_here_``).
+    ``model_schemas``: ``{kind: dataclass}`` of the model families (``/schema/model/<kind>``; the stages
+    pass :func:`itdiffusion.models.families.model_schemas`)."""
     if not OmegaConf.has_resolver("itd_run_id"):
         OmegaConf.register_new_resolver("itd_run_id", run_ids.default_run_id)
     if not OmegaConf.has_resolver("itd_settings_hash"):
@@ -284,8 +288,8 @@ def register_configs() -> None:
         # group files extend a schema with `- /schema/<group>@_here_` or `- /schema/<group>@_here_: <group>`
         cs.store(group="schema", name=group, node=node)
         cs.store(group=f"schema/{group}", name=group, node=node)
-    cs.store(group="schema/model", name="masked_pixels", node=MaskedPixelsModelConfig)
-    cs.store(group="schema/model", name="ddpm", node=DDPMModelConfig)
+    for kind, node in (model_schemas or {}).items():
+        cs.store(group="schema/model", name=kind, node=node)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,12 +297,11 @@ def register_configs() -> None:
 # typing.Literal, and Enum fields would turn every value into an Enum in metrics.json). So every
 # value check that needs nothing but the config lives in VALUE_RULES, and check_values(cfg) applies
 # them before a stage runs (itdiffusion.stages.launch): a bad value is one line, exit 2, nothing written.
-# Checks that need data, weights or several keys at once stay in the stages.
+# Checks that need data, weights or several keys at once stay in the stages. model.kind and
+# finetune.objective take the registered families' values (itdiffusion.models.families.value_rules).
 # ----------------------------------------------------------------------------------------------
-MODEL_KINDS = ("iddpm", "masked_pixels", "ddpm")  # model.kind: add a kind here when its adapter lands
 NOISE_SCHEDULES = ("cosine", "linear")  # model.noise_schedule (itdiffusion.models.schedules.SCHEDULES)
 DATASETS = ("cifar10", "image_folder", "npz", "patches")  # data.name (itdiffusion.data.SOURCES)
-FINETUNE_OBJECTIVES = ("it", "iddpm", "any_order")  # finetune.objective (itdiffusion.training.OBJECTIVES)
 ROUNDINGS = ("soft", "hard", "none")  # estimator.rounding (itdiffusion.information.ROUNDING_MODES)
 LOGSNR_SAMPLINGS = ("stratified", "random", "grid")  # itdiffusion.information.SAMPLING_MODES
 PRECISIONS = ("fp32", "bf16", "auto")  # estimator.precision (itdiffusion.models.acceleration)
@@ -400,7 +403,6 @@ VALUE_RULES: tuple[Rule, ...] = (
     Rule("data.num_workers", NON_NEGATIVE),
     Rule("data.patches_per_photo", AT_LEAST_ONE),
     Rule("data.patch_photo_size", AT_LEAST_ONE),
-    Rule("model.kind", OneOf(MODEL_KINDS)),
     Rule("model.noise_schedule", OneOf(NOISE_SCHEDULES)),
     Rule("model.image_size", AT_LEAST_ONE),
     Rule("model.diffusion_steps", AT_LEAST_ONE),
@@ -426,7 +428,6 @@ VALUE_RULES: tuple[Rule, ...] = (
                                                why="(bits/dim; null: target_stderr_ratio)")),
     Rule("estimator.target_stderr_ratio", Bounds(low=1, low_open=True, why="(times the full-cost stderr)")),
     Rule("estimator.pilot_images", Bounds(low=2, why="(a between-image variance needs two images)")),
-    Rule("finetune.objective", OneOf(FINETUNE_OBJECTIVES)),
     Rule("finetune.epochs", AT_LEAST_ONE),
     Rule("finetune.max_steps", AT_LEAST_ONE_OR_NULL),
     Rule("finetune.batch_size", Bounds(low=1, why="(images per step, all processes together)")),
@@ -460,7 +461,7 @@ def _lookup(cfg: Any, dotted: str) -> Any:
     return node
 
 
-def value_problems(cfg: Any, section: str | None = None) -> list[str]:
+def value_problems(cfg: Any, section: str | None = None, rules: tuple[Rule, ...] = VALUE_RULES) -> list[str]:
     """One message per value of ``cfg`` outside :data:`VALUE_RULES` (empty: all good).
 
     ``cfg`` is the whole config, or with ``section`` (e.g. ``"finetune"``) that group alone (a
@@ -468,7 +469,7 @@ def value_problems(cfg: Any, section: str | None = None) -> list[str]:
     """
     prefix = "" if section is None else section + "."
     problems = []
-    for rule in VALUE_RULES:
+    for rule in rules:
         if not rule.key.startswith(prefix):
             continue
         value = _lookup(cfg, rule.key.removeprefix(prefix))
@@ -479,8 +480,8 @@ def value_problems(cfg: Any, section: str | None = None) -> list[str]:
     return problems
 
 
-def check_values(cfg: Any, section: str | None = None) -> None:
+def check_values(cfg: Any, section: str | None = None, rules: tuple[Rule, ...] = VALUE_RULES) -> None:
     """:func:`value_problems` as one :class:`~itdiffusion.errors.UserError` (all problems, one line)."""
-    problems = value_problems(cfg, section)
+    problems = value_problems(cfg, section, rules)
     if problems:
         raise UserError("; ".join(problems))

@@ -62,7 +62,6 @@ log = logging.getLogger(__name__)
 LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 """``loss_fn(model, x [B,C,H,W] in [-1, 1], seeds int64 [B]) -> per-image loss [B]``."""
 
-OBJECTIVES = ("it", "iddpm", "any_order")
 # finetune settings a resumed run must share with its checkpoint to continue the same run
 RESUME_INVARIANT = ("objective", "batch_size", "lr", "weight_decay", "grad_clip", "bf16", "ema_decay",
                     "warmup_steps", "seed")

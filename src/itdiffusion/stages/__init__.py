@@ -29,8 +29,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from itdiffusion import config, distributed, sweeps
-from itdiffusion.config import CONFIG_DIR, check_values
+from itdiffusion.config import CONFIG_DIR, VALUE_RULES, check_values
 from itdiffusion.errors import Preempted, UserError
+from itdiffusion.models import families
 
 log = logging.getLogger("itdiffusion")
 
@@ -38,16 +39,22 @@ __all__ = ["CONFIG_DIR", "launch", "prepare_process", "register_configs"]
 
 
 def register_configs() -> None:
-    """The schemas and resolvers in Hydra's ConfigStore (:func:`itdiffusion.config.register_configs`):
-    what composing a config needs (tests and scripts that compose call it too)."""
-    config.register_configs()
+    """The model families' plug-ins imported (:func:`itdiffusion.models.families.load_plugins`), then the
+    schemas and resolvers in Hydra's ConfigStore (:func:`itdiffusion.config.register_configs`): what
+    composing a config needs (tests and scripts that compose call it too)."""
+    families.load_plugins()
+    config.register_configs(families.model_schemas())
 
 
 def prepare_process() -> None:
     """What a stage's command line does before Hydra composes its config (never at import):
     :func:`register_configs`, and under srun without torchrun the ranks taken from SLURM's variables
     (before the run id is chosen)."""
-    register_configs()
+    try:
+        register_configs()
+    except UserError as e:  # a plug-in that cannot be imported
+        report_user_error(e)
+        sys.exit(2)
     distributed.adopt_slurm_env()
 
 
@@ -69,7 +76,7 @@ def launch(stage: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> None:
         return
     created = _created_by_this_process(run_dir)
     try:
-        check_values(cfg)
+        check_values(cfg, rules=VALUE_RULES + families.value_rules())
         check_output_dirs(cfg, Path(inspect.getfile(stage)).stem)  # not __module__: "__main__" under -m
         stage(cfg, run_dir)
     except UserError as e:
@@ -177,7 +184,7 @@ def launch_sweep_job(stage: Callable[[DictConfig, Path], Any], cfg: DictConfig, 
     """One job of a Hydra multirun: a failure is logged (which job, why) and written to the job's
     ``job_status.json`` instead of ending the sweep; :class:`itdiffusion.sweeps.SweepReport` sums up."""
     try:
-        check_values(cfg)
+        check_values(cfg, rules=VALUE_RULES + families.value_rules())
         check_output_dirs(cfg, Path(inspect.getfile(stage)).stem)
         stage(cfg, run_dir)
     except Preempted:

@@ -19,7 +19,7 @@ records the results row.
 Ensembles (``ensemble=[ckpt_a, ckpt_b, ...]``): every member sees the same points and noise, and per log-SNR
 bin the estimate uses the member (or the Gaussian decoder) with the lowest cross-fitted error.
 ``ensemble_curves=[run_a, run_b, ...]`` builds the ensemble from the members' stored curves with no network
-evaluation (:mod:`itdiffusion.ensemble`). Masked-diffusion models (``model.kind=masked_pixels``) go to
+evaluation (:mod:`itdiffusion.ensemble`). Models that are no Gaussian denoiser (masked diffusion) go to
 :mod:`itdiffusion.stages.evaluate_masked`.
 """
 
@@ -43,7 +43,8 @@ from itdiffusion.ensemble import REEVALUATE, curves_from_member_runs, proposal_o
 from itdiffusion.errors import UserError
 from itdiffusion.information import GaussianReference, LogSNRProposal, estimate, proposal_for, sample_curves
 from itdiffusion.information.pilot import PILOT_IMAGES
-from itdiffusion.models.loading import Member, check_ensemble, load_members
+from itdiffusion.models.families import family_of
+from itdiffusion.models.loading import Member, check_ensemble, load_members, member_configs
 from itdiffusion.pixel_maps import pixel_maps
 from itdiffusion.seeding import Stream, stream_seeds
 from itdiffusion.stages import (
@@ -69,7 +70,7 @@ XINTERVAL = (-1.0, 1.0)  # pixels scaled to [-1, 1]: the lattice is -1 + PIXEL_B
 
 def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     """Evaluate ``cfg.model`` (or the ``cfg.ensemble``) on the test set; rank 0 writes the outputs."""
-    if cfg.model.kind == "masked_pixels":
+    if not family_of(cfg.model).gaussian:  # masked diffusion: I-MDCE instead of the IT and VLB estimates
         return evaluate_masked.run(cfg, run_dir)
     if skeleton.skip_done(cfg, run_dir):
         return None
@@ -393,6 +394,10 @@ def _check_settings(cfg: DictConfig) -> None:
             "is missing): evaluate that run first, or leave the key unset to run the pilot"
         )
     check_ensemble(cfg)  # ensemble= and ensemble_models= together (one UserError before any work)
+    no_vlb = [m.name for m in member_configs(cfg) if not family_of(m).vlb]
+    if est.vlb and no_vlb:
+        raise UserError(f"model={no_vlb[0]} has no variational bound (its family has no diffusion): set "
+                        "estimator.vlb=false")
     if cfg.ensemble and not est.it:
         raise UserError("an ensemble combines MMSE curves: it needs estimator.it=true")
     if cfg.ensemble_curves and not cfg.ensemble:

@@ -1,4 +1,4 @@
-"""The evaluate stage for masked-diffusion models (``model.kind=masked_pixels``): I-MDCE bits/dim.
+"""The evaluate stage for masked-diffusion models (the masked-pixel family): I-MDCE bits/dim.
 
 ``python -m itdiffusion.stages.evaluate model=masked_pixels_tiny model.checkpoint=<finetune run>/model.pt``
 
