@@ -22,10 +22,8 @@ from itdiffusion.data import to_model_range
 from itdiffusion.errors import UserError
 from itdiffusion.information import sample_curves
 from itdiffusion.seeding import Stream, stream_seeds
-from itdiffusion.units import PIXEL_BIN
+from itdiffusion.units import PIXEL_BIN, XINTERVAL
 from itdiffusion.variational import VLB_ALL_STEPS, vlb_sampled
-
-XINTERVAL = (-1.0, 1.0)
 
 
 def plan(members, test, reference, proposal, est, device) -> dict:

@@ -60,12 +60,11 @@ from itdiffusion.stages import (
 from itdiffusion.stages.partial import Partial
 from itdiffusion.stages.precision import select_fast_path
 from itdiffusion.stages.stats import load_or_compute_reference
-from itdiffusion.units import PIXEL_BIN, mean_and_stderr, nats_to_bpd
+from itdiffusion.units import PIXEL_BIN, XINTERVAL, mean_and_stderr, nats_to_bpd
 from itdiffusion.variational import VLB_ALL_STEPS, vlb_per_image, vlb_sampled
 
 log = logging.getLogger(__name__)
 
-XINTERVAL = (-1.0, 1.0)  # pixels scaled to [-1, 1]: the lattice is -1 + PIXEL_BIN * k
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict | None:
