@@ -54,7 +54,7 @@ from itdiffusion.data import to_model_range
 from itdiffusion.errors import UserError
 from itdiffusion.models.checkpoints import first_nonfinite
 from itdiffusion.seeding import Stream, stream_seed, stream_seed_tensor
-from itdiffusion.trajectory import differences
+from itdiffusion.trajectory import RESUME_INVARIANT, differences
 from itdiffusion.units import nats_to_bpd
 
 log = logging.getLogger(__name__)
@@ -62,9 +62,6 @@ log = logging.getLogger(__name__)
 LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 """``loss_fn(model, x [B,C,H,W] in [-1, 1], seeds int64 [B]) -> per-image loss [B]``."""
 
-# finetune settings a resumed run must share with its checkpoint to continue the same run
-RESUME_INVARIANT = ("objective", "batch_size", "lr", "weight_decay", "grad_clip", "bf16", "ema_decay",
-                    "warmup_steps", "seed")
 
 
 

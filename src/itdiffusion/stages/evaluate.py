@@ -41,7 +41,14 @@ from itdiffusion.budget import DecoderChoice, estimate_with_choice
 from itdiffusion.data import load_images, to_model_range
 from itdiffusion.ensemble import REEVALUATE, curves_from_member_runs, proposal_of_run
 from itdiffusion.errors import UserError
-from itdiffusion.information import GaussianReference, LogSNRProposal, estimate, proposal_for, sample_curves
+from itdiffusion.information import (
+    GaussianReference,
+    LogSNRProposal,
+    estimate,
+    pixel_curve_options,
+    proposal_for,
+    sample_curves,
+)
 from itdiffusion.information.pilot import PILOT_IMAGES
 from itdiffusion.models.families import family_of
 from itdiffusion.models.loading import Member, check_ensemble, load_members, member_configs
@@ -177,13 +184,7 @@ def sample(
             npoints=est.npoints,
             proposal=proposal,
             seeds=stream_seeds(est.seed, indices, Stream.POINTS),
-            sampling=est.logsnr_sampling,
-            delta=PIXEL_BIN,
-            xinterval=XINTERVAL,
-            rounding=est.rounding,
-            dequantize=True,
-            control_variate=est.control_variate,
-            batch_size=est.batch_size,
+            **pixel_curve_options(est),
         )
         evals += out.curves.network_evals
     if est.vlb and str(est.vlb_steps) != VLB_ALL_STEPS:  # sampled timesteps: unbiased, with an MC stderr
