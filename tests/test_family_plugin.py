@@ -1,10 +1,12 @@
 """A model family registered in a plug-in module alone (ITDIFFUSION_PLUGINS) goes through the real
 evaluate and finetune command lines: the stages know no family by name.
 
-The toy family: x ~ N(0, s^2 I) in the model range, one trainable parameter log s, and its exact denoiser
-E[eps | z] = sigma z / (alpha^2 s^2 + sigma^2) (alpha^2 = sigmoid(a), sigma^2 = sigmoid(-a)). Ground truth:
-the IT estimate of a model with its exact denoiser is its own -log p(x) (I-MMSE), here the closed form
-d/2 log(2 pi s^2) + ||x||^2 / (2 s^2) nats.
+The toy family: the diagonal Gaussian N(mu, diag(v) t^2) in the model range, ``mu`` and ``v`` stored
+weights and one trainable parameter ``log t``, with its exact denoiser
+E[eps | z] = sigma (z - alpha mu) / (alpha^2 v t^2 + sigma^2) (alpha^2 = sigmoid(a), sigma^2 = sigmoid(-a)).
+Ground truth: the IT estimate of a model with its exact denoiser is its own -log p(x) (pointwise I-MMSE),
+here 1/2 sum_i [log(2 pi v_i t^2) + (x_i - mu_i)^2 / (v_i t^2)] nats; and with mu, v the maximum-likelihood
+fit of the training images, the IT loss is least at t = 1, so fine-tuning moves t towards 1.
 """
 
 from __future__ import annotations
@@ -35,13 +37,14 @@ from itdiffusion.models.objectives import ITLoss
 @dataclass
 class ToyGaussConfig(ModelConfig):
     kind: str = "toy_gauss"
-    scale: float = 1.0  # the initial s
 
 
-class LogScale(nn.Module):
-    def __init__(self, scale):
+class DiagonalGaussian(nn.Module):
+    def __init__(self, image_size):
         super().__init__()
-        self.log_scale = nn.Parameter(torch.tensor(float(scale)).log())
+        self.register_buffer("mean", torch.zeros(3, image_size, image_size, dtype=torch.float64))
+        self.register_buffer("var", torch.ones(3, image_size, image_size, dtype=torch.float64))
+        self.log_t = nn.Parameter(torch.zeros((), dtype=torch.float64))
 
 
 class ExactDenoiser(nn.Module):
@@ -50,10 +53,12 @@ class ExactDenoiser(nn.Module):
         self.network = network
 
     def forward(self, z, logsnr):
-        a = logsnr.to(z.dtype).view(-1, *([1] * (z.dim() - 1)))
+        net = self.network
+        a = logsnr.to(torch.float64).view(-1, 1, 1, 1)
         alpha2, sigma2 = torch.sigmoid(a), torch.sigmoid(-a)
-        s2 = (2 * self.network.log_scale).exp().to(z.dtype)
-        return sigma2.sqrt() * z / (alpha2 * s2 + sigma2)
+        w = net.var * (2 * net.log_t).exp()
+        eps = sigma2.sqrt() * (z.to(torch.float64) - alpha2.sqrt() * net.mean) / (alpha2 * w + sigma2)
+        return eps.to(z.dtype)
 
 
 class ToyGaussFamily(families.Family):
@@ -63,7 +68,7 @@ class ToyGaussFamily(families.Family):
     vlb = False
 
     def build(self, model_cfg):
-        return LogScale(model_cfg.scale), None
+        return DiagonalGaussian(model_cfg.image_size), None
 
     def has_own_weights(self, model_cfg):
         return bool(model_cfg.checkpoint)
@@ -96,60 +101,66 @@ def plugin(tmp_path_factory):
     return root
 
 
+def _write_data(root: Path) -> dict[str, torch.Tensor]:
+    """uint8 images well inside [0, 255] (pixel = 128 + offset + 12 N(0, 1)), so that no decoder output is
+    clamped to the pixel range; returns them in the model range ``x = p / 127.5 - 1`` by split."""
+    gen = torch.Generator().manual_seed(0)
+    offset = torch.linspace(-24, 24, 32).view(1, 32, 1, 1)
+    out = {}
+    for split, n in (("train", 48), ("test", 6)):
+        pixels = (128 + offset + 12 * torch.randn(n, 32, 32, 3, generator=gen)).round().clamp(0, 255)
+        (root / "npz").mkdir(parents=True, exist_ok=True)
+        np.savez(root / "npz" / f"{split}.npz", x=pixels.to(torch.uint8).numpy())
+        out[split] = (pixels.double() / 127.5 - 1).permute(0, 3, 1, 2)
+    return out
+
+
 def _run(stage, plugin, tmp_path, *overrides):
     env = {"ITDIFFUSION_PLUGINS": "toy_gauss_family",
            "PYTHONPATH": f"{Path(__file__).resolve().parents[1] / 'src'}:{plugin}"}
-    common = [f"hydra.searchpath=[file://{plugin / 'conf'}]", "model=toy_gauss", "data=patches",
-              "data.patches_per_photo=8", "data.stats_images=32", "data.stats_diagonal=true",
-              "data.num_workers=0", "device=cpu", "logger=none", f"paths.output_dir={tmp_path / 'out'}",
-              f"paths.checkpoint_dir={tmp_path / 'ckpt'}"]
+    common = [f"hydra.searchpath=[file://{plugin / 'conf'}]", "model=toy_gauss", "data=npz",
+              f"data.root={tmp_path / 'npz'}", "data.hflip=false", "data.num_workers=0",
+              "data.stats_images=48", "data.stats_diagonal=true", "device=cpu", "logger=none",
+              f"paths.output_dir={tmp_path / 'out'}", f"paths.checkpoint_dir={tmp_path / 'ckpt'}"]
     return run_cli(stage, *common, *overrides, cwd=tmp_path, env=env)
 
 
-def _test_images(tmp_path_or_cfg):
-    from hydra import compose, initialize_config_dir
-
-    from itdiffusion.data import load_images, to_model_range
-    from itdiffusion.stages import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["data=patches", "data.patches_per_photo=8", "data.num_images=6"])
-    test = load_images(cfg.data, "test")
-    return to_model_range(torch.stack([test[i][0] for i in range(len(test))])).double()
-
-
-def _closed_form_bpd(x: torch.Tensor, s: float) -> np.ndarray:
-    d = x[0].numel()
-    nats = 0.5 * d * math.log(2 * math.pi * s * s) + x.flatten(1).square().sum(1) / (2 * s * s)
-    return (nats / (d * math.log(2))).numpy()
+def _gaussian_bpd(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """-log N(x; mean, diag(var)) per image, in bits/dim (the closed form)."""
+    nats = 0.5 * (torch.log(2 * math.pi * var) + (x - mean).square() / var).flatten(1).sum(1)
+    return nats / (x[0].numel() * math.log(2))
 
 
 def test_a_plugin_family_is_evaluated_and_fine_tuned_through_the_command_line(plugin, tmp_path):
-    weights = tmp_path / "s.pt"
-    torch.save({"log_scale": torch.tensor(0.4).log()}, weights)  # s = 0.4
+    images = _write_data(tmp_path)
+    train = images["train"]
+    mean, var = train.mean(0), train.var(0, unbiased=False)  # the maximum-likelihood fit
+    weights = tmp_path / "fit.pt"
+    torch.save({"mean": mean, "var": var, "log_t": torch.zeros((), dtype=torch.float64)}, weights)
     proc = _run("evaluate", plugin, tmp_path, "run_id=toy", f"model.checkpoint={weights}",
-                "estimator.vlb=false", "estimator.npoints=512", "data.num_images=6", "estimator.pixel_maps=0")
+                "estimator.vlb=false", "estimator.npoints=64", "data.num_images=6", "estimator.pixel_maps=0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads(next((tmp_path / "out").rglob("metrics.json")).read_text())
-    expected = _closed_form_bpd(_test_images(tmp_path), 0.4).mean()
+    expected = _gaussian_bpd(images["test"], mean, var).mean().item()
     stderr = metrics["it_continuous_bpd_mc_stderr"]
-    print("toy evaluate:", metrics["it_continuous_bpd"], expected, stderr)
-    assert metrics["it_continuous_bpd"] == pytest.approx(expected, abs=4 * stderr + 0.01)
+    assert metrics["it_continuous_bpd"] == pytest.approx(expected, abs=4 * stderr)
 
+    start = tmp_path / "start.pt"  # the fit with its variances shrunk by t^2 = 0.3^2
+    torch.save({"mean": mean, "var": var, "log_t": torch.tensor(0.3, dtype=torch.float64).log()}, start)
     proc = _run("finetune", plugin, tmp_path, "run_id=tune", "finetune.objective=it",
-                "finetune.init=scratch", "model.scale=0.05", "finetune.epochs=1", "finetune.max_steps=20",
-                "finetune.batch_size=8", "finetune.lr=0.05", "finetune.heldout_images=4",
-                "data.num_train_images=64")
+                f"finetune.init={start}",
+                "finetune.epochs=2", "finetune.max_steps=10", "finetune.batch_size=8", "finetune.lr=0.05",
+                "finetune.heldout_images=4")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    exported = torch.load(next((tmp_path / "ckpt" / "finetune").rglob("model.pt")), weights_only=True)
-    learned = exported["log_scale"].exp().item()
-    # the IT loss in expectation is -log N(x; 0, s^2 I): gradient steps move s from 0.05 towards the
-    # training images' RMS in the model range
-    rms = _test_images(tmp_path).square().mean().sqrt().item()
-    assert 0.05 < learned and abs(learned - rms) < abs(0.05 - rms)
+    summary = json.loads(next((tmp_path / "out").rglob("finetune.json")).read_text())
+    assert summary["steps"] == 10 and str(start) in summary["init"]
+    exported = torch.load(summary["model_path"], weights_only=True)
+    assert torch.equal(exported["mean"], mean) and torch.equal(exported["var"], var)  # buffers: not trained
+    t = exported["log_t"].exp().item()
+    assert 0.3 < t < 1.0 + 1e-6  # towards the likelihood's optimum t = 1, from 0.3
 
 
-def test_a_plugin_that_cannot_be_imported_is_one_message(plugin, tmp_path):
+def test_a_plugin_that_cannot_be_imported_is_one_message(tmp_path):
     env = {"ITDIFFUSION_PLUGINS": "no_such_family_module"}
     proc = run_cli("evaluate", "logger=none", cwd=tmp_path, env=env)
     assert proc.returncode == 2
