@@ -444,7 +444,7 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
-    from itdiffusion.io import atomic_write
+    from itdiffusion.fsio import atomic_write
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))

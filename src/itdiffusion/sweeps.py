@@ -34,7 +34,7 @@ SWEEP_FAILED_EXIT = 1
 
 def write_status(run_dir: Path, job: tuple[int, list[str]], error: BaseException | None) -> None:
     """``job_status.json`` in the job's run dir: its number, overrides, ok/failed and the error message."""
-    from itdiffusion.io import atomic_write_json
+    from itdiffusion.fsio import atomic_write_json
 
     record = {"job": job[0], "overrides": job[1], "status": "failed" if error else "ok", "time": time.time(),
               "error": None if error is None else f"{type(error).__name__}: {error}"}

@@ -571,7 +571,7 @@ class Trainer:
         if train_loss is not None:
             point.update(self._loss_fields("train_loss", train_loss))
         if heldout is not None and not math.isfinite(heldout):
-            # JSON has no NaN: the values become null (io.atomic_write_json) and this flag says why
+            # JSON has no NaN: the values become null (fsio.atomic_write_json) and this flag says why
             point["heldout_loss_nonfinite"] = True
             if distributed.is_main():
                 warnings.warn(f"the held-out loss at step {p.step} is {heldout}", stacklevel=2)

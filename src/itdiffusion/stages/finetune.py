@@ -55,7 +55,7 @@ from itdiffusion.config import FinetuneConfig, check_values
 from itdiffusion.dashboard import TRACKING_ID, log_model
 from itdiffusion.data import load_images
 from itdiffusion.errors import UserError
-from itdiffusion.io import atomic_write_json
+from itdiffusion.fsio import atomic_write_json
 from itdiffusion.models import families
 from itdiffusion.models.checkpoints import CheckpointError, file_sha256
 from itdiffusion.models.families import Family, family_of

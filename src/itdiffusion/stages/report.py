@@ -97,7 +97,7 @@ def loss_series(points: Sequence[Mapping], kind: str) -> tuple[str, list[tuple[f
 
 
 def _save_figure(fig, path: Path) -> None:
-    from itdiffusion.io import atomic_write
+    from itdiffusion.fsio import atomic_write
 
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
 

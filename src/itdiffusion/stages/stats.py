@@ -30,8 +30,8 @@ from omegaconf import DictConfig
 
 from itdiffusion import distributed
 from itdiffusion.data import dataset_key, load_images, random_subset, source_files, to_model_range
+from itdiffusion.fsio import atomic_torch_save, atomic_write_json, file_lock
 from itdiffusion.information import GaussianReference
-from itdiffusion.io import atomic_torch_save, atomic_write_json, file_lock
 from itdiffusion.stages import CONFIG_DIR, config_dict, launch, prepare_process, rank_zero_first, setup_device
 from itdiffusion.tracking import Tracker
 from itdiffusion.units import nats_to_bpd
