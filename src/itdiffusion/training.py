@@ -440,7 +440,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         losses = self._accumulate_gradients(net, x, seeds)
         loss = losses.mean()
-        grad_norm = self._grad_norm()
+        grad_norm = self._clip_grad_norm()
 
         # one collective per step: loss sum, image count, non-finite flag, stop request
         stats = torch.tensor([0.0, len(losses), 0.0, float(self._term_requested)], dtype=torch.float64,
@@ -516,7 +516,7 @@ class Trainer:
             parts.append(losses.detach())
         return torch.cat(parts)
 
-    def _grad_norm(self) -> Tensor:
+    def _clip_grad_norm(self) -> Tensor:
         """Total gradient 2-norm (before clipping); clips to ``grad_clip`` when set."""
         grads = [q.grad for q in self.model.parameters() if q.grad is not None]
         if self.cfg.grad_clip is not None:
