@@ -170,7 +170,7 @@ def test_the_absurd_value_check_reads_bits_per_dim_not_counts():
     """The paper's protocol evaluates a network 2 npoints + 4000 times per image: a count far above the
     bits/dim bound is no reason to stop; an estimate beyond it is."""
     from itdiffusion.artifacts import PerImage
-    from itdiffusion.stages.skeleton import ABSURD_BPD, check_finite
+    from itdiffusion.stages.evaluation_frame import ABSURD_BPD, check_finite
 
     per_image = PerImage(index=torch.arange(2), groups=["m0"])
     per_image.member_values["network_evals"] = torch.tensor([[6000.0, 6000.0]], dtype=torch.float64)

@@ -58,11 +58,11 @@ from itdiffusion.stages import (
     CONFIG_DIR,
     budget_pilot,
     evaluate_masked,
+    evaluation_frame,
     launch,
     prepare_process,
     rank_zero_first,
     setup_device,
-    skeleton,
 )
 from itdiffusion.stages.partial import Partial
 from itdiffusion.stages.precision import select_fast_path
@@ -78,7 +78,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     """Evaluate ``cfg.model`` (or the ``cfg.ensemble``) on the test set; rank 0 writes the outputs."""
     if not family_of(cfg.model).gaussian:  # masked diffusion: I-MDCE instead of the IT and VLB estimates
         return evaluate_masked.run(cfg, run_dir)
-    if skeleton.skip_done(cfg, run_dir):
+    if evaluation_frame.skip_done(cfg, run_dir):
         return None
     _check_settings(cfg)
     started, est = time.time(), cfg.estimator
@@ -104,13 +104,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
             members, est, device, lambda ms: check_estimates(ms, test, reference, proposal, est, device)
         )
         chunk = max(1, est.batch_size // est.npoints) if est.it else max(1, est.batch_size)
-        per_image = skeleton.evaluate_sharded(
+        per_image = evaluation_frame.evaluate_sharded(
             cfg.label,
             test,
             chunk,
             lambda idx, images: sample(members, images, idx, reference, proposal, est, device),
             Partial(
-                run_dir, skeleton.fingerprint(cfg, members, proposal=proposal, fast_path=precision["used"])
+                run_dir,
+                evaluation_frame.fingerprint(cfg, members, proposal=proposal, fast_path=precision["used"]),
             ),
         )
         sources = None
@@ -118,19 +119,19 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
         distributed.barrier()
         return None
     per_image = with_estimates(per_image, reference, _decoder_choice(budget))
-    skeleton.check_finite(per_image, reference.dim)
+    evaluation_frame.check_finite(per_image, reference.dim)
     if sources is None and len(members) == 1:  # single models (an ensemble's maps are its members')
         add_pixel_maps(per_image, members, test, reference, est, device)
     metrics = {
         **summarize(per_image, members, reference, proposal, est),
         **({"budget": budget} if budget else {}),
-        **skeleton.provenance(cfg, members),
+        **evaluation_frame.provenance(cfg, members),
         "precision_check": precision,
         "elapsed_s": round(time.time() - started, 2),
     }
     if sources is not None:
         metrics["curves_from"] = sources
-    metrics = skeleton.finish(cfg, run_dir, per_image, metrics, REPORTED_BPD)
+    metrics = evaluation_frame.finish(cfg, run_dir, per_image, metrics, REPORTED_BPD)
     distributed.barrier()
     return metrics
 

@@ -6,8 +6,8 @@ I-MDCE estimates of the discrete -log P(x) with ``estimator.num_masks`` masks pe
 from its own seed: ``mdce_bpd`` (time integral) and ``mdce_timefree_bpd`` (time free), and two examples,
 ``mdce_bottom_given_top_bpd`` (bits/dim of the bottom half of the image given the top half) and
 ``mdce_corrupted_log_ratio_nats`` (log p(y) - log p(x) with y the image with a random
-``estimator.corrupt_fraction`` of sub-pixels replaced by uniform values; coupled masks). Same skeleton as
-the Gaussian models (:mod:`itdiffusion.stages.skeleton`); the Gaussian reference and the
+``estimator.corrupt_fraction`` of sub-pixels replaced by uniform values; coupled masks). Same frame as the
+Gaussian models (:mod:`itdiffusion.stages.evaluation_frame`); the Gaussian reference and the
 ``estimator.it`` / ``vlb`` switches do not apply.
 """
 
@@ -27,14 +27,14 @@ from itdiffusion.discrete import bottom_given_top_nll, corrupted_log_ratio, mask
 from itdiffusion.errors import UserError
 from itdiffusion.models.loading import load_members
 from itdiffusion.seeding import Stream, stream_seeds
-from itdiffusion.stages import rank_zero_first, setup_device, skeleton
+from itdiffusion.stages import evaluation_frame, rank_zero_first, setup_device
 from itdiffusion.stages.partial import Partial
 from itdiffusion.units import mean_and_stderr
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     """I-MDCE bits/dim of ``cfg.model`` on the test set and the two examples; rank 0 writes the outputs."""
-    if skeleton.skip_done(cfg, run_dir):
+    if evaluation_frame.skip_done(cfg, run_dir):
         return None
     est = cfg.estimator
     _check_settings(cfg)
@@ -44,17 +44,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
         test = load_images(cfg.data, "test")
     member = load_members(cfg, device)[0]
     chunk = max(1, est.batch_size // est.num_masks)
-    per_image = skeleton.evaluate_sharded(
+    per_image = evaluation_frame.evaluate_sharded(
         cfg.label,
         test,
         chunk,
         lambda idx, images: sample(member.network, images, idx, est),
-        Partial(run_dir, skeleton.fingerprint(cfg, [member])),
+        Partial(run_dir, evaluation_frame.fingerprint(cfg, [member])),
     )
     if not distributed.is_main():
         distributed.barrier()
         return None
-    skeleton.check_finite(per_image, member.network.length)
+    evaluation_frame.check_finite(per_image, member.network.length)
     metrics: dict = {
         "num_images": per_image.num_images,
         "num_masks": est.num_masks,
@@ -65,8 +65,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     for key in MASKED_ESTIMATES:
         metrics[key], metrics[f"{key}_stderr"] = mean_and_stderr(values[key])
     metrics["network_evals"] = int(per_image.member_values["network_evals"].sum().item())
-    metrics.update(skeleton.provenance(cfg, [member]), elapsed_s=round(time.time() - started, 2))
-    metrics = skeleton.finish(cfg, run_dir, per_image, metrics, MASKED_ESTIMATES)
+    metrics.update(evaluation_frame.provenance(cfg, [member]), elapsed_s=round(time.time() - started, 2))
+    metrics = evaluation_frame.finish(cfg, run_dir, per_image, metrics, MASKED_ESTIMATES)
     distributed.barrier()
     return metrics
 

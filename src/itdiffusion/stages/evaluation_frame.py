@@ -1,4 +1,4 @@
-"""The skeleton every evaluation stage shares: load, shard, run, gather, write.
+"""The frame every evaluation stage shares: load, shard, run, gather, write.
 
 :func:`skip_done` (a complete run dir is kept), :func:`evaluate_sharded` (the test images split over
 torchrun ranks, a per-chunk function under a progress bar, every rank's rows gathered on rank 0 in image
