@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from itdiffusion import artifacts, dashboard, distributed
+from itdiffusion import artifacts, distributed, stage_tracking
 from itdiffusion.artifacts import PerImage
 from itdiffusion.errors import Preempted, UserError
 from itdiffusion.results import ResultsStoreError, record_run
@@ -194,7 +194,7 @@ def finish(cfg: DictConfig, run_dir: Path, per_image: PerImage, metrics: dict, s
     metrics = artifacts.commit_evaluation(run_dir, per_image, metrics)
     discard(run_dir)  # the finished chunks of a resumable run are in per_image.npz now
     _record(cfg, metrics, run_dir / artifacts.METRICS)
-    dashboard.log_evaluation(cfg, run_dir, per_image, metrics)
+    stage_tracking.log_evaluation(cfg, run_dir, per_image, metrics)
     log.info(
         "%s: %s",
         cfg.label,

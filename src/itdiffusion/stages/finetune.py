@@ -52,7 +52,6 @@ from itdiffusion import distributed
 from itdiffusion.artifacts import LOSS_CURVE
 from itdiffusion.checkpointing import EXPORTED_MODEL, LAST, load_training_state
 from itdiffusion.config import FinetuneConfig, check_values
-from itdiffusion.dashboard import TRACKING_ID, log_model
 from itdiffusion.data import load_images
 from itdiffusion.errors import UserError
 from itdiffusion.fsio import atomic_write_json
@@ -60,6 +59,7 @@ from itdiffusion.models import families
 from itdiffusion.models.checkpoints import CheckpointError, file_sha256
 from itdiffusion.models.families import Family, family_of
 from itdiffusion.models.objectives import Objective
+from itdiffusion.stage_tracking import TRACKING_ID, log_model
 from itdiffusion.stages import (
     CONFIG_DIR,
     config_dict,

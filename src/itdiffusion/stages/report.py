@@ -28,7 +28,6 @@ from omegaconf import DictConfig
 
 from itdiffusion import artifacts, figures
 from itdiffusion.artifacts import PerImage
-from itdiffusion.dashboard import EVALUATION_ARTIFACT_TYPE, TRACKING_ID
 from itdiffusion.errors import UserError
 from itdiffusion.results import (
     CONTINUOUS_COLUMNS,
@@ -41,6 +40,7 @@ from itdiffusion.results import (
     results_paths,
     row_labels,
 )
+from itdiffusion.stage_tracking import EVALUATION_ARTIFACT_TYPE, TRACKING_ID
 from itdiffusion.stages import CONFIG_DIR, config_dict, launch, prepare_process
 from itdiffusion.tracking import Tracker, run_tags
 
