@@ -12,11 +12,11 @@ from hydra import compose, initialize_config_dir
 
 import itdiffusion.stages.finetune as finetune_stage
 from itdiffusion.artifacts import read_loss_curve
-from itdiffusion.checkpointing import load_training_state
 from itdiffusion.errors import UserError
 from itdiffusion.models import ddpm
 from itdiffusion.stages import CONFIG_DIR
 from itdiffusion.stages.finetune import SUMMARY, run
+from itdiffusion.training_state import load_training_state
 
 
 class Crash(Exception):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from finetune_toys import BASE, denoising_loss, make_trainer
-from itdiffusion import checkpointing as ckpt
+from itdiffusion import training_state as ckpt
 from itdiffusion.artifacts import read_loss_curve
 from itdiffusion.seeding import Stream, stream_seed, stream_seed_tensor
 from itdiffusion.training import (

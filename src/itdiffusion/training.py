@@ -13,7 +13,7 @@ noise as one process, and a resumed run draws exactly what an uninterrupted one 
 are drawn from the same hash. The only global RNG the loop leaves to torch is dropout's, one stream
 per process, which every checkpoint records.
 
-Resuming. Every checkpoint (:mod:`itdiffusion.checkpointing`) holds the model, optimizer, LR
+Resuming. Every checkpoint (:mod:`itdiffusion.training_state`) holds the model, optimizer, LR
 schedule, EMA, every process's RNG states, the epoch, the number of batches of that epoch already
 consumed, the step counter, skip counter, the partial epoch loss and the loss curve. The data
 order of an epoch is a pure function of (seed, epoch) (``DistributedSampler``), so restarting the
@@ -46,8 +46,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
-from itdiffusion import checkpointing as ckpt
 from itdiffusion import distributed, errors
+from itdiffusion import training_state as ckpt
 from itdiffusion.artifacts import LOSS_CURVE, write_loss_curve
 from itdiffusion.config import FinetuneConfig, value_problems
 from itdiffusion.data import to_model_range

@@ -50,7 +50,6 @@ from torch.utils.data import Dataset, Subset
 
 from itdiffusion import distributed
 from itdiffusion.artifacts import LOSS_CURVE
-from itdiffusion.checkpointing import EXPORTED_MODEL, LAST, load_training_state
 from itdiffusion.config import FinetuneConfig, check_values
 from itdiffusion.data import load_images
 from itdiffusion.errors import UserError
@@ -72,6 +71,7 @@ from itdiffusion.stages import (
 from itdiffusion.stages.stats import load_or_compute_reference
 from itdiffusion.tracking import Tracker, run_tags
 from itdiffusion.training import Trainer, validate_config
+from itdiffusion.training_state import EXPORTED_MODEL, LAST, load_training_state
 from itdiffusion.trajectory import INIT_SHA256, differences, trajectory_settings
 
 log = logging.getLogger(__name__)
