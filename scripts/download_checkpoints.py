@@ -22,8 +22,8 @@ from omegaconf import OmegaConf
 
 from itdiffusion.errors import UserError
 from itdiffusion.models import ddpm
-from itdiffusion.models.checkpoints import CheckpointError, file_sha256
 from itdiffusion.models.iddpm import resolve_checkpoint
+from itdiffusion.models.weights import CheckpointError, file_sha256
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "src" / "itdiffusion" / "conf" / "model"
 OFFICIAL = ("iddpm_cifar10_vlb", "iddpm_cifar10_hybrid")

@@ -13,8 +13,8 @@ from conftest import TINY, run_cli
 from itdiffusion.artifacts import read_per_image
 from itdiffusion.data import load_images, to_model_range
 from itdiffusion.errors import UserError
-from itdiffusion.models.checkpoints import file_sha256
 from itdiffusion.models.iddpm import build_model_and_diffusion
+from itdiffusion.models.weights import file_sha256
 from itdiffusion.results import load_runs
 from itdiffusion.seeding import Stream, stream_seed
 from itdiffusion.stages import evaluate

@@ -52,7 +52,7 @@ from itdiffusion.artifacts import LOSS_CURVE, write_loss_curve
 from itdiffusion.config import FinetuneConfig, value_problems
 from itdiffusion.data import to_model_range
 from itdiffusion.errors import UserError
-from itdiffusion.models.checkpoints import first_nonfinite
+from itdiffusion.models.weights import first_nonfinite
 from itdiffusion.seeding import Stream, stream_seed, stream_seed_tensor
 from itdiffusion.trajectory import RESUME_INVARIANT, differences
 from itdiffusion.units import nats_to_bpd

@@ -48,16 +48,16 @@ import torch
 from torch import Tensor, nn
 
 from itdiffusion.errors import UserError
-from itdiffusion.models.checkpoints import (
+from itdiffusion.models.iddpm import _as_dict, resolve_checkpoint
+from itdiffusion.models.schedules import linear_betas, tabulated_logsnr_to_step
+from itdiffusion.models.upstream import improved_diffusion
+from itdiffusion.models.weights import (
     CheckpointError,
     file_sha256,
     load_checkpoint,
     load_state_checked,
     strip_wrapper_prefixes,
 )
-from itdiffusion.models.iddpm import _as_dict, resolve_checkpoint
-from itdiffusion.models.schedules import linear_betas, tabulated_logsnr_to_step
-from itdiffusion.models.upstream import improved_diffusion
 
 __all__ = [
     "DDPMDenoiser",

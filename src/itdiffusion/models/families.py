@@ -29,9 +29,9 @@ from itdiffusion.config import DDPMModelConfig, MaskedPixelsModelConfig, ModelCo
 from itdiffusion.denoisers import Denoiser
 from itdiffusion.errors import UserError
 from itdiffusion.models import ddpm, iddpm
-from itdiffusion.models.checkpoints import load_checkpoint
 from itdiffusion.models.masked_unet import build_masked_pixel_model
 from itdiffusion.models.objectives import AnyOrderLoss, IDDPMLoss, ITLoss, Objective
+from itdiffusion.models.weights import load_checkpoint
 
 PLUGINS_ENV = "ITDIFFUSION_PLUGINS"
 ENTRY_POINT_GROUP = "itdiffusion.families"

@@ -55,9 +55,9 @@ from itdiffusion.data import load_images
 from itdiffusion.errors import UserError
 from itdiffusion.fsio import atomic_write_json
 from itdiffusion.models import families
-from itdiffusion.models.checkpoints import CheckpointError, file_sha256
 from itdiffusion.models.families import Family, family_of
 from itdiffusion.models.objectives import Objective
+from itdiffusion.models.weights import CheckpointError, file_sha256
 from itdiffusion.stage_tracking import TRACKING_ID, log_model
 from itdiffusion.stages import (
     CONFIG_DIR,
