@@ -28,7 +28,7 @@ from torch import nn
 from itdiffusion.config import DDPMModelConfig, MaskedPixelsModelConfig, ModelConfig, OneOf, Rule
 from itdiffusion.denoisers import Denoiser
 from itdiffusion.errors import UserError
-from itdiffusion.models import ddpm, iddpm
+from itdiffusion.models import ddpm, ddpm_weights, iddpm
 from itdiffusion.models.masked_unet import build_masked_pixel_model
 from itdiffusion.models.objectives import AnyOrderLoss, IDDPMLoss, ITLoss, Objective
 from itdiffusion.models.weights import load_checkpoint
@@ -125,7 +125,7 @@ class DDPMFamily(Family):
                      ) -> tuple[str, str]:
         if path is not None:  # a diffusers directory or a .pt state dict
             model_cfg = OmegaConf.merge(model_cfg, {"checkpoint": str(path)})
-        return ddpm.load_unet_weights(trained, model_cfg, checkpoint_dir)
+        return ddpm_weights.load_unet_weights(trained, model_cfg, checkpoint_dir)
 
     def denoiser(self, network: nn.Module, model_cfg: Any) -> Denoiser:
         return ddpm.DDPMDenoiser(network, ddpm.train_alpha_bar(model_cfg))
