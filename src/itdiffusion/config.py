@@ -18,7 +18,13 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from itdiffusion import run_ids, trajectory
+from itdiffusion.budget import BUDGETS
+from itdiffusion.data import SOURCES
 from itdiffusion.errors import UserError
+from itdiffusion.information.curves import ROUNDING_MODES
+from itdiffusion.information.proposal import SAMPLING_MODES
+from itdiffusion.models.acceleration import COMPILE_MODES, PRECISIONS
+from itdiffusion.models.schedules import SCHEDULES
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # the Hydra config tree, shipped in the package
 
@@ -298,16 +304,10 @@ def register_configs(model_schemas: Mapping[str, type] | None = None) -> None:
 # value check that needs nothing but the config lives in VALUE_RULES, and check_values(cfg) applies
 # them before a stage runs (itdiffusion.stages.launch): a bad value is one line, exit 2, nothing written.
 # Checks that need data, weights or several keys at once stay in the stages. model.kind and
-# finetune.objective take the registered families' values (itdiffusion.models.families.value_rules).
+# finetune.objective take the registered families' values (itdiffusion.models.families.value_rules); the
+# other tuples are the library's own (data.SOURCES, information.ROUNDING_MODES, ...), never copies.
 # ----------------------------------------------------------------------------------------------
-NOISE_SCHEDULES = ("cosine", "linear")  # model.noise_schedule (itdiffusion.models.schedules.SCHEDULES)
-DATASETS = ("cifar10", "image_folder", "npz", "patches")  # data.name (itdiffusion.data.SOURCES)
-ROUNDINGS = ("soft", "hard", "none")  # estimator.rounding (itdiffusion.information.ROUNDING_MODES)
-LOGSNR_SAMPLINGS = ("stratified", "random", "grid")  # itdiffusion.information.SAMPLING_MODES
-PRECISIONS = ("fp32", "bf16", "auto")  # estimator.precision (itdiffusion.models.acceleration)
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")  # estimator.compile (same)
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")  # cuda:N: GPU number N
-BUDGETS = ("per_image", "dataset")  # estimator.budget (itdiffusion.budget.BUDGETS)
 
 
 @dataclass(frozen=True)
@@ -395,7 +395,7 @@ class Rule:
 
 VALUE_RULES: tuple[Rule, ...] = (
     Rule("device", OneOf(DEVICES)),
-    Rule("data.name", OneOf(DATASETS)),
+    Rule("data.name", OneOf(SOURCES)),
     Rule("data.image_size", AT_LEAST_ONE),
     Rule("data.num_images", AT_LEAST_ONE_OR_NULL),
     Rule("data.num_train_images", AT_LEAST_ONE_OR_NULL),
@@ -403,15 +403,15 @@ VALUE_RULES: tuple[Rule, ...] = (
     Rule("data.num_workers", NON_NEGATIVE),
     Rule("data.patches_per_photo", AT_LEAST_ONE),
     Rule("data.patch_photo_size", AT_LEAST_ONE),
-    Rule("model.noise_schedule", OneOf(NOISE_SCHEDULES)),
+    Rule("model.noise_schedule", OneOf(SCHEDULES)),
     Rule("model.image_size", AT_LEAST_ONE),
     Rule("model.diffusion_steps", AT_LEAST_ONE),
     Rule("model.dropout", Bounds(low=0, high=1, high_open=True)),
     Rule("model.vocab_size", Bounds(low=2)),  # masked_pixels models only
     Rule("model.embed_dim", AT_LEAST_ONE),
     Rule("estimator.npoints", Bounds(low=2, why="(a standard error needs two points)"), when="estimator.it"),
-    Rule("estimator.logsnr_sampling", OneOf(LOGSNR_SAMPLINGS)),
-    Rule("estimator.rounding", OneOf(ROUNDINGS)),
+    Rule("estimator.logsnr_sampling", OneOf(SAMPLING_MODES)),
+    Rule("estimator.rounding", OneOf(ROUNDING_MODES)),
     Rule("estimator.clip", Bounds(low=0, low_open=True, why="(scales of the log-SNR proposal)")),
     Rule("estimator.batch_size", AT_LEAST_ONE),
     Rule("estimator.vlb_steps_per_batch", AT_LEAST_ONE),
