@@ -13,9 +13,14 @@ from itdiffusion import config
 from itdiffusion.config import check_values, value_problems
 from itdiffusion.errors import UserError
 from itdiffusion.models import families
-from itdiffusion.stages import _created_by_this_process, check_writable_dir, remove_unused_run_dir
+from itdiffusion.stages import (
+    _created_by_this_process,
+    check_writable_dir,
+    remove_unused_run_dir,
+    value_rules,
+)
 
-RULES = config.VALUE_RULES + families.value_rules()  # what the stages check (the families' kinds too)
+RULES = value_rules()  # what the stages check (the families' kinds and objectives too)
 
 # (override, the message's text): every kind of rule, run through Hydra's parsing of the value
 BAD_VALUES = [
@@ -113,9 +118,8 @@ def test_allowed_sets_are_the_library_s():
     assert rules["estimator.compile"] is acceleration.COMPILE_MODES
     assert rules["model.noise_schedule"] is schedules.SCHEDULES
     assert rules["estimator.budget"] is budget.BUDGETS
-    registered = {rule.key: rule.check.values for rule in families.value_rules()}  # from the registry
-    assert registered == {"model.kind": ("iddpm", "masked_pixels", "ddpm"),
-                          "finetune.objective": ("it", "iddpm", "any_order")}
+    assert families.allowed_values() == {"model.kind": ("iddpm", "masked_pixels", "ddpm"),  # the registry's
+                                         "finetune.objective": ("it", "iddpm", "any_order")}
 
 
 # --- folders the stage writes --------------------------------------------------------------------------

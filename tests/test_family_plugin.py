@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from itdiffusion.config import ModelConfig
+from itdiffusion.models.schemas import ModelConfig
 from itdiffusion.models import families
 from itdiffusion.models.objectives import ITLoss
 

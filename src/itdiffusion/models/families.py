@@ -1,11 +1,11 @@
 """Model families: one registry entry per ``model.kind``, the one place a family is defined.
 
-A :class:`Family` owns its config schema (a dataclass extending :class:`itdiffusion.config.ModelConfig`,
+A :class:`Family` owns its config schema (a dataclass extending :class:`itdiffusion.models.schemas.ModelConfig`,
 registered as ``/schema/model/<kind>`` for the YAML files of ``conf/model/``), how to build its network and
 load weights into it (the evaluated model's and fine-tuning's initial weights alike), its denoiser, its
 training objectives (:mod:`itdiffusion.models.objectives`) and its VLB route (the diffusion of the
 variational bound, or none). The stages ask the registry (:func:`family_of`), never ``model.kind``; the
-allowed kinds and objectives are the registry's (:func:`value_rules`).
+allowed kinds and objectives are the registry's (:func:`allowed_values`).
 
 Adding a family: subclass :class:`Family` and :func:`register` an instance, in this module or in a plug-in
 module that the stages import before composing their config: a module named in ``ITDIFFUSION_PLUGINS``
@@ -25,12 +25,12 @@ from typing import Any, ClassVar
 from omegaconf import OmegaConf
 from torch import nn
 
-from itdiffusion.config import DDPMModelConfig, MaskedPixelsModelConfig, ModelConfig, OneOf, Rule
 from itdiffusion.denoisers import Denoiser
 from itdiffusion.errors import UserError
 from itdiffusion.models import ddpm, ddpm_weights, iddpm
 from itdiffusion.models.masked_unet import build_masked_pixel_model
 from itdiffusion.models.objectives import AnyOrderLoss, IDDPMLoss, ITLoss, Objective
+from itdiffusion.models.schemas import DDPMModelConfig, MaskedPixelsModelConfig, ModelConfig
 from itdiffusion.models.weights import load_checkpoint
 
 PLUGINS_ENV = "ITDIFFUSION_PLUGINS"
@@ -186,10 +186,10 @@ def model_schemas() -> dict[str, type]:
     return {kind: family.schema for kind, family in FAMILIES.items()}
 
 
-def value_rules() -> tuple[Rule, ...]:
+def allowed_values() -> dict[str, tuple[str, ...]]:
     """The allowed ``model.kind`` and ``finetune.objective`` values: those of the registered families."""
     objectives = dict.fromkeys(name for family in FAMILIES.values() for name in family.objectives)
-    return (Rule("model.kind", OneOf(tuple(FAMILIES))), Rule("finetune.objective", OneOf(tuple(objectives))))
+    return {"model.kind": tuple(FAMILIES), "finetune.objective": tuple(objectives)}
 
 
 def load_plugins(env: Mapping[str, str] | None = None) -> list[str]:

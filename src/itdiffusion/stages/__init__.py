@@ -29,13 +29,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from itdiffusion import config, distributed, sweeps
-from itdiffusion.config import CONFIG_DIR, VALUE_RULES, check_values
+from itdiffusion.config import CONFIG_DIR, VALUE_RULES, OneOf, Rule, check_values
 from itdiffusion.errors import Preempted, UserError
 from itdiffusion.models import families
 
 log = logging.getLogger("itdiffusion")
 
-__all__ = ["CONFIG_DIR", "launch", "prepare_process", "register_configs"]
+__all__ = ["CONFIG_DIR", "launch", "prepare_process", "register_configs", "value_rules"]
+
+
+def value_rules() -> tuple[Rule, ...]:
+    """:data:`itdiffusion.config.VALUE_RULES` and the registered families' kinds and objectives
+    (:func:`itdiffusion.models.families.allowed_values`): every value check a stage makes at launch."""
+    return VALUE_RULES + tuple(Rule(key, OneOf(values)) for key, values in families.allowed_values().items())
 
 
 def register_configs() -> None:
@@ -76,7 +82,7 @@ def launch(stage: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> None:
         return
     created = _created_by_this_process(run_dir)
     try:
-        check_values(cfg, rules=VALUE_RULES + families.value_rules())
+        check_values(cfg, rules=value_rules())
         check_output_dirs(cfg, Path(inspect.getfile(stage)).stem)  # not __module__: "__main__" under -m
         stage(cfg, run_dir)
     except UserError as e:
@@ -184,7 +190,7 @@ def launch_sweep_job(stage: Callable[[DictConfig, Path], Any], cfg: DictConfig, 
     """One job of a Hydra multirun: a failure is logged (which job, why) and written to the job's
     ``job_status.json`` instead of ending the sweep; :class:`itdiffusion.sweeps.SweepReport` sums up."""
     try:
-        check_values(cfg, rules=VALUE_RULES + families.value_rules())
+        check_values(cfg, rules=value_rules())
         check_output_dirs(cfg, Path(inspect.getfile(stage)).stem)
         stage(cfg, run_dir)
     except Preempted:

@@ -54,7 +54,6 @@ from itdiffusion.config import FinetuneConfig, check_values
 from itdiffusion.data import load_images
 from itdiffusion.errors import UserError
 from itdiffusion.fsio import atomic_write_json
-from itdiffusion.models import families
 from itdiffusion.models.families import Family, family_of
 from itdiffusion.models.objectives import Objective
 from itdiffusion.models.weights import CheckpointError, file_sha256
@@ -67,6 +66,7 @@ from itdiffusion.stages import (
     prepare_process,
     rank_zero_first,
     setup_device,
+    value_rules,
 )
 from itdiffusion.stages.stats import load_or_compute_reference
 from itdiffusion.tracking import Tracker, run_tags
@@ -81,7 +81,7 @@ SUMMARY = "finetune.json"
 
 def finetune_settings(cfg: DictConfig) -> FinetuneConfig:
     """``cfg.finetune`` as a checked :class:`FinetuneConfig`."""
-    check_values(cfg, rules=families.value_rules())  # model.kind and finetune.objective: the registry's
+    check_values(cfg, rules=value_rules())  # with model.kind and finetune.objective: the registry's
     settings = OmegaConf.to_object(cfg.finetune)
     validate_config(settings)
     return settings
