@@ -216,7 +216,7 @@ def smoke_unet_setup(checkpoint: Path, num_images: int):
     from hydra import compose, initialize_config_dir
 
     from itdiffusion.data import load_images, to_model_range
-    from itdiffusion.models.loading import load_members
+    from itdiffusion.members import load_members
     from itdiffusion.stages import register_configs
     from itdiffusion.stages.stats import load_or_compute_reference
 

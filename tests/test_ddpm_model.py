@@ -14,9 +14,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from itdiffusion.errors import CheckpointError, UserError
+from itdiffusion.members import load_member
 from itdiffusion.models import ddpm, ddpm_weights
 from itdiffusion.models.iddpm import build_model_and_diffusion, load_checkpoint, resolve_checkpoint
-from itdiffusion.models.loading import load_member
 from itdiffusion.models.schedules import linear_betas
 from itdiffusion.models.upstream import improved_diffusion
 from itdiffusion.stages import CONFIG_DIR

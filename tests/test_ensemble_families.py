@@ -14,8 +14,8 @@ import torch
 from conftest import TINY, run_cli
 from itdiffusion.artifacts import read_per_image
 from itdiffusion.errors import UserError
+from itdiffusion.members import model_config
 from itdiffusion.models import ddpm
-from itdiffusion.models.loading import model_config
 from itdiffusion.stages import evaluate
 
 # IT only (the VLB is per model and its chain length is a per-family setting), no pixel maps

@@ -164,7 +164,7 @@ class Config:
     paper_row: str | None = None
     ensemble: list[str] = field(default_factory=list)  # evaluate: >= 2 checkpoints of `model` to ensemble
     # evaluate, ensembles across model families: one model config name (conf/model/) per `ensemble` entry,
-    # e.g. [iddpm_cifar10_vlb,ddpm_cifar10]; empty: every checkpoint is a `model` (itdiffusion.models.loading)
+    # e.g. [iddpm_cifar10_vlb,ddpm_cifar10]; empty: every checkpoint is a `model` (itdiffusion.members)
     ensemble_models: list[str] = field(default_factory=list)
     # evaluate, ensembles: one evaluate run per member (its run dir or per_image.npz, in `ensemble` order)
     # whose stored MMSE curves the ensemble reuses: no network evaluation (estimator.vlb=false; the runs

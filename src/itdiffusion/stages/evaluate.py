@@ -50,8 +50,8 @@ from itdiffusion.information import (
     sample_curves,
 )
 from itdiffusion.information.pilot import PILOT_IMAGES
+from itdiffusion.members import Member, check_ensemble, load_members, member_configs
 from itdiffusion.models.families import family_of
-from itdiffusion.models.loading import Member, check_ensemble, load_members, member_configs
 from itdiffusion.pixel_maps import pixel_maps
 from itdiffusion.seeding import Stream, stream_seeds
 from itdiffusion.stages import (

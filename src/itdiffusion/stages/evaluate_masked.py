@@ -25,7 +25,7 @@ from itdiffusion.artifacts import MASKED_ESTIMATES, PerImage
 from itdiffusion.data import load_images
 from itdiffusion.discrete import bottom_given_top_nll, corrupted_log_ratio, masked_pixel_metrics
 from itdiffusion.errors import UserError
-from itdiffusion.models.loading import load_members
+from itdiffusion.members import load_members
 from itdiffusion.seeding import Stream, stream_seeds
 from itdiffusion.stages import evaluation_frame, rank_zero_first, setup_device
 from itdiffusion.stages.partial import Partial
