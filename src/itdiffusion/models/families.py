@@ -1,11 +1,12 @@
 """Model families: one registry entry per ``model.kind``, the one place a family is defined.
 
-A :class:`Family` owns its config schema (a dataclass extending :class:`itdiffusion.models.schemas.ModelConfig`,
-registered as ``/schema/model/<kind>`` for the YAML files of ``conf/model/``), how to build its network and
-load weights into it (the evaluated model's and fine-tuning's initial weights alike), its denoiser, its
-training objectives (:mod:`itdiffusion.models.objectives`) and its VLB route (the diffusion of the
-variational bound, or none). The stages ask the registry (:func:`family_of`), never ``model.kind``; the
-allowed kinds and objectives are the registry's (:func:`allowed_values`).
+A :class:`Family` owns its config schema (a dataclass extending
+:class:`itdiffusion.models.schemas.ModelConfig`, registered as ``/schema/model/<kind>`` for the YAML files
+of ``conf/model/``), how to build its network and load weights into it (the evaluated model's and
+fine-tuning's initial weights alike), its denoiser, its training objectives
+(:mod:`itdiffusion.models.objectives`) and its VLB route (the diffusion of the variational bound, or
+none). The stages ask the registry (:func:`family_of`), never ``model.kind``; the allowed kinds and
+objectives are the registry's (:func:`allowed_values`).
 
 Adding a family: subclass :class:`Family` and :func:`register` an instance, in this module or in a plug-in
 module that the stages import before composing their config: a module named in ``ITDIFFUSION_PLUGINS``
