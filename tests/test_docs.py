@@ -10,7 +10,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 README_MAX_LINES = 200
-MISSING_DOC = "DES" + "IGN.md"  # design notes outside the repository (split so that grep finds no citation here)
+MISSING_DOC = "DES" + "IGN.md"  # design notes outside the repository (split: a grep finds no citation)
 
 FENCE = re.compile(r"^(```|~~~)")
 HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
