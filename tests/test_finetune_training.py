@@ -74,7 +74,6 @@ def test_ema_matches_the_recursion():
     ("lr", float("nan"), "finetune.lr=nan"),
     ("batch_size", 0, "finetune.batch_size=0"),
     ("epochs", 0, "finetune.epochs=0"),
-    ("objective", "mse", "finetune.objective='mse'"),
     ("ema_decay", 1.0, "finetune.ema_decay=1.0"),
     ("save_every_steps", 0, "finetune.save_every_steps=0"),
     ("grad_clip", 0.0, "finetune.grad_clip=0.0"),
