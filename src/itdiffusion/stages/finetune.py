@@ -81,7 +81,7 @@ SUMMARY = "finetune.json"
 
 def finetune_settings(cfg: DictConfig) -> FinetuneConfig:
     """``cfg.finetune`` as a checked :class:`FinetuneConfig`."""
-    check_values(cfg, rules=value_rules())  # with model.kind and finetune.objective: the registry's
+    check_values(cfg, rules=value_rules())  # the registered families' kinds and objectives too
     settings = OmegaConf.to_object(cfg.finetune)
     validate_config(settings)
     return settings
