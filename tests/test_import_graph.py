@@ -163,3 +163,13 @@ def test_discrete_estimators_do_not_import_the_models():
                     if name.startswith("itdiffusion.discrete") for target in targets
                     if target.startswith("itdiffusion.models"))
     assert not upward
+
+
+def test_the_stages_never_test_the_model_kind():
+    """A family is defined in the registry alone (itdiffusion.models.families): no stage names a kind."""
+    import re
+
+    pattern = re.compile(r"model.kind|\.kind ==")
+    found = [f"{path.name}:{n}" for path in sorted((PACKAGE / "stages").glob("*.py"))
+             for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not found
