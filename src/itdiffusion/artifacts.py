@@ -78,6 +78,8 @@ class PerImage:
       ``network_evals``.
     - ``curves``: the IT error curves of the M models (None without IT estimates); ``reference_mmse``
       ``[B, K]``: the Gaussian reference's ``mmse_G(a)`` at every point (for figures).
+    - ``continuous_integrand`` ``[G, B, K]``: per group, the per-point values the continuous estimate
+      averaged (:attr:`itdiffusion.information.ITEstimate.continuous_integrand`; for figures).
     - ``pixel_maps``: for the first few images, each pixel's share of the continuous estimate
       (:class:`itdiffusion.pixel_maps.PixelMaps` fields: ``index`` ``[P]``, ``images`` ``[P, *shape]``,
       ``nats``/``stderr``/``band`` ``[M, P, d]``, ``total_nats`` ``[M, P]``), or None.
@@ -90,6 +92,7 @@ class PerImage:
     curves: Curves | None = None
     reference_mmse: Tensor | None = None
     pixel_maps: dict[str, Tensor] | None = None
+    continuous_integrand: Tensor | None = None
 
     @property
     def num_images(self) -> int:
@@ -144,6 +147,9 @@ def write_per_image(path: str | os.PathLike, per_image: PerImage, *, exact: bool
             arrays[f"curves__{k}"] = v.numpy().astype(np.float32) if v.dim() >= 2 and not exact else v.numpy()
     if per_image.reference_mmse is not None:
         arrays["reference_mmse"] = per_image.reference_mmse.numpy().astype(np.float32)
+    if per_image.continuous_integrand is not None:
+        integrand = per_image.continuous_integrand.numpy()
+        arrays["continuous_integrand"] = integrand if exact else integrand.astype(np.float32)
     for k, v in (per_image.pixel_maps or {}).items():
         arrays[f"pixel__{k}"] = v.numpy()
     arrays["meta"] = np.array(json.dumps(meta))
@@ -186,6 +192,7 @@ def read_per_image(path: str | os.PathLike) -> PerImage:
             **fields,
         )
     reference_mmse = arrays.get("reference_mmse")
+    integrand = arrays.get("continuous_integrand")
     return PerImage(
         index=torch.from_numpy(arrays["index"]).long(),
         groups=list(meta["groups"]),
@@ -194,6 +201,7 @@ def read_per_image(path: str | os.PathLike) -> PerImage:
         curves=curves,
         reference_mmse=None if reference_mmse is None else torch.from_numpy(reference_mmse).double(),
         pixel_maps=section("pixel__") or None,
+        continuous_integrand=None if integrand is None else torch.from_numpy(integrand).double(),
     )
 
 

@@ -85,7 +85,7 @@ class PixelMaps:
 def decisions(curves: Curves, reference: GaussianReference) -> tuple[Tensor, Tensor | None]:
     """The continuous estimate's choices for one model's curves: per image and point, which candidate
     is used (0: the network, 1: the Gaussian decoder) ``[B, K]``, and the control-variate coefficient
-    ``[B, K]`` (None without a control variate); as :func:`itdiffusion.information.crossfit.integrate`
+    ``[B, K]`` (None without a control variate); as :func:`itdiffusion.information.crossfit.chosen_integrand`
     makes them (the clamp on)."""
     c = curves.to(reference.mean.device)
     weight = torch.exp(-c.log_q)

@@ -106,9 +106,9 @@ def cross_fitted_coefficient(integrand: Tensor, control: Tensor, bins: Tensor, n
 
 
 
-def integrate(candidates: list[Tensor], logsnr: Tensor, proposal: LogSNRProposal, sampling: str,
-              control: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``mean_k`` of the chosen integrand per image, and its standard error (the integrand's units).
+def chosen_integrand(candidates: list[Tensor], logsnr: Tensor, proposal: LogSNRProposal,
+                     control: Tensor | None = None) -> Tensor:
+    """The per-point values ``[B, K]`` whose row means are the integral's estimates.
 
     ``candidates``: ``[B, K]`` or ``[C, B, K]`` tensors, integrands ``f_c / q`` of the candidate decoders
     on the same points and noise; per image and log-SNR bin the cross-fitted choice
@@ -126,5 +126,4 @@ def integrate(candidates: list[Tensor], logsnr: Tensor, proposal: LogSNRProposal
     if control is not None:
         coef = cross_fitted_coefficient(stacked, control[None], bins, nbins)  # [C, B, nbins]
         values = values - coef.gather(0, index[None]).squeeze(0).gather(1, bins) * control
-    return mc_mean_and_stderr(values, sampling)
-
+    return values

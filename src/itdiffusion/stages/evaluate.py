@@ -224,16 +224,16 @@ def with_estimates(
     if curves.num_models > 1:
         groups.append(list(range(curves.num_models)))
     mmse_g = reference.mmse(curves.logsnr.to(reference.mean.device))  # B K d operations: once for all groups
-    found = [
-        (
-            estimate_with_choice(curves.models(g), reference, choice)
-            if choice is not None and len(g) == choice.num_models
-            else estimate(curves.models(g), reference, reference_mmse=mmse_g)
-        ).per_image()
+    formed = [
+        estimate_with_choice(curves.models(g), reference, choice)
+        if choice is not None and len(g) == choice.num_models
+        else estimate(curves.models(g), reference, reference_mmse=mmse_g)
         for g in groups
     ]
+    found = [f.per_image() for f in formed]
     per_image.groups = [f"m{g[0]}" for g in groups[: curves.num_models]] + [ENSEMBLE] * (len(groups) > 1)
     per_image.estimates = {f"it_{name}_nats": torch.stack([f[name] for f in found]) for name in found[0]}
+    per_image.continuous_integrand = torch.stack([f.continuous_integrand for f in formed])
     per_image.reference_mmse = mmse_g.cpu()
     return per_image
 
@@ -287,6 +287,9 @@ def summarize(
         "logsnr_core_range": list(proposal.core_bounds),
         "logsnr_proposal": dataclasses.asdict(proposal),
     }
+    if per_image.curves is not None and per_image.curves.gaussian_nll is not None:  # closed form, per image
+        gaussian = nats_to_bpd(per_image.curves.gaussian_nll, dim)
+        metrics["gaussian_nll_bpd"], metrics["gaussian_nll_bpd_stderr"] = mean_and_stderr(gaussian)
     per_member = [_group_metrics(per_image, f"m{j}", j, dim) for j in range(len(members))]
     if len(members) == 1:
         return {**metrics, **per_member[0]}
