@@ -32,8 +32,9 @@ def small_run(tiny_checkpoints, shared_cache, tmp_path_factory):
 
     def cfg(*overrides):
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            return compose("config", overrides=[*path_overrides(root), *TINY, f"paths.cache_dir={shared_cache}",
-                                                "logger.group=figs", "estimator.pixel_maps=2", *overrides])
+            return compose("config", overrides=[*path_overrides(root), *TINY, "logger.group=figs",
+                                                f"paths.cache_dir={shared_cache}", "estimator.pixel_maps=2",
+                                                *overrides])
 
     found = {}
     for k, (row, run_id) in enumerate((("IDDPM", "figs-base"), ("'IDDPM(tune)'", "figs-tuned"))):
@@ -147,3 +148,25 @@ def test_per_image_and_loss_figures(small_run):
         assert {line["label"] for line in ax["lines"]} == {"train", "heldout"}
     per_image = drawn(results, "per_image")
     assert "base [IDDPM]" in per_image["texts"] and "tuned [IDDPM(tune)]" in per_image["texts"]
+
+
+def test_a_figure_that_disagrees_with_its_table_stops_the_report(small_run, tmp_path):
+    """metrics.json edited after the evaluation (its per_image.npz unchanged, so still a complete run): the
+    gap figure would show another number than the table, and the report fails naming both."""
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+
+    from conftest import path_overrides
+    from itdiffusion.stages import CONFIG_DIR
+
+    _, _, results = small_run
+    run_dir = tmp_path / "outputs" / "evaluate" / "figs-base"
+    shutil.copytree(results.parent / "evaluate" / "figs-base", run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics["it_continuous_bpd"] += 0.01
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[*path_overrides(tmp_path), "logger=none", "run_id=bad-report"])
+    with pytest.raises(report.FigureCheckError, match="figs-base.*estimate: figure .*, table"):
+        report.run(cfg, tmp_path / "report")

@@ -143,8 +143,8 @@ def curves_per_image(logsnr: np.ndarray, reference_mmse: np.ndarray, *mmse: np.n
 
 
 def test_gap_data_integrates_a_known_gap():
-    """A model whose error is a known amount below the Gaussian decoder's: the binned gap follows it and
-    the implied estimate is the Gaussian's minus its integral / 2."""
+    """A model whose error is a known amount below the Gaussian decoder's (used everywhere, as the estimate
+    would): the binned gap follows it, and the area is the nats it saves."""
     from itdiffusion import figures
 
     rng = np.random.default_rng(0)
@@ -155,14 +155,20 @@ def test_gap_data_integrates_a_known_gap():
     gap = 10 * np.exp(-(logsnr**2) / 4)
     per_image = curves_per_image(logsnr, mmse_g, mmse_g - gap + rng.normal(0, 0.1, logsnr.shape))
     per_image.curves.proposal = proposal
+    curves = per_image.curves
+    integrand = (curves.mmse[0] - per_image.reference_mmse) * torch.exp(-curves.log_q)  # the model everywhere
+    per_image.continuous_integrand = integrand[None]
+    per_image.estimates = {"it_continuous_nats": 0.5 * integrand.mean(1)[None]}  # h_G = 0, no tails
+    curves.gaussian_nll = torch.zeros(b, dtype=torch.float64)
     data = figures.gap_data(per_image, entropy_nats=0.0, dim=1)
     np.testing.assert_allclose(data.gap[0], 10 * np.exp(-(data.centres**2) / 4), atol=1.0)
+    np.testing.assert_allclose(data.used, data.gap[0], atol=2.0)  # shares: the points per bin vary
     lo, hi = proposal.bounds
     grid = np.linspace(lo, hi, 20001)
     exact = 0.5 * np.trapezoid(10 * np.exp(-(grid**2) / 4), grid)  # nats the model saves
-    assert data.gaussian_bpd == pytest.approx(0.0, abs=1e-9)  # the decoder at the images is mmse_G here
-    assert data.implied_bpd * math.log(2) == pytest.approx(-exact, rel=0.03)
-    assert (data.chosen == 0).all()  # the model is better everywhere: never the Gaussian decoder
+    assert data.sampled_gaussian_bpd == pytest.approx(0.0, abs=1e-9)  # the decoder at the images is mmse_G
+    assert data.area_bpd * math.log(2) == pytest.approx(exact, rel=0.03)
+    assert data.estimate_bpd == pytest.approx(-data.area_bpd, abs=1e-9)
 
 
 def fake_evaluation(outputs: Path, run_id: str, group: str, **values) -> None:
@@ -225,8 +231,8 @@ def test_report_stage_writes_tables_figures_and_keeps_old_rows(tmp_path, make_cf
     assert md.index("## repro1") < md.index("## repro0")  # newest group first
     assert md.index("r-base [IDDPM]") < md.index("r-tuned [IDDPM(tune)]")
     figures = out["figures"]["repro1"]
-    # (no per-image figure: these fake runs hold curves but no per-image estimates)
-    assert {Path(f).stem.removeprefix("repro1_") for f in figures} == {"mmse", "mmse_gap", "loss"}
+    # (no per-image or gap figure: these fake runs hold curves but no per-image estimates)
+    assert {Path(f).stem.removeprefix("repro1_") for f in figures} == {"mmse", "loss"}
     for fig in figures:
         assert f"]({fig})" in md
         with Image.open(outputs / "results" / fig) as im:

@@ -249,7 +249,8 @@ class GapData:
     ``area_bpd = 1/2 sum_j w_j used_j`` and ``sampled_gaussian_bpd = h_G + tails + 1/2 mean g``.
     ``estimate_bpd``: the mean of the group's per-image continuous estimates (what metrics.json reports);
     ``gaussian_bpd``: the mean closed-form ``-ln N(x; mu, Sigma)`` of the images. ``gap`` ``[M, J]``: each
-    model's own gap ``(e_G - e) / q`` binned the same way, with ``gap_stderr``.
+    model's own gap ``e_G - e``, bin averages as in the MMSE figure (:meth:`Bins.mean`; the same as the
+    shares when the points fill the bins evenly), with ``gap_stderr``.
     """
 
     centres: np.ndarray
@@ -280,7 +281,7 @@ def gap_data(per_image: PerImage, entropy_nats: float, dim: int, group: str | No
     bins = make_bins(per_image)
     g = (curves.gaussian_mmse - reference_mmse(per_image)) * bins.weight
     used, _ = bins.share(g - per_image.continuous_integrand[row])
-    gaps = [bins.share((curves.gaussian_mmse - curves.mmse[m]) * bins.weight) for m in models]
+    gaps = [bins.mean(curves.gaussian_mmse - curves.mmse[m]) for m in models]
     area = 0.5 * float(np.sum(bins.widths * used))
     sampled = entropy_nats + float(curves.continuous_tail.mean()) + 0.5 * float(g.mean())
     table = float(per_image.group(group)["it_continuous_nats"].mean())
