@@ -146,7 +146,7 @@ def provenance(cfg: DictConfig, members: Sequence) -> dict:
         "experiment": cfg.experiment,
         "group": cfg.logger.group,
         "model": _model_names(members) or cfg.model.name,
-        "training_objective": cfg.model.training_objective,
+        **training_objective(cfg, members),
         "checkpoint": members[0].checkpoint if one else [m.checkpoint for m in members],
         "checkpoint_sha256": members[0].sha256 if one else [m.sha256 for m in members],
         "git_commit": git_commit(),
@@ -154,6 +154,19 @@ def provenance(cfg: DictConfig, members: Sequence) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": config_dict(cfg),
     }
+
+
+def training_objective(cfg: DictConfig, members: Sequence) -> dict:
+    """The weights' training objective label: from the ``export.json`` finetune wrote beside them when it
+    describes these weights (:func:`itdiffusion.artifacts.checkpoint_provenance`), else the model config's
+    ``training_objective``; per member for an ensemble. ``training_objective_from`` says which."""
+    found = [artifacts.checkpoint_provenance(m.checkpoint, m.sha256) if m.checkpoint else None
+             for m in members]
+    labels = [f["training_objective"] if f else cfg.model.training_objective for f in found]
+    sources = ["checkpoint" if f else "model config" for f in found]
+    one = len(members) == 1
+    return {"training_objective": labels[0] if one else labels,
+            "training_objective_from": sources[0] if one else sources}
 
 
 def _model_names(members: Sequence) -> str | list[str] | None:
