@@ -47,8 +47,8 @@ from itdiffusion.tracking import Tracker, run_tags
 log = logging.getLogger(__name__)
 
 def find_metrics(root: str | Path) -> list[dict]:
-    """The metrics of every complete evaluation below ``root`` (incomplete or unreadable ones, or those of
-    another format version: a warning each)."""
+    """The metrics of every complete evaluation below ``root`` that belongs in the tables (not run with
+    ``results=false``; incomplete or unreadable ones, or those of another format version: a warning each)."""
     found = []
     for path in sorted(Path(root).rglob(artifacts.METRICS)):
         try:
@@ -56,7 +56,7 @@ def find_metrics(root: str | Path) -> list[dict]:
         except artifacts.ArtifactError as e:
             log.warning("skipping %s", e)
             continue
-        if metrics.get("run_id"):
+        if metrics.get("run_id") and metrics.get("results", True):
             found.append({**metrics, "metrics_path": str(path)})
     return found
 

@@ -26,6 +26,7 @@ from itdiffusion.errors import Preempted, UserError
 from itdiffusion.results import ResultsStoreError, record_run
 from itdiffusion.stages import config_dict, git_commit
 from itdiffusion.stages.partial import Partial, discard, sigterm_flag
+from itdiffusion.sweeps import job_group
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,8 @@ def provenance(cfg: DictConfig, members: Sequence) -> dict:
         "label": cfg.label,
         "paper_row": cfg.paper_row,
         "experiment": cfg.experiment,
-        "group": cfg.logger.group,
+        "group": cfg.logger.group or job_group(),  # a sweep's jobs: one group per sweep
+        "results": bool(cfg.results),
         "model": _model_names(members) or cfg.model.name,
         **training_objective(cfg, members),
         "checkpoint": members[0].checkpoint if one else [m.checkpoint for m in members],
@@ -219,6 +221,10 @@ def finish(cfg: DictConfig, run_dir: Path, per_image: PerImage, metrics: dict, s
 
 
 def _record(cfg: DictConfig, metrics: dict, metrics_path: Path) -> None:
+    if not cfg.results:
+        log.info("results=false: %s stays out of the results tables (its metrics are in %s)", cfg.run_id,
+                 metrics_path)
+        return
     try:
         record_run(cfg.paths.results_dir, {**metrics, "metrics_path": str(metrics_path)})
     except ResultsStoreError as e:  # an unreadable results store: keep metrics.json, say how to recover
