@@ -96,10 +96,25 @@ def test_paper_conventions_and_columns(tmp_path):
     md = (tmp_path / "results.md").read_text()
     line = next(x for x in md.splitlines() if x.startswith("| base [IDDPM] | L_vlb"))
     assert f"{2.95 - math.log2(127.5):.3f} ± 0.020" in line and "-4.05" in line and "-4.09" in line
-    assert "| Paper: variational | Paper: IT |" in md
+    assert "| Paper (CIFAR-10): variational | Paper (CIFAR-10): IT |" in md
     discrete = [x for x in md.splitlines() if x.startswith("| base [IDDPM] |")][1]
     assert "2.950 ± 0.020" in discrete and "3.16" in discrete and "3.17" in discrete
     assert "I-MDCE" not in md  # the masked-diffusion table only appears once such runs exist
+
+
+def test_each_section_says_what_was_evaluated_and_whose_the_paper_numbers_are(tmp_path):
+    record_run(tmp_path, metrics("crops", group="smoke", data="patches", model="iddpm_tiny",
+                                 checkpoint="/ckpt/run/model.pt", checkpoint_sha256="abcdef0123456789"))
+    record_run(tmp_path, metrics("full", group="repro", data="cifar10", num_images=10_000,
+                                 model="iddpm_cifar10_vlb", checkpoint="/x/cifar10_uncond_vlb_50M_500K.pt"))
+    md = (tmp_path / "results.md").read_text()
+    sections = {part.split(" ", 1)[0]: part for part in md.split("\n## ")[1:]}
+    assert "Evaluated: patches, 4 test images." in sections["smoke"]
+    assert "crops: iddpm_tiny (checkpoint model.pt, sha256 abcdef01)" in sections["smoke"]
+    assert "not for these rows" in sections["smoke"]  # a tiny model on photo crops: not the paper's peers
+    assert "Evaluated: cifar10, 10000 test images." in sections["repro"]
+    assert "not for these rows" not in sections["repro"]
+    assert "Kong et al.,\nICLR 2023, for their models on the 10,000 CIFAR-10 test images" in md
 
 
 def test_masked_diffusion_rows_get_their_own_table(tmp_path):

@@ -147,6 +147,7 @@ def provenance(cfg: DictConfig, members: Sequence) -> dict:
         "experiment": cfg.experiment,
         "group": cfg.logger.group or job_group(),  # a sweep's jobs: one group per sweep
         "results": bool(cfg.results),
+        "data": cfg.data.name,
         "model": _model_names(members) or cfg.model.name,
         **training_objective(cfg, members),
         "checkpoint": members[0].checkpoint if one else [m.checkpoint for m in members],
