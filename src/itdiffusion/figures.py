@@ -409,7 +409,8 @@ def plot_per_image(values: Mapping[str, Mapping[str, np.ndarray]], path: Path) -
     for ax in (h1, h2):
         ax.set_xlabel("bits/dim")
         ax.set_ylabel("images")
-        ax.legend(fontsize="small")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
     lims = sc.get_xlim() + sc.get_ylim()
     lo, hi = min(lims), max(lims)
     sc.plot([lo, hi], [lo, hi], "k:", lw=0.8)
