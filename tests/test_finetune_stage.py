@@ -61,12 +61,12 @@ def test_smoke_chain_base_then_it_finetune(tmp_path, cache_dir):
     assert any(not torch.equal(v, base_weights[k]) for k, v in model.state_dict().items())
 
     # each export says what produced it, and an evaluation of the tuned weights with the base model config
-    # (iddpm_tiny: "L_hybrid") takes its training objective from there
+    # (iddpm_tiny: "L_hybrid") takes its training objective from there, not from the config
     base_export = json.loads((base_dir / "export.json").read_text())
-    assert base_export["training_objective"] == "IDDPM loss (from scratch)"
+    assert base_export["training_objective"] == "L_hybrid"  # iddpm_tiny's IDDPM loss, from scratch
     assert base_export["weights"]["model.pt"] == file_sha256(base_dir / "model.pt")
     label = json.loads((tuned_dir / "export.json").read_text())["training_objective"]
-    assert label == "IDDPM loss (from scratch) + IT fine-tuning"
+    assert label == "L_hybrid + IT fine-tuning"
     eval_overrides = ["estimator.npoints=4", "data.num_images=2", "model.diffusion_steps=4",
                       "estimator.vlb=false", "estimator.pixel_maps=0"]
     tuned_eval = evaluate.run(smoke_cfg(tmp_path, cache_dir, f"model.checkpoint={tuned_dir / 'model.pt'}",

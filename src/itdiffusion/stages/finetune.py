@@ -115,17 +115,20 @@ def load_initial_weights(cfg: DictConfig, model: nn.Module) -> tuple[str, str | 
     return f"{path} (sha256 {sha256})", sha256
 
 
-# The tables' names of the fine-tuning objectives (finetune.objective).
-OBJECTIVE_LABELS = {"it": "IT", "iddpm": "IDDPM loss", "any_order": "any-order (I-MDCE)"}
+# The tables' names of the fine-tuning objectives (finetune.objective); "iddpm" is the model config's own
+# loss (its training_objective, e.g. L_hybrid).
+OBJECTIVE_LABELS = {"it": "IT", "any_order": "any-order (I-MDCE)"}
 
 
 def objective_label(cfg: DictConfig, objective: str, init_sha256: str | None) -> str:
-    """The training objective the tables show for this run's weights: ``<objective> (from scratch)``, or
-    the starting weights' own label (their ``export.json`` when they come from a fine-tuning run, else the
-    model config's ``training_objective``) ``+ <objective> fine-tuning``."""
+    """The training objective the tables show for this run's weights: the objective's name from scratch,
+    else the starting weights' own label (their ``export.json`` when they come from a fine-tuning run, else
+    the model config's ``training_objective``) ``+ <objective> fine-tuning``."""
     name = OBJECTIVE_LABELS.get(objective, objective)
+    if objective == "iddpm":
+        name = cfg.model.training_objective
     if init_sha256 is None:
-        return f"{name} (from scratch)"
+        return name
     init = cfg.finetune.init or cfg.model.checkpoint
     found = checkpoint_provenance(str(init), init_sha256) if init else None
     base = found["training_objective"] if found else cfg.model.training_objective
