@@ -13,7 +13,7 @@ import pytest
 
 from conftest import TINY
 from itdiffusion.artifacts import read_per_image, write_loss_curve
-from itdiffusion.figures import sidecar_path
+from itdiffusion.figure_files import sidecar_path
 from itdiffusion.stages import evaluate, report
 
 NUMBER = re.compile(r"[−-]?\d+\.\d+")

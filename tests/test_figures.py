@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from itdiffusion import figures
+from itdiffusion import figure_files, figures, run_figures
 from itdiffusion.artifacts import PerImage
 from itdiffusion.information import GaussianReference, LogSNRProposal, estimate, sample_curves
 from itdiffusion.stages.evaluate import with_estimates
@@ -93,7 +93,7 @@ def test_no_mmse_curve_leaves_its_axes(tmp_path):
     data.discrete["model (rounded)"] = (np.linspace(5, 150, 9), np.zeros(9))
     data.best = data.continuous["model"][0]
     path = figures.plot_mmse(data, tmp_path / "mmse.png")
-    drawn = json.loads(figures.sidecar_path(path).read_text())
+    drawn = json.loads(figure_files.sidecar_path(path).read_text())
     for ax in drawn["axes"]:
         lo, hi = ax["ylim"]
         for line in ax["lines"]:
@@ -102,7 +102,7 @@ def test_no_mmse_curve_leaves_its_axes(tmp_path):
     # the references are told apart by colour and line style
     styles = {name: figures.REFERENCE_STYLES[name] for name in figures.REFERENCE_STYLES}
     assert len(set(styles.values())) == 3 and len({c for c, _ in styles.values()}) == 3
-    assert not {c for c, _ in styles.values()} & set(figures.MODEL_COLOURS)
+    assert not {c for c, _ in styles.values()} & set(figure_files.MODEL_COLOURS)
 
 
 def test_pixel_colour_range_is_robust_to_outliers():
@@ -124,7 +124,7 @@ def test_figures_are_png_files_with_the_paper_layout(toy, tmp_path):
     for path in (figures.plot_mmse(mmse, tmp_path / "mmse.png"),
                  figures.plot_gap({"exact": figures.gap_data(per_image, reference.entropy, reference.dim)},
                                   tmp_path / "gap.png"),
-                 figures.plot_losses({"u": [("run", "train", [(1, 2.0)])]}, tmp_path / "loss.png")):
+                 run_figures.plot_losses({"u": [("run", "train", [(1, 2.0)])]}, tmp_path / "loss.png")):
         with Image.open(path) as im:
             assert im.format == "PNG" and im.size[0] > 300
             assert np.asarray(im.convert("L")).std() > 5  # something is drawn

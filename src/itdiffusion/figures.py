@@ -7,13 +7,12 @@ dimensions for error curves, bits/dim for estimates, bits for pixel maps.
 **Binning.** Each image has its own log-SNR points, drawn from the proposal q. The points of all images
 are pooled into equal-probability bins of q (``proposal.bins``). In bin j (probability p_j, width w_j) the
 MMSE figure plots ``(p_j / w_j) mean(f / q)``, the bin's average of f estimated as the estimator estimates its
-integral (:meth:`Bins.mean`); the gap figure plots ``sum_{bin j} (f / q) / (N w_j)`` over the N points of
-all images (:meth:`Bins.share`), so that ``sum_j w_j value_j`` is exactly the estimator's ``mean f / q`` and
-its area is the table's number (:func:`gap_data`).
+integral (:meth:`Bins.mean`); the gap figure's shaded gap is ``sum_{bin j} (f / q) / (N w_j)`` over the N
+points of all images (:meth:`Bins.share`), so that ``sum_j w_j value_j`` is exactly the estimator's
+``mean f / q`` and its area gives the table's number (:func:`gap_data`).
 
-**What was drawn.** :func:`_save` writes beside every PNG a ``.json`` sidecar with every text the figure shows
-(titles, labels, legend entries, captions) and, per axes, its y limits and the y range of every drawn line,
-read from the matplotlib objects: tests compare these with ``metrics.json`` and the tables.
+Every figure is saved with a sidecar of what it shows (:mod:`itdiffusion.figure_files`); the loss and
+per-image figures are in :mod:`itdiffusion.run_figures`.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ import torch
 from torch import Tensor
 
 from itdiffusion.artifacts import ENSEMBLE, PerImage
+from itdiffusion.figure_files import MODEL_COLOURS, marker, pyplot, save, wrap
 from itdiffusion.units import nats_to_bpd
 
 MAX_PLOT_BINS = 64
@@ -152,11 +152,10 @@ REFERENCE_STYLES = {
     MMSEData.STANDARD: ("0.55", ":"),
     MMSEData.GAUSSIAN_DECODER: ("C5", "--"),
 }
-MODEL_COLOURS = ("C0", "C1", "C3", "C4", "C6", "C9", "C8", "C7")
 
 
 def plot_mmse(data: MMSEData, path: Path, title: str = "") -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     panels = 2 if data.discrete else 1
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.8), squeeze=False, layout="constrained")
     ax = axes[0, 0]
@@ -165,7 +164,7 @@ def plot_mmse(data: MMSEData, path: Path, title: str = "") -> Path:
         colour, style = REFERENCE_STYLES.get(name, (None, "-"))
         if colour is None:
             colour, models = MODEL_COLOURS[models % len(MODEL_COLOURS)], models + 1
-        ax.plot(data.centres, mean, style, color=colour, lw=1.6, label=name, marker=_marker(mean))
+        ax.plot(data.centres, mean, style, color=colour, lw=1.6, label=name, marker=marker(mean))
     gauss = data.continuous[MMSEData.GAUSSIAN_DECODER][0]
     ax.fill_between(data.centres, data.best, gauss, where=gauss >= data.best, color="C2", alpha=0.2,
                     label="best model below the Gaussian decoder")
@@ -175,7 +174,7 @@ def plot_mmse(data: MMSEData, path: Path, title: str = "") -> Path:
         ax2 = axes[0, 1]
         for k, (name, (mean, _)) in enumerate(data.discrete.items()):
             ax2.plot(data.centres, mean, "-", color=MODEL_COLOURS[k % len(MODEL_COLOURS)], label=name,
-                     marker=_marker(mean))
+                     marker=marker(mean))
         colour, style = REFERENCE_STYLES[MMSEData.STANDARD]
         ax2.plot(data.centres, data.continuous[MMSEData.STANDARD][0], style, color=colour, lw=1.6,
                  label=MMSEData.STANDARD)
@@ -190,7 +189,7 @@ def plot_mmse(data: MMSEData, path: Path, title: str = "") -> Path:
         a.set_ylim(lo, hi)
         a.legend(fontsize="small")
     fig.suptitle(title or "MMSE against log-SNR (binned means over test images and points)")
-    _save(fig, path)
+    save(fig, path)
     return path
 
 
@@ -300,7 +299,7 @@ def gap_legend(label: str, d: GapData) -> tuple[str, str]:
 def plot_gap(series: Mapping[str, GapData], path: Path) -> Path:
     """One colour per evaluated run (``label -> data``): the used gap as stairs over the bins (their area
     is the one in the legend), and for a single model its own gap with a ±1 stderr band."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5.6), layout="constrained")
     for k, (label, d) in enumerate(series.items()):
         colour = f"C{k % 10}"
@@ -308,7 +307,7 @@ def plot_gap(series: Mapping[str, GapData], path: Path) -> Path:
         ax.stairs(d.used, d.edges, fill=True, color=colour, alpha=0.25, label=estimate_line)
         if len(d.gap) == 1:
             gap, err = d.gap[0], d.gap_stderr[0]
-            ax.plot(d.centres, gap, "-", color=colour, marker=_marker(gap))
+            ax.plot(d.centres, gap, "-", color=colour, marker=marker(gap))
             ax.fill_between(d.centres, gap - err, gap + err, color=colour, alpha=0.12)
         ax.plot([], [], " ", label=gaussian_line)
     ax.axhline(0.0, color="k", lw=0.8)
@@ -316,110 +315,8 @@ def plot_gap(series: Mapping[str, GapData], path: Path) -> Path:
     ax.set_ylabel("e_G(x, a) − e(x, a), bin average   (ε units, summed over d)")
     ax.set_title("What the continuous estimate integrates: the gain over the Gaussian decoder")
     ax.legend(fontsize="small")
-    fig.text(0.01, 0.0, _wrap(GAP_CAPTION, 130), fontsize=6.5, va="top")
-    _save(fig, path)
-    return path
-
-
-# ------------------------------------------------------------------------------------------------------
-# (3) loss curves, (4) per-image values
-# ------------------------------------------------------------------------------------------------------
-
-LOSS_UNITS = {
-    "iddpm": "IDDPM loss (its own units)",
-    "it": "continuous bits/dim (IT bound)",
-    "any_order": "discrete bits/dim (masked diffusion, I-MDCE)",
-}
-
-
-def plot_losses(panels: Mapping[str, Sequence[tuple[str, str, Sequence[tuple[float, float]]]]],
-                path: Path) -> Path | None:
-    """One row per run, one column per unit (``unit -> [(run, kind, [(step, value)])]``), so runs of
-    different lengths keep their own step axes: train solid blue, held-out dashed orange; markers on series
-    of fewer than 30 points (a single point is still drawn)."""
-    if not panels:
-        return None
-    plt = _pyplot()
-    runs = list(dict.fromkeys(run for series in panels.values() for run, _, _ in series))
-    units = list(panels)
-    fig, axes = plt.subplots(len(runs), len(units), figsize=(6 * len(units), 3.6 * len(runs)), squeeze=False,
-                             layout="constrained")
-    styles = {"train": ("C0", "-"), "heldout": ("C1", "--")}
-    for c, unit in enumerate(units):
-        for r, run in enumerate(runs):
-            ax = axes[r, c]
-            series = [(kind, points) for name, kind, points in panels[unit] if name == run]
-            if not series:
-                ax.set_axis_off()
-                continue
-            for kind, points in series:
-                colour, style = styles.get(kind, ("C2", "-."))
-                steps, values = zip(*points, strict=True)
-                ax.plot(steps, values, style, color=colour, marker="o" if len(points) < 30 else None,
-                        label=kind)
-            ax.set_title(f"{run}: {unit}", fontsize="medium")
-            ax.set_xlabel("optimizer step")
-            ax.set_ylabel(unit)
-            ax.legend(fontsize="small")
-    _save(fig, path)
-    return path
-
-
-def per_image_bpd(per_image: PerImage, dim: int, group: str | None = None) -> dict[str, np.ndarray]:
-    """Per-image bits/dim of every estimate of ``group`` (default: the ensemble or the one model) and the
-    VLBs of the first model: ``{metrics key: [B]}``."""
-    out: dict[str, np.ndarray] = {}
-    if per_image.estimates:
-        group = group or per_image.groups[-1]
-        for name, values in per_image.group(group).items():
-            if "_mc_stderr" in name or name.endswith("_stderr"):
-                continue
-            out[name.removesuffix("_nats") + "_bpd" if name.endswith("_nats") else name] = (
-                nats_to_bpd(values, dim).numpy() if name.endswith("_nats") else values.numpy())
-    for key in ("vlb_bpd", "vlb_continuous_bpd"):
-        if key in per_image.member_values:
-            out[key] = per_image.member_values[key][0].numpy()
-    return out
-
-
-def plot_per_image(values: Mapping[str, Mapping[str, np.ndarray]], path: Path) -> Path | None:
-    """Histograms of per-image IT bits/dim (one colour per run) and IT-vs-VLB scatter (discrete: IT
-    discrete against the VLB, both bits/dim of the 8-bit images; the diagonal marks equality)."""
-    runs = {k: v for k, v in values.items() if v}
-    if not runs:
-        return None
-    plt = _pyplot()
-    fig, (h1, h2, sc) = plt.subplots(1, 3, figsize=(17, 4.8), layout="constrained")
-    for ax, key in ((h1, "it_continuous_bpd"), (h2, "it_discrete_bpd")):
-        pooled = [np.asarray(v[key], dtype=float) for v in runs.values() if key in v]
-        if not pooled:
-            continue
-        edges = np.histogram_bin_edges(np.concatenate(pooled),  # the same bins for every run
-                                       bins=min(30, max(5, max(len(p) for p in pooled) // 2)))
-        for k, (label, v) in enumerate(runs.items()):
-            if key in v:
-                ax.hist(v[key], bins=edges, histtype="step", lw=1.8,
-                        color=MODEL_COLOURS[k % len(MODEL_COLOURS)], label=label)
-    for k, (label, v) in enumerate(runs.items()):
-        if "it_discrete_bpd" in v and "vlb_bpd" in v:
-            sc.scatter(v["vlb_bpd"], v["it_discrete_bpd"], s=10, color=MODEL_COLOURS[k % len(MODEL_COLOURS)],
-                       label=label)
-    h1.set_title("per-image IT continuous")
-    h2.set_title("per-image IT discrete (with tails)")
-    for ax in (h1, h2):
-        ax.set_xlabel("bits/dim")
-        ax.set_ylabel("images")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize="small")
-    lims = sc.get_xlim() + sc.get_ylim()
-    lo, hi = min(lims), max(lims)
-    sc.plot([lo, hi], [lo, hi], "k:", lw=0.8)
-    sc.set_xlabel("VLB (discrete), bits/dim")
-    sc.set_ylabel("IT discrete, bits/dim")
-    sc.set_title("per image: IT against VLB")
-    if runs and any("vlb_bpd" in v for v in runs.values()):
-        sc.legend(fontsize="small")
-    _save(fig, path)
+    fig.text(0.01, 0.0, wrap(GAP_CAPTION, 130), fontsize=6.5, va="top")
+    save(fig, path)
     return path
 
 
@@ -469,7 +366,7 @@ def plot_pixel_maps(maps: Mapping[str, PixelMapData], path: Path, max_images: in
     title), so a few outliers do not wash the map out."""
     if not maps:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     runs = list(maps.items())
     first = runs[0][1]
     n = min(max_images, len(first.index))
@@ -506,61 +403,5 @@ def plot_pixel_maps(maps: Mapping[str, PixelMapData], path: Path, max_images: in
         clipped += f"; difference ±{delta_lim:.3g} bits ({delta_out} beyond)"
     fig.suptitle("−log2 p(x) per pixel (channels summed; sums to the image's continuous estimate) and the "
                  f"log-SNR its information comes from\n{clipped}", fontsize=8)
-    _save(fig, path)
+    save(fig, path)
     return path
-
-
-# ------------------------------------------------------------------------------------------------------
-
-
-def _marker(values) -> str | None:
-    return "o" if len(values) < 30 else None
-
-
-def _wrap(text: str, width: int) -> str:
-    import textwrap
-
-    return "\n".join(textwrap.wrap(text, width))
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    """The PNG and its sidecar ``<name>.json`` (see the module: what was drawn)."""
-    from itdiffusion.io import atomic_write, atomic_write_json
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    atomic_write_json(sidecar_path(path), drawn(fig))
-    _pyplot().close(fig)
-
-
-def sidecar_path(path: Path) -> Path:
-    return Path(path).with_suffix(".json")
-
-
-def drawn(fig) -> dict:
-    """Every text of ``fig`` (suptitle, figure texts, axes titles and labels, legend entries, axes texts) and
-    per axes its y limits and the y range of each line's finite data."""
-    texts = [t.get_text() for t in fig.texts]  # the suptitle among them
-    axes = []
-    for ax in fig.axes:
-        texts += [ax.get_title(), ax.get_xlabel(), ax.get_ylabel(), *(t.get_text() for t in ax.texts)]
-        legend = ax.get_legend()
-        if legend is not None:
-            texts += [t.get_text() for t in legend.get_texts()]
-        lines = []
-        for line in ax.get_lines():
-            y = np.asarray(line.get_ydata(), dtype=float)
-            y = y[np.isfinite(y)]
-            if y.size:
-                lines.append({"label": line.get_label(), "min": float(y.min()), "max": float(y.max())})
-        axes.append({"title": ax.get_title(), "ylim": [float(v) for v in ax.get_ylim()], "lines": lines})
-    return {"texts": [t for t in texts if t], "axes": axes}

@@ -26,7 +26,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from itdiffusion import artifacts, figures
+from itdiffusion import artifacts, figures, run_figures
 from itdiffusion.artifacts import PerImage
 from itdiffusion.dashboard import EVALUATION_ARTIFACT_TYPE, TRACKING_ID
 from itdiffusion.errors import UserError
@@ -103,7 +103,7 @@ def _save_figure(fig, path: Path) -> None:
 
 
 def loss_panels(curves: Sequence[tuple[str, list[dict], str | None]]) -> dict[str, list]:
-    """Loss series by unit (:data:`itdiffusion.figures.LOSS_UNITS`): ``unit -> [(run, kind, points)]``.
+    """Loss series by unit (:data:`itdiffusion.run_figures.LOSS_UNITS`): ``unit -> [(run, kind, points)]``.
     Bits/dim are bits of the continuous IT bound, except for masked-diffusion runs (``any_order``: discrete
     bits/dim); the held-out loss of an ``iddpm`` run is the IT bound."""
     panels: dict[str, list] = {}
@@ -114,9 +114,9 @@ def loss_panels(curves: Sequence[tuple[str, list[dict], str | None]]) -> dict[st
                 continue
             unit, series = found
             if unit == "bpd":
-                key = figures.LOSS_UNITS["any_order" if objective == "any_order" else "it"]
+                key = run_figures.LOSS_UNITS["any_order" if objective == "any_order" else "it"]
             else:
-                key = figures.LOSS_UNITS.get(unit, unit)
+                key = run_figures.LOSS_UNITS.get(unit, unit)
             panels.setdefault(key, []).append((name, kind, series))
     return panels
 
@@ -158,15 +158,15 @@ def group_figures(rows: list[dict], loss_curves, figure_dir: Path, slug: str) ->
             checks[run["run_id"]] = check_gap(run, data)
         if gaps:
             made["mmse_gap"] = figures.plot_gap(gaps, figure_dir / f"{slug}_mmse_gap.png")
-    values = {labels[r["run_id"]]: figures.per_image_bpd(p, int(r.get("dim") or 0)) for r, p in evaluations
-              if r.get("dim")}
-    path = figures.plot_per_image(values, figure_dir / f"{slug}_per_image.png")
+    values = {labels[r["run_id"]]: run_figures.per_image_bpd(p, int(r.get("dim") or 0))
+              for r, p in evaluations if r.get("dim")}
+    path = run_figures.plot_per_image(values, figure_dir / f"{slug}_per_image.png")
     if path is not None:
         made["per_image"] = path
     maps = _pixel_map_runs(evaluations, labels)
     if maps:
         made["pixel_maps"] = figures.plot_pixel_maps(maps, figure_dir / f"{slug}_pixel_maps.png")
-    path = figures.plot_losses(loss_panels(loss_curves), figure_dir / f"{slug}_loss.png")
+    path = run_figures.plot_losses(loss_panels(loss_curves), figure_dir / f"{slug}_loss.png")
     if path is not None:
         made["loss"] = path
     return made, checks
