@@ -240,6 +240,9 @@ class LoggerConfig:
     dir: str = "${oc.env:WANDB_DIR,${paths.output_dir}}"
     tags: list[str] = field(default_factory=list)
     init_timeout: float = 20.0  # seconds to wait for an online wandb.init before falling back to offline
+    # evaluate: seconds between two running estimates (the dataset means so far, logged and printed while
+    # the evaluation runs; each costs an estimate over the images done, kept under a tenth of the time)
+    running_every_s: float = 60.0
 
 
 @dataclass
@@ -454,6 +457,7 @@ VALUE_RULES: tuple[Rule, ...] = (
     Rule("estimator.num_masks", Bounds(low=2, why="(a standard error needs two masks)")),
     Rule("estimator.corrupt_fraction", Bounds(low=0, high=1, low_open=True)),
     Rule("estimator.pixel_maps", NON_NEGATIVE),
+    Rule("logger.running_every_s", Bounds(low=0, why="(seconds between running estimates)")),
     Rule("estimator.pixel_map_points", Bounds(low=2, why="(a standard error needs two points)"),
          when="estimator.it"),
     Rule("estimator.vlb_steps", AllOrCount(low=2), when="estimator.vlb"),

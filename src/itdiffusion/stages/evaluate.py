@@ -35,7 +35,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from itdiffusion import distributed
+from itdiffusion import dashboard, distributed
 from itdiffusion.artifacts import ENSEMBLE, IT_ESTIMATES, REPORTED_BPD, PerImage
 from itdiffusion.budget import DecoderChoice, estimate_with_choice
 from itdiffusion.data import load_images, to_model_range
@@ -65,6 +65,7 @@ from itdiffusion.stages import (
 from itdiffusion.stages.partial import Partial
 from itdiffusion.stages.precision import select_fast_path
 from itdiffusion.stages.stats import load_or_compute_reference
+from itdiffusion.tracking import Tracker
 from itdiffusion.units import PIXEL_BIN, mean_and_stderr, nats_to_bpd
 from itdiffusion.variational import VLB_ALL_STEPS, vlb_per_image, vlb_sampled
 
@@ -80,8 +81,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     if skeleton.skip_done(cfg, run_dir):
         return None
     _check_settings(cfg)
-    started, est = time.time(), cfg.estimator
+    started = time.time()
     device = setup_device(cfg)
+    with dashboard.evaluation_tracker(cfg, run_dir) as tracker:  # live from the start (rank 0)
+        return _evaluate(cfg, run_dir, device, tracker, started)
+
+
+def _evaluate(cfg: DictConfig, run_dir: Path, device: torch.device, tracker: Tracker, started: float):
+    est = cfg.estimator
     reference = load_or_compute_reference(cfg, device)
     with rank_zero_first():
         test = load_images(cfg.data, "test")
@@ -103,6 +110,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
             members, est, device, lambda ms: check_estimates(ms, test, reference, proposal, est, device)
         )
         chunk = max(1, est.batch_size // est.npoints) if est.it else max(1, est.batch_size)
+        choice = _decoder_choice(budget)
+
+        def running(parts):  # metrics.json's numbers on the images done so far
+            return summarize(with_estimates(PerImage.cat(list(parts)), reference, choice), members, reference,
+                             proposal, est)
+
         per_image = skeleton.evaluate_sharded(
             cfg.label,
             test,
@@ -110,6 +123,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
             lambda idx, images: sample(members, images, idx, reference, proposal, est, device),
             Partial(
                 run_dir, skeleton.fingerprint(cfg, members, proposal=proposal, fast_path=precision["used"])
+            ),
+            dashboard.RunningLog(
+                tracker, running, skeleton.rank_images(len(test), chunk), cfg.logger.running_every_s,
+                cfg.label,
             ),
         )
         sources = None
@@ -131,7 +148,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     }
     if sources is not None:
         metrics["curves_from"] = sources
-    metrics = skeleton.finish(cfg, run_dir, per_image, metrics, REPORTED_BPD)
+    metrics = skeleton.finish(cfg, run_dir, per_image, metrics, REPORTED_BPD, tracker)
     distributed.barrier()
     return metrics
 
