@@ -242,7 +242,7 @@ class LoggerConfig:
     init_timeout: float = 20.0  # seconds to wait for an online wandb.init before falling back to offline
     # evaluate: seconds between two running estimates (the dataset means so far, logged and printed while
     # the evaluation runs; each costs an estimate over the images done, kept under a tenth of the time)
-    running_every_s: float = 60.0
+    running_every_s: float = 30.0
 
 
 @dataclass
