@@ -6,7 +6,7 @@ Pointwise I-MMSE (Kong, Brekelmans & Ver Steeg 2023, with the exact posterior me
 - continuous x:  ``-ln p(x) = h_G + 1/2 int [mmse(x, a) - mmse_G(a)] da``
 
 Inside the sampled range the integrals are importance-sampled
-(:func:`itdiffusion.information.crossfit.chosen_integrand`); outside it the reference's Gaussian decoder
+(:func:`itdiffusion.information.crossfit.integrate`); outside it the reference's Gaussian decoder
 stands in, in closed form (:func:`continuous_tails`,
 :func:`left_tail`), and above the discrete range a rounding decoder's bound (:func:`right_tail_bound`).
 """
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from itdiffusion.information.crossfit import chosen_integrand, mc_mean_and_stderr
+from itdiffusion.information.crossfit import Decisions, chosen_integrand, integrate, mc_mean_and_stderr
 from itdiffusion.information.proposal import LogSNRProposal
 from itdiffusion.information.reference import GaussianReference
 
@@ -72,12 +72,14 @@ def right_tail_bound(dim: int, delta: float, a_hi: float) -> float:
 
 @dataclass
 class CurveNLL:
-    """Per-image estimate and its Monte Carlo standard error (nats); ``integrand`` ``[B, K]``: the per-point
-    values (``f / q``, eps units, decoder choice and control variate applied) whose row mean, halved, is the
-    estimate's sampled integral."""
+    """Per-image estimate and its Monte Carlo standard error (nats); ``decisions``: the decoder and
+    control-variate coefficient it used per image and log-SNR bin, and ``integrand`` ``[B, K]``: the per-point
+    values (``f / q``, eps units, decoders and control variate applied) whose row mean, halved, is the
+    estimate's sampled integral (continuous estimates)."""
 
     nll: Tensor
     stderr: Tensor
+    decisions: Decisions | None = None
     integrand: Tensor | None = None
 
 
@@ -115,7 +117,7 @@ def continuous_nll_from_curve(mmse: Tensor, logsnr: Tensor, log_q: Tensor, refer
     the standard error (:func:`mc_mean_and_stderr`). ``gaussian_errors`` ``[B, K]`` (needs the per-image
     Gaussian error): the reference decoder's errors on the same points and noise
     (:meth:`GaussianReference.decoder_errors`); minus their exact mean they are a zero-mean control variate
-    for the channel noise (:func:`~itdiffusion.information.crossfit.chosen_integrand`).
+    for the channel noise (:func:`~itdiffusion.information.crossfit.integrate`).
     ``reference_mmse`` ``[B, K]``: ``mmse_G`` at the points, when the caller has it already (it costs
     ``B K d`` operations).
     Differentiable in ``mmse`` (``it_loss`` uses it with K = 1 and no clamp).
@@ -144,12 +146,12 @@ def continuous_nll_from_curve(mmse: Tensor, logsnr: Tensor, log_q: Tensor, refer
         inside = ((logsnr >= within[0]) & (logsnr <= within[1])).to(weight.dtype)
         candidates = [c * inside for c in candidates]
         control = None if control is None else control * inside
-    integrand = chosen_integrand(candidates, logsnr, proposal, control)
+    integrand, decisions = chosen_integrand(candidates, logsnr, proposal, control)
     mean, stderr = mc_mean_and_stderr(integrand, sampling)
     nll = reference.entropy + 0.5 * mean
     if tails is not None:
         nll = nll + tails
-    return CurveNLL(nll, 0.5 * stderr, integrand)
+    return CurveNLL(nll, 0.5 * stderr, decisions, integrand)
 
 
 def discrete_nll_from_curve(mmse: Tensor, logsnr: Tensor, log_q: Tensor, reference: GaussianReference,
@@ -182,8 +184,7 @@ def discrete_nll_from_curve(mmse: Tensor, logsnr: Tensor, log_q: Tensor, referen
     if left_tail_nats is None or (gaussian_mmse is None and (clamp or gaussian_errors is not None)):
         raise ValueError("discrete_nll_from_curve: give the images x (or gaussian_mmse and left_tail_nats)")
     candidates = [_as_candidates(mmse) * weight] + ([gaussian_mmse * weight] if clamp else [])
-    integrand = chosen_integrand(candidates, logsnr, proposal, _noise_control(gaussian_errors, gaussian_mmse,
-                                                                              weight))
-    mean, stderr = mc_mean_and_stderr(integrand, sampling)
+    mean, stderr = integrate(candidates, logsnr, proposal, sampling,
+                             _noise_control(gaussian_errors, gaussian_mmse, weight))
     tails = left_tail_nats + right_tail_bound(reference.dim, delta, a_hi)
-    return CurveNLL(0.5 * mean + tails, 0.5 * stderr, integrand)
+    return CurveNLL(0.5 * mean + tails, 0.5 * stderr)
