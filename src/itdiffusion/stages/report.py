@@ -9,8 +9,8 @@
    MMSE figure (``<group>_mmse.png``), the MMSE gap the continuous estimate integrates
    (``_mmse_gap.png``; :func:`check_gap` stops the report if its numbers are not the table's), per-image
    histograms and the IT-vs-VLB scatter (``_per_image.png``), per-pixel information maps
-   (``_pixel_maps.png``) and the fine-tuning losses, one panel per unit (``_loss.png``). The store
-   keeps the figure links (results.md lists them whatever order runs finish in).
+   (``_pixel_maps.png``) and the fine-tuning losses, a row per run and a column per unit (``_loss.png``).
+   The store keeps the figure links (results.md lists them whatever order runs finish in).
 3. wandb: Table 1, Table 2 and the I-MDCE table as numbers (mean, stderr, the paper's value, the
    difference), the figures with captions, and the evaluations' artifacts as inputs.
 """
@@ -241,7 +241,7 @@ CAPTIONS = {
     "per_image": "Per-image IT bits/dim (histograms) and IT discrete against the discrete VLB per image.",
     "pixel_maps": "Each pixel's share of -log2 p(x) (channels summed) and the log-SNR its information comes "
                   "from; the difference of two runs on the same images.",
-    "loss": "Training (solid) and held-out (dashed) loss, one panel per unit.",
+    "loss": "Training (solid blue) and held-out (dashed orange) loss, one row per run, one column per unit.",
 }
 
 
