@@ -32,6 +32,11 @@ STATUS_FILE = "job_status.json"
 SWEEP_FAILED_EXIT = 1
 
 
+def job_group() -> str | None:
+    """``sweep <sweep id>`` inside a multirun job (the results tables' group of a sweep's rows), else None."""
+    return None if current_job() is None else f"sweep {sweep_id()}"
+
+
 def write_status(run_dir: Path, job: tuple[int, list[str]], error: BaseException | None) -> None:
     """``job_status.json`` in the job's run dir: its number, overrides, ok/failed and the error message."""
     from itdiffusion.fsio import atomic_write_json
