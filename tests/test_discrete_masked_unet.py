@@ -8,7 +8,6 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from itdiffusion.config import MaskedPixelsModelConfig
 from itdiffusion.discrete import (
     any_order_loss,
     bottom_given_top_nll,
@@ -20,6 +19,7 @@ from itdiffusion.discrete import (
     tokens_to_images,
 )
 from itdiffusion.models.masked_unet import build_masked_pixel_model
+from itdiffusion.models.schemas import MaskedPixelsModelConfig
 from itdiffusion.stages import CONFIG_DIR
 
 CONF = Path(CONFIG_DIR)

@@ -6,7 +6,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from itdiffusion.config import ModelConfig
 from itdiffusion.models.iddpm import (
     IDDPMDenoiser,
     build_model_and_diffusion,
@@ -14,6 +13,7 @@ from itdiffusion.models.iddpm import (
     iddpm_training_loss,
     timestep_to_logsnr,
 )
+from itdiffusion.models.schemas import ModelConfig
 from itdiffusion.models.upstream import improved_diffusion
 from itdiffusion.stages import CONFIG_DIR
 
