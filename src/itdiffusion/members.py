@@ -100,10 +100,11 @@ def check_ensemble(cfg: Any) -> None:
     if unknown:
         raise UserError(f"ensemble_models: {', '.join(map(repr, unknown))} is no model config; choose from "
                         f"{', '.join(known)}")
-    masked = [n for n, m in zip(names, member_configs(cfg), strict=True) if not family_of(m).gaussian]
-    if masked:
-        raise UserError(f"ensemble_models: {', '.join(masked)} is not a Gaussian denoiser (a masked-pixel "
-                        "model): an ensemble combines MMSE curves")
+    kinds = {n: m.kind for n, m in zip(names, member_configs(cfg), strict=True) if not family_of(m).gaussian}
+    if kinds:
+        raise UserError("ensemble_models: " + ", ".join(f"{n} is no Gaussian denoiser (model.kind={k})"
+                                                        for n, k in kinds.items())
+                        + ": an ensemble combines MMSE curves")
 
 
 def member_configs(cfg: Any) -> list[Any]:
