@@ -220,6 +220,7 @@ class FinetuneConfig:
     bf16: bool = False  # bfloat16 autocast for the forward pass
     ema_decay: float | None = None  # keep an EMA of the weights, exported as ema.pt (None: no EMA)
     save_every_steps: int | None = None  # mid-epoch checkpoints (last.pt); epoch ends always save
+    keep_epochs: int = 2  # epoch_XXX.pt files kept (the newest); -1: all, 0: none (last.pt, model.pt always)
     heldout_images: int = 256  # first test images for the held-out loss curve (0: none)
     log_every_steps: int = 10  # tracker (wandb) rows: the mean train loss over this many steps
     skip_nonfinite: bool = False  # skip (and count) steps with a NaN/inf loss or gradient instead of stopping
@@ -470,6 +471,7 @@ VALUE_RULES: tuple[Rule, ...] = (
     Rule("finetune.warmup_steps", NON_NEGATIVE),
     Rule("finetune.ema_decay", Bounds(low=0, high=1, low_open=True, high_open=True, nullable=True,
                                       why="(null: no EMA)")),
+    Rule("finetune.keep_epochs", Bounds(low=-1, why="(-1: all epoch files, 0: none)")),
     Rule("finetune.save_every_steps", Bounds(low=1, nullable=True, why="(null: at epoch ends)")),
     Rule("finetune.heldout_images", NON_NEGATIVE),
     Rule("finetune.max_skipped_steps", NON_NEGATIVE),
