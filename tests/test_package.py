@@ -4,8 +4,8 @@ configs it ships, through its console scripts. CI runs it (``make test-package``
 from __future__ import annotations
 
 import os
-import site
 import shutil
+import site
 import subprocess
 import sys
 import zipfile
@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, TINY
-
 
 BUILD_WHEEL = "import sys; from setuptools import build_meta; print(build_meta.build_wheel(sys.argv[1]))"
 

@@ -29,7 +29,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from itdiffusion import distributed, sweeps
-from itdiffusion.config import check_values, register_configs
+from itdiffusion.config import (
+    STAGE_GROUPS,
+    check_values,
+    dependency_problems,
+    override_keys,
+    register_configs,
+)
 from itdiffusion.errors import Preempted, UserError
 
 log = logging.getLogger("itdiffusion")
@@ -43,8 +49,8 @@ distributed.adopt_slurm_env()  # srun without torchrun: ranks from SLURM's varia
 def launch(stage: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> None:
     """Run ``stage(cfg, run_dir)`` inside a Hydra job; exits with status 2 on a :class:`UserError`.
 
-    Before the stage: every value is checked (:func:`itdiffusion.config.check_values`) and so are the
-    folders the stage writes (:func:`check_output_dirs`). A :class:`UserError` prints one line
+    Before the stage: :func:`check_launch` (values, keys that need another setting, the folders the
+    stage writes). A :class:`UserError` prints one line
     (``error: ...``) on stderr, goes to the stage's log file too, and removes the run dir when this
     launch created it and it holds nothing but Hydra's files (:func:`remove_unused_run_dir`).
     """
@@ -58,8 +64,7 @@ def launch(stage: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> None:
         return
     created = _created_by_this_process(run_dir)
     try:
-        check_values(cfg)
-        check_output_dirs(cfg, Path(inspect.getfile(stage)).stem)  # not __module__: "__main__" under -m
+        check_launch(cfg, stage, list(hydra_cfg.overrides.task))
         stage(cfg, run_dir)
     except UserError as e:
         report_user_error(e)
@@ -72,6 +77,23 @@ def launch(stage: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> None:
         distributed.shutdown()
         sys.exit(Preempted.EXIT_STATUS)
     distributed.shutdown()
+
+
+def check_launch(cfg: DictConfig, stage: Callable, overrides: list[str]) -> None:
+    """Before a stage runs: every value (:func:`itdiffusion.config.check_values`), every key the command line
+    sets that only matters under another setting (:data:`itdiffusion.config.DEPENDENT_KEYS`, in the groups
+    the stage reads) and the folders it writes (:func:`check_output_dirs`); a UserError names what to fix."""
+    name = stage_name(stage)
+    check_values(cfg)
+    problems = dependency_problems(cfg, override_keys(overrides), STAGE_GROUPS.get(name))
+    if problems:
+        raise UserError("; ".join(problems))
+    check_output_dirs(cfg, name)
+
+
+def stage_name(stage: Callable) -> str:
+    """``evaluate`` for :func:`itdiffusion.stages.evaluate.run` (its module's file: ``__main__`` under -m)."""
+    return Path(inspect.getfile(stage)).stem
 
 
 def report_user_error(error: UserError) -> None:
@@ -165,9 +187,10 @@ def launch_sweep_job(stage: Callable[[DictConfig, Path], Any], cfg: DictConfig, 
                      job: tuple[int, list[str]]) -> None:
     """One job of a Hydra multirun: a failure is logged (which job, why) and written to the job's
     ``job_status.json`` instead of ending the sweep; :class:`itdiffusion.sweeps.SweepReport` sums up."""
+    from hydra.core.hydra_config import HydraConfig
+
     try:
-        check_values(cfg)
-        check_output_dirs(cfg, Path(inspect.getfile(stage)).stem)
+        check_launch(cfg, stage, list(HydraConfig.get().overrides.task))
         stage(cfg, run_dir)
     except Preempted:
         raise  # SIGTERM: the whole sweep is being stopped
