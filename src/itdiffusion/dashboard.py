@@ -25,6 +25,7 @@ import numpy as np
 
 from itdiffusion import artifacts, figures
 from itdiffusion.artifacts import PerImage
+from itdiffusion.config import stage_config
 from itdiffusion.tracking import Tracker, run_tags
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def evaluation_tags(cfg, metrics: Mapping) -> list[str]:
 def log_evaluation(cfg, run_dir: Path, per_image: PerImage, metrics: Mapping) -> None:
     """Rank 0, after the run dir is committed: the evaluate run's wandb content (see the module)."""
     numbers, settings = split_metrics(metrics)
-    config = {**(metrics.get("config") or {}), "run": settings}
+    config = {**stage_config(metrics.get("config") or {}, "evaluate"), "run": settings}
     with Tracker(cfg.logger, config, job_type="evaluate", name=f"evaluate-{cfg.run_id}",
                  tags=evaluation_tags(cfg, metrics), id_file=Path(run_dir) / TRACKING_ID) as tracker:
         if not tracker.active:

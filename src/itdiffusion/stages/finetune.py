@@ -52,7 +52,7 @@ from torch.utils.data import Dataset, Subset
 from itdiffusion import distributed
 from itdiffusion.artifacts import LOSS_CURVE
 from itdiffusion.checkpointing import EXPORTED_MODEL, LAST, load_training_state
-from itdiffusion.config import FinetuneConfig
+from itdiffusion.config import FinetuneConfig, stage_config
 from itdiffusion.dashboard import TRACKING_ID, log_model
 from itdiffusion.data import load_images
 from itdiffusion.discrete import any_order_loss, build_masked_pixel_model, images_to_tokens
@@ -243,7 +243,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     init, init_sha256 = load_initial_weights(cfg, model)
     trajectory[INIT_SHA256] = init_sha256
 
-    with Tracker(cfg.logger, config_dict(cfg), job_type="finetune", name=f"finetune-{cfg.run_id}",
+    with Tracker(cfg.logger, stage_config(config_dict(cfg), "finetune"), job_type="finetune",
+                 name=f"finetune-{cfg.run_id}",
                  tags=run_tags(cfg.experiment, cfg.model.name, cfg.paper_row, settings.objective),
                  id_file=ckpt_dir / TRACKING_ID) as tracker:  # a restart resumes the same wandb run
         trainer = Trainer(

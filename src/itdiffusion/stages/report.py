@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 
 from itdiffusion import artifacts, figures
 from itdiffusion.artifacts import PerImage
+from itdiffusion.config import stage_config
 from itdiffusion.dashboard import EVALUATION_ARTIFACT_TYPE, TRACKING_ID
 from itdiffusion.errors import UserError
 from itdiffusion.results import (
@@ -232,7 +233,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     listed = {g: [str(p.relative_to(results_dir)) for p in made.values()] for g, made in figure_paths.items()}
     runs = record_runs(results_dir, [], figures=listed)  # the store keeps the figure links
     paths = results_paths(results_dir)
-    with Tracker(cfg.logger, config_dict(cfg), job_type="report", name=f"report-{cfg.run_id}",
+    with Tracker(cfg.logger, stage_config(config_dict(cfg), "report"), job_type="report",
+                 name=f"report-{cfg.run_id}",
                  tags=run_tags(cfg.experiment, "report"), id_file=Path(run_dir) / TRACKING_ID) as tracker:
         for metrics in found:
             tracker.use_artifact(f"evaluate-{metrics['run_id']}", EVALUATION_ARTIFACT_TYPE)

@@ -29,6 +29,7 @@ import torch
 from omegaconf import DictConfig
 
 from itdiffusion import distributed
+from itdiffusion.config import stage_config
 from itdiffusion.data import dataset_key, load_images, random_subset, source_files, to_model_range
 from itdiffusion.information import GaussianReference
 from itdiffusion.io import atomic_torch_save, atomic_write_json, file_lock
@@ -180,7 +181,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     }
     if distributed.is_main():
         atomic_write_json(run_dir / "stats.json", summary)
-        with Tracker(cfg.logger, config_dict(cfg), job_type="stats", name=f"stats-{cfg.run_id}") as tracker:
+        with Tracker(cfg.logger, stage_config(config_dict(cfg), "stats"), job_type="stats",
+                     name=f"stats-{cfg.run_id}") as tracker:
             tracker.summary(summary)
         log.info(
             "Gaussian reference: h_G = %.4f bits/dim (continuous), log-SNR loc %.3f scale %.3f",
