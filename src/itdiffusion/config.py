@@ -264,6 +264,9 @@ class Config:
     # must share this run's checkpoints, test images and estimator settings, else a UserError says which)
     ensemble_curves: list[str] = field(default_factory=list)
     skip_done: bool = False  # skip a stage whose outputs already exist in its run dir (resumable chains)
+    # the number of the stage's result that its main() returns, the objective of an optimizing sweeper
+    # (conf/hparams_search/): e.g. finetune.json's final_heldout_loss_bpd, metrics.json's elapsed_s
+    optimized_metric: str | None = None
     device: str = "auto"  # auto | cpu | cuda
     # everything random in a stage: data.seed, estimator.seed and finetune.seed follow it unless set
     seed: int = 0

@@ -42,7 +42,7 @@ from itdiffusion.results import (
     results_paths,
     row_labels,
 )
-from itdiffusion.stages import CONFIG_DIR, config_dict, launch
+from itdiffusion.stages import CONFIG_DIR, cli_entry, config_dict, launch
 from itdiffusion.tracking import Tracker, run_tags
 
 log = logging.getLogger(__name__)
@@ -286,9 +286,10 @@ def _slug(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)
 
 
+@cli_entry
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def main(cfg: DictConfig) -> None:
-    launch(run, cfg)
+def main(cfg: DictConfig) -> float | None:
+    return launch(run, cfg)  # optimized_metric's value: an optimizing sweeper's objective
 
 
 if __name__ == "__main__":
