@@ -39,6 +39,7 @@ from itdiffusion.config import (
 )
 from itdiffusion.errors import Preempted, UserError
 from itdiffusion.extras import check_extras
+from itdiffusion.weights_hint import missing_weights
 
 log = logging.getLogger("itdiffusion")
 
@@ -118,13 +119,16 @@ def cli_entry(hydra_main: Callable[[], Any]) -> Callable[[], Any]:
 def check_launch(cfg: DictConfig, stage: Callable, overrides: list[str]) -> None:
     """Before a stage runs: every value (:func:`itdiffusion.config.check_values`), every key the command line
     sets that only matters under another setting (:data:`itdiffusion.config.DEPENDENT_KEYS`, in the groups
-    the stage reads) and the folders it writes (:func:`check_output_dirs`); a UserError names what to fix."""
+    the stage reads), the folders it writes (:func:`check_output_dirs`) and an evaluation's weights
+    (:func:`itdiffusion.weights_hint.missing_weights`); a UserError names what to fix."""
     name = stage_name(stage)
     check_values(cfg)
     problems = dependency_problems(cfg, override_keys(overrides), STAGE_GROUPS.get(name))
     if problems:
         raise UserError("; ".join(problems))
     check_output_dirs(cfg, name)
+    if name == "evaluate" and (problem := missing_weights(cfg)):
+        raise UserError(problem)
 
 
 def stage_name(stage: Callable) -> str:
