@@ -55,5 +55,6 @@ def test_a_single_run_without_weights_or_chain_says_what_to_add(tmp_path):
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stderr.splitlines() == [
         "error: model iddpm_tiny names no weights: add model.checkpoint=<its weights file> (no iddpm_tiny "
-        f"trained by scripts/reproduce.sh in {tmp_path / 'checkpoints' / 'finetune'}: `make smoke` trains one)"]
+        f"trained by scripts/reproduce.sh in {tmp_path / 'checkpoints' / 'finetune'}: `make smoke` trains "
+        "one)"]
     assert not (tmp_path / "outputs" / "evaluate").exists()
