@@ -309,6 +309,10 @@ def register_configs() -> None:
         from itdiffusion.trajectory import settings_hash_resolver
 
         OmegaConf.register_new_resolver("itd_settings_hash", settings_hash_resolver)
+    if not OmegaConf.has_resolver("itd_help"):
+        from itdiffusion.help import help_text
+
+        OmegaConf.register_new_resolver("itd_help", help_text)
     if not OmegaConf.has_resolver("itd_sweep_id"):
         from itdiffusion.sweeps import sweep_id
 
