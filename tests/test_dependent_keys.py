@@ -22,9 +22,7 @@ CANDIDATES = {
     "estimator.budget": ["dataset", "per_image"],
     "estimator.target_stderr_bpd": [None, 0.01],
     "estimator.it": [True, False],
-    "estimator.vlb": [True, False],
     "estimator.precision": ["fp32", "bf16"],
-    "model.kind": ["iddpm", "masked_pixels"],
     "data.name": ["cifar10", "patches"],
     "finetune.skip_nonfinite": [True, False],
 }
