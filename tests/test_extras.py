@@ -26,10 +26,8 @@ def hint(extra: str, why: str) -> str:
 
 @pytest.mark.parametrize(("stage", "overrides", "extra", "why"), [
     ("stats", ["-m", "hydra/launcher=slurm"], "slurm", "hydra/launcher=slurm"),
-    ("evaluate", ["hydra/launcher=submitit_local", "-m"], "slurm", "hydra/launcher=submitit_local"),
     ("finetune", ["hparams_search=finetune_lr"], "search", "hparams_search=finetune_lr"),
-    ("evaluate", ["-m", "hydra/sweeper=optuna"], "search", "hydra/sweeper=optuna"),
-])
+])  # (every choice that needs an extra: test_installed_extras_pass_and_other_choices_are_not_checked)
 def test_the_cli_names_the_extra_to_install(tmp_path, stage, overrides, extra, why):
     hook = tmp_path / "hook"
     hook.mkdir()
@@ -45,5 +43,8 @@ def test_installed_extras_pass_and_other_choices_are_not_checked(monkeypatch):
     extras.check_extras(["hydra/launcher=slurm", "hparams_search=estimator", "hydra/launcher=basic"])
     monkeypatch.setattr(extras, "installed", lambda extra: False)
     extras.check_extras(["hydra/launcher=basic", "hparams_search=null", "model=iddpm_tiny", "-m"])
-    with pytest.raises(UserError, match=r'pip install "\.\[slurm\]"'):
-        extras.check_extras(["+hydra/launcher=submitit_slurm"])
+    for override, extra in [("+hydra/launcher=submitit_slurm", "slurm"),
+                            ("hydra/launcher=submitit_local", "slurm"),
+                            ("hydra/sweeper=optuna", "search"), ("hparams_search=estimator", "search")]:
+        with pytest.raises(UserError, match=rf'^{override.lstrip("+")} needs .* pip install "\.\[{extra}\]"'):
+            extras.check_extras(["-m", override])
