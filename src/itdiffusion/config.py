@@ -537,7 +537,7 @@ DEPENDENT_KEYS: tuple[Needs, ...] = (
     Needs("estimator.target_stderr_ratio", "estimator.target_stderr_bpd", (None,)),  # the bpd target wins
     *(Needs(f"estimator.{k}", "estimator.it", (True,))
       for k in ("npoints", "logsnr_sampling", "rounding", "clip", "control_variate", "pixel_maps",
-                "logsnr_proposal_from")),
+                "pixel_map_points", "logsnr_proposal_from")),
     *(Needs(f"estimator.{k}", "estimator.precision", ("fp32",), negate=True)
       for k in ("precision_tolerance_bpd", "precision_check_images")),
     *(Needs(f"data.{k}", "data.name", ("cifar10",)) for k in ("download", "verify")),
