@@ -271,6 +271,9 @@ class Config:
     # the number of the stage's result that its main() returns, the objective of an optimizing sweeper
     # (conf/hparams_search/): e.g. finetune.json's final_heldout_loss_bpd, metrics.json's elapsed_s
     optimized_metric: str | None = None
+    # evaluate: add this run to the results tables (results.{json,csv,md}); false keeps its run dir and
+    # metrics.json but leaves it out of the tables, now and in every later report
+    results: bool = True
     device: str = "auto"  # auto | cpu | cuda
     # everything random in a stage: data.seed, estimator.seed and finetune.seed follow it unless set
     seed: int = 0
