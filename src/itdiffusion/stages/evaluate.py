@@ -58,10 +58,10 @@ from itdiffusion.seeding import Stream, stream_seeds
 from itdiffusion.stages import (
     CONFIG_DIR,
     budget_pilot,
+    cli_entry,
     evaluate_masked,
     evaluation_frame,
     launch,
-    prepare_process,
     rank_zero_first,
     setup_device,
 )
@@ -450,14 +450,10 @@ def _check_settings(cfg: DictConfig) -> None:
         )
 
 
+@cli_entry
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def hydra_main(cfg: DictConfig) -> None:
-    launch(run, cfg)
-
-
-def main() -> None:
-    prepare_process()
-    hydra_main()
+def main(cfg: DictConfig) -> float | None:
+    return launch(run, cfg)  # optimized_metric's value: an optimizing sweeper's objective
 
 
 if __name__ == "__main__":
