@@ -12,13 +12,9 @@ from finetune_toys import BASE, denoising_loss, make_trainer
 from itdiffusion import training_state as ckpt
 from itdiffusion.artifacts import read_loss_curve
 from itdiffusion.seeding import Stream, stream_seed, stream_seed_tensor
-from itdiffusion.training import (
-    EMA,
-    FinetuneError,
-    ResumableSampler,
-    random_hflip,
-    validate_config,
-)
+from itdiffusion.training import FinetuneError, validate_config
+from itdiffusion.training.batches import ResumableSampler, random_hflip
+from itdiffusion.training.ema import EMA
 
 
 def test_stream_seeds_depend_on_each_part_and_not_on_batching():

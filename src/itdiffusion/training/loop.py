@@ -1,215 +1,41 @@
-"""The fine-tuning loop: DistributedDataParallel, exact resume, EMA, non-finite guards, pre-emption.
+"""The training loop: setup, steps (gradient accumulation, clipping, non-finite guards), SIGTERM.
 
-The loop is model-agnostic. It trains ``model`` on a per-image loss
-
-    loss_fn(model, x, seeds) -> Tensor[B]
-
-where ``x`` is a batch scaled to [-1, 1] and ``seeds`` (int64 [B]) gives each image its own random
-stream (log-SNR, noise, timestep). Seeds are a hash of (``finetune.seed``, stream, epoch, dataset
-index), so the randomness of an image never depends on which process or batch position it lands
-in: ``finetune.batch_size`` is the global batch, N processes each take batch_size / N images of the
-same global batches (in passes of ``finetune.micro_batch_size``, gradients accumulated) with the same
-noise as one process, and a resumed run draws exactly what an uninterrupted one would. Horizontal flips
-are drawn from the same hash. The only global RNG the loop leaves to torch is dropout's, one stream
-per process, which every checkpoint records.
-
-Resuming. Every checkpoint (:mod:`itdiffusion.training_state`) holds the model, optimizer, LR
-schedule, EMA, every process's RNG states, the epoch, the number of batches of that epoch already
-consumed, the step counter, skip counter, the partial epoch loss and the loss curve. The data
-order of an epoch is a pure function of (seed, epoch) (``DistributedSampler``), so restarting the
-same command continues mid-epoch with the same batches, bit for bit on CPU.
-
-Faults. SIGTERM (SLURM pre-emption) makes every process finish its current step, save, and raise
-:class:`Preempted`. A non-finite loss or gradient norm raises :class:`NonFiniteError` naming the
-step, before anything is written, so the last good checkpoint stays the newest; with
-``skip_nonfinite`` the step is skipped instead (no update) and counted.
-"""
+See :mod:`itdiffusion.training` for the randomness, resume and fault policies."""
 
 from __future__ import annotations
 
 import contextlib
-import logging
-import math
-import random
 import signal
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from itdiffusion import distributed, errors
+from itdiffusion import distributed
 from itdiffusion import training_state as ckpt
-from itdiffusion.artifacts import LOSS_CURVE, write_loss_curve
-from itdiffusion.config import FinetuneConfig, value_problems
+from itdiffusion.config import FinetuneConfig
 from itdiffusion.data import to_model_range
-from itdiffusion.errors import UserError
 from itdiffusion.loss_display import LossDisplay
 from itdiffusion.models.weights import first_nonfinite
-from itdiffusion.seeding import Stream, stream_seed, stream_seed_tensor
-from itdiffusion.trajectory import RESUME_INVARIANT, differences
-from itdiffusion.units import nats_to_bpd
-
-log = logging.getLogger(__name__)
+from itdiffusion.seeding import Stream, stream_seed_tensor
+from itdiffusion.training.batches import IndexedImages, ResumableSampler, ignore_sigterm, random_hflip
+from itdiffusion.training.curve import LossCurve
+from itdiffusion.training.ema import EMA
+from itdiffusion.training.errors import FinetuneError, NonFiniteError, Preempted, validate_config
+from itdiffusion.training.saving import FinetuneResult, Progress, Saving
 
 LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 """``loss_fn(model, x [B,C,H,W] in [-1, 1], seeds int64 [B]) -> per-image loss [B]``."""
 
 
-
-
-class FinetuneError(UserError):
-    """A run that cannot start or continue, with a message that says what to change (the stage exits 2)."""
-
-
-class NonFiniteError(FinetuneError):
-    """The loss or the gradient norm was NaN or infinite at ``step`` (1-based)."""
-
-    def __init__(self, message: str, step: int):
-        super().__init__(message)
-        self.step = step
-
-
-class Preempted(errors.Preempted):
-    """SIGTERM arrived; a checkpoint at ``step`` was saved. Rerun the same command to resume."""
-
-    def __init__(self, step: int, path: Path):
-        super().__init__(f"SIGTERM received: saved step {step} to {path}; rerun the same command to resume")
-        self.step = step
-        self.path = path
-
-
-# ----------------------------------------------------------------------------------------------
-# Per-image randomness (itdiffusion.seeding: one hash for evaluation and training)
-# ----------------------------------------------------------------------------------------------
-def random_hflip(x: Tensor, seed: int, epoch: int, indices: Tensor) -> Tensor:
-    """Flip each image left-right with probability 1/2, decided by its own seed."""
-    flip = (stream_seed_tensor(seed, indices, Stream.TRAIN_FLIP, epoch) & 1).bool().to(x.device)
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
-
-
-# ----------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------
-class IndexedImages(Dataset):
-    """``(uint8 image [C,H,W], index)`` pairs from a dataset of images (or of ``(image, ...)`` tuples)."""
-
-    def __init__(self, images: Dataset):
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        item = self.images[index]
-        image = item[0] if isinstance(item, tuple | list) else item
-        image = torch.as_tensor(image)
-        if image.dtype != torch.uint8 or image.ndim != 3:
-            raise FinetuneError(
-                f"training image {index} is {image.dtype} of shape {tuple(image.shape)}; "
-                "expected uint8 [channels, height, width]"
-            )
-        return image, index
-
-
-class ResumableSampler(DistributedSampler):
-    """``DistributedSampler`` (shuffled by seed + epoch) that can start partway into an epoch."""
-
-    def __init__(self, dataset: Dataset, seed: int):
-        super().__init__(dataset, num_replicas=distributed.world_size(), rank=distributed.rank(),
-                         shuffle=True, seed=seed, drop_last=True)
-        self.skip = 0
-
-    def set_position(self, epoch: int, skip: int) -> None:
-        """Iterate epoch ``epoch`` of this process's order, leaving out its first ``skip`` indices."""
-        self.set_epoch(epoch)
-        self.skip = skip
-
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        return iter(indices[self.skip:])
-
-    def __len__(self) -> int:
-        return super().__len__() - self.skip
-
-
-def _ignore_sigterm(_worker_id: int) -> None:
-    # Data workers leave SIGTERM to the main process, which saves and then shuts them down.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-# ----------------------------------------------------------------------------------------------
-# EMA
-# ----------------------------------------------------------------------------------------------
-class EMA:
-    """Exponential moving average of the floating-point state: ``avg <- decay avg + (1 - decay) w``."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        for k, v in model.state_dict().items():
-            if k in self.shadow:
-                self.shadow[k].lerp_(v, 1.0 - self.decay)
-
-    def averaged_state_dict(self, model: nn.Module) -> dict[str, Tensor]:
-        """The model's state_dict with averaged floating-point entries."""
-        return {k: self.shadow.get(k, v) for k, v in model.state_dict().items()}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "shadow": self.shadow}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k, v in state["shadow"].items():
-            self.shadow[k].copy_(v)
-
-
-# ----------------------------------------------------------------------------------------------
-# Config checks
-# ----------------------------------------------------------------------------------------------
-def validate_config(cfg: FinetuneConfig) -> None:
-    """Reject settings that cannot train, with the key to change (the allowed values of every
-    ``finetune.*`` key are :data:`itdiffusion.config.VALUE_RULES`)."""
-    problems = value_problems(cfg, section="finetune")
-    if problems:
-        raise FinetuneError("invalid fine-tuning config: " + "; ".join(problems))
-
-
-# ----------------------------------------------------------------------------------------------
-# The loop
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class Progress:
-    """Where a run stands; ``step`` counts batches consumed (updates plus skipped steps)."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    skipped_steps: int = 0
-    epoch_loss_sum: float = 0.0  # sum of per-image losses over this epoch's applied steps, all processes
-    epoch_loss_count: int = 0
-
-
-@dataclass
-class FinetuneResult:
-    steps: int
-    skipped_steps: int
-    curve: list[dict[str, Any]] = field(default_factory=list)
-    model_path: Path | None = None
-    ema_path: Path | None = None
-
-
-class Trainer:
+class Trainer(Saving, LossCurve):
     """Trains ``model`` on ``train_loss`` over ``train_set``, checkpointing into ``run_dir``.
 
     Args:
@@ -282,7 +108,7 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.loader = DataLoader(self.train_set, batch_size=self.local_batch, sampler=self.sampler,
                                  drop_last=True, num_workers=num_workers,
-                                 worker_init_fn=_ignore_sigterm if num_workers else None,
+                                 worker_init_fn=ignore_sigterm if num_workers else None,
                                  # its own generator: creating an iterator must not draw from the
                                  # global RNG that dropout uses, or a resumed epoch would shift it
                                  generator=torch.Generator().manual_seed(cfg.seed),
@@ -302,7 +128,6 @@ class Trainer:
         self._window_sum, self._window_count = 0.0, 0  # train loss since the last log line
         self._display = LossDisplay(self.total_steps, cfg.log_every_steps) if distributed.is_main() else None
 
-    # ------------------------------------------------------------------ public
     def run(self) -> FinetuneResult:
         """Train to ``total_steps`` (resuming from ``run_dir`` if it holds a checkpoint); export weights."""
         with contextlib.ExitStack() as stack:
@@ -317,81 +142,6 @@ class Trainer:
             while self.progress.step < self.total_steps:
                 self._run_epoch(net, bar)
             return self._export()
-
-    # ------------------------------------------------------------------ setup and resume
-    def _start(self, stack: contextlib.ExitStack) -> None:
-        """Lock the run dir and find the checkpoint (rank 0), share the verdict, resume or start fresh."""
-        verdict: list[Any] = [None, None]  # [checkpoint path or None, error message or None]
-        if distributed.is_main():
-            try:
-                stack.enter_context(ckpt.exclusive_run_dir(self.run_dir))
-                stale = ckpt.remove_stale_temporaries(self.run_dir)
-                if stale:
-                    warnings.warn(f"removed {len(stale)} partial file(s) left by an interrupted write in "
-                                  f"{self.run_dir}", stacklevel=2)
-                found = ckpt.find_resume_checkpoint(self.run_dir)
-                verdict[0] = str(found[0]) if found else None
-            except ckpt.CheckpointError as e:
-                verdict[1] = str(e)
-        if distributed.is_distributed():
-            dist.broadcast_object_list(verdict, src=0)
-        if verdict[1] is not None:
-            raise FinetuneError(verdict[1])
-        if verdict[0] is None:
-            self._seed_process_rngs(step=0)
-            self._append_curve_point(train_loss=None)  # held-out loss of the initial weights
-        else:
-            self._resume(Path(verdict[0]))
-
-    def _seed_process_rngs(self, step: int) -> None:
-        s = stream_seed(self.cfg.seed, distributed.rank(), Stream.DROPOUT, step)
-        torch.manual_seed(s)
-        np.random.seed(s & 0xFFFFFFFF)  # noqa: NPY002 (the legacy global stream library code uses)
-        random.seed(s)
-
-    def _resume(self, path: Path) -> None:
-        state = ckpt.load_training_state(path)
-        saved_cfg = state["config"].get("finetune", {})
-        changed = [f"{k}: {saved_cfg[k]!r} -> {getattr(self.cfg, k)!r}"
-                   for k in RESUME_INVARIANT if k in saved_cfg and saved_cfg[k] != getattr(self.cfg, k)]
-        saved_trajectory = state.get("trajectory")
-        if saved_trajectory is not None and self.trajectory:
-            changed += differences(saved_trajectory, self.trajectory)
-        elif self.trajectory:
-            warnings.warn(f"{path} records no trajectory settings (written by an older version): only "
-                          "finetune settings are compared", stacklevel=2)
-        if changed:
-            raise FinetuneError(
-                f"cannot resume {path}: settings differ from the checkpoint ({'; '.join(changed)}). "
-                "Use the same settings, or set finetune.run_name to start a new run."
-            )
-        progress = Progress(**state["progress"])
-        if progress.batch_in_epoch and (state["global_batch"] != self.global_batch
-                                        or state["steps_per_epoch"] != self.steps_per_epoch):
-            raise FinetuneError(
-                f"cannot resume {path} mid-epoch with a different global batch or training set size "
-                f"(checkpoint: {state['global_batch']} images x {state['steps_per_epoch']} steps per epoch; "
-                f"now: {self.global_batch} x {self.steps_per_epoch})"
-            )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
-        self.progress = progress
-        self.curve = list(state["curve"])
-        if state["world_size"] == self.world:
-            ckpt.restore_rng_state(state["rng"][distributed.rank()], self.device)
-        else:
-            warnings.warn(f"resuming with {self.world} process(es) instead of {state['world_size']}: dropout "
-                          "RNG streams are re-seeded, so this run will not match an uninterrupted one bit "
-                          "for bit", stacklevel=2)
-            self._seed_process_rngs(step=progress.step)
-        self._saved_at_step = progress.step
-        self._start_step = progress.step
-        if distributed.is_main():
-            log.info("resumed from %s at step %d/%d (epoch %d, batch %d)", path, progress.step,
-                     self.total_steps, progress.epoch, progress.batch_in_epoch)
 
     def _wrap(self) -> nn.Module:
         if not distributed.is_distributed():
@@ -410,7 +160,6 @@ class Trainer:
         finally:
             signal.signal(signal.SIGTERM, previous)
 
-    # ------------------------------------------------------------------ training
     def _run_epoch(self, net: nn.Module, bar: tqdm) -> None:
         p = self.progress
         self.sampler.set_position(p.epoch, p.batch_in_epoch * self.local_batch)
@@ -528,129 +277,3 @@ class Trainer:
         if not grads:
             return torch.zeros((), device=self.device)
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-
-    def _log(self, lr: float, grad_norm: Tensor) -> None:
-        """Log the mean train loss since the last log line (rank 0), with lr, gradient norm and skips."""
-        p = self.progress
-        loss = self._window_sum / self._window_count if self._window_count else None
-        self._window_sum, self._window_count = 0.0, 0
-        if loss is not None and self._display is not None:
-            self._display.train(p.step, self._loss_fields("train/loss", loss), lr)
-        if self.tracker is None or not distributed.is_main():
-            return
-        row: dict[str, Any] = {"train/epoch": p.step / self.steps_per_epoch,
-                               "train/skipped_steps": p.skipped_steps,
-                               "train/lr": lr,
-                               "train/grad_norm": grad_norm.item()}
-        if loss is not None:
-            row.update(self._loss_fields("train/loss", loss))
-        self.tracker.log(row, step=p.step)
-
-    def _loss_fields(self, name: str, value: float) -> dict[str, float]:
-        if self.train_loss_is_nll:
-            return {f"{name}_nats": value, f"{name}_bpd": float(nats_to_bpd(value, self.dim))}
-        return {f"{name}_{self.cfg.objective}": value}
-
-    # ------------------------------------------------------------------ epochs, held-out loss, saving
-    def _finish_epoch(self, epoch_done: bool) -> None:
-        p = self.progress
-        train_loss = p.epoch_loss_sum / p.epoch_loss_count if p.epoch_loss_count else None
-        self._append_curve_point(train_loss)
-        finished = p.epoch if epoch_done else None
-        if epoch_done:
-            p.epoch += 1
-            p.batch_in_epoch = 0
-            p.epoch_loss_sum, p.epoch_loss_count = 0.0, 0
-        self._save(epoch_end=finished)
-
-    def _append_curve_point(self, train_loss: float | None) -> None:
-        p = self.progress
-        heldout = self._heldout_loss()
-        point: dict[str, Any] = {
-            "step": p.step,
-            "epoch": p.step / self.steps_per_epoch,
-            "train_loss_nats": None, "train_loss_bpd": None,
-            **({} if self.train_loss_is_nll else {f"train_loss_{self.cfg.objective}": None}),
-            "heldout_loss_nats": heldout,
-            "heldout_loss_bpd": None if heldout is None else float(nats_to_bpd(heldout, self.dim)),
-        }
-        if train_loss is not None:
-            point.update(self._loss_fields("train_loss", train_loss))
-        if heldout is not None and not math.isfinite(heldout):
-            # JSON has no NaN: the values become null (fsio.atomic_write_json) and this flag says why
-            point["heldout_loss_nonfinite"] = True
-            if distributed.is_main():
-                warnings.warn(f"the held-out loss at step {p.step} is {heldout}", stacklevel=2)
-        self.curve.append(point)
-        if self._display is not None and heldout is not None:
-            self._display.heldout(p.step, {"heldout/loss_bpd": point["heldout_loss_bpd"]})
-        if self.tracker is not None and distributed.is_main() and heldout is not None:
-            self.tracker.log({"heldout/loss_nats": point["heldout_loss_nats"],
-                              "heldout/loss_bpd": point["heldout_loss_bpd"]}, step=p.step)
-
-    @torch.no_grad()
-    def _heldout_loss(self) -> float | None:
-        """Mean held-out loss (nats per image) with fixed per-image seeds, sharded over processes."""
-        if self.heldout is None or len(self.heldout) == 0:
-            return None
-        self.model.eval()
-        mine = list(distributed.shard_indices(len(self.heldout)))
-        parts = [torch.zeros(0, dtype=torch.float64, device=self.device)]
-        for start in range(0, len(mine), self.micro_batch):
-            chunk = mine[start:start + self.micro_batch]
-            images = torch.stack([self.heldout[i][0] for i in chunk])
-            indices = torch.tensor(chunk, dtype=torch.int64)
-            x = to_model_range(images).to(self.device)
-            seeds = stream_seed_tensor(self.cfg.seed, indices, Stream.HELDOUT, 0)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
-                parts.append(self.heldout_loss(self.model, x, seeds).double())
-        losses = distributed.all_gather_concat(torch.cat(parts))
-        self.model.train()
-        return losses.mean().item()
-
-    def _save(self, epoch_end: int | None = None) -> None:
-        """Checkpoint (collective: gathers every process's RNG state; rank 0 writes)."""
-        rng = ckpt.capture_rng_state(self.device)
-        rngs = [rng]
-        if distributed.is_distributed():
-            rngs = [None] * self.world
-            dist.all_gather_object(rngs, rng)
-        if distributed.is_main():
-            state = {
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "ema": self.ema.state_dict() if self.ema is not None else None,
-                "rng": rngs,
-                "progress": asdict(self.progress),
-                "curve": self.curve,
-                "world_size": self.world,
-                "global_batch": self.global_batch,
-                "steps_per_epoch": self.steps_per_epoch,
-                "config": {**self.run_config, "finetune": asdict(self.cfg)},
-                "trajectory": self.trajectory,
-            }
-            ckpt.save_training_state(self.run_dir, ckpt.serialize(state), epoch_end=epoch_end,
-                                    keep_epochs=self.cfg.keep_epochs)
-            write_loss_curve(self.run_dir / LOSS_CURVE, self.curve, objective=self.cfg.objective)
-        self._saved_at_step = self.progress.step
-        distributed.barrier()
-
-    def _export(self) -> FinetuneResult:
-        """Write the final weights as plain state_dicts (rank 0) and summarize the run."""
-        model_path = self.run_dir / ckpt.EXPORTED_MODEL
-        ema_path = self.run_dir / ckpt.EXPORTED_EMA if self.ema is not None else None
-        for what, weights in (("weights", self.model.state_dict()),
-                              ("EMA weights", self.ema.averaged_state_dict(self.model) if self.ema else {})):
-            bad = first_nonfinite(weights)
-            if bad is not None:
-                raise FinetuneError(f"the trained {what} are non-finite ({bad}); nothing was exported to "
-                                    f"{self.run_dir}. Lower finetune.lr, or start a new run.")
-        if distributed.is_main():
-            ckpt.export_state_dict(model_path, self.model.state_dict())
-            if self.ema is not None:
-                ckpt.export_state_dict(ema_path, self.ema.averaged_state_dict(self.model))
-            write_loss_curve(self.run_dir / LOSS_CURVE, self.curve, objective=self.cfg.objective)
-        distributed.barrier()
-        return FinetuneResult(steps=self.progress.step, skipped_steps=self.progress.skipped_steps,
-                              curve=self.curve, model_path=model_path, ema_path=ema_path)
