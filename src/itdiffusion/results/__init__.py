@@ -1,0 +1,3 @@
+"""The results store and its tables (:mod:`itdiffusion.results.store`)."""
+
+from itdiffusion.results.store import *  # noqa: F403
