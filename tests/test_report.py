@@ -13,15 +13,8 @@ from PIL import Image
 
 from itdiffusion.artifacts import PerImage, commit_evaluation, write_loss_curve
 from itdiffusion.information import Curves, LogSNRProposal
-from itdiffusion.results import (
-    CONTINUOUS_COLUMNS,
-    DISCRETE_COLUMNS,
-    ResultsStoreError,
-    cell_value,
-    load_runs,
-    record_run,
-    record_runs,
-)
+from itdiffusion.results import ResultsStoreError, load_runs, record_run, record_runs
+from itdiffusion.results.tables import CONTINUOUS_COLUMNS, DISCRETE_COLUMNS, cell_value
 from itdiffusion.stages import report
 
 

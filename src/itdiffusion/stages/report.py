@@ -30,15 +30,13 @@ from itdiffusion import artifacts, figures, run_figures
 from itdiffusion.artifacts import PerImage
 from itdiffusion.config import stage_config
 from itdiffusion.errors import UserError
-from itdiffusion.results import (
+from itdiffusion.results import load_runs, record_runs, results_paths
+from itdiffusion.results.tables import (
     CONTINUOUS_COLUMNS,
     DISCRETE_COLUMNS,
     MDCE_COLUMNS,
     groups,
-    load_runs,
     numeric_table,
-    record_runs,
-    results_paths,
     row_labels,
 )
 from itdiffusion.stage_tracking import EVALUATION_ARTIFACT_TYPE, TRACKING_ID
