@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TINY, path_overrides
+from itdiffusion import evaluation
 from itdiffusion.stages import evaluate
 from itdiffusion.stages.partial import PARTIAL
 
@@ -61,7 +62,7 @@ def assert_same_npz(a: Path, b: Path) -> None:
 def test_a_crash_keeps_finished_chunks_and_the_rerun_is_identical(reference_run, tmp_path, monkeypatch):
     make_cfg, uninterrupted = reference_run
     cfg, run_dir = make_cfg(tmp_path), tmp_path / "run"
-    real, calls = evaluate.sample, []
+    real, calls = evaluation.sample, []
 
     def crashing(*args, **kwargs):
         calls.append(args[2])
@@ -69,7 +70,7 @@ def test_a_crash_keeps_finished_chunks_and_the_rerun_is_identical(reference_run,
             raise Crash
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "sample", crashing)
+    monkeypatch.setattr(evaluation, "sample", crashing)
     with pytest.raises(Crash):
         evaluate.run(cfg, run_dir)
     kept = sorted(p.name for p in (run_dir / PARTIAL).glob("chunk_*.npz"))
@@ -85,7 +86,7 @@ def test_a_crash_keeps_finished_chunks_and_the_rerun_is_identical(reference_run,
 def test_chunks_of_other_settings_are_not_reused(reference_run, tmp_path, monkeypatch):
     make_cfg, _ = reference_run
     run_dir = tmp_path / "run"
-    real, calls = evaluate.sample, []
+    real, calls = evaluation.sample, []
 
     def crashing(*args, **kwargs):
         calls.append(args[2])
@@ -93,11 +94,11 @@ def test_chunks_of_other_settings_are_not_reused(reference_run, tmp_path, monkey
             raise Crash
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "sample", crashing)
+    monkeypatch.setattr(evaluation, "sample", crashing)
     with pytest.raises(Crash):
         evaluate.run(make_cfg(tmp_path), run_dir)
     calls.clear()
-    monkeypatch.setattr(evaluate, "sample", lambda *a, **k: (calls.append(a[2]), real(*a, **k))[1])
+    monkeypatch.setattr(evaluation, "sample", lambda *a, **k: (calls.append(a[2]), real(*a, **k))[1])
     evaluate.run(make_cfg(tmp_path, "estimator.seed=5"), run_dir)
     assert calls == [[i] for i in range(6)]  # another seed: every chunk evaluated again
 

@@ -12,8 +12,8 @@ from PIL import Image
 
 from itdiffusion import figure_files, figures, run_figures
 from itdiffusion.artifacts import PerImage
+from itdiffusion.evaluation import with_estimates
 from itdiffusion.information import GaussianReference, LogSNRProposal, estimate, sample_curves
-from itdiffusion.stages.evaluate import with_estimates
 from itdiffusion.units import nats_to_bpd
 from toy_distributions import gen, toy_mixture
 

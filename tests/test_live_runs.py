@@ -57,7 +57,7 @@ def test_an_evaluation_stopped_midway_leaves_a_run_with_its_running_estimates_an
     assert running, run.history
     # what it logged is metrics.json's function on the images done: recompute it from the kept chunks
     chunks = sorted(partial.glob("chunk_*.npz"))
-    from itdiffusion.stages import evaluate
+    from itdiffusion import evaluation
     from itdiffusion.stages.stats import load_or_compute_reference
 
     cfg = make_cfg(*settings)
@@ -66,8 +66,8 @@ def test_an_evaluation_stopped_midway_leaves_a_run_with_its_running_estimates_an
     done = int(last["progress/images"])
     parts = [read_per_image(c) for c in chunks]
     assert sum(p.num_images for p in parts) >= done >= 3
-    per_image = evaluate.with_estimates(PerImage.cat(parts[:done]), reference)
-    expected = evaluate.summarize(per_image, [None], reference, per_image.curves.proposal, cfg.estimator)
+    per_image = evaluation.with_estimates(PerImage.cat(parts[:done]), reference)
+    expected = evaluation.summarize(per_image, [None], reference, per_image.curves.proposal, cfg.estimator)
     for key in ("it_continuous_bpd", "it_continuous_bpd_stderr", "it_discrete_bpd", "it_dequantized_bpd"):
         assert last[f"running/{key}"] == pytest.approx(expected[key], rel=1e-12, abs=1e-12), key
     # its console output, up to the stop: the running estimates as printed

@@ -3,18 +3,9 @@
 ``python -m itdiffusion.stages.evaluate model=iddpm_cifar10_vlb estimator.npoints=1000 data.num_images=512``
 ``torchrun --nproc_per_node=8 -m itdiffusion.stages.evaluate run_id=base ...`` (images sharded over ranks)
 
-Per test image (nats inside, bits/dim in the outputs): IDDPM's variational bound with its discretized
-decoder (``vlb``) and with the Gaussian density of x_0 (``vlb_continuous``),
-:func:`itdiffusion.variational.vlb_per_image`; and the IT bounds, continuous, discrete (with and without the
-tails) and dequantized, from the error curves of :func:`itdiffusion.information.sample_curves` turned into
-estimates by :func:`itdiffusion.information.estimate`: the same two calls the exact-likelihood tests run.
-
-Every image draws its log-SNR points, noise and dequantization noise from its own seeds
-(:mod:`itdiffusion.seeding`), so the curves do not depend on batching or on the number of processes. The
-decoder choices inside the estimate (clamp, rounding, ensemble member) are cross-fitted over the other
-images, so rank 0 forms every estimate from the gathered curves: one process and many give the same
-per-image numbers. Rank 0 commits ``per_image.npz`` and ``metrics.json`` (:mod:`itdiffusion.artifacts`) and
-records the results row.
+Rank 0 commits ``per_image.npz`` and ``metrics.json`` (:mod:`itdiffusion.artifacts`) and records the
+results row. The numbers come from :mod:`itdiffusion.evaluation` (the network work, the estimates, the
+summary).
 
 Ensembles (``ensemble=[ckpt_a, ckpt_b, ...]``): every member sees the same points and noise, and per log-SNR
 bin the estimate uses the member (or the Gaussian decoder) with the lowest cross-fitted error.
@@ -25,36 +16,21 @@ evaluation (:mod:`itdiffusion.ensemble`). Models that are no Gaussian denoiser (
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
 import torch
 from omegaconf import DictConfig
 
-from itdiffusion import distributed, stage_tracking
-from itdiffusion.artifacts import ENSEMBLE, IT_ESTIMATES, REPORTED_BPD, PerImage
-from itdiffusion.budget import DecoderChoice, estimate_with_choice
-from itdiffusion.data import load_images, to_model_range
-from itdiffusion.ensemble import REEVALUATE, curves_from_member_runs, proposal_of_run
+from itdiffusion import distributed, evaluation, stage_tracking
+from itdiffusion.artifacts import REPORTED_BPD, PerImage
+from itdiffusion.data import load_images
+from itdiffusion.ensemble import REEVALUATE, curves_from_member_runs
 from itdiffusion.errors import UserError
-from itdiffusion.information import (
-    GaussianReference,
-    ITEstimate,
-    LogSNRProposal,
-    estimate,
-    pixel_curve_options,
-    proposal_for,
-    sample_curves,
-)
-from itdiffusion.information.pilot import PILOT_IMAGES
-from itdiffusion.members import Member, check_ensemble, load_members, member_configs
+from itdiffusion.members import check_ensemble, load_members, member_configs
 from itdiffusion.models.families import family_of
-from itdiffusion.pixel_maps import pixel_maps
-from itdiffusion.seeding import Stream, stream_seeds
 from itdiffusion.stages import (
     CONFIG_DIR,
     budget_pilot,
@@ -69,11 +45,8 @@ from itdiffusion.stages.partial import Partial
 from itdiffusion.stages.precision import select_fast_path
 from itdiffusion.stages.stats import load_or_compute_reference
 from itdiffusion.tracking import Tracker
-from itdiffusion.units import PIXEL_BIN, XINTERVAL, mean_and_stderr, nats_to_bpd
-from itdiffusion.variational import VLB_ALL_STEPS, vlb_per_image, vlb_sampled
 
 log = logging.getLogger(__name__)
-
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict | None:
@@ -105,24 +78,25 @@ def _evaluate(cfg: DictConfig, run_dir: Path, device: torch.device, tracker: Tra
         precision = {"checked": False, "used": None, "reason": "ensemble_curves: no network evaluation"}
     else:
         proposal = distributed.broadcast_object(
-            distributed.on_main(lambda: choose_proposal(cfg, members, test, reference))
+            distributed.on_main(lambda: evaluation.choose_proposal(cfg, members, test, reference))
         )
         budget, est = _budget(cfg, members, test, reference, proposal, device)
         members, precision = select_fast_path(  # fp32 eager unless a fast path keeps the numbers
-            members, est, device, lambda ms: check_estimates(ms, test, reference, proposal, est, device)
+            members, est, device,
+            lambda ms: evaluation.check_estimates(ms, test, reference, proposal, est, device),
         )
         chunk = max(1, est.batch_size // est.npoints) if est.it else max(1, est.batch_size)
-        choice = _decoder_choice(budget)
+        choice = evaluation.decoder_choice(budget)
 
         def running(parts):  # metrics.json's numbers on the images done so far
-            return summarize(with_estimates(PerImage.cat(list(parts)), reference, choice), members, reference,
-                             proposal, est)
+            per_image = evaluation.with_estimates(PerImage.cat(list(parts)), reference, choice)
+            return evaluation.summarize(per_image, members, reference, proposal, est)
 
         per_image = evaluation_frame.evaluate_sharded(
             cfg.label,
             test,
             chunk,
-            lambda idx, images: sample(members, images, idx, reference, proposal, est, device),
+            lambda idx, images: evaluation.sample(members, images, idx, reference, proposal, est, device),
             Partial(
                 run_dir,
                 evaluation_frame.fingerprint(cfg, members, proposal=proposal, fast_path=precision["used"]),
@@ -136,13 +110,13 @@ def _evaluate(cfg: DictConfig, run_dir: Path, device: torch.device, tracker: Tra
     if not distributed.is_main():
         distributed.barrier()
         return None
-    per_image, found = estimate_groups(per_image, reference, _decoder_choice(budget))
+    per_image, found = evaluation.estimate_groups(per_image, reference, evaluation.decoder_choice(budget))
     evaluation_frame.check_finite(per_image, reference.dim)
     maps = None
     if sources is None and len(members) == 1 and found:  # single models (an ensemble's maps: its members')
-        maps = add_pixel_maps(per_image, found[0], members[0], test, reference, est, device)
+        maps = evaluation.add_pixel_maps(per_image, found[0], members[0], test, reference, est, device)
     metrics = {
-        **summarize(per_image, members, reference, proposal, est),
+        **evaluation.summarize(per_image, members, reference, proposal, est),
         **({"budget": budget} if budget else {}),
         **({"pixel_maps": maps} if maps else {}),
         **evaluation_frame.provenance(cfg, members),
@@ -154,236 +128,6 @@ def _evaluate(cfg: DictConfig, run_dir: Path, device: torch.device, tracker: Tra
     metrics = evaluation_frame.finish(cfg, run_dir, per_image, metrics, REPORTED_BPD, tracker)
     distributed.barrier()
     return metrics
-
-
-def choose_proposal(cfg: DictConfig, members: Sequence[Member], test, reference: GaussianReference):
-    """The log-SNR proposal of this run: the one stored in ``estimator.logsnr_proposal_from`` (an evaluate
-    run whose curves an ensemble will combine with this run's), else the reference's extended by the pilot
-    of :func:`itdiffusion.information.proposal_for` on the first test images (the range covers every
-    log-SNR where the models beat the Gaussian decoder; the upper end reaches the log-SNR that resolves the
-    pixel lattice)."""
-    est = cfg.estimator
-    if est.logsnr_proposal_from:
-        return proposal_of_run(est.logsnr_proposal_from)
-    if not est.it:
-        return LogSNRProposal.from_reference(reference, clip=est.clip, delta=PIXEL_BIN)
-    idx = range(min(PILOT_IMAGES, len(test)))
-    x = to_model_range(torch.stack([test[i][0] for i in idx])).to(reference.mean.device)
-    return proposal_for(
-        reference,
-        [m.denoiser for m in members],
-        x,
-        clip=est.clip,
-        delta=PIXEL_BIN,
-        xinterval=XINTERVAL,
-        batch_size=est.batch_size,
-    )
-
-
-@torch.no_grad()
-def sample(
-    members: Sequence[Member],
-    images: torch.Tensor,
-    indices: Sequence[int],
-    reference: GaussianReference,
-    proposal: LogSNRProposal,
-    est,
-    device: torch.device,
-) -> PerImage:
-    """The network work on uint8 ``images`` with test indices ``indices``: every member's IT error curves
-    (shared points and noise) and VLBs, and the network evaluations per image; no estimate yet."""
-    x = to_model_range(images).to(device)
-    out = PerImage(
-        index=torch.as_tensor(list(indices), dtype=torch.long), groups=[f"m{j}" for j in range(len(members))]
-    )
-    evals = torch.zeros(len(members), len(indices), dtype=torch.float64)
-    if est.it:
-        out.curves = sample_curves(
-            [m.denoiser for m in members],
-            x,
-            reference,
-            npoints=est.npoints,
-            proposal=proposal,
-            seeds=stream_seeds(est.seed, indices, Stream.POINTS),
-            **pixel_curve_options(est),
-        )
-        evals += out.curves.network_evals
-    if est.vlb and str(est.vlb_steps) != VLB_ALL_STEPS:  # sampled timesteps: unbiased, with an MC stderr
-        seeds = stream_seeds(est.seed, indices, Stream.VLB)
-        results = [
-            vlb_sampled(m.network, m.diffusion, x, seeds, int(est.vlb_steps), batch_size=est.batch_size)
-            for m in members
-        ]
-        for key, continuous in (("vlb_bpd", False), ("vlb_continuous_bpd", True)):
-            out.member_values[key] = torch.stack([r.total(continuous) for r in results])
-            out.member_values[key + "_mc_stderr"] = torch.stack([r.mc_stderr_bpd for r in results])
-        evals += torch.tensor([[r.network_evals] for r in results], dtype=torch.float64)
-    elif est.vlb:  # one pass per image serves both decoders (discrete, continuous-density)
-        seeds = stream_seeds(est.seed, indices, Stream.VLB)
-        results = [
-            vlb_per_image(m.network, m.diffusion, x, seeds, steps_per_batch=est.vlb_steps_per_batch)
-            for m in members
-        ]
-        out.member_values["vlb_bpd"] = torch.stack([r.total(False).cpu() for r in results])
-        out.member_values["vlb_continuous_bpd"] = torch.stack([r.total(True).cpu() for r in results])
-        for key, continuous in (("vlb_bpd_mc_stderr", False), ("vlb_continuous_bpd_mc_stderr", True)):
-            out.member_values[key] = torch.stack([r.mc_stderr(continuous).cpu() for r in results])
-        evals += torch.tensor([[r.terms_bpd.shape[1]] for r in results], dtype=torch.float64)
-    out.member_values["network_evals"] = evals
-    return out
-
-
-def with_estimates(
-    per_image: PerImage, reference: GaussianReference, choice: DecoderChoice | None = None
-) -> PerImage:
-    """``per_image`` with the IT estimates (nats, ``[G, B]``) of every member and, for several members,
-    of their ensemble (group ``ensemble``), each by :func:`itdiffusion.information.estimate`; with a
-    dataset budget's ``choice`` (fitted on the pilot, for the run's models together), by
-    :func:`itdiffusion.budget.estimate_with_choice` for the groups it was fitted for."""
-    return estimate_groups(per_image, reference, choice)[0]
-
-
-def estimate_groups(
-    per_image: PerImage, reference: GaussianReference, choice: DecoderChoice | None = None
-) -> tuple[PerImage, list[ITEstimate]]:
-    """:func:`with_estimates`, and the :class:`~itdiffusion.information.ITEstimate` of each group (in
-    ``per_image.groups`` order; empty without curves): what the pixel maps decompose."""
-    curves = per_image.curves
-    if curves is None:
-        return per_image, []
-    groups = [[j] for j in range(curves.num_models)]
-    if curves.num_models > 1:
-        groups.append(list(range(curves.num_models)))
-    mmse_g = reference.mmse(curves.logsnr.to(reference.mean.device))  # B K d operations: once for all groups
-    found = [
-        estimate_with_choice(curves.models(g), reference, choice)
-        if choice is not None and len(g) == choice.num_models
-        else estimate(curves.models(g), reference, reference_mmse=mmse_g)
-        for g in groups
-    ]
-    values = [f.per_image() for f in found]
-    per_image.groups = [f"m{g[0]}" for g in groups[: curves.num_models]] + [ENSEMBLE] * (len(groups) > 1)
-    per_image.estimates = {f"it_{name}_nats": torch.stack([v[name] for v in values]) for name in values[0]}
-    per_image.continuous_integrand = torch.stack([f.continuous_integrand for f in found])
-    per_image.reference_mmse = mmse_g.cpu()
-    return per_image, found
-
-
-def add_pixel_maps(
-    per_image: PerImage,
-    found: ITEstimate,
-    member: Member,
-    test,
-    reference: GaussianReference,
-    est,
-    device: torch.device,
-) -> dict | None:
-    """Rank 0: ``per_image.pixel_maps`` for the first ``estimator.pixel_maps`` evaluated images, each pixel's
-    share of the single model's reported continuous estimate ``found`` (:func:`itdiffusion.pixel_maps.
-    pixel_maps` on ``estimator.pixel_map_points`` points of their own per image). Every map must sum to
-    the image's ``it_continuous_nats`` as stored (:class:`~itdiffusion.pixel_maps.PixelMapError` if not).
-    Returns metrics.json's ``pixel_maps`` summary (None without maps)."""
-    count = min(est.pixel_maps, per_image.num_images)
-    if not est.it or count == 0 or per_image.curves is None:
-        return None
-    indices = per_image.index[:count].tolist()
-    x = to_model_range(torch.stack([test[i][0] for i in indices])).to(device)
-    maps = pixel_maps(
-        [member.denoiser],
-        x,
-        list(range(count)),
-        [found],
-        reference,
-        stream_seeds(est.seed, indices, Stream.PIXEL_MAP),
-        npoints=est.pixel_map_points,
-        xinterval=XINTERVAL,
-        batch_size=est.batch_size,
-    )
-    gap = maps.check_sums(per_image.group("m0")["it_continuous_nats"][:count][None])
-    per_image.pixel_maps = maps.tensors()
-    return maps.summary(est.pixel_map_points, gap)
-
-
-def summarize(
-    per_image: PerImage,
-    members: Sequence[Member],
-    reference: GaussianReference,
-    proposal: LogSNRProposal,
-    est,
-) -> dict:
-    """metrics.json's numbers: dataset means in bits/dim with their standard errors (over images, which
-    includes each image's Monte Carlo noise) and Monte Carlo standard errors; per member for ensembles."""
-    dim = reference.dim
-    metrics: dict = {
-        "num_images": per_image.num_images,
-        "npoints": est.npoints if est.it else None,
-        "dim": dim,
-        "gaussian_entropy_bpd": float(nats_to_bpd(float(reference.entropy), dim)),
-        "logsnr_range": list(proposal.bounds),
-        "logsnr_core_range": list(proposal.core_bounds),
-        "logsnr_proposal": dataclasses.asdict(proposal),
-    }
-    if per_image.curves is not None and per_image.curves.gaussian_nll is not None:  # closed form, per image
-        gaussian = nats_to_bpd(per_image.curves.gaussian_nll, dim)
-        metrics["gaussian_nll_bpd"], metrics["gaussian_nll_bpd_stderr"] = mean_and_stderr(gaussian)
-    per_member = [_group_metrics(per_image, f"m{j}", j, dim) for j in range(len(members))]
-    if len(members) == 1:
-        return {**metrics, **per_member[0]}
-    metrics["members"] = [
-        {"model": m.model_cfg.name, "checkpoint": m.checkpoint, "checkpoint_sha256": m.sha256, **values}
-        for m, values in zip(members, per_member, strict=True)
-    ]
-    ensemble = _group_metrics(per_image, ENSEMBLE, None, dim)
-    return {**metrics, **ensemble, "network_evals": sum(m["network_evals"] for m in per_member)}
-
-
-def _group_metrics(per_image: PerImage, group: str, member: int | None, dim: int) -> dict:
-    out: dict = {}
-    if group in per_image.groups and per_image.estimates:
-        values = per_image.group(group)
-        for name in (n for n in IT_ESTIMATES if f"{n}_nats" in values):
-            bpd = nats_to_bpd(values[f"{name}_nats"], dim)
-            out[f"{name}_bpd"], out[f"{name}_bpd_stderr"] = mean_and_stderr(bpd)
-            mc = nats_to_bpd(values[f"{name}_mc_stderr_nats"], dim)
-            out[f"{name}_bpd_mc_stderr"] = float(mc.square().sum().sqrt() / mc.numel())  # MC noise alone
-    if member is not None:
-        for key, rows in per_image.member_values.items():
-            if key == "network_evals":
-                out[key] = int(rows[member].sum().item())
-            elif key.endswith("_mc_stderr"):  # the Monte Carlo noise of the mean alone
-                out[key] = float(rows[member].square().sum().sqrt() / rows[member].numel())
-            else:
-                out[key], out[f"{key}_stderr"] = mean_and_stderr(rows[member])
-    return out
-
-
-def check_estimates(
-    members: Sequence[Member],
-    test,
-    reference: GaussianReference,
-    proposal: LogSNRProposal,
-    est,
-    device: torch.device,
-) -> dict[str, torch.Tensor]:
-    """Per-image bits/dim of every reported estimate on the first ``estimator.precision_check_images``
-    test images, from the same seeds at every call (the paired check of :mod:`~itdiffusion.stages.precision`).
-    Keys as in metrics.json (``it_continuous_bpd``, ``vlb_bpd``, ...); ensembles: ``<group>_<key>``."""
-    idx = list(range(min(est.precision_check_images, len(test))))
-    per_image = with_estimates(
-        sample(members, torch.stack([test[i][0] for i in idx]), idx, reference, proposal, est, device),
-        reference,
-    )
-    single = len(members) == 1
-    out = {}
-    for row, group in enumerate(per_image.groups):
-        prefix = "" if single else f"{group}_"
-        for name, values in per_image.estimates.items():
-            if "_mc_stderr" not in name:
-                out[prefix + name.removesuffix("_nats") + "_bpd"] = nats_to_bpd(values[row], reference.dim)
-    for key in ("vlb_bpd", "vlb_continuous_bpd"):
-        for j, values in enumerate(per_image.member_values.get(key, [])):
-            out[("" if single else f"m{j}_") + key] = values
-    return out
 
 
 def _budget(cfg: DictConfig, members, test, reference, proposal, device):
@@ -409,11 +153,6 @@ def _budget(cfg: DictConfig, members, test, reference, proposal, device):
     for key, value in budget["chosen"].items():
         cfg.estimator[key] = value
     return budget, cfg.estimator
-
-
-def _decoder_choice(budget: dict | None) -> DecoderChoice | None:
-    found = (budget or {}).get("decoder_choice")
-    return DecoderChoice.from_dict(found) if found else None
 
 
 def _check_settings(cfg: DictConfig) -> None:
