@@ -64,7 +64,7 @@ def compare(name: str, denoiser, network, diffusion, reference: GaussianReferenc
     proposal = LogSNRProposal.from_reference(reference, delta=PIXEL_BIN)
     it_ladder = [k for k in IT_LADDER if k <= full_points]
     vlb_ladder = [k for k in VLB_LADDER if k < steps - 1]
-    it_stats, choice, it_spent = it_pilot(lambda k: _curves(denoiser, pilot_x, reference, proposal, k, 10**6),
+    it_stats, choice, it_spent, _ = it_pilot(lambda k: _curves(denoiser, pilot_x, reference, proposal, k, 10**6),
                                           reference, it_ladder)
     vlb_stats, vlb_spent = vlb_pilot(
         lambda k: vlb_sampled(network, diffusion, pilot_x, list(range(10**7 + 1000 * k, 10**7 + 1000 * k

@@ -37,11 +37,18 @@ from omegaconf import DictConfig
 
 from itdiffusion import distributed
 from itdiffusion.artifacts import ENSEMBLE, IT_ESTIMATES, REPORTED_BPD, PerImage
-from itdiffusion.budget import DecoderChoice, estimate_with_choice
+from itdiffusion.budget import estimate_with_choice, fit_decoder_choice
 from itdiffusion.data import load_images, to_model_range
 from itdiffusion.ensemble import REEVALUATE, curves_from_member_runs, proposal_of_run
 from itdiffusion.errors import UserError
-from itdiffusion.information import GaussianReference, LogSNRProposal, estimate, proposal_for, sample_curves
+from itdiffusion.information import (
+    Curves,
+    GaussianReference,
+    LogSNRProposal,
+    estimate,
+    proposal_for,
+    sample_curves,
+)
 from itdiffusion.information.pilot import PILOT_IMAGES
 from itdiffusion.models.loading import Member, check_ensemble, load_members
 from itdiffusion.pixel_maps import pixel_maps
@@ -80,41 +87,61 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
         test = load_images(cfg.data, "test")
     members = load_members(cfg, device, resolve_first=rank_zero_first)
     if cfg.ensemble_curves:  # the members' stored curves: rank 0 reads them, no network runs anywhere
-        budget, est = _budget(cfg, members, test, reference, None, device)  # the first member's plan
+        budget, est, pilot = _budget(cfg, members, test, reference, None, device)  # the first member's plan
         found = distributed.on_main(
             lambda: curves_from_member_runs(cfg.ensemble_curves, members, test, reference, est)
         )
         per_image, sources = found or (None, None)
         proposal = None if per_image is None else per_image.curves.proposal
+        pilot = None if per_image is None else per_image.pilot_curves
         precision = {"checked": False, "used": None, "reason": "ensemble_curves: no network evaluation"}
     else:
         proposal = distributed.broadcast_object(
             distributed.on_main(lambda: choose_proposal(cfg, members, test, reference))
         )
-        budget, est = _budget(cfg, members, test, reference, proposal, device)
+        budget, est, pilot = _budget(cfg, members, test, reference, proposal, device)
         members, precision = select_fast_path(  # fp32 eager unless a fast path keeps the numbers
             members, est, device, lambda ms: check_estimates(ms, test, reference, proposal, est, device)
         )
         chunk = max(1, est.batch_size // est.npoints) if est.it else max(1, est.batch_size)
-        per_image = skeleton.evaluate_sharded(
-            cfg.label,
-            test,
-            chunk,
-            lambda idx, images: sample(members, images, idx, reference, proposal, est, device),
-            Partial(
-                run_dir, skeleton.fingerprint(cfg, members, proposal=proposal, fast_path=precision["used"])
-            ),
-        )
+        blocks = budget_pilot.blocks_of(budget)
+
+        def draw(first: dict, last: dict, partial=None):
+            return skeleton.evaluate_sharded(
+                cfg.label if partial else f"{cfg.label} top-up",
+                test,
+                max(1, chunk // max(1, last["npoints"] - first["npoints"])),
+                lambda idx, images: sample(
+                    members, images, idx, reference, proposal, est, device,
+                    it_blocks=range(first["npoints"], last["npoints"]),
+                    vlb_blocks=range(first["vlb_steps"], last["vlb_steps"]),
+                ),
+                partial,
+            )
+
+        none = dict.fromkeys(blocks, 0)
+        per_image = draw(none, blocks, Partial(
+            run_dir, skeleton.fingerprint(cfg, members, proposal=proposal, fast_path=precision["used"])
+        ))
+        if per_image is not None:
+            per_image.pilot_curves = pilot
+        if budget is not None:  # the realized stderr against the target; more blocks where it misses
+            per_image = budget_pilot.top_up(
+                per_image, budget, blocks, draw,
+                lambda p: summarize(with_estimates(p, reference), members, reference, proposal, est),
+            )
         sources = None
     if not distributed.is_main():
         distributed.barrier()
         return None
-    per_image = with_estimates(per_image, reference, _decoder_choice(budget))
+    per_image.pilot_curves = pilot
+    per_image = with_estimates(per_image, reference)
     skeleton.check_finite(per_image, reference.dim)
     if sources is None and len(members) == 1:  # single models (an ensemble's maps are its members')
         add_pixel_maps(per_image, members, test, reference, est, device)
     metrics = {
         **summarize(per_image, members, reference, proposal, est),
+        **decoder_choice_metrics(per_image, cfg.estimator),
         **({"budget": budget} if budget else {}),
         **skeleton.provenance(cfg, members),
         "precision_check": precision,
@@ -160,42 +187,60 @@ def sample(
     proposal: LogSNRProposal,
     est,
     device: torch.device,
+    it_blocks: range = range(1),
+    vlb_blocks: range = range(1),
 ) -> PerImage:
     """The network work on uint8 ``images`` with test indices ``indices``: every member's IT error curves
-    (shared points and noise) and VLBs, and the network evaluations per image; no estimate yet."""
+    (shared points and noise) and VLBs, and the network evaluations per image; no estimate yet.
+
+    ``it_blocks`` / ``vlb_blocks``: which blocks of ``estimator.npoints`` points / ``vlb_steps`` sampled
+    steps each image draws (block r from its seed stream with coordinate r; block 0 is the per-image
+    protocol's draw): the dataset budget's top-up draws blocks beyond the first (:mod:`itdiffusion.topup`).
+    The curves of several blocks are concatenated; the sampled VLB is their mean."""
     x = to_model_range(images).to(device)
     out = PerImage(
         index=torch.as_tensor(list(indices), dtype=torch.long), groups=[f"m{j}" for j in range(len(members))]
     )
     evals = torch.zeros(len(members), len(indices), dtype=torch.float64)
-    if est.it:
-        out.curves = sample_curves(
-            [m.denoiser for m in members],
-            x,
-            reference,
-            npoints=est.npoints,
-            proposal=proposal,
-            seeds=stream_seeds(est.seed, indices, Stream.POINTS),
-            sampling=est.logsnr_sampling,
-            delta=PIXEL_BIN,
-            xinterval=XINTERVAL,
-            rounding=est.rounding,
-            dequantize=True,
-            control_variate=est.control_variate,
-            batch_size=est.batch_size,
-        )
+    if est.it and len(it_blocks):
+        first = stream_seeds(est.seed, indices, Stream.POINTS)
+        out.curves = Curves.cat_points([
+            sample_curves(
+                [m.denoiser for m in members],
+                x,
+                reference,
+                npoints=est.npoints,
+                proposal=proposal,
+                seeds=stream_seeds(est.seed, indices, Stream.POINTS, r),
+                uniform_seeds=None if r == 0 else first,  # one dequantized image for every block
+                sampling=est.logsnr_sampling,
+                delta=PIXEL_BIN,
+                xinterval=XINTERVAL,
+                rounding=est.rounding,
+                dequantize=True,
+                control_variate=est.control_variate,
+                batch_size=est.batch_size,
+            )
+            for r in it_blocks
+        ])
         evals += out.curves.network_evals
-    if est.vlb and str(est.vlb_steps) != VLB_ALL_STEPS:  # sampled timesteps: unbiased, with an MC stderr
-        seeds = stream_seeds(est.seed, indices, Stream.VLB)
+    if est.vlb and str(est.vlb_steps) != VLB_ALL_STEPS and len(vlb_blocks):  # sampled steps, an MC stderr
         results = [
-            vlb_sampled(m.network, m.diffusion, x, seeds, int(est.vlb_steps), batch_size=est.batch_size)
+            [
+                vlb_sampled(m.network, m.diffusion, x, stream_seeds(est.seed, indices, Stream.VLB, r),
+                            int(est.vlb_steps), batch_size=est.batch_size)
+                for r in vlb_blocks
+            ]
             for m in members
         ]
+        n = len(vlb_blocks)  # the blocks' mean, and its Monte Carlo stderr
         for key, continuous in (("vlb_bpd", False), ("vlb_continuous_bpd", True)):
-            out.member_values[key] = torch.stack([r.total(continuous) for r in results])
-            out.member_values[key + "_mc_stderr"] = torch.stack([r.mc_stderr_bpd for r in results])
-        evals += torch.tensor([[r.network_evals] for r in results], dtype=torch.float64)
-    elif est.vlb:  # one pass per image serves both decoders (discrete, continuous-density)
+            out.member_values[key] = torch.stack([sum(r.total(continuous) for r in rs) / n for rs in results])
+            out.member_values[key + "_mc_stderr"] = torch.stack(
+                [sum(r.mc_stderr_bpd.square() for r in rs).sqrt() / n for rs in results]
+            )
+        evals += torch.tensor([[sum(r.network_evals for r in rs)] for rs in results], dtype=torch.float64)
+    elif est.vlb and len(vlb_blocks) and str(est.vlb_steps) == VLB_ALL_STEPS:  # one pass: both decoders
         seeds = stream_seeds(est.seed, indices, Stream.VLB)
         results = [
             vlb_per_image(m.network, m.diffusion, x, seeds, steps_per_batch=est.vlb_steps_per_batch)
@@ -210,13 +255,13 @@ def sample(
     return out
 
 
-def with_estimates(
-    per_image: PerImage, reference: GaussianReference, choice: DecoderChoice | None = None
-) -> PerImage:
+def with_estimates(per_image: PerImage, reference: GaussianReference) -> PerImage:
     """``per_image`` with the IT estimates (nats, ``[G, B]``) of every member and, for several members,
-    of their ensemble (group ``ensemble``), each by :func:`itdiffusion.information.estimate`; with a
-    dataset budget's ``choice`` (fitted on the pilot, for the run's models together), by
-    :func:`itdiffusion.budget.estimate_with_choice` for the groups it was fitted for."""
+    of their ensemble (group ``ensemble``). With ``per_image.pilot_curves`` (both protocols of the stage),
+    each group's decoder choice is fitted on them (:func:`itdiffusion.budget.fit_decoder_choice`) and
+    applied per log-SNR bin (:func:`itdiffusion.budget.estimate_with_choice`; ``per_image.choices``);
+    without them (the precision check's paired estimates), cross-fitted
+    (:func:`itdiffusion.information.estimate`)."""
     curves = per_image.curves
     if curves is None:
         return per_image
@@ -224,14 +269,15 @@ def with_estimates(
     if curves.num_models > 1:
         groups.append(list(range(curves.num_models)))
     mmse_g = reference.mmse(curves.logsnr.to(reference.mean.device))  # B K d operations: once for all groups
-    found = [
-        (
-            estimate_with_choice(curves.models(g), reference, choice)
-            if choice is not None and len(g) == choice.num_models
-            else estimate(curves.models(g), reference, reference_mmse=mmse_g)
-        ).per_image()
-        for g in groups
-    ]
+    pilot = per_image.pilot_curves
+    found, per_image.choices = [], {}
+    for g in groups:
+        if pilot is None:
+            found.append(estimate(curves.models(g), reference, reference_mmse=mmse_g).per_image())
+            continue
+        choice = fit_decoder_choice([pilot.models(g)])
+        per_image.choices[f"m{g[0]}" if len(g) == 1 else ENSEMBLE] = choice
+        found.append(estimate_with_choice(curves.models(g), reference, choice).per_image())
     per_image.groups = [f"m{g[0]}" for g in groups[: curves.num_models]] + [ENSEMBLE] * (len(groups) > 1)
     per_image.estimates = {f"it_{name}_nats": torch.stack([f[name] for f in found]) for name in found[0]}
     per_image.reference_mmse = mmse_g.cpu()
@@ -253,12 +299,16 @@ def add_pixel_maps(
     if not est.it or count == 0 or per_image.curves is None:
         return per_image
     indices = per_image.index[:count].tolist()
+    curves = per_image.curves
+    if curves.num_points > est.npoints:  # a topped-up budget: the first block's draws (the image seeds')
+        log.info("pixel maps: from the first %d of the %d points per image", est.npoints, curves.num_points)
+        curves = curves.first_points(est.npoints)
     x = to_model_range(torch.stack([test[i][0] for i in indices])).to(device)
     maps = pixel_maps(
         [m.denoiser for m in members],
         x,
         list(range(count)),
-        per_image.curves,
+        curves,
         reference,
         stream_seeds(est.seed, indices, Stream.POINTS),
         xinterval=XINTERVAL,
@@ -280,7 +330,7 @@ def summarize(
     dim = reference.dim
     metrics: dict = {
         "num_images": per_image.num_images,
-        "npoints": est.npoints if est.it else None,
+        "npoints": per_image.curves.num_points if per_image.curves is not None else None,  # all blocks
         "dim": dim,
         "gaussian_entropy_bpd": float(nats_to_bpd(float(reference.entropy), dim)),
         "logsnr_range": list(proposal.bounds),
@@ -348,33 +398,70 @@ def check_estimates(
 
 
 def _budget(cfg: DictConfig, members, test, reference, proposal, device):
-    """The dataset budget's plan (None for ``estimator.budget=per_image``) and the estimator settings the
+    """The dataset budget's plan (None for ``estimator.budget=per_image``), the estimator settings the
     run uses (the plan's npoints and vlb_steps, also written into ``cfg`` so metrics.json's config says
-    what was evaluated; the budget section keeps the full-cost settings)."""
+    what was evaluated; the budget section keeps the full-cost settings), and on rank 0 the pilot curves
+    the decoder choice is fitted on (both protocols; None with ``ensemble_curves``: the members' runs
+    stored theirs)."""
     est = cfg.estimator
+
+    def pilot_curves():
+        if not est.it or cfg.ensemble_curves:
+            return None
+        return budget_pilot.choice_curves(members, test, reference, proposal, est, device)
+
     if est.budget != "dataset":
-        return None, est
+        return None, est, distributed.on_main(pilot_curves)
     source = est.budget_from or (cfg.ensemble_curves[0] if cfg.ensemble_curves else None)
+    pilot = None
     if source is not None:
         budget = budget_pilot.plan_from_run(source)
+        pilot = distributed.on_main(pilot_curves)
     else:
-        budget = distributed.broadcast_object(
-            distributed.on_main(lambda: budget_pilot.plan(members, test, reference, proposal, est, device))
+        found = distributed.on_main(
+            lambda: budget_pilot.plan(members, test, reference, proposal, est, device)
         )
+        budget = distributed.broadcast_object(None if found is None else found[0])
+        pilot = None if found is None else found[1]
     log.info(
         "dataset budget: %s per image (full protocol: %s), network evaluations per image %s",
         budget["chosen"],
         budget["full"],
         budget.get("network_evals_per_image"),
     )
-    for key, value in budget["chosen"].items():
-        cfg.estimator[key] = value
-    return budget, cfg.estimator
+    for key in ("npoints", "vlb_steps"):
+        if key in budget["chosen"]:
+            cfg.estimator[key] = budget["chosen"][key]
+    return budget, cfg.estimator, pilot
 
 
-def _decoder_choice(budget: dict | None) -> DecoderChoice | None:
-    found = (budget or {}).get("decoder_choice")
-    return DecoderChoice.from_dict(found) if found else None
+def decoder_choice_metrics(per_image: PerImage, est) -> dict:
+    """metrics.json's ``decoder_choice`` (per group: the decoder each log-SNR bin used, fitted on the pilot
+    images' held-out draws) and ``it_reference_only`` (per IT estimate of the reported group: True when the
+    Gaussian reference's decoder is used in every bin, so that the estimate is the reference's bound and
+    says nothing about the network); logged loudly in that case."""
+    choices = per_image.choices
+    if not choices:
+        return {"decoder_choice": {"rule": "cross_fitted"}} if per_image.curves is not None else {}
+    pilot = per_image.pilot_curves
+    main = choices.get(ENSEMBLE) or choices["m0"]
+    only = {f"it_{family}": flag for family, flag in main.reference_only().items()}
+    only["it_discrete_notails"] = only.get("it_discrete", False)
+    for name, flag in only.items():
+        if flag:
+            log.warning(
+                "%s: the Gaussian reference's decoder is chosen in every log-SNR bin: this is the "
+                "reference's bound, the network does not enter it", name
+            )
+    return {
+        "decoder_choice": {
+            "rule": "pilot",
+            "pilot_images": pilot.num_images,
+            "points_per_image": pilot.num_points,
+            "groups": {g: c.to_dict() for g, c in choices.items()},
+        },
+        "it_reference_only": only,
+    }
 
 
 def _check_settings(cfg: DictConfig) -> None:
