@@ -447,6 +447,7 @@ def decoder_choice_metrics(per_image: PerImage, est) -> dict:
     main = choices.get(ENSEMBLE) or choices["m0"]
     only = {f"it_{family}": flag for family, flag in main.reference_only().items()}
     only["it_discrete_notails"] = only.get("it_discrete", False)
+    only["it_continuous_itd_range"] = only["it_continuous"]
     for name, flag in only.items():
         if flag:
             log.warning(
