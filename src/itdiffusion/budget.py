@@ -95,11 +95,6 @@ class DecoderChoice:
         return {"nbins": self.nbins, "index": self.index, "candidates": self.candidates,
                 "used": {f: self.used(f) for f in self.index}, "reference_only": self.reference_only()}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> DecoderChoice:
-        return cls(nbins=int(d["nbins"]), index={k: list(v) for k, v in d["index"].items()},
-                   candidates={k: list(v) for k, v in d["candidates"].items()})
-
 
 def _candidates(curves: Curves, family: str) -> tuple[Tensor, list[str]] | None:
     """The raw errors ``[C, B, K]`` of the family's candidate decoders and their names (None: not formed)."""

@@ -7,7 +7,9 @@ returns the pilot's curves at :func:`~itdiffusion.budget.choice_points` points, 
 of both protocols is fitted (:func:`choice_curves` draws the same curves for ``estimator.budget=per_image``).
 :func:`plan_from_run` reads the choice of an earlier run (``estimator.budget_from``; an ensemble reusing
 stored curves must evaluate at its members' points). The plan is metrics.json's ``budget`` section;
-:func:`effective` gives the estimator settings the main run uses.
+:func:`effective` gives the estimator settings the main run uses. After the main run :func:`top_up` checks
+the realized stderr against the targets and draws further blocks of points (:mod:`itdiffusion.topup`);
+:func:`decoder_choice_metrics` is metrics.json's ``decoder_choice`` and ``it_reference_only``.
 """
 
 from __future__ import annotations
@@ -223,3 +225,33 @@ def merge_blocks(old: PerImage, new: PerImage, before: dict[str, int], after: di
     curves = old.curves if new.curves is None else Curves.cat_points([old.curves, new.curves])
     return PerImage(index=old.index, groups=list(old.groups), member_values=values, curves=curves,
                     pilot_curves=old.pilot_curves)
+
+
+def decoder_choice_metrics(per_image: PerImage) -> dict:
+    """metrics.json's ``decoder_choice`` (per group: the decoder each log-SNR bin used, fitted on the pilot
+    images' held-out draws) and ``it_reference_only`` (per IT estimate of the reported group: True when the
+    Gaussian reference's decoder is used in every bin, so that the estimate is the reference's bound and
+    says nothing about the network); logged loudly in that case."""
+    choices = per_image.choices
+    if not choices:
+        return {"decoder_choice": {"rule": "cross_fitted"}} if per_image.curves is not None else {}
+    pilot = per_image.pilot_curves
+    main = choices.get(artifacts.ENSEMBLE) or choices["m0"]
+    only = {f"it_{family}": flag for family, flag in main.reference_only().items()}
+    only["it_discrete_notails"] = only.get("it_discrete", False)
+    only["it_continuous_itd_range"] = only["it_continuous"]
+    for name, flag in only.items():
+        if flag:
+            log.warning(
+                "%s: the Gaussian reference's decoder is chosen in every log-SNR bin: this is the "
+                "reference's bound, the network does not enter it", name
+            )
+    return {
+        "decoder_choice": {
+            "rule": "pilot",
+            "pilot_images": pilot.num_images,
+            "points_per_image": pilot.num_points,
+            "groups": {g: c.to_dict() for g, c in choices.items()},
+        },
+        "it_reference_only": only,
+    }

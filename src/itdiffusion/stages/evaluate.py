@@ -11,13 +11,17 @@ estimates by :func:`itdiffusion.information.estimate`: the same two calls the ex
 
 Every image draws its log-SNR points, noise and dequantization noise from its own seeds
 (:mod:`itdiffusion.seeding`), so the curves do not depend on batching or on the number of processes. The
-decoder choices inside the estimate (clamp, rounding, ensemble member) are cross-fitted over the other
-images, so rank 0 forms every estimate from the gathered curves: one process and many give the same
-per-image numbers. Rank 0 commits ``per_image.npz`` and ``metrics.json`` (:mod:`itdiffusion.artifacts`) and
+decoder choices inside the estimate (clamp, rounding, ensemble member) are made per log-SNR bin on held-out
+draws of the first test images (the pilot curves, stored in ``per_image.npz``; the same rule under both
+``estimator.budget`` protocols, :mod:`itdiffusion.budget`), and the control variate's coefficients are
+cross-fitted over the other images, so rank 0 forms every estimate from the gathered curves: one process and
+many give the same per-image numbers. Under ``estimator.budget=dataset`` the realized stderr is checked after
+the main run and topped up (:func:`itdiffusion.stages.budget_pilot.top_up`). Rank 0 commits
+``per_image.npz`` and ``metrics.json`` (:mod:`itdiffusion.artifacts`) and
 records the results row.
 
 Ensembles (``ensemble=[ckpt_a, ckpt_b, ...]``): every member sees the same points and noise, and per log-SNR
-bin the estimate uses the member (or the Gaussian decoder) with the lowest cross-fitted error.
+bin the estimate uses the member (or the Gaussian decoder) that is best on the pilot curves.
 ``ensemble_curves=[run_a, run_b, ...]`` builds the ensemble from the members' stored curves with no network
 evaluation (:mod:`itdiffusion.ensemble`). Masked-diffusion models (``model.kind=masked_pixels``) go to
 :mod:`itdiffusion.stages.evaluate_masked`.
@@ -141,7 +145,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
         add_pixel_maps(per_image, members, test, reference, est, device)
     metrics = {
         **summarize(per_image, members, reference, proposal, est),
-        **decoder_choice_metrics(per_image, cfg.estimator),
+        **budget_pilot.decoder_choice_metrics(per_image),
         **({"budget": budget} if budget else {}),
         **skeleton.provenance(cfg, members),
         "precision_check": precision,
@@ -433,36 +437,6 @@ def _budget(cfg: DictConfig, members, test, reference, proposal, device):
         if key in budget["chosen"]:
             cfg.estimator[key] = budget["chosen"][key]
     return budget, cfg.estimator, pilot
-
-
-def decoder_choice_metrics(per_image: PerImage, est) -> dict:
-    """metrics.json's ``decoder_choice`` (per group: the decoder each log-SNR bin used, fitted on the pilot
-    images' held-out draws) and ``it_reference_only`` (per IT estimate of the reported group: True when the
-    Gaussian reference's decoder is used in every bin, so that the estimate is the reference's bound and
-    says nothing about the network); logged loudly in that case."""
-    choices = per_image.choices
-    if not choices:
-        return {"decoder_choice": {"rule": "cross_fitted"}} if per_image.curves is not None else {}
-    pilot = per_image.pilot_curves
-    main = choices.get(ENSEMBLE) or choices["m0"]
-    only = {f"it_{family}": flag for family, flag in main.reference_only().items()}
-    only["it_discrete_notails"] = only.get("it_discrete", False)
-    only["it_continuous_itd_range"] = only["it_continuous"]
-    for name, flag in only.items():
-        if flag:
-            log.warning(
-                "%s: the Gaussian reference's decoder is chosen in every log-SNR bin: this is the "
-                "reference's bound, the network does not enter it", name
-            )
-    return {
-        "decoder_choice": {
-            "rule": "pilot",
-            "pilot_images": pilot.num_images,
-            "points_per_image": pilot.num_points,
-            "groups": {g: c.to_dict() for g, c in choices.items()},
-        },
-        "it_reference_only": only,
-    }
 
 
 def _check_settings(cfg: DictConfig) -> None:
