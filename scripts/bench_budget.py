@@ -118,7 +118,7 @@ STAGE_ESTIMATES = ("it_continuous", "it_discrete", "it_dequantized", "vlb", "vlb
 
 
 def stage_compare(checkpoint: Path, num_images: int, full_points: int, ratio: float, pilot_images: int,
-                  out: Path) -> None:
+                  out: Path, vlb: bool = True) -> None:
     """The evaluate stage on the smoke U-Net's first ``num_images`` test crops: the full per-image protocol
     (``full_points`` log-SNR points, the exact VLB) and the dataset budget (target ``ratio`` times the
     full protocol's stderr as the pilot predicts it); prints the measured evaluations per image, each
@@ -138,7 +138,7 @@ def stage_compare(checkpoint: Path, num_images: int, full_points: int, ratio: fl
                 f"run_id=bench_{budget}", f"paths.output_dir={out}", f"data.num_images={num_images}",
                 f"estimator.npoints={full_points}", "estimator.vlb_steps=all", f"estimator.budget={budget}",
                 f"estimator.target_stderr_ratio={ratio}", f"estimator.pilot_images={pilot_images}",
-                "estimator.batch_size=512"])
+                "estimator.batch_size=512", f"estimator.vlb={str(vlb).lower()}"])
         runs[budget] = evaluate.run(cfg, out / budget)
     full, budgeted = runs["per_image"], runs["dataset"]
     plan = budgeted["budget"]
@@ -148,7 +148,7 @@ def stage_compare(checkpoint: Path, num_images: int, full_points: int, ratio: fl
     print("| estimate | budget bpd | full bpd | \\|diff\\| / combined SE | target SE | predicted SE | "
           "realized SE | realized / target | SE ratio budget/full |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for name in STAGE_ESTIMATES:
+    for name in STAGE_ESTIMATES if vlb else STAGE_ESTIMATES[:3]:
         b, sb, f, sf = (budgeted[f"{name}_bpd"], budgeted[f"{name}_bpd_stderr"], full[f"{name}_bpd"],
                         full[f"{name}_bpd_stderr"])
         check = plan["stderr_check"][name]
@@ -213,6 +213,7 @@ def main(argv=None):
     parser.add_argument("--skip-cifar", action="store_true")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="the smoke U-Net (default: the newest IT fine-tuned one of make smoke)")
+    parser.add_argument("--it-only", action="store_true", help="the smoke U-Net without the VLB")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_budget"), help="the stage's run dirs")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -224,7 +225,7 @@ def main(argv=None):
     else:
         print(f"smoke U-Net: {checkpoint}")
         stage_compare(checkpoint, args.smoke_images, args.smoke_full_points, args.ratio, args.pilot_images,
-                      args.out)
+                      args.out, vlb=not args.it_only)
     if not args.skip_cifar:
         denoiser, model, diffusion, reference, pilot_x, x = cifar_architecture_setting(
             args.cifar_steps, args.cifar_images, args.cifar_pilot_images)

@@ -251,6 +251,8 @@ def decoder_choice_metrics(per_image: PerImage) -> dict:
             "rule": "pilot",
             "pilot_images": pilot.num_images,
             "points_per_image": pilot.num_points,
+            # network evaluations of the pilot curves (drawn once, by the run that evaluated the networks)
+            "network_evals": pilot.network_evals * pilot.num_models * pilot.num_images,
             "groups": {g: c.to_dict() for g, c in choices.items()},
         },
         "it_reference_only": only,
