@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import math
 import os
 import sys
@@ -138,8 +139,9 @@ def stage_compare(checkpoint: Path, num_images: int, full_points: int, ratio: fl
                 f"run_id=bench_{budget}", f"paths.output_dir={out}", f"data.num_images={num_images}",
                 f"estimator.npoints={full_points}", "estimator.vlb_steps=all", f"estimator.budget={budget}",
                 f"estimator.target_stderr_ratio={ratio}", f"estimator.pilot_images={pilot_images}",
-                "estimator.batch_size=512", f"estimator.vlb={str(vlb).lower()}"])
-        runs[budget] = evaluate.run(cfg, out / budget)
+                "estimator.batch_size=512", f"estimator.vlb={str(vlb).lower()}", "skip_done=true"])
+        evaluate.run(cfg, out / budget)  # skip_done: a complete run of the same settings is kept
+        runs[budget] = json.loads((out / budget / "metrics.json").read_text())
     full, budgeted = runs["per_image"], runs["dataset"]
     plan = budgeted["budget"]
     print(f"\n### smoke U-Net through the evaluate stage: {num_images} images, pilot {pilot_images} images; "

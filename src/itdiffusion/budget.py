@@ -209,7 +209,14 @@ class EstimateStats:
     mc_var: list[float]
     between_var: float
     evals: list[int]  # network evaluations per image at each rung (the IT pass count included)
-    mc_var_mean: list[float] = field(default_factory=list)  # the pilot's plain means
+    mc_var_mean: list[float] = field(default_factory=list)  # the pilot's plain estimates (a ratio
+    between_var_mean: float | None = None  # target's reference: the full protocol's stderr)
+
+    def plain(self) -> EstimateStats:
+        """The pilot's plain estimates in place of the upper bounds."""
+        return dataclasses.replace(self, mc_var=self.mc_var_mean or self.mc_var,
+                                   between_var=self.between_var if self.between_var_mean is None
+                                   else self.between_var_mean)
 
     def mc_var_at(self, k: float) -> float:
         """``v(k)``: log-log interpolation between rungs, ``1/k`` beyond the top, the bottom rung's below."""
@@ -224,7 +231,7 @@ class EstimateStats:
 
     def to_dict(self) -> dict:
         return {"ladder": self.ladder, "mc_var_bpd2": self.mc_var, "mc_var_mean_bpd2": self.mc_var_mean,
-                "between_var_bpd2": self.between_var,
+                "between_var_bpd2": self.between_var, "between_var_mean_bpd2": self.between_var_mean,
                 "mc_var_x_evals_bpd2": [v * e for v, e in zip(self.mc_var, self.evals, strict=True)],
                 "evals_per_image": self.evals}
 
@@ -236,8 +243,8 @@ def _stats(ladder: Sequence[int], values: list[Tensor], mc_stderr: list[Tensor],
     ucb = [m + UCB_Z * (float(s.square().std()) / math.sqrt(n) if n > 1 else 0.0)
            for m, s in zip(mean, mc_stderr, strict=True)]
     between = max(float(values[-1].var()) - mean[-1], 0.0) if n > 1 else 0.0
-    between *= 1 + UCB_Z * math.sqrt(2 / max(n - 1, 1))
-    return EstimateStats(list(ladder), ucb, between, list(evals), mean)
+    upper = between * (1 + UCB_Z * math.sqrt(2 / max(n - 1, 1)))
+    return EstimateStats(list(ladder), ucb, upper, list(evals), mean, between)
 
 
 def it_pilot(
@@ -287,19 +294,19 @@ def choose_k(stats: dict[str, EstimateStats], num_images: int, k_full: int, *, k
              target_stderr_bpd: float | None = None, target_ratio: float | None = None) -> Choice:
     """The fewest evaluations K per image (``k_min <= K <= k_full``, even: the stratified standard error
     pairs neighbouring strata, and top-up blocks of K points concatenate) at which every estimate's
-    predicted total stderr ``sqrt((sigma_between^2 + v(K)) / N)`` is at most its target:
-    ``target_stderr_bpd``, or ``target_ratio`` times the full-cost protocol's (``K = k_full``). If no K
-    reaches it, ``k_full``."""
+    predicted total stderr ``sqrt((sigma_between^2 + v(K)) / N)`` (the upper bounds) is at most its target:
+    ``target_stderr_bpd``, or ``target_ratio`` times the full-cost protocol's (``K = k_full``, from the
+    pilot's plain estimates: the upper bounds would loosen the target). If no K reaches it, ``k_full``."""
     if (target_stderr_bpd is None) == (target_ratio is None):
         raise ValueError("give exactly one of target_stderr_bpd and target_ratio")
 
     def stderr(s: EstimateStats, k: float) -> float:
         return math.sqrt((s.between_var + s.mc_var_at(k)) / num_images)
 
-    full = {n: stderr(s, k_full) for n, s in stats.items()}
+    full = {n: stderr(s.plain(), k_full) for n, s in stats.items()}
     target = {n: target_stderr_bpd if target_stderr_bpd is not None else target_ratio * full[n]
               for n in stats}
     for k in range(min(k_min + k_min % 2, k_full), k_full + 1, 2):
         if all(stderr(s, k) <= target[n] for n, s in stats.items()):
             return Choice(k, True, {n: stderr(s, k) for n, s in stats.items()}, full, target)
-    return Choice(k_full, False, full, full, target)
+    return Choice(k_full, False, {n: stderr(s, k_full) for n, s in stats.items()}, full, target)
