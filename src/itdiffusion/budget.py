@@ -294,14 +294,16 @@ def choose_k(stats: dict[str, EstimateStats], num_images: int, k_full: int, *, k
              target_stderr_bpd: float | None = None, target_ratio: float | None = None) -> Choice:
     """The fewest evaluations K per image (``k_min <= K <= k_full``, even: the stratified standard error
     pairs neighbouring strata, and top-up blocks of K points concatenate) at which every estimate's
-    predicted total stderr ``sqrt((sigma_between^2 + v(K)) / N)`` (the upper bounds) is at most its target:
-    ``target_stderr_bpd``, or ``target_ratio`` times the full-cost protocol's (``K = k_full``, from the
-    pilot's plain estimates: the upper bounds would loosen the target). If no K reaches it, ``k_full``."""
+    predicted total stderr ``sqrt((sigma_between^2 + v(K)) / N)`` (upper confidence bounds) is at most its
+    target: ``target_stderr_bpd``, or ``target_ratio`` times the full-cost protocol's (``K = k_full``, from
+    the pilot's plain estimates; the between-image part is then the plain one on both sides, where it
+    cancels, and the bound applies to ``v(K)``). If no K reaches it, ``k_full``."""
     if (target_stderr_bpd is None) == (target_ratio is None):
         raise ValueError("give exactly one of target_stderr_bpd and target_ratio")
 
     def stderr(s: EstimateStats, k: float) -> float:
-        return math.sqrt((s.between_var + s.mc_var_at(k)) / num_images)
+        between = s.plain().between_var if target_ratio is not None else s.between_var
+        return math.sqrt((between + s.mc_var_at(k)) / num_images)
 
     full = {n: stderr(s.plain(), k_full) for n, s in stats.items()}
     target = {n: target_stderr_bpd if target_stderr_bpd is not None else target_ratio * full[n]
