@@ -119,7 +119,7 @@ STAGE_ESTIMATES = ("it_continuous", "it_discrete", "it_dequantized", "vlb", "vlb
 
 
 def stage_compare(checkpoint: Path, num_images: int, full_points: int, ratio: float, pilot_images: int,
-                  out: Path, vlb: bool = True) -> None:
+                  out: Path, vlb: bool = True, target_bpd: float | None = None) -> None:
     """The evaluate stage on the smoke U-Net's first ``num_images`` test crops: the full per-image protocol
     (``full_points`` log-SNR points, the exact VLB) and the dataset budget (target ``ratio`` times the
     full protocol's stderr as the pilot predicts it); prints the measured evaluations per image, each
@@ -139,7 +139,9 @@ def stage_compare(checkpoint: Path, num_images: int, full_points: int, ratio: fl
                 f"run_id=bench_{budget}", f"paths.output_dir={out}", f"data.num_images={num_images}",
                 f"estimator.npoints={full_points}", "estimator.vlb_steps=all", f"estimator.budget={budget}",
                 f"estimator.target_stderr_ratio={ratio}", f"estimator.pilot_images={pilot_images}",
-                "estimator.batch_size=512", f"estimator.vlb={str(vlb).lower()}", "skip_done=true"])
+                "estimator.batch_size=512", f"estimator.vlb={str(vlb).lower()}", "skip_done=true",
+                *([f"estimator.target_stderr_bpd={target_bpd}"] if target_bpd and budget == "dataset"
+                  else [])])
         evaluate.run(cfg, out / budget)  # skip_done: a complete run of the same settings is kept
         runs[budget] = json.loads((out / budget / "metrics.json").read_text())
     full, budgeted = runs["per_image"], runs["dataset"]
@@ -216,6 +218,7 @@ def main(argv=None):
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="the smoke U-Net (default: the newest IT fine-tuned one of make smoke)")
     parser.add_argument("--it-only", action="store_true", help="the smoke U-Net without the VLB")
+    parser.add_argument("--target-bpd", type=float, default=None, help="absolute target (bits/dim)")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_budget"), help="the stage's run dirs")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -227,7 +230,7 @@ def main(argv=None):
     else:
         print(f"smoke U-Net: {checkpoint}")
         stage_compare(checkpoint, args.smoke_images, args.smoke_full_points, args.ratio, args.pilot_images,
-                      args.out, vlb=not args.it_only)
+                      args.out, vlb=not args.it_only, target_bpd=args.target_bpd)
     if not args.skip_cifar:
         denoiser, model, diffusion, reference, pilot_x, x = cifar_architecture_setting(
             args.cifar_steps, args.cifar_images, args.cifar_pilot_images)
