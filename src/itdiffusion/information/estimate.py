@@ -21,6 +21,7 @@ from itdiffusion.information.bounds import (
     discrete_nll_from_curve,
     right_tail_bound,
 )
+from itdiffusion.information.crossfit import Decisions
 from itdiffusion.information.curves import Curves
 from itdiffusion.information.proposal import itd_range, resolving_logsnr
 from itdiffusion.information.reference import GaussianReference
@@ -41,6 +42,9 @@ class ITEstimate:
     the integral restricted to ITD's log-SNR range (:func:`itd_range`; the Gaussian decoder outside it), from
     the same curves: ITD's convention, beside ``continuous`` (the full, pilot-extended range).
     ``dequantized`` already includes ``d ln(1/delta)``: it is a discrete NLL.
+    ``continuous_decisions``: the decoder (candidates: each model, then the Gaussian decoder) and the
+    control-variate coefficient the continuous estimate used per image and log-SNR bin (the pixel maps
+    integrate other points with them).
     The curve properties (``logsnr``, ``log_q``, ``mmse``, ...) are the curves' ``[B, K]`` arrays (``mmse``
     and its twins ``[M, B, K]`` when the curves hold several models).
     """
@@ -62,6 +66,8 @@ class ITEstimate:
     # stands in for the network in that equal-probability log-SNR bin of the proposal; None: cross-fitted
     reference_bins: dict[str, Tensor] | None = None
     decoder_choice: object | None = None  # the itdiffusion.budget.DecoderChoice behind reference_bins
+    continuous_integrand: Tensor | None = None  # [B, K]: the continuous estimate's per-point values
+    continuous_decisions: Decisions | None = None
 
     @property
     def network_evals(self) -> int:
@@ -115,7 +121,8 @@ def estimate(curves: Curves, reference: GaussianReference, *, clamp: bool = True
     cont = continuous_nll_from_curve(c.mmse, c.logsnr, log_q, reference, clamp, gaussian_mmse=c.gaussian_mmse,
                                      gaussian_errors=c.gaussian_errors, tails=c.continuous_tail,
                                      reference_mmse=mmse_g, **common)
-    est = ITEstimate(continuous=cont.nll, continuous_stderr=cont.stderr, curves=curves)
+    est = ITEstimate(continuous=cont.nll, continuous_stderr=cont.stderr, curves=curves,
+                     continuous_decisions=cont.decisions, continuous_integrand=cont.integrand)
     if c.continuous_tail_itd is not None:
         itd = continuous_nll_from_curve(c.mmse, c.logsnr, log_q, reference, clamp,
                                         gaussian_mmse=c.gaussian_mmse, gaussian_errors=c.gaussian_errors,
@@ -144,7 +151,8 @@ def estimate(curves: Curves, reference: GaussianReference, *, clamp: bool = True
         est.dequantized = deq.nll + reference.dim * math.log(1.0 / c.delta)
         est.dequantized_stderr = deq.stderr
     for name in ("continuous", "continuous_stderr", *ESTIMATES, "discrete_stderr", "dequantized_stderr",
-                 "discrete_left_tail", "continuous_itd_range", "continuous_itd_range_stderr"):
+                 "discrete_left_tail", "continuous_itd_range", "continuous_itd_range_stderr",
+                 "continuous_integrand"):
         value = getattr(est, name)
         if isinstance(value, Tensor):
             setattr(est, name, value.cpu())

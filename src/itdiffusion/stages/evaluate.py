@@ -39,7 +39,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from itdiffusion import distributed
+from itdiffusion import dashboard, distributed
 from itdiffusion.artifacts import ENSEMBLE, IT_ESTIMATES, REPORTED_BPD, PerImage
 from itdiffusion.budget import estimate_with_choice, fit_decoder_choice
 from itdiffusion.data import load_images, to_model_range
@@ -48,6 +48,7 @@ from itdiffusion.errors import UserError
 from itdiffusion.information import (
     Curves,
     GaussianReference,
+    ITEstimate,
     LogSNRProposal,
     estimate,
     proposal_for,
@@ -60,6 +61,7 @@ from itdiffusion.seeding import Stream, stream_seeds
 from itdiffusion.stages import (
     CONFIG_DIR,
     budget_pilot,
+    cli_entry,
     evaluate_masked,
     launch,
     rank_zero_first,
@@ -69,6 +71,7 @@ from itdiffusion.stages import (
 from itdiffusion.stages.partial import Partial
 from itdiffusion.stages.precision import select_fast_path
 from itdiffusion.stages.stats import load_or_compute_reference
+from itdiffusion.tracking import Tracker
 from itdiffusion.units import PIXEL_BIN, mean_and_stderr, nats_to_bpd
 from itdiffusion.variational import VLB_ALL_STEPS, vlb_per_image, vlb_sampled
 
@@ -84,8 +87,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     if skeleton.skip_done(cfg, run_dir):
         return None
     _check_settings(cfg)
-    started, est = time.time(), cfg.estimator
+    started = time.time()
     device = setup_device(cfg)
+    with dashboard.evaluation_tracker(cfg, run_dir) as tracker:  # live from the start (rank 0)
+        return _evaluate(cfg, run_dir, device, tracker, started)
+
+
+def _evaluate(cfg: DictConfig, run_dir: Path, device: torch.device, tracker: Tracker, started: float):
+    est = cfg.estimator
     reference = load_or_compute_reference(cfg, device)
     with rank_zero_first():
         test = load_images(cfg.data, "test")
@@ -110,6 +119,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
         chunk = max(1, est.batch_size // est.npoints) if est.it else max(1, est.batch_size)
         blocks = budget_pilot.blocks_of(budget)
 
+        def running(parts):  # metrics.json's numbers on the images done so far
+            done = PerImage.cat(list(parts))
+            done.pilot_curves = pilot
+            return summarize(with_estimates(done, reference), members, reference, proposal, est)
+
         def draw(first: dict, last: dict, partial=None):
             return skeleton.evaluate_sharded(
                 cfg.label if partial else f"{cfg.label} top-up",
@@ -121,6 +135,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
                     vlb_blocks=range(first["vlb_steps"], last["vlb_steps"]),
                 ),
                 partial,
+                dashboard.RunningLog(
+                    tracker, running, skeleton.rank_images(len(test), chunk), cfg.logger.running_every_s,
+                    cfg.label,
+                ) if partial else None,
             )
 
         none = dict.fromkeys(blocks, 0)
@@ -139,21 +157,23 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
         distributed.barrier()
         return None
     per_image.pilot_curves = pilot
-    per_image = with_estimates(per_image, reference)
+    per_image, found = estimate_groups(per_image, reference)
     skeleton.check_finite(per_image, reference.dim)
-    if sources is None and len(members) == 1:  # single models (an ensemble's maps are its members')
-        add_pixel_maps(per_image, members, test, reference, est, device)
+    maps = None
+    if sources is None and len(members) == 1 and found:  # single models (an ensemble's maps: its members')
+        maps = add_pixel_maps(per_image, found[0], members[0], test, reference, est, device)
     metrics = {
         **summarize(per_image, members, reference, proposal, est),
         **budget_pilot.decoder_choice_metrics(per_image),
         **({"budget": budget} if budget else {}),
+        **({"pixel_maps": maps} if maps else {}),
         **skeleton.provenance(cfg, members),
         "precision_check": precision,
         "elapsed_s": round(time.time() - started, 2),
     }
     if sources is not None:
         metrics["curves_from"] = sources
-    metrics = skeleton.finish(cfg, run_dir, per_image, metrics, REPORTED_BPD)
+    metrics = skeleton.finish(cfg, run_dir, per_image, metrics, REPORTED_BPD, tracker)
     distributed.barrier()
     return metrics
 
@@ -259,16 +279,26 @@ def sample(
     return out
 
 
-def with_estimates(per_image: PerImage, reference: GaussianReference) -> PerImage:
+def with_estimates(per_image: PerImage, reference: GaussianReference, choice=None) -> PerImage:
     """``per_image`` with the IT estimates (nats, ``[G, B]``) of every member and, for several members,
     of their ensemble (group ``ensemble``). With ``per_image.pilot_curves`` (both protocols of the stage),
     each group's decoder choice is fitted on them (:func:`itdiffusion.budget.fit_decoder_choice`) and
     applied per log-SNR bin (:func:`itdiffusion.budget.estimate_with_choice`; ``per_image.choices``);
     without them (the precision check's paired estimates), cross-fitted
-    (:func:`itdiffusion.information.estimate`)."""
+    (:func:`itdiffusion.information.estimate`). A given ``choice`` (a
+    :class:`~itdiffusion.budget.DecoderChoice`) is used instead for the groups of its number of models."""
+    return estimate_groups(per_image, reference, choice)[0]
+
+
+def estimate_groups(
+    per_image: PerImage, reference: GaussianReference, given=None
+) -> tuple[PerImage, list[ITEstimate]]:
+    """:func:`with_estimates`, and the :class:`~itdiffusion.information.ITEstimate` of each group (in
+    ``per_image.groups`` order; empty without curves): what the pixel maps decompose (the decoder choice
+    per bin: ``ITEstimate.reference_bins``)."""
     curves = per_image.curves
     if curves is None:
-        return per_image
+        return per_image, []
     groups = [[j] for j in range(curves.num_models)]
     if curves.num_models > 1:
         groups.append(list(range(curves.num_models)))
@@ -276,50 +306,54 @@ def with_estimates(per_image: PerImage, reference: GaussianReference) -> PerImag
     pilot = per_image.pilot_curves
     found, per_image.choices = [], {}
     for g in groups:
-        if pilot is None:
-            found.append(estimate(curves.models(g), reference, reference_mmse=mmse_g).per_image())
+        if pilot is None and (given is None or len(g) != given.num_models):
+            found.append(estimate(curves.models(g), reference, reference_mmse=mmse_g))
             continue
-        choice = fit_decoder_choice([pilot.models(g)])
+        choice = given if given is not None and len(g) == given.num_models else fit_decoder_choice(
+            [pilot.models(g)])
         per_image.choices[f"m{g[0]}" if len(g) == 1 else ENSEMBLE] = choice
-        found.append(estimate_with_choice(curves.models(g), reference, choice).per_image())
+        found.append(estimate_with_choice(curves.models(g), reference, choice))
+    values = [f.per_image() for f in found]
     per_image.groups = [f"m{g[0]}" for g in groups[: curves.num_models]] + [ENSEMBLE] * (len(groups) > 1)
-    per_image.estimates = {f"it_{name}_nats": torch.stack([f[name] for f in found]) for name in found[0]}
+    per_image.estimates = {f"it_{name}_nats": torch.stack([v[name] for v in values]) for name in values[0]}
+    per_image.continuous_integrand = torch.stack([f.continuous_integrand for f in found])
     per_image.reference_mmse = mmse_g.cpu()
-    return per_image
+    return per_image, found
 
 
 def add_pixel_maps(
     per_image: PerImage,
-    members: Sequence[Member],
+    found: ITEstimate,
+    member: Member,
     test,
     reference: GaussianReference,
     est,
     device: torch.device,
-) -> PerImage:
+) -> dict | None:
     """Rank 0: ``per_image.pixel_maps`` for the first ``estimator.pixel_maps`` evaluated images, each pixel's
-    share of every member's continuous estimate (:func:`itdiffusion.pixel_maps.pixel_maps`: one network
-    pass over those images' stored points and noise)."""
+    share of the single model's reported continuous estimate ``found`` (:func:`itdiffusion.pixel_maps.
+    pixel_maps` on ``estimator.pixel_map_points`` points of their own per image). Every map must sum to
+    the image's ``it_continuous_nats`` as stored (:class:`~itdiffusion.pixel_maps.PixelMapError` if not).
+    Returns metrics.json's ``pixel_maps`` summary (None without maps)."""
     count = min(est.pixel_maps, per_image.num_images)
     if not est.it or count == 0 or per_image.curves is None:
-        return per_image
+        return None
     indices = per_image.index[:count].tolist()
-    curves = per_image.curves
-    if curves.num_points > est.npoints:  # a topped-up budget: the first block's draws (the image seeds')
-        log.info("pixel maps: from the first %d of the %d points per image", est.npoints, curves.num_points)
-        curves = curves.first_points(est.npoints)
     x = to_model_range(torch.stack([test[i][0] for i in indices])).to(device)
     maps = pixel_maps(
-        [m.denoiser for m in members],
+        [member.denoiser],
         x,
         list(range(count)),
-        curves,
+        [found],
         reference,
-        stream_seeds(est.seed, indices, Stream.POINTS),
+        stream_seeds(est.seed, indices, Stream.PIXEL_MAP),
+        npoints=est.pixel_map_points,
         xinterval=XINTERVAL,
         batch_size=est.batch_size,
     )
+    gap = maps.check_sums(per_image.group("m0")["it_continuous_nats"][:count][None])
     per_image.pixel_maps = maps.tensors()
-    return per_image
+    return maps.summary(est.pixel_map_points, gap)
 
 
 def summarize(
@@ -341,6 +375,9 @@ def summarize(
         "logsnr_core_range": list(proposal.core_bounds),
         "logsnr_proposal": dataclasses.asdict(proposal),
     }
+    if per_image.curves is not None and per_image.curves.gaussian_nll is not None:  # closed form, per image
+        gaussian = nats_to_bpd(per_image.curves.gaussian_nll, dim)
+        metrics["gaussian_nll_bpd"], metrics["gaussian_nll_bpd_stderr"] = mean_and_stderr(gaussian)
     per_member = [_group_metrics(per_image, f"m{j}", j, dim) for j in range(len(members))]
     if len(members) == 1:
         return {**metrics, **per_member[0]}
@@ -469,9 +506,10 @@ def _check_settings(cfg: DictConfig) -> None:
         )
 
 
+@cli_entry
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def main(cfg: DictConfig) -> None:
-    launch(run, cfg)
+def main(cfg: DictConfig) -> float | None:
+    return launch(run, cfg)  # optimized_metric's value: an optimizing sweeper's objective
 
 
 if __name__ == "__main__":

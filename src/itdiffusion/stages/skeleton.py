@@ -26,6 +26,8 @@ from itdiffusion.errors import Preempted, UserError
 from itdiffusion.results import ResultsStoreError, record_run
 from itdiffusion.stages import config_dict, git_commit
 from itdiffusion.stages.partial import Partial, discard, sigterm_flag
+from itdiffusion.sweeps import job_group
+from itdiffusion.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +81,15 @@ def evaluate_sharded(
     chunk: int,
     fn: Callable[[list[int], torch.Tensor], PerImage],
     partial: Partial | None = None,
+    on_chunk: Callable[[list[PerImage]], None] | None = None,
 ) -> PerImage | None:
     """``fn(indices, uint8 images)`` on chunks of ``chunk`` images of ``dataset`` (global chunks dealt to
     the ranks in turn); the rows of every rank, in image order, on rank 0 (None on the other ranks). With
     ``partial``, finished chunks are kept and a rerun reuses them; SIGTERM keeps the chunk in progress and
-    raises :class:`~itdiffusion.errors.Preempted` (:mod:`itdiffusion.stages.partial`)."""
-    starts = list(range(0, len(dataset), chunk))[distributed.rank() :: distributed.world_size()]
+    raises :class:`~itdiffusion.errors.Preempted` (:mod:`itdiffusion.stages.partial`). ``on_chunk`` (rank 0,
+    after each chunk): called with rank 0's parts so far (the live view,
+    :class:`itdiffusion.dashboard.RunningLog`)."""
+    starts = _rank_starts(len(dataset), chunk)
     if partial is not None:
         partial.open()
     parts = []
@@ -108,6 +113,8 @@ def evaluate_sharded(
                     partial.save(start, stop, part)
             parts.append(part)
             bar.update((stop - start) * distributed.world_size())
+            if on_chunk is not None and distributed.is_main():
+                on_chunk(parts)
             if stop_requested[0] and k + 1 < len(starts):
                 raise Preempted(
                     f"SIGTERM: {k + 1} of this rank's {len(starts)} chunks are kept in "
@@ -119,6 +126,16 @@ def evaluate_sharded(
     return PerImage.cat(
         sorted((p for rank_parts in gathered for p in rank_parts), key=lambda p: int(p.index[0]))
     )
+
+
+def _rank_starts(num: int, chunk: int) -> list[int]:
+    """The first image of each chunk this rank evaluates (global chunks dealt to the ranks in turn)."""
+    return list(range(0, num, chunk))[distributed.rank() :: distributed.world_size()]
+
+
+def rank_images(num: int, chunk: int) -> int:
+    """How many of ``num`` images this rank evaluates in chunks of ``chunk`` (:func:`evaluate_sharded`)."""
+    return sum(min(start + chunk, num) - start for start in _rank_starts(num, chunk))
 
 
 def fingerprint(cfg: DictConfig, members: Sequence, **extra) -> dict:
@@ -144,9 +161,11 @@ def provenance(cfg: DictConfig, members: Sequence) -> dict:
         "label": cfg.label,
         "paper_row": cfg.paper_row,
         "experiment": cfg.experiment,
-        "group": cfg.logger.group,
+        "group": cfg.logger.group or job_group(),  # a sweep's jobs: one group per sweep
+        "results": bool(cfg.results),
+        "data": cfg.data.name,
         "model": _model_names(members) or cfg.model.name,
-        "training_objective": cfg.model.training_objective,
+        **training_objective(cfg, members),
         "checkpoint": members[0].checkpoint if one else [m.checkpoint for m in members],
         "checkpoint_sha256": members[0].sha256 if one else [m.sha256 for m in members],
         "git_commit": git_commit(),
@@ -154,6 +173,19 @@ def provenance(cfg: DictConfig, members: Sequence) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": config_dict(cfg),
     }
+
+
+def training_objective(cfg: DictConfig, members: Sequence) -> dict:
+    """The weights' training objective label: from the ``export.json`` finetune wrote beside them when it
+    describes these weights (:func:`itdiffusion.artifacts.checkpoint_provenance`), else the model config's
+    ``training_objective``; per member for an ensemble. ``training_objective_from`` says which."""
+    found = [artifacts.checkpoint_provenance(m.checkpoint, m.sha256) if m.checkpoint else None
+             for m in members]
+    labels = [f["training_objective"] if f else cfg.model.training_objective for f in found]
+    sources = ["checkpoint" if f else "model config" for f in found]
+    one = len(members) == 1
+    return {"training_objective": labels[0] if one else labels,
+            "training_objective_from": sources[0] if one else sources}
 
 
 def _model_names(members: Sequence) -> str | list[str] | None:
@@ -186,13 +218,15 @@ def check_finite(per_image: PerImage, dim: int) -> None:
             )
 
 
-def finish(cfg: DictConfig, run_dir: Path, per_image: PerImage, metrics: dict, summary_keys: Sequence[str]):
+def finish(cfg: DictConfig, run_dir: Path, per_image: PerImage, metrics: dict, summary_keys: Sequence[str],
+           tracker: Tracker | None = None):
     """Rank 0: commit the run dir (``per_image.npz``, then ``metrics.json``), record the results row, log
-    to the tracker. Returns the metrics written."""
+    to ``tracker`` (the run the stage opened at its start; None: one opened now). Returns the metrics
+    written."""
     metrics = artifacts.commit_evaluation(run_dir, per_image, metrics)
     discard(run_dir)  # the finished chunks of a resumable run are in per_image.npz now
     _record(cfg, metrics, run_dir / artifacts.METRICS)
-    dashboard.log_evaluation(cfg, run_dir, per_image, metrics)
+    dashboard.log_evaluation(cfg, run_dir, per_image, metrics, tracker)
     log.info(
         "%s: %s",
         cfg.label,
@@ -206,6 +240,10 @@ def finish(cfg: DictConfig, run_dir: Path, per_image: PerImage, metrics: dict, s
 
 
 def _record(cfg: DictConfig, metrics: dict, metrics_path: Path) -> None:
+    if not cfg.results:
+        log.info("results=false: %s stays out of the results tables (its metrics are in %s)", cfg.run_id,
+                 metrics_path)
+        return
     try:
         record_run(cfg.paths.results_dir, {**metrics, "metrics_path": str(metrics_path)})
     except ResultsStoreError as e:  # an unreadable results store: keep metrics.json, say how to recover
