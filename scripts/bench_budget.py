@@ -38,10 +38,8 @@ from itdiffusion.budget import (
     vlb_pilot,
 )
 from itdiffusion.information import GaussianReference, LogSNRProposal, sample_curves
-from itdiffusion.units import PIXEL_BIN, mean_and_stderr, nats_to_bpd
+from itdiffusion.units import PIXEL_BIN, XINTERVAL, mean_and_stderr, nats_to_bpd
 from itdiffusion.variational import vlb_per_image, vlb_sampled
-
-XINTERVAL = (-1.0, 1.0)
 
 
 def load_line() -> str:

@@ -26,12 +26,10 @@ from itdiffusion.artifacts import ArtifactError, PerImage
 from itdiffusion.budget import IT_LADDER, VLB_LADDER, choice_points, choose_k, it_pilot, vlb_pilot
 from itdiffusion.data import to_model_range
 from itdiffusion.errors import UserError
-from itdiffusion.information import Curves, sample_curves
+from itdiffusion.information import Curves, pixel_curve_options, sample_curves
 from itdiffusion.seeding import Stream, stream_seeds
-from itdiffusion.units import PIXEL_BIN
 from itdiffusion.variational import VLB_ALL_STEPS, vlb_sampled
 
-XINTERVAL = (-1.0, 1.0)
 log = logging.getLogger(__name__)
 
 
@@ -46,9 +44,7 @@ def _it_sampler(members, x, idx, reference, proposal, est):
     def sample(k: int):
         return sample_curves([m.denoiser for m in members], x, reference, npoints=k, proposal=proposal,
                              seeds=stream_seeds(est.seed, idx, Stream.PILOT_POINTS, k),
-                             sampling=est.logsnr_sampling, delta=PIXEL_BIN, xinterval=XINTERVAL,
-                             rounding=est.rounding, dequantize=True, control_variate=est.control_variate,
-                             batch_size=est.batch_size)
+                             **pixel_curve_options(est))
 
     return sample
 
