@@ -136,14 +136,15 @@ def _evaluate(cfg: DictConfig, run_dir: Path, device: torch.device, tracker: Tra
                 ),
                 partial,
                 stage_tracking.RunningLog(
-                    tracker, running, evaluation_frame.rank_images(len(test), chunk), cfg.logger.running_every_s,
-                    cfg.label,
+                    tracker, running, evaluation_frame.rank_images(len(test), chunk),
+                    cfg.logger.running_every_s, cfg.label,
                 ) if partial else None,
             )
 
         none = dict.fromkeys(blocks, 0)
         per_image = draw(none, blocks, Partial(
-            run_dir, evaluation_frame.fingerprint(cfg, members, proposal=proposal, fast_path=precision["used"])
+            run_dir,
+            evaluation_frame.fingerprint(cfg, members, proposal=proposal, fast_path=precision["used"]),
         ))
         if per_image is not None:
             per_image.pilot_curves = pilot
