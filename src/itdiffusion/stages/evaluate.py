@@ -120,9 +120,10 @@ def _evaluate(cfg: DictConfig, run_dir: Path, device: torch.device, tracker: Tra
         chunk = max(1, est.batch_size // est.npoints) if est.it else max(1, est.batch_size)
         blocks = budget_pilot.blocks_of(budget)
 
-        def running(parts):  # metrics.json's numbers on the images done so far (cross-fitted choice)
-            return summarize(with_estimates(PerImage.cat(list(parts)), reference), members, reference,
-                             proposal, est)
+        def running(parts):  # metrics.json's numbers on the images done so far (the same decoder choice)
+            done = PerImage.cat(list(parts))
+            done.pilot_curves = pilot
+            return summarize(with_estimates(done, reference), members, reference, proposal, est)
 
         def draw(first: dict, last: dict, partial=None):
             return evaluation_frame.evaluate_sharded(
