@@ -10,9 +10,11 @@ estimates by :func:`itdiffusion.information.estimate`: the same two calls the ex
 
 Every image draws its log-SNR points, noise and dequantization noise from its own seeds
 (:mod:`itdiffusion.seeding`), so the curves do not depend on batching or on the number of processes. The
-decoder choices inside the estimate (clamp, rounding, ensemble member) are cross-fitted over the other
-images, so rank 0 forms every estimate from the gathered curves: one process and many give the same
-per-image numbers.
+decoder choices inside the estimate (clamp, rounding, ensemble member) are made per log-SNR bin on held-out
+draws of the first test images (the pilot curves, stored in ``per_image.npz``; the same rule under both
+``estimator.budget`` protocols, :mod:`itdiffusion.budget`), and the control variate's coefficients are
+cross-fitted over the other images, so rank 0 forms every estimate from the gathered curves: one process and
+many give the same per-image numbers.
 """
 
 from __future__ import annotations
@@ -20,15 +22,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
 from itdiffusion.artifacts import ENSEMBLE, IT_ESTIMATES, PerImage
-from itdiffusion.budget import DecoderChoice, estimate_with_choice
+from itdiffusion.budget import estimate_with_choice, fit_decoder_choice
 from itdiffusion.data import to_model_range
-from itdiffusion.ensemble import proposal_of_run
+from itdiffusion.ensemble import REEVALUATE, proposal_of_run
+from itdiffusion.errors import UserError
 from itdiffusion.information import (
+    Curves,
     GaussianReference,
     ITEstimate,
     LogSNRProposal,
@@ -38,7 +43,8 @@ from itdiffusion.information import (
     sample_curves,
 )
 from itdiffusion.information.pilot import PILOT_IMAGES
-from itdiffusion.members import Member
+from itdiffusion.members import Member, check_ensemble, member_configs
+from itdiffusion.models.families import family_of
 from itdiffusion.pixel_maps import pixel_maps
 from itdiffusion.seeding import Stream, stream_seeds
 from itdiffusion.units import PIXEL_BIN, XINTERVAL, mean_and_stderr, nats_to_bpd
@@ -80,36 +86,54 @@ def sample(
     proposal: LogSNRProposal,
     est,
     device: torch.device,
+    it_blocks: range = range(1),
+    vlb_blocks: range = range(1),
 ) -> PerImage:
     """The network work on uint8 ``images`` with test indices ``indices``: every member's IT error curves
-    (shared points and noise) and VLBs, and the network evaluations per image; no estimate yet."""
+    (shared points and noise) and VLBs, and the network evaluations per image; no estimate yet.
+
+    ``it_blocks`` / ``vlb_blocks``: which blocks of ``estimator.npoints`` points / ``vlb_steps`` sampled
+    steps each image draws (block r from its seed stream with coordinate r; block 0 is the per-image
+    protocol's draw): the dataset budget's top-up draws blocks beyond the first (:mod:`itdiffusion.topup`).
+    The curves of several blocks are concatenated; the sampled VLB is their mean."""
     x = to_model_range(images).to(device)
     out = PerImage(
         index=torch.as_tensor(list(indices), dtype=torch.long), groups=[f"m{j}" for j in range(len(members))]
     )
     evals = torch.zeros(len(members), len(indices), dtype=torch.float64)
-    if est.it:
-        out.curves = sample_curves(
-            [m.denoiser for m in members],
-            x,
-            reference,
-            npoints=est.npoints,
-            proposal=proposal,
-            seeds=stream_seeds(est.seed, indices, Stream.POINTS),
-            **pixel_curve_options(est),
-        )
+    if est.it and len(it_blocks):
+        first = stream_seeds(est.seed, indices, Stream.POINTS)
+        out.curves = Curves.cat_points([
+            sample_curves(
+                [m.denoiser for m in members],
+                x,
+                reference,
+                npoints=est.npoints,
+                proposal=proposal,
+                seeds=stream_seeds(est.seed, indices, Stream.POINTS, r),
+                uniform_seeds=None if r == 0 else first,  # one dequantized image for every block
+                **pixel_curve_options(est),
+            )
+            for r in it_blocks
+        ])
         evals += out.curves.network_evals
-    if est.vlb and str(est.vlb_steps) != VLB_ALL_STEPS:  # sampled timesteps: unbiased, with an MC stderr
-        seeds = stream_seeds(est.seed, indices, Stream.VLB)
+    if est.vlb and str(est.vlb_steps) != VLB_ALL_STEPS and len(vlb_blocks):  # sampled steps, an MC stderr
         results = [
-            vlb_sampled(m.network, m.diffusion, x, seeds, int(est.vlb_steps), batch_size=est.batch_size)
+            [
+                vlb_sampled(m.network, m.diffusion, x, stream_seeds(est.seed, indices, Stream.VLB, r),
+                            int(est.vlb_steps), batch_size=est.batch_size)
+                for r in vlb_blocks
+            ]
             for m in members
         ]
+        n = len(vlb_blocks)  # the blocks' mean, and its Monte Carlo stderr
         for key, continuous in (("vlb_bpd", False), ("vlb_continuous_bpd", True)):
-            out.member_values[key] = torch.stack([r.total(continuous) for r in results])
-            out.member_values[key + "_mc_stderr"] = torch.stack([r.mc_stderr_bpd for r in results])
-        evals += torch.tensor([[r.network_evals] for r in results], dtype=torch.float64)
-    elif est.vlb:  # one pass per image serves both decoders (discrete, continuous-density)
+            out.member_values[key] = torch.stack([sum(r.total(continuous) for r in rs) / n for rs in results])
+            out.member_values[key + "_mc_stderr"] = torch.stack(
+                [sum(r.mc_stderr_bpd.square() for r in rs).sqrt() / n for rs in results]
+            )
+        evals += torch.tensor([[sum(r.network_evals for r in rs)] for rs in results], dtype=torch.float64)
+    elif est.vlb and len(vlb_blocks) and str(est.vlb_steps) == VLB_ALL_STEPS:  # one pass: both decoders
         seeds = stream_seeds(est.seed, indices, Stream.VLB)
         results = [
             vlb_per_image(m.network, m.diffusion, x, seeds, steps_per_batch=est.vlb_steps_per_batch)
@@ -124,21 +148,23 @@ def sample(
     return out
 
 
-def with_estimates(
-    per_image: PerImage, reference: GaussianReference, choice: DecoderChoice | None = None
-) -> PerImage:
+def with_estimates(per_image: PerImage, reference: GaussianReference, choice=None) -> PerImage:
     """``per_image`` with the IT estimates (nats, ``[G, B]``) of every member and, for several members,
-    of their ensemble (group ``ensemble``), each by :func:`itdiffusion.information.estimate`; with a
-    dataset budget's ``choice`` (fitted on the pilot, for the run's models together), by
-    :func:`itdiffusion.budget.estimate_with_choice` for the groups it was fitted for."""
+    of their ensemble (group ``ensemble``). With ``per_image.pilot_curves`` (both protocols of the stage),
+    each group's decoder choice is fitted on them (:func:`itdiffusion.budget.fit_decoder_choice`) and
+    applied per log-SNR bin (:func:`itdiffusion.budget.estimate_with_choice`; ``per_image.choices``);
+    without them (the precision check's paired estimates), cross-fitted
+    (:func:`itdiffusion.information.estimate`). A given ``choice`` (a
+    :class:`~itdiffusion.budget.DecoderChoice`) is used instead for the groups of its number of models."""
     return estimate_groups(per_image, reference, choice)[0]
 
 
 def estimate_groups(
-    per_image: PerImage, reference: GaussianReference, choice: DecoderChoice | None = None
+    per_image: PerImage, reference: GaussianReference, given=None
 ) -> tuple[PerImage, list[ITEstimate]]:
     """:func:`with_estimates`, and the :class:`~itdiffusion.information.ITEstimate` of each group (in
-    ``per_image.groups`` order; empty without curves): what the pixel maps decompose."""
+    ``per_image.groups`` order; empty without curves): what the pixel maps decompose (the decoder choice
+    per bin: ``ITEstimate.reference_bins``)."""
     curves = per_image.curves
     if curves is None:
         return per_image, []
@@ -146,12 +172,16 @@ def estimate_groups(
     if curves.num_models > 1:
         groups.append(list(range(curves.num_models)))
     mmse_g = reference.mmse(curves.logsnr.to(reference.mean.device))  # B K d operations: once for all groups
-    found = [
-        estimate_with_choice(curves.models(g), reference, choice)
-        if choice is not None and len(g) == choice.num_models
-        else estimate(curves.models(g), reference, reference_mmse=mmse_g)
-        for g in groups
-    ]
+    pilot = per_image.pilot_curves
+    found, per_image.choices = [], {}
+    for g in groups:
+        if pilot is None and (given is None or len(g) != given.num_models):
+            found.append(estimate(curves.models(g), reference, reference_mmse=mmse_g))
+            continue
+        choice = given if given is not None and len(g) == given.num_models else fit_decoder_choice(
+            [pilot.models(g)])
+        per_image.choices[f"m{g[0]}" if len(g) == 1 else ENSEMBLE] = choice
+        found.append(estimate_with_choice(curves.models(g), reference, choice))
     values = [f.per_image() for f in found]
     per_image.groups = [f"m{g[0]}" for g in groups[: curves.num_models]] + [ENSEMBLE] * (len(groups) > 1)
     per_image.estimates = {f"it_{name}_nats": torch.stack([v[name] for v in values]) for name in values[0]}
@@ -207,7 +237,7 @@ def summarize(
     dim = reference.dim
     metrics: dict = {
         "num_images": per_image.num_images,
-        "npoints": est.npoints if est.it else None,
+        "npoints": per_image.curves.num_points if per_image.curves is not None else None,  # all blocks
         "dim": dim,
         "gaussian_entropy_bpd": float(nats_to_bpd(float(reference.entropy), dim)),
         "logsnr_range": list(proposal.bounds),
@@ -277,6 +307,36 @@ def check_estimates(
     return out
 
 
-def decoder_choice(budget: dict | None) -> DecoderChoice | None:
-    found = (budget or {}).get("decoder_choice")
-    return DecoderChoice.from_dict(found) if found else None
+def check_settings(cfg: DictConfig) -> None:
+    """The estimator settings' combinations (one :class:`~itdiffusion.errors.UserError` before any work)."""
+    est = cfg.estimator  # values are checked at launch (config.check_values); here the combinations
+    if not (est.it or est.vlb):
+        raise UserError("nothing to evaluate: estimator.it and estimator.vlb are both false")
+    source = est.logsnr_proposal_from
+    if (
+        source
+        and not (Path(source) / "metrics.json").is_file()
+        and not Path(source).with_name("metrics.json").is_file()
+    ):
+        raise UserError(
+            f"estimator.logsnr_proposal_from={source}: no evaluate run there (its metrics.json "
+            "is missing): evaluate that run first, or leave the key unset to run the pilot"
+        )
+    check_ensemble(cfg)  # ensemble= and ensemble_models= together (one UserError before any work)
+    no_vlb = [m.name for m in member_configs(cfg) if not family_of(m).vlb]
+    if est.vlb and no_vlb:
+        raise UserError(f"model={no_vlb[0]} has no variational bound (its family has no diffusion): set "
+                        "estimator.vlb=false")
+    if cfg.ensemble and not est.it:
+        raise UserError("an ensemble combines MMSE curves: it needs estimator.it=true")
+    if cfg.ensemble_curves and not cfg.ensemble:
+        raise UserError(
+            "ensemble_curves reuses the curves of an ensemble's members: give their checkpoints "
+            "in ensemble= too (same order)"
+        )
+    if cfg.ensemble_curves and est.vlb:
+        raise UserError(
+            "ensemble_curves reuses the members' MMSE curves and runs no network, so it cannot "
+            "give a VLB (the VLB is per model, in the members' runs): set estimator.vlb=false, "
+            f"{REEVALUATE}"
+        )

@@ -12,8 +12,11 @@ from itdiffusion.results.tables import (
     CONTINUOUS_COLUMNS,
     DISCRETE_COLUMNS,
     MDCE_COLUMNS,
+    MISSED_TARGET_MARK,
     PAPER,
+    REFERENCE_ONLY_MARK,
     cell_value,
+    decoder_choice_notes,
     evaluated,
     groups,
     row_labels,
@@ -79,8 +82,16 @@ def render_markdown(runs: Mapping[str, Mapping], figures: Mapping[str, list[str]
             "IT discrete: the paper leaves out the integral outside the sampled log-SNR range (the tails);",
             "the next column adds them (a bound). IT dequantized: the continuous IT estimate of uniformly",
             "dequantized images plus log2(127.5).",
+            f"{REFERENCE_ONLY_MARK.strip()}: the Gaussian reference's decoder in every log-SNR bin, so the",
+            "IT value is the reference's bound and says nothing about the network. "
+            f"{MISSED_TARGET_MARK.strip()}: the",
+            "dataset budget's stderr target was not met (metrics.json budget.stderr_check).",
             "",
         ]
+        notes = decoder_choice_notes(gaussian_rows)
+        if notes:
+            lines += ["Decoder choice per equal-probability log-SNR bin of the proposal (both protocols):",
+                      "", *notes, ""]
         if mdce_rows:
             lines += _md_table(
                 "Masked diffusion (I-MDCE), bits/dim",
