@@ -27,7 +27,7 @@ from itdiffusion.models.acceleration import COMPILE_MODES, PRECISIONS
 from itdiffusion.models.schedules import SCHEDULES
 from itdiffusion.models.schemas import ModelConfig
 
-CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # the Hydra config tree, shipped in the package
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # the Hydra config tree, shipped in the package
 
 
 @dataclass
