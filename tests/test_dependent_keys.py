@@ -7,14 +7,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import path_overrides, run_cli
-from itdiffusion.config import (
-    _ABSENT,
-    DEPENDENT_KEYS,
-    STAGE_GROUPS,
-    _lookup,
-    dependency_problems,
-    override_keys,
-)
+from itdiffusion.config import DEPENDENT_KEYS, STAGE_GROUPS, dependency_problems, override_keys
+from itdiffusion.config.rules import ABSENT, lookup
 
 # values of each condition key: the first one that satisfies a rule is its "good" value, the first that does
 # not its "bad" one
@@ -48,8 +42,8 @@ def smoke_cfg():
 
 def test_every_rule_names_keys_of_the_schema(smoke_cfg):
     for need in DEPENDENT_KEYS:
-        assert _lookup(smoke_cfg, need.key) is not _ABSENT, need.key
-        assert _lookup(smoke_cfg, need.other) is not _ABSENT, need.other
+        assert lookup(smoke_cfg, need.key) is not ABSENT, need.key
+        assert lookup(smoke_cfg, need.other) is not ABSENT, need.other
         assert need.other in CANDIDATES
 
 

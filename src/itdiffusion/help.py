@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import MISSING, OmegaConf
 
-from itdiffusion import config as schema
+from itdiffusion.config import schema
 
 CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 GROUP_SCHEMAS = {"data": schema.DataConfig, "model": schema.ModelConfig,
