@@ -95,14 +95,14 @@ def test_the_gap_figures_area_is_the_table_estimate(small_run):
     import matplotlib
 
     matplotlib.use("Agg")
-    from itdiffusion import figures
+    from itdiffusion import figure_gap
 
     found, _, results = small_run
     for run_id in ("figs-base", "figs-tuned"):
         metrics = found[run_id]
         per_image = read_per_image(results.parent / "evaluate" / run_id / "per_image.npz")
         dim = metrics["dim"]
-        data = figures.gap_data(per_image, metrics["gaussian_entropy_bpd"] * dim * math.log(2), dim)
+        data = figure_gap.gap_data(per_image, metrics["gaussian_entropy_bpd"] * dim * math.log(2), dim)
         area_nats = 0.5 * float(np.sum(np.diff(data.edges) * data.used))
         implied = data.sampled_gaussian_bpd - area_nats / (dim * math.log(2))
         assert implied == pytest.approx(metrics["it_continuous_bpd"], abs=1e-5)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from itdiffusion import figure_files, figures, run_figures
+from itdiffusion import figure_files, figure_gap, figure_pixel_maps, figures, run_figures
 from itdiffusion.artifacts import PerImage
 from itdiffusion.evaluation import with_estimates
 from itdiffusion.information import GaussianReference, LogSNRProposal, estimate, sample_curves
@@ -46,7 +46,7 @@ def test_the_gap_figure_is_the_continuous_estimate(toy):
     data, reference, x, per_image = toy
     est = estimate(per_image.curves, reference).continuous
     d = reference.dim
-    gap = figures.gap_data(per_image, reference.entropy, d)
+    gap = figure_gap.gap_data(per_image, reference.entropy, d)
     table = float(nats_to_bpd(est.mean(), d))
     assert gap.estimate_bpd == pytest.approx(table, abs=1e-12)  # the table's number
     # the shaded area, with the same sampled integral for the Gaussian decoder, is that number exactly
@@ -75,7 +75,7 @@ def test_the_gap_figure_is_exact_with_uneven_bins_and_the_dataset_budgets_choice
     choice = DecoderChoice(nbins=12, index={"continuous": [1, 0] * 6},
                            candidates={"continuous": ["m0", "gaussian"]})
     per_image = with_estimates(PerImage(index=torch.arange(40), curves=curves), reference, choice)
-    gap = figures.gap_data(per_image, reference.entropy, reference.dim)
+    gap = figure_gap.gap_data(per_image, reference.entropy, reference.dim)
     assert gap.sampled_gaussian_bpd - gap.area_bpd == pytest.approx(gap.estimate_bpd, abs=1e-9)
     table = float(nats_to_bpd(per_image.estimates["it_continuous_nats"][0].mean(), reference.dim))
     assert gap.estimate_bpd == pytest.approx(table, abs=1e-12)
@@ -109,7 +109,7 @@ def test_pixel_colour_range_is_robust_to_outliers():
     values = np.zeros(10_000)
     values[:5] = [400, -400, 300, 250, -350]  # a few outliers
     values[5:] = np.random.default_rng(0).normal(0, 1, 9995)
-    lim, beyond = figures.symmetric_range([values])
+    lim, beyond = figure_pixel_maps.symmetric_range([values])
     assert 2 < lim < 4 and beyond == 100  # the 99th percentile of |bits|: 1% of the pixels beyond
 
 
@@ -122,8 +122,8 @@ def test_figures_are_png_files_with_the_paper_layout(toy, tmp_path):
     np.testing.assert_allclose(mmse.continuous[figures.MMSEData.STANDARD][0],
                                reference.dim / (1 + np.exp(-mmse.centres)), rtol=0.15)
     for path in (figures.plot_mmse(mmse, tmp_path / "mmse.png"),
-                 figures.plot_gap({"exact": figures.gap_data(per_image, reference.entropy, reference.dim)},
-                                  tmp_path / "gap.png"),
+                 figure_gap.plot_gap({"exact": figure_gap.gap_data(per_image, reference.entropy,
+                                                                   reference.dim)}, tmp_path / "gap.png"),
                  run_figures.plot_losses({"u": [("run", "train", [(1, 2.0)])]}, tmp_path / "loss.png")):
         with Image.open(path) as im:
             assert im.format == "PNG" and im.size[0] > 300

@@ -153,7 +153,7 @@ def curves_per_image(logsnr: np.ndarray, reference_mmse: np.ndarray, *mmse: np.n
 def test_gap_data_integrates_a_known_gap():
     """A model whose error is a known amount below the Gaussian decoder's (used everywhere, as the estimate
     would): the binned gap follows it, and the area is the nats it saves."""
-    from itdiffusion import figures
+    from itdiffusion import figure_gap
 
     rng = np.random.default_rng(0)
     proposal = LogSNRProposal(0.0, 2.0)
@@ -168,7 +168,7 @@ def test_gap_data_integrates_a_known_gap():
     per_image.continuous_integrand = integrand[None]
     per_image.estimates = {"it_continuous_nats": 0.5 * integrand.mean(1)[None]}  # h_G = 0, no tails
     curves.gaussian_nll = torch.zeros(b, dtype=torch.float64)
-    data = figures.gap_data(per_image, entropy_nats=0.0, dim=1)
+    data = figure_gap.gap_data(per_image, entropy_nats=0.0, dim=1)
     np.testing.assert_allclose(data.gap[0], 10 * np.exp(-(data.centres**2) / 4), atol=1.0)
     np.testing.assert_allclose(data.used, data.gap[0], atol=2.0)  # shares: the points per bin vary
     lo, hi = proposal.bounds

@@ -11,14 +11,15 @@ integral (:meth:`Bins.mean`); the gap figure's shaded gap is ``sum_{bin j} (f / 
 points of all images (:meth:`Bins.share`), so that ``sum_j w_j value_j`` is exactly the estimator's
 ``mean f / q`` and its area gives the table's number (:func:`gap_data`).
 
-Every figure is saved with a sidecar of what it shows (:mod:`itdiffusion.figure_files`); the loss and
-per-image figures are in :mod:`itdiffusion.run_figures`.
+This module: the binning and the paper's MMSE figure; the gap figure is :mod:`itdiffusion.figure_gap`, the
+pixel maps :mod:`itdiffusion.figure_pixel_maps`. Every figure is saved with a sidecar of what it shows
+(:mod:`itdiffusion.figure_files`); the loss and per-image figures are in :mod:`itdiffusion.run_figures`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,9 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from itdiffusion.artifacts import ENSEMBLE, PerImage
-from itdiffusion.figure_files import MODEL_COLOURS, marker, pyplot, save, wrap
-from itdiffusion.units import nats_to_bpd
+from itdiffusion.artifacts import PerImage
+from itdiffusion.figure_files import MODEL_COLOURS, marker, pyplot, save
 
 MAX_PLOT_BINS = 64
 
@@ -246,187 +246,3 @@ def _in_dims(q: int) -> str:
     sign, f = ("−" if f < 0 else ""), abs(f)
     num = "" if f.numerator == 1 else str(f.numerator)
     return f"{sign}{num}d" if f.denominator == 1 else f"{sign}{num}d/{f.denominator}"
-
-
-# ------------------------------------------------------------------------------------------------------
-# (2) the MMSE gap: what the continuous estimate integrates
-# ------------------------------------------------------------------------------------------------------
-
-GAP_CAPTION = (
-    "Shaded: the used gap, per log-SNR bin the mean over test images and points of (e_G − e_used) / q, "
-    "e_G the error of the Gaussian reference's linear decoder at the same images and e_used that of the "
-    "decoder the estimate uses there (the model, or the Gaussian decoder where the model is not better by 2 "
-    "standard errors; gap 0 up to the control variate). The estimate is exactly Ĝ − area / 2, Ĝ the same "
-    "sampled integral with the Gaussian decoder at every point; the closed-form −ln N(x; μ, Σ) differs from "
-    "Ĝ by that integral's Monte Carlo error. Line: the model's own gap with ±1 standard error."
-)
-
-
-@dataclass
-class GapData:
-    """The continuous estimate's integrand, binned (eps units summed over d; numbers in bits/dim).
-
-    Per point the estimate averages ``v`` (:attr:`PerImage.continuous_integrand`); with
-    ``g = (e_G - mmse_G) / q``, the Gaussian decoder's integrand at the same points, the *used gap* is
-    ``g - v``. ``used`` ``[J]`` bins it so that ``sum_j w_j used_j`` is its mean over images and points
-    (:meth:`Bins.share`), hence exactly ``estimate_bpd = sampled_gaussian_bpd - area_bpd`` with
-    ``area_bpd = 1/2 sum_j w_j used_j`` and ``sampled_gaussian_bpd = h_G + tails + 1/2 mean g``.
-    ``estimate_bpd``: the mean of the group's per-image continuous estimates (what metrics.json reports);
-    ``gaussian_bpd``: the mean closed-form ``-ln N(x; mu, Sigma)`` of the images. ``gap`` ``[M, J]``: each
-    model's own gap ``e_G - e``, bin averages as in the MMSE figure (:meth:`Bins.mean`; the same as the
-    shares when the points fill the bins evenly), with ``gap_stderr``.
-    """
-
-    centres: np.ndarray
-    edges: np.ndarray
-    gap: np.ndarray
-    gap_stderr: np.ndarray
-    used: np.ndarray
-    estimate_bpd: float
-    sampled_gaussian_bpd: float
-    area_bpd: float
-    gaussian_bpd: float
-
-    @property
-    def widths(self) -> np.ndarray:
-        return np.diff(self.edges)
-
-
-def gap_data(per_image: PerImage, entropy_nats: float, dim: int, group: str | None = None) -> GapData:
-    """:class:`GapData` of one group of an evaluation (``m0``, ..., ``ensemble``; default: the last, i.e.
-    the ensemble or the single model), from the stored curves and the estimate's own per-point values."""
-    curves = per_image.curves
-    group = group or per_image.groups[-1]
-    if per_image.continuous_integrand is None or curves.gaussian_nll is None or not per_image.estimates:
-        raise ValueError("per_image.npz holds no continuous_integrand or gaussian_nll (made before they were "
-                         "stored): rerun the evaluation for the gap figure")
-    row = per_image.groups.index(group)
-    models = list(range(curves.num_models)) if group == ENSEMBLE else [int(group.removeprefix("m"))]
-    bins = make_bins(per_image)
-    g = (curves.gaussian_mmse - reference_mmse(per_image)) * bins.weight
-    used, _ = bins.share(g - per_image.continuous_integrand[row])
-    gaps = [bins.mean(curves.gaussian_mmse - curves.mmse[m]) for m in models]
-    area = 0.5 * float(np.sum(bins.widths * used))
-    sampled = entropy_nats + float(curves.continuous_tail.mean()) + 0.5 * float(g.mean())
-    table = float(per_image.group(group)["it_continuous_nats"].mean())
-    return GapData(bins.centres, bins.edges, np.array([x[0] for x in gaps]), np.array([x[1] for x in gaps]),
-                   used, float(nats_to_bpd(table, dim)), float(nats_to_bpd(sampled, dim)),
-                   float(nats_to_bpd(area, dim)), float(nats_to_bpd(float(curves.gaussian_nll.mean()), dim)))
-
-
-def gap_legend(label: str, d: GapData) -> tuple[str, str]:
-    """The gap figure's legend lines of one run: its estimate as Ĝ − area, and the closed-form Gaussian."""
-    return (f"{label}: {d.estimate_bpd:.3f} bits/dim = Ĝ {d.sampled_gaussian_bpd:.3f} − area/2 "
-            f"({d.area_bpd:.3f})",
-            f"{label}: Gaussian −ln N(x; μ, Σ) {d.gaussian_bpd:.3f} bits/dim (closed form)")
-
-
-def plot_gap(series: Mapping[str, GapData], path: Path) -> Path:
-    """One colour per evaluated run (``label -> data``): the used gap as stairs over the bins (their area
-    is the one in the legend), and for a single model its own gap with a ±1 stderr band."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5.6), layout="constrained")
-    for k, (label, d) in enumerate(series.items()):
-        colour = f"C{k % 10}"
-        estimate_line, gaussian_line = gap_legend(label, d)
-        ax.stairs(d.used, d.edges, fill=True, color=colour, alpha=0.25, label=estimate_line)
-        if len(d.gap) == 1:
-            gap, err = d.gap[0], d.gap_stderr[0]
-            ax.plot(d.centres, gap, "-", color=colour, marker=marker(gap))
-            ax.fill_between(d.centres, gap - err, gap + err, color=colour, alpha=0.12)
-        ax.plot([], [], " ", label=gaussian_line)
-    ax.axhline(0.0, color="k", lw=0.8)
-    ax.set_xlabel("log-SNR a")
-    ax.set_ylabel("e_G(x, a) − e(x, a), bin average   (ε units, summed over d)")
-    ax.set_title("What the continuous estimate integrates: the gain over the Gaussian decoder")
-    ax.legend(fontsize="small")
-    fig.text(0.01, 0.0, wrap(GAP_CAPTION, 130), fontsize=6.5, va="top")
-    save(fig, path)
-    return path
-
-
-# ------------------------------------------------------------------------------------------------------
-# (5) per-pixel information maps
-# ------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PixelMapData:
-    """For the mapped images: ``images`` ``[P, H, W, C]`` uint8, ``bits`` ``[P, H, W]`` (bits per pixel,
-    channels summed), ``band`` ``[P, H, W]`` (log-SNR centroid, channels averaged), ``total_bits`` ``[P]``."""
-
-    index: np.ndarray
-    images: np.ndarray
-    bits: np.ndarray
-    band: np.ndarray
-    total_bits: np.ndarray
-
-
-def pixel_map_data(maps: Mapping[str, Tensor], model: int = 0) -> PixelMapData:
-    """From the ``pixel_maps`` of a ``per_image.npz`` (:class:`itdiffusion.pixel_maps.PixelMaps` fields)."""
-    images = maps["images"]  # [P, C, H, W] in [-1, 1]
-    p, c, h, w = images.shape
-    bits = (maps["nats"][model] / math.log(2)).reshape(p, c, h, w)
-    band = maps["band"][model].reshape(p, c, h, w)
-    pixels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return PixelMapData(maps["index"].long().numpy(), pixels, bits.sum(1).numpy(), band.mean(1).numpy(),
-                        (maps["total_nats"][model] / math.log(2)).numpy())
-
-
-PIXEL_PERCENTILE = 99.0  # the bits colour range: +-this percentile of |bits| over the drawn maps
-
-
-def symmetric_range(values: Sequence[np.ndarray], percentile: float = PIXEL_PERCENTILE) -> tuple[float, int]:
-    """``L``, the ``percentile`` of ``|values|`` (all arrays pooled), and how many values lie beyond +-L
-    (drawn in the end colours)."""
-    pooled = np.abs(np.concatenate([np.ravel(v) for v in values]))
-    lim = float(np.percentile(pooled, percentile)) or float(pooled.max()) or 1.0
-    return lim, int((pooled > lim).sum())
-
-
-def plot_pixel_maps(maps: Mapping[str, PixelMapData], path: Path, max_images: int = 4) -> Path | None:
-    """Rows: images. Columns: the image, then for each run (e.g. base, tuned) its bits per pixel and its
-    log-SNR band, and for two runs their difference (second − first) in bits. Bits use a diverging colour
-    map symmetric about 0 up to the 99th percentile of |bits| (the clipped pixels are counted in the
-    title), so a few outliers do not wash the map out."""
-    if not maps:
-        return None
-    plt = pyplot()
-    runs = list(maps.items())
-    first = runs[0][1]
-    n = min(max_images, len(first.index))
-    diff = len(runs) == 2 and np.array_equal(runs[0][1].index, runs[1][1].index)
-    cols = 1 + 2 * len(runs) + int(diff)
-    fig, axes = plt.subplots(n, cols, figsize=(2.6 * cols, 2.5 * n + 1.0), squeeze=False,
-                             layout="constrained")
-    bit_lim, bit_out = symmetric_range([m.bits[:n] for _, m in runs])
-    band_lo = min(float(m.band[:n].min()) for _, m in runs)
-    band_hi = max(float(m.band[:n].max()) for _, m in runs)
-    deltas = [runs[1][1].bits[i] - runs[0][1].bits[i] for i in range(n)] if diff else []
-    delta_lim, delta_out = symmetric_range(deltas) if diff else (1.0, 0)
-    for i in range(n):
-        axes[i, 0].imshow(first.images[i])
-        axes[i, 0].set_title(f"test image {first.index[i]}", fontsize=7)
-        for r, (label, m) in enumerate(runs):
-            im = axes[i, 1 + 2 * r].imshow(m.bits[i], cmap="RdBu_r", vmin=-bit_lim, vmax=bit_lim)
-            axes[i, 1 + 2 * r].set_title(f"{label}: bits/pixel\nimage total {m.total_bits[i]:.0f} bits",
-                                         fontsize=7)
-            fig.colorbar(im, ax=axes[i, 1 + 2 * r], fraction=0.046).set_label("bits", fontsize=7)
-            im = axes[i, 2 + 2 * r].imshow(m.band[i], cmap="viridis", vmin=band_lo, vmax=band_hi)
-            axes[i, 2 + 2 * r].set_title(f"{label}: log-SNR band", fontsize=7)
-            fig.colorbar(im, ax=axes[i, 2 + 2 * r], fraction=0.046).set_label("log-SNR a", fontsize=7)
-        if diff:
-            im = axes[i, -1].imshow(deltas[i], cmap="PuOr_r", vmin=-delta_lim, vmax=delta_lim)
-            axes[i, -1].set_title(f"second − first\n{deltas[i].sum():+.0f} bits", fontsize=7)
-            fig.colorbar(im, ax=axes[i, -1], fraction=0.046).set_label("bits", fontsize=7)
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-    clipped = (f"colours: ±{bit_lim:.3g} bits ({PIXEL_PERCENTILE:g}th percentile of |bits|; {bit_out} pixels "
-               "beyond, in the end colours)")
-    if diff:
-        clipped += f"; difference ±{delta_lim:.3g} bits ({delta_out} beyond)"
-    fig.suptitle("−log2 p(x) per pixel (channels summed; sums to the image's continuous estimate) and the "
-                 f"log-SNR its information comes from\n{clipped}", fontsize=8)
-    save(fig, path)
-    return path

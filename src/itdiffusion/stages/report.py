@@ -26,7 +26,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from itdiffusion import artifacts, figures, run_figures
+from itdiffusion import artifacts, figure_gap, figure_pixel_maps, figures, run_figures
 from itdiffusion.artifacts import PerImage
 from itdiffusion.config import stage_config
 from itdiffusion.errors import UserError
@@ -149,14 +149,14 @@ def group_figures(rows: list[dict], loss_curves, figure_dir: Path, slug: str) ->
             dim = int(run["dim"])
             entropy = float(run["gaussian_entropy_bpd"]) * dim * math.log(2)
             try:
-                data = figures.gap_data(per_image, entropy, dim)
+                data = figure_gap.gap_data(per_image, entropy, dim)
             except ValueError as e:
                 log.warning("no gap figure for %s: %s", run["run_id"], e)
                 continue
             gaps[labels[run["run_id"]]] = data
             checks[run["run_id"]] = check_gap(run, data)
         if gaps:
-            made["mmse_gap"] = figures.plot_gap(gaps, figure_dir / f"{slug}_mmse_gap.png")
+            made["mmse_gap"] = figure_gap.plot_gap(gaps, figure_dir / f"{slug}_mmse_gap.png")
     values = {labels[r["run_id"]]: run_figures.per_image_bpd(p, int(r.get("dim") or 0))
               for r, p in evaluations if r.get("dim")}
     path = run_figures.plot_per_image(values, figure_dir / f"{slug}_per_image.png")
@@ -164,7 +164,7 @@ def group_figures(rows: list[dict], loss_curves, figure_dir: Path, slug: str) ->
         made["per_image"] = path
     maps = _pixel_map_runs(evaluations, labels)
     if maps:
-        made["pixel_maps"] = figures.plot_pixel_maps(maps, figure_dir / f"{slug}_pixel_maps.png")
+        made["pixel_maps"] = figure_pixel_maps.plot_pixel_maps(maps, figure_dir / f"{slug}_pixel_maps.png")
     path = run_figures.plot_losses(loss_panels(loss_curves), figure_dir / f"{slug}_loss.png")
     if path is not None:
         made["loss"] = path
@@ -179,7 +179,7 @@ class FigureCheckError(RuntimeError):
 FIGURE_TOLERANCE_BPD = 5e-4
 
 
-def check_gap(run: Mapping, data: figures.GapData) -> dict:
+def check_gap(run: Mapping, data: figure_gap.GapData) -> dict:
     """The gap figure's numbers against the run's metrics (the table's source): its estimate is the table's
     ``it_continuous_bpd``, Ĝ − area/2 is that estimate, its Gaussian is metrics' closed-form
     ``gaussian_nll_bpd``. Returns them; raises :class:`FigureCheckError` naming every disagreement."""
@@ -224,7 +224,7 @@ def _group_mmse(with_curves, labels) -> figures.MMSEData:
     return merged
 
 
-def _pixel_map_runs(evaluations, labels) -> dict[str, figures.PixelMapData]:
+def _pixel_map_runs(evaluations, labels) -> dict[str, figure_pixel_maps.PixelMapData]:
     """Maps to draw: the base and tuned paper rows when both have them, else the first two runs with maps."""
     have = [(r, p) for r, p in evaluations if p.pixel_maps is not None]
     by_row: dict = {}
@@ -233,14 +233,14 @@ def _pixel_map_runs(evaluations, labels) -> dict[str, figures.PixelMapData]:
     chosen = [by_row[k] for k in ("IDDPM", "IDDPM(tune)") if k in by_row]
     if len(chosen) < 2:
         chosen = have[:2]
-    return {labels[r["run_id"]]: figures.pixel_map_data(p.pixel_maps) for r, p in chosen}
+    return {labels[r["run_id"]]: figure_pixel_maps.pixel_map_data(p.pixel_maps) for r, p in chosen}
 
 
 CAPTIONS = {
     "mmse": "Binned mean E||eps - eps_hat||^2 per log-SNR of each model, the N(mu, Sigma) reference's "
             "analytic mmse_G, the N(0, I) curve, and the reference's linear decoder at the test images (the "
             "estimate's clamp alternative); shaded: where the best model is below that decoder.",
-    "mmse_gap": figures.GAP_CAPTION,
+    "mmse_gap": figure_gap.GAP_CAPTION,
     "per_image": "Per-image IT bits/dim (histograms) and IT discrete against the discrete VLB per image.",
     "pixel_maps": "Each pixel's share of -log2 p(x) (channels summed) and the log-SNR its information comes "
                   "from; the difference of two runs on the same images.",
