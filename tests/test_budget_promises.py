@@ -16,7 +16,8 @@ from hydra import compose, initialize_config_dir
 
 from conftest import path_overrides
 from itdiffusion.artifacts import read_per_image
-from itdiffusion.results import MISSED_TARGET_MARK, REFERENCE_ONLY_MARK, render_markdown
+from itdiffusion.results.render import render_markdown
+from itdiffusion.results.tables import MISSED_TARGET_MARK, REFERENCE_ONLY_MARK
 from itdiffusion.stages import CONFIG_DIR, budget_pilot, evaluate, finetune
 
 IT = ("it_continuous", "it_discrete", "it_dequantized")
