@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import TINY, path_overrides
+from itdiffusion import evaluation
 from itdiffusion.artifacts import commit_evaluation, read_per_image
 from itdiffusion.errors import UserError
 from itdiffusion.models.iddpm import build_model_and_diffusion
@@ -57,7 +58,7 @@ def test_the_reused_ensemble_is_the_evaluated_ensemble(members, tmp_path, monkey
     def no_network(*args, **kwargs):
         raise AssertionError("ensemble_curves must not run the networks")
 
-    monkeypatch.setattr(evaluate, "sample", no_network)
+    monkeypatch.setattr(evaluation, "sample", no_network)
     monkeypatch.setattr(evaluate, "select_fast_path", no_network)
     npz_b = run_b / "per_image.npz"  # a run dir or its per_image.npz
     reused = evaluate.run(
