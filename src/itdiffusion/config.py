@@ -305,6 +305,8 @@ def register_configs() -> None:
         from itdiffusion.trajectory import settings_hash_resolver
 
         OmegaConf.register_new_resolver("itd_settings_hash", settings_hash_resolver)
+    if not OmegaConf.has_resolver("itd_tasks_per_node"):  # conf/hydra/launcher/slurm.yaml
+        OmegaConf.register_new_resolver("itd_tasks_per_node", lambda gpus: max(1, int(gpus or 0)))
     if not OmegaConf.has_resolver("itd_sweep_id"):
         from itdiffusion.sweeps import sweep_id
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from itdiffusion import distributed, preemption, sweeps
+from itdiffusion import distributed, extras, preemption, sweeps
 from itdiffusion.config import check_values, register_configs
 from itdiffusion.errors import Preempted, UserError
 
@@ -37,6 +37,7 @@ log = logging.getLogger("itdiffusion")
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # shipped inside the package
 
 register_configs()
+extras.check_command_line()  # hydra/launcher=slurm without its extra: one line, before Hydra fails on it
 distributed.adopt_slurm_env()  # srun without torchrun: ranks from SLURM's variables (before the run id)
 
 
