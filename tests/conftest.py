@@ -23,7 +23,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="needs a SLURM cluster: make test-slurm (scripts/local_slurm.sh up)")
     for item in items:
-        if "slurm" in item.keywords:
+        if item.get_closest_marker("slurm") is not None:
             item.add_marker(skip)
 
 

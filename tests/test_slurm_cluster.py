@@ -28,6 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 SBATCH = REPO / "scripts" / "slurm.sbatch"
 CPU_JOB = ["--partition=cpu", "--gpus-per-node=0", "--cpus-per-task=2"]  # the template's CPU overrides
 CHAIN_TIMEOUT = 1500
+# the smoke chain at tiny sizes (every stage of it still runs): 4 training steps per model, 4 test images
+SMALL = ["data.stats_diagonal=true", "data.stats_images=64", "data.num_train_images=64", "finetune.max_steps=4",
+         "finetune.heldout_images=8", "data.num_images=4", "estimator.npoints=8", "model.diffusion_steps=4",
+         "estimator.vlb_steps_per_batch=4"]
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
          "PREEMPTED"}
 
@@ -88,7 +92,7 @@ def submit(args: list[str], cwd: Path, env: dict) -> str:
 
 
 def chain_args(root: Path) -> list[str]:
-    return [str(SBATCH), "experiment=smoke", f"paths.output_dir={root / 'outputs'}",
+    return [str(SBATCH), "experiment=smoke", *SMALL, f"paths.output_dir={root / 'outputs'}",
             f"paths.checkpoint_dir={root / 'checkpoints'}"]
 
 
@@ -158,10 +162,11 @@ def test_the_template_runs_the_smoke_chain_on_a_cpu_partition(uninterrupted):
 
 
 def test_a_time_limit_requeues_the_job_and_it_finishes_as_if_uninterrupted(uninterrupted, tmp_path):
-    """--time=4 with USR1 120 s before it: the job requeues itself (SLURM sends the signal up to a minute
-    early, so every attempt runs 1-2 minutes), resumes, and ends with the uninterrupted run's numbers."""
+    """--time=4 with USR1 150 s before it: the job requeues itself (SLURM sends the signal up to half a
+    minute early, so every attempt runs 1-1.5 minutes), resumes, and ends with the uninterrupted run's
+    numbers."""
     started = time.time()
-    job = submit([*CPU_JOB, "--time=4", "--signal=B:USR1@120", *chain_args(tmp_path)], cwd=tmp_path,
+    job = submit([*CPU_JOB, "--time=4", "--signal=B:USR1@150", *chain_args(tmp_path)], cwd=tmp_path,
                  env=environment())
     log = tmp_path / f"slurm-itdiffusion-{job}.out"
     info = wait_for(job, CHAIN_TIMEOUT, log)
@@ -204,7 +209,7 @@ def test_srun_n2_is_one_job_of_two_ranks_with_one_writer(uninterrupted, tmp_path
     rid = run_id(uninterrupted)
     outputs = uninterrupted / "outputs"
     base = outputs / "evaluate" / f"{rid}-base"
-    common = ["experiment=smoke", f"paths.output_dir={tmp_path / 'outputs'}",
+    common = ["experiment=smoke", *SMALL, f"paths.output_dir={tmp_path / 'outputs'}",
               f"paths.cache_dir={outputs / 'cache'}", "logger.group=srun"]
     tuned = uninterrupted / "checkpoints" / "finetune" / f"{rid}-tune" / "model.pt"
     proc = srun(["itdiffusion.stages.evaluate", *common, "run_id=srun2", f"model.checkpoint={tuned}",
