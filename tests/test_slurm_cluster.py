@@ -29,9 +29,9 @@ SBATCH = REPO / "scripts" / "slurm.sbatch"
 CPU_JOB = ["--partition=cpu", "--gpus-per-node=0", "--cpus-per-task=2"]  # the template's CPU overrides
 CHAIN_TIMEOUT = 1500
 # the smoke chain at tiny sizes (every stage of it still runs): 4 training steps per model, 4 test images
-SMALL = ["data.stats_diagonal=true", "data.stats_images=64", "data.num_train_images=64", "finetune.max_steps=4",
-         "finetune.heldout_images=8", "data.num_images=4", "estimator.npoints=8", "model.diffusion_steps=4",
-         "estimator.vlb_steps_per_batch=4"]
+SMALL = ["data.stats_diagonal=true", "data.stats_images=64", "data.num_train_images=64",
+         "finetune.max_steps=4", "finetune.heldout_images=8", "data.num_images=4", "estimator.npoints=8",
+         "model.diffusion_steps=4", "estimator.vlb_steps_per_batch=4"]
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
          "PREEMPTED"}
 
