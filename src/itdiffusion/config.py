@@ -168,7 +168,7 @@ class EstimatorConfig:
     batch_size: int = 256  # network inputs per forward pass
     vlb_steps_per_batch: int = 8  # VLB timesteps evaluated in one forward pass
     control_variate: bool = True  # IT: the reference's linear decoder on the same noise, minus its exact
-    # mean, as a zero-mean control variate (no extra network calls; unbiased; README, performance section)
+    # mean, as a zero-mean control variate (no extra network calls; unbiased; docs/estimators.md)
     # how the U-Net runs (itdiffusion.models.acceleration); a fast path is checked against fp32 eager on
     # the first test images before the evaluation (itdiffusion.stages.precision, metrics.json precision_check)
     precision: str = "fp32"  # fp32 | bf16 (autocast) | auto (bf16 on CUDA if the check passes, else fp32)
