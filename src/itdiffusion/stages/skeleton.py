@@ -97,7 +97,7 @@ def evaluate_sharded(
             disable=not distributed.is_main(),
             dynamic_ncols=True,
         ) as bar,
-        stop_requested() if partial is not None else contextlib.nullcontext(StopRequest()) as stop,
+        stop_requested() if partial is not None else contextlib.nullcontext(StopRequest()) as stop_request,
     ):
         for k, start in enumerate(starts):
             stop = min(start + chunk, len(dataset))
@@ -109,9 +109,9 @@ def evaluate_sharded(
                     partial.save(start, stop, part)
             parts.append(part)
             bar.update((stop - start) * distributed.world_size())
-            if stop and k + 1 < len(starts):
+            if stop_request and k + 1 < len(starts):
                 raise Preempted(
-                    f"{stop.name}: {k + 1} of this rank's {len(starts)} chunks are kept in "
+                    f"{stop_request.name}: {k + 1} of this rank's {len(starts)} chunks are kept in "
                     f"{partial.folder}; rerun the same command to resume"
                 )
     gathered = distributed.gather_to_main(parts)
