@@ -185,7 +185,7 @@ def test_a_time_limit_requeues_the_job_and_it_finishes_as_if_uninterrupted(unint
 
 
 def test_a_cancelled_chain_resumes_when_submitted_again(uninterrupted, tmp_path):
-    env = environment()
+    env, started = environment(), time.time()
     first = submit([*CPU_JOB, *chain_args(tmp_path)], cwd=tmp_path, env=env)
     deadline = time.time() + CHAIN_TIMEOUT
     while not list((tmp_path / "outputs" / "evaluate").glob("*-base/metrics.json")):
@@ -198,6 +198,8 @@ def test_a_cancelled_chain_resumes_when_submitted_again(uninterrupted, tmp_path)
     log = tmp_path / f"slurm-itdiffusion-{again}.out"
     info = wait_for(again, CHAIN_TIMEOUT, log)
     text = log.read_text()
+    print(f"cancelled chain: job {first} cancelled after the base model's evaluation, job {again} "
+          f"{info['JobState']}, {time.time() - started:.0f} s in all")
     assert info["JobState"] == "COMPLETED", text[-4000:]
     assert f"exists: {tmp_path / 'outputs'}/evaluate/{run_id(tmp_path)}-base/metrics.json" in text
     assert_same_outputs(tmp_path, uninterrupted)
@@ -211,7 +213,7 @@ def srun(args: list[str], cwd: Path, timeout: float = 900) -> subprocess.Complet
 def test_srun_n2_is_one_job_of_two_ranks_with_one_writer(uninterrupted, tmp_path):
     """srun -n2 without torchrun: one evaluation of world size 2 with the one-process run's per-image
     numbers; the report started on both tasks writes once and makes one wandb run."""
-    rid = run_id(uninterrupted)
+    rid, started = run_id(uninterrupted), time.time()
     outputs = uninterrupted / "outputs"
     base = outputs / "evaluate" / f"{rid}-base"
     common = ["experiment=smoke", *SMALL, f"paths.output_dir={tmp_path / 'outputs'}",
@@ -234,6 +236,7 @@ def test_srun_n2_is_one_job_of_two_ranks_with_one_writer(uninterrupted, tmp_path
     assert output.count("wrote ") == 1, output[-3000:]
     runs = list((tmp_path / "outputs" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2, runs  # the evaluation's and one report's (not one per task)
+    print(f"srun -n2: evaluate and report in {time.time() - started:.0f} s")
 
 
 def sweep_command(root: Path, base: Path, sweep_id: str, *extra: str) -> tuple[list[str], dict]:
@@ -258,12 +261,13 @@ def sweep_results(root: Path, sweep_id: str) -> dict[int, dict[str, np.ndarray]]
 
 @pytest.fixture(scope="session")
 def plain_sweep(uninterrupted, tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("sweep")
+    root, started = tmp_path_factory.mktemp("sweep"), time.time()
     base = uninterrupted / "checkpoints" / "finetune" / f"{run_id(uninterrupted)}-base" / "model.pt"
     args, env = sweep_command(root, base, "plain")
     proc = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "all 2 job(s) succeeded" in proc.stdout + proc.stderr
+    print(f"submitit sweep of 2 jobs: exit 0 in {time.time() - started:.0f} s")
     return root, base
 
 
@@ -280,6 +284,7 @@ def test_requeued_submitit_jobs_resume_and_the_sweep_reports_them(plain_sweep, t
     reference, base = plain_sweep
     args, env = sweep_command(tmp_path, base, "requeued")
     sweep = tmp_path / "outputs" / "multirun" / "evaluate" / "requeued"
+    started = time.time()
     launcher = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)
     try:
@@ -305,6 +310,8 @@ def test_requeued_submitit_jobs_resume_and_the_sweep_reports_them(plain_sweep, t
     finally:
         if launcher.poll() is None:
             launcher.kill()
+    print(f"submitit sweep with jobs {', '.join(signalled.values())} requeued: exit {launcher.returncode} in "
+          f"{time.time() - started:.0f} s")
     assert launcher.returncode == 0, output[-4000:]
     assert "all 2 job(s) succeeded" in output
     for job in signalled.values():
