@@ -274,7 +274,11 @@ def plain_sweep(uninterrupted, tmp_path_factory) -> tuple[Path, Path]:
 def test_a_submitit_sweep_of_two_jobs(plain_sweep):
     root, _ = plain_sweep
     results = sweep_results(root, "plain")
-    assert results[0]["it_continuous_bpd"].shape == (16,)
+    for n in range(2):
+        assert results[n]["index"].tolist() == list(range(16))
+        assert np.isfinite(results[n]["estimate__it_continuous_nats"]).all()
+    curves = [results[n]["curves__logsnr"].shape for n in range(2)]
+    assert curves == [(16, 8), (16, 16)]  # the jobs' own settings (estimator.npoints=8,16)
 
 
 def test_requeued_submitit_jobs_resume_and_the_sweep_reports_them(plain_sweep, tmp_path):
