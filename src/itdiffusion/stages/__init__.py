@@ -14,6 +14,7 @@ message (exit status 2) instead of a traceback.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import os
@@ -28,26 +29,34 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from itdiffusion import distributed, extras, preemption, sweeps
-from itdiffusion.config import check_values, register_configs
+from itdiffusion import distributed, preemption, sweeps
+from itdiffusion.config import (
+    STAGE_GROUPS,
+    check_values,
+    dependency_problems,
+    override_keys,
+    register_configs,
+)
 from itdiffusion.errors import Preempted, UserError
+from itdiffusion.extras import check_extras
+from itdiffusion.weights_hint import missing_weights
 
 log = logging.getLogger("itdiffusion")
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # shipped inside the package
 
 register_configs()
-extras.check_command_line()  # hydra/launcher=slurm without its extra: one line, before Hydra fails on it
 distributed.adopt_slurm_env()  # srun without torchrun: ranks from SLURM's variables (before the run id)
 
 
-def launch(stage: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> None:
+def launch(stage: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> float | None:
     """Run ``stage(cfg, run_dir)`` inside a Hydra job; exits with status 2 on a :class:`UserError`.
 
-    Before the stage: every value is checked (:func:`itdiffusion.config.check_values`) and so are the
-    folders the stage writes (:func:`check_output_dirs`). A :class:`UserError` prints one line
-    (``error: ...``) on stderr, goes to the stage's log file too, and removes the run dir when this
-    launch created it and it holds nothing but Hydra's files (:func:`remove_unused_run_dir`).
+    Before the stage: :func:`check_launch` (values, keys that need another setting, the folders the
+    stage writes). A :class:`UserError` prints one line (``error: ...``) on stderr, goes to the stage's
+    log file too, and removes the run dir when this launch created it and it holds nothing but Hydra's
+    files (:func:`remove_unused_run_dir`). Returns the number ``optimized_metric`` names in the stage's
+    result (:func:`objective_value`; None without one): an optimizing sweeper's objective.
     """
     from hydra.core.hydra_config import HydraConfig
 
@@ -56,13 +65,11 @@ def launch(stage: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> None:
     distributed.quiet_unless_main()
     job = sweeps.current_job()
     if job is not None:
-        launch_sweep_job(stage, cfg, run_dir, job)
-        return
+        return launch_sweep_job(stage, cfg, run_dir, job)
     created = _created_by_this_process(run_dir)
     try:
-        check_values(cfg)
-        check_output_dirs(cfg, Path(inspect.getfile(stage)).stem)  # not __module__: "__main__" under -m
-        stage(cfg, run_dir)
+        check_launch(cfg, stage, list(hydra_cfg.overrides.task))
+        value = objective_value(cfg, stage(cfg, run_dir))
     except UserError as e:
         report_user_error(e)
         if created:
@@ -74,6 +81,60 @@ def launch(stage: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> None:
         distributed.shutdown()
         preemption.exit_preempted()
     distributed.shutdown()
+    return value
+
+
+def objective_value(cfg: DictConfig, result: Any) -> float | None:
+    """The number named ``optimized_metric`` in a stage's result (finetune: its ``finetune.json`` summary,
+    e.g. ``final_heldout_loss_bpd``; evaluate: its metrics.json, e.g. ``it_continuous_bpd_stderr``); None
+    without ``optimized_metric`` and on ranks other than 0 (only rank 0 holds the result)."""
+    name = cfg.get("optimized_metric")
+    if name is None or not distributed.is_main():
+        return None
+    value = result.get(name) if isinstance(result, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        numbers = sorted(k for k, v in (result or {}).items()
+                         if isinstance(v, int | float) and not isinstance(v, bool))
+        raise UserError(f"optimized_metric={name}: the stage's result has no number by that name "
+                        f"(its numbers: {', '.join(numbers) or 'none'})")
+    return float(value)
+
+
+def cli_entry(hydra_main: Callable[[], Any]) -> Callable[[], Any]:
+    """A stage's console entry point: ``hydra_main`` (the ``@hydra.main`` function) after the command line's
+    launcher and sweeper choices are checked for their extras (:func:`itdiffusion.extras.check_extras`:
+    one line and exit 2 instead of Hydra's "Could not load ...")."""
+
+    @functools.wraps(hydra_main)
+    def main() -> Any:
+        try:
+            check_extras(sys.argv[1:])
+        except UserError as e:
+            report_user_error(e)
+            sys.exit(2)
+        return hydra_main()
+
+    return main
+
+
+def check_launch(cfg: DictConfig, stage: Callable, overrides: list[str]) -> None:
+    """Before a stage runs: every value (:func:`itdiffusion.config.check_values`), every key the command line
+    sets that only matters under another setting (:data:`itdiffusion.config.DEPENDENT_KEYS`, in the groups
+    the stage reads), the folders it writes (:func:`check_output_dirs`) and an evaluation's weights
+    (:func:`itdiffusion.weights_hint.missing_weights`); a UserError names what to fix."""
+    name = stage_name(stage)
+    check_values(cfg)
+    problems = dependency_problems(cfg, override_keys(overrides), STAGE_GROUPS.get(name))
+    if problems:
+        raise UserError("; ".join(problems))
+    check_output_dirs(cfg, name)
+    if name == "evaluate" and (problem := missing_weights(cfg)):
+        raise UserError(problem)
+
+
+def stage_name(stage: Callable) -> str:
+    """``evaluate`` for :func:`itdiffusion.stages.evaluate.run` (its module's file: ``__main__`` under -m)."""
+    return Path(inspect.getfile(stage)).stem
 
 
 def report_user_error(error: UserError) -> None:
@@ -164,13 +225,16 @@ def _env_rank() -> int:
 
 
 def launch_sweep_job(stage: Callable[[DictConfig, Path], Any], cfg: DictConfig, run_dir: Path,
-                     job: tuple[int, list[str]]) -> None:
+                     job: tuple[int, list[str]]) -> float | None:
     """One job of a Hydra multirun: a failure is logged (which job, why) and written to the job's
-    ``job_status.json`` instead of ending the sweep; :class:`itdiffusion.sweeps.SweepReport` sums up."""
+    ``job_status.json`` instead of ending the sweep; :class:`itdiffusion.sweeps.SweepReport` sums up.
+    Returns :func:`objective_value` (None for a failed job: an optimizing sweeper marks its trial failed)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    value = None
     try:
-        check_values(cfg)
-        check_output_dirs(cfg, Path(inspect.getfile(stage)).stem)
-        stage(cfg, run_dir)
+        check_launch(cfg, stage, list(HydraConfig.get().overrides.task))
+        value = objective_value(cfg, stage(cfg, run_dir))
     except Preempted as e:  # a stop signal: no job status, no result; SLURM or submitit requeues the job
         log.warning("sweep job #%d (%s): %s", job[0], " ".join(job[1]), e)
         distributed.shutdown()
@@ -185,6 +249,7 @@ def launch_sweep_job(stage: Callable[[DictConfig, Path], Any], cfg: DictConfig, 
         if distributed.is_main():
             sweeps.write_status(run_dir, job, None)
     distributed.shutdown()
+    return value
 
 
 def setup_device(cfg: DictConfig) -> torch.device:

@@ -56,6 +56,7 @@ from itdiffusion.seeding import Stream, stream_seeds
 from itdiffusion.stages import (
     CONFIG_DIR,
     budget_pilot,
+    cli_entry,
     evaluate_masked,
     launch,
     rank_zero_first,
@@ -267,6 +268,7 @@ def estimate_groups(
     values = [f.per_image() for f in found]
     per_image.groups = [f"m{g[0]}" for g in groups[: curves.num_models]] + [ENSEMBLE] * (len(groups) > 1)
     per_image.estimates = {f"it_{name}_nats": torch.stack([v[name] for v in values]) for name in values[0]}
+    per_image.continuous_integrand = torch.stack([f.continuous_integrand for f in found])
     per_image.reference_mmse = mmse_g.cpu()
     return per_image, found
 
@@ -325,6 +327,9 @@ def summarize(
         "logsnr_core_range": list(proposal.core_bounds),
         "logsnr_proposal": dataclasses.asdict(proposal),
     }
+    if per_image.curves is not None and per_image.curves.gaussian_nll is not None:  # closed form, per image
+        gaussian = nats_to_bpd(per_image.curves.gaussian_nll, dim)
+        metrics["gaussian_nll_bpd"], metrics["gaussian_nll_bpd_stderr"] = mean_and_stderr(gaussian)
     per_member = [_group_metrics(per_image, f"m{j}", j, dim) for j in range(len(members))]
     if len(members) == 1:
         return {**metrics, **per_member[0]}
@@ -445,9 +450,10 @@ def _check_settings(cfg: DictConfig) -> None:
         )
 
 
+@cli_entry
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def main(cfg: DictConfig) -> None:
-    launch(run, cfg)
+def main(cfg: DictConfig) -> float | None:
+    return launch(run, cfg)  # optimized_metric's value: an optimizing sweeper's objective
 
 
 if __name__ == "__main__":

@@ -50,9 +50,9 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
 from itdiffusion import distributed
-from itdiffusion.artifacts import LOSS_CURVE
+from itdiffusion.artifacts import LOSS_CURVE, checkpoint_provenance, write_export_provenance
 from itdiffusion.checkpointing import EXPORTED_MODEL, LAST, load_training_state
-from itdiffusion.config import FinetuneConfig
+from itdiffusion.config import FinetuneConfig, stage_config
 from itdiffusion.dashboard import TRACKING_ID, log_model
 from itdiffusion.data import load_images
 from itdiffusion.discrete import any_order_loss, build_masked_pixel_model, images_to_tokens
@@ -68,7 +68,15 @@ from itdiffusion.models.iddpm import (
     load_checkpoint,
     resolve_checkpoint,
 )
-from itdiffusion.stages import CONFIG_DIR, config_dict, git_commit, launch, rank_zero_first, setup_device
+from itdiffusion.stages import (
+    CONFIG_DIR,
+    cli_entry,
+    config_dict,
+    git_commit,
+    launch,
+    rank_zero_first,
+    setup_device,
+)
 from itdiffusion.stages.stats import load_or_compute_reference
 from itdiffusion.tracking import Tracker, run_tags
 from itdiffusion.training import LossFn, Trainer, validate_config
@@ -113,6 +121,26 @@ def load_initial_weights(cfg: DictConfig, model: nn.Module) -> tuple[str, str | 
     except (FileNotFoundError, ValueError, CheckpointError) as e:
         raise UserError(f"{e} (finetune.init: null = the model's checkpoint, a path, or scratch)") from e
     return f"{path} (sha256 {sha256})", sha256
+
+
+# The tables' names of the fine-tuning objectives (finetune.objective); "iddpm" is the model config's own
+# loss (its training_objective, e.g. L_hybrid).
+OBJECTIVE_LABELS = {"it": "IT", "any_order": "any-order (I-MDCE)"}
+
+
+def objective_label(cfg: DictConfig, objective: str, init_sha256: str | None) -> str:
+    """The training objective the tables show for this run's weights: the objective's name from scratch,
+    else the starting weights' own label (their ``export.json`` when they come from a fine-tuning run, else
+    the model config's ``training_objective``) ``+ <objective> fine-tuning``."""
+    name = OBJECTIVE_LABELS.get(objective, objective)
+    if objective == "iddpm":
+        name = cfg.model.training_objective
+    if init_sha256 is None:
+        return name
+    init = cfg.finetune.init or cfg.model.checkpoint
+    found = checkpoint_provenance(str(init), init_sha256) if init else None
+    base = found["training_objective"] if found else cfg.model.training_objective
+    return f"{base} + {name} fine-tuning"
 
 
 def check_finished_run(ckpt_dir: Path, settings: dict) -> None:
@@ -238,7 +266,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         log.info("skip_done: %s exists, nothing to do", ckpt_dir / EXPORTED_MODEL)
         return {"run_name": settings.run_name, "model_path": str(ckpt_dir / EXPORTED_MODEL), "skipped": True}
 
-    with Tracker(cfg.logger, config_dict(cfg), job_type="finetune", name=f"finetune-{cfg.run_id}",
+    with Tracker(cfg.logger, stage_config(config_dict(cfg), "finetune"), job_type="finetune",
+                 name=f"finetune-{cfg.run_id}",
                  tags=run_tags(cfg.experiment, cfg.model.name, cfg.paper_row, settings.objective),
                  id_file=ckpt_dir / TRACKING_ID) as tracker:  # live from the start; a restart resumes it
         torch.manual_seed(settings.seed)  # the initial weights when training from scratch
@@ -270,6 +299,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "git_commit": git_commit(), "config": config_dict(cfg),
         }
         if distributed.is_main():
+            weights = [Path(result.model_path)] + ([Path(result.ema_path)] if result.ema_path else [])
+            write_export_provenance(
+                ckpt_dir, weights, training_objective=objective_label(cfg, settings.objective, init_sha256),
+                objective=settings.objective, init=init, steps=result.steps, model=cfg.model.name,
+                run_id=cfg.run_id, git_commit=summary["git_commit"])
             atomic_write_json(run_dir / SUMMARY, summary)
             tracker.summary({k: v for k, v in summary.items() if k != "config"})
             log_model(tracker, settings.run_name, Path(result.model_path), file_sha256(result.model_path),
@@ -279,9 +313,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     return summary
 
 
+@cli_entry
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def main(cfg: DictConfig) -> None:
-    launch(run, cfg)
+def main(cfg: DictConfig) -> float | None:
+    return launch(run, cfg)  # optimized_metric's value: an optimizing sweeper's objective
 
 
 if __name__ == "__main__":
