@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from itdiffusion.errors import UserError
-from itdiffusion.io import atomic_write_json, atomic_write_text, file_lock
+from itdiffusion.fsio import atomic_write_json, atomic_write_text, file_lock
 from itdiffusion.units import DEQUANT_OFFSET_BPD
 
 log = logging.getLogger(__name__)
