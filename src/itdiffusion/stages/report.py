@@ -26,7 +26,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from itdiffusion import artifacts, figure_gap, figure_pixel_maps, figures, run_figures
+from itdiffusion import artifacts, distributed, figure_gap, figure_pixel_maps, figures, run_figures
 from itdiffusion.artifacts import PerImage
 from itdiffusion.config import stage_config
 from itdiffusion.errors import UserError
@@ -249,7 +249,10 @@ CAPTIONS = {
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Merge all metrics, draw the figures, write results.{json,csv,md} and log them to wandb."""
+    """Merge all metrics, draw the figures, write results.{json,csv,md} and log them to wandb (on the
+    launcher's rank 0 only: started on every task of an ``srun`` step, the others do nothing)."""
+    if not distributed.is_main():
+        return {}
     results_dir = Path(cfg.paths.results_dir)
     found = find_metrics(cfg.paths.output_dir)
     if not found and not load_runs(results_dir):

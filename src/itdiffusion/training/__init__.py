@@ -19,10 +19,11 @@ consumed, the step counter, skip counter, the partial epoch loss and the loss cu
 order of an epoch is a pure function of (seed, epoch) (``DistributedSampler``), so restarting the
 same command continues mid-epoch with the same batches, bit for bit on CPU.
 
-Faults. SIGTERM (SLURM pre-emption) makes every process finish its current step, save, and raise
-:class:`Preempted`. A non-finite loss or gradient norm raises :class:`NonFiniteError` naming the
-step, before anything is written, so the last good checkpoint stays the newest; with
-``skip_nonfinite`` the step is skipped instead (no update) and counted.
+Faults. SIGTERM (SLURM pre-emption) or, under submitit, its signal (:mod:`itdiffusion.preemption`) makes
+every process finish its current step, save, and raise :class:`Preempted`. A non-finite loss or
+gradient norm raises :class:`NonFiniteError` naming the step, before anything is written, so the last
+good checkpoint stays the newest; with ``skip_nonfinite`` the step is skipped instead (no update) and
+counted.
 """
 
 from itdiffusion.training.errors import FinetuneError, NonFiniteError, Preempted, validate_config

@@ -25,10 +25,11 @@ class NonFiniteError(FinetuneError):
 
 
 class Preempted(errors.Preempted):
-    """SIGTERM arrived; a checkpoint at ``step`` was saved. Rerun the same command to resume."""
+    """A stop signal arrived; a checkpoint at ``step`` was saved. Rerun the same command to resume."""
 
-    def __init__(self, step: int, path: Path):
-        super().__init__(f"SIGTERM received: saved step {step} to {path}; rerun the same command to resume")
+    def __init__(self, step: int, path: Path, signal_name: str = "SIGTERM"):
+        super().__init__(f"{signal_name} received: saved step {step} to {path}; rerun the same command to "
+                         "resume")
         self.step = step
         self.path = path
 

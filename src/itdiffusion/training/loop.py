@@ -1,13 +1,12 @@
-"""The training loop: setup, steps (gradient accumulation, clipping, non-finite guards), SIGTERM.
+"""The training loop: setup, steps (gradient accumulation, clipping, non-finite guards), stop signals.
 
 See :mod:`itdiffusion.training` for the randomness, resume and fault policies."""
 
 from __future__ import annotations
 
 import contextlib
-import signal
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from itdiffusion import distributed
+from itdiffusion import distributed, preemption
 from itdiffusion import training_state as ckpt
 from itdiffusion.config import FinetuneConfig
 from itdiffusion.data import to_model_range
@@ -122,7 +121,7 @@ class Trainer(Saving, LossCurve):
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay is not None else None
         self.progress = Progress()
         self.curve: list[dict[str, Any]] = []
-        self._term_requested = False
+        self._stop = preemption.StopRequest()
         self._saved_at_step = -1
         self._start_step = 0  # the step this process started (or resumed) at
         self._window_sum, self._window_count = 0.0, 0  # train loss since the last log line
@@ -132,7 +131,7 @@ class Trainer(Saving, LossCurve):
         """Train to ``total_steps`` (resuming from ``run_dir`` if it holds a checkpoint); export weights."""
         with contextlib.ExitStack() as stack:
             self._start(stack)
-            stack.enter_context(self._sigterm_flag())
+            self._stop = stack.enter_context(preemption.stop_requested())
             net = self._wrap()
             bar = tqdm(total=self.total_steps, initial=self.progress.step, desc="finetune", unit="step",
                        disable=not distributed.is_main(), dynamic_ncols=True, mininterval=1.0)
@@ -148,17 +147,6 @@ class Trainer(Saving, LossCurve):
             return self.model
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(self.model, device_ids=device_ids)
-
-    @contextlib.contextmanager
-    def _sigterm_flag(self) -> Iterator[None]:
-        def request_stop(_signum: int, _frame: Any) -> None:
-            self._term_requested = True
-
-        previous = signal.signal(signal.SIGTERM, request_stop)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGTERM, previous)
 
     def _run_epoch(self, net: nn.Module, bar: tqdm) -> None:
         p = self.progress
@@ -176,12 +164,12 @@ class Trainer(Saving, LossCurve):
             if stop_requested:
                 if self._saved_at_step != p.step:
                     self._save()
-                raise Preempted(p.step, self.run_dir / ckpt.LAST)
+                raise Preempted(p.step, self.run_dir / ckpt.LAST, self._stop.name)
             if epoch_done or p.step == self.total_steps:
                 return
 
     def _step(self, net: nn.Module, images: Tensor, indices: Tensor) -> bool:
-        """One update (or skip) on a batch; returns whether any process asked to stop (SIGTERM)."""
+        """One update (or skip) on a batch; returns whether any process asked to stop (a stop signal)."""
         p, cfg = self.progress, self.cfg
         x = to_model_range(images)
         if self.hflip:
@@ -196,7 +184,7 @@ class Trainer(Saving, LossCurve):
         grad_norm = self._clip_grad_norm()
 
         # one collective per step: loss sum, image count, non-finite flag, stop request
-        stats = torch.tensor([0.0, len(losses), 0.0, float(self._term_requested)], dtype=torch.float64,
+        stats = torch.tensor([0.0, len(losses), 0.0, float(bool(self._stop))], dtype=torch.float64,
                              device=loss.device)
         stats[0] = losses.detach().double().sum()
         stats[2] = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).double()
