@@ -27,12 +27,12 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from itdiffusion.errors import UserError
-from itdiffusion.io import atomic_write_json, atomic_write_text, file_lock
+from itdiffusion.io import atomic_write_many, file_lock, json_text
 from itdiffusion.units import DEQUANT_OFFSET_BPD
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,10 @@ PAPER = {
     "Ensemble": {"it_discrete_notails": 2.90},
 }
 PAPER_ORDER = tuple(PAPER)
+
+
+# The key of a stored row whose run dir no longer verifies (the reason): such rows are left out of the tables.
+INVALID = "invalid"
 
 
 class ResultsStoreError(UserError):
@@ -154,9 +158,14 @@ def load_runs(results_dir: str | Path) -> dict[str, dict]:
 
 
 def record_runs(
-    results_dir: str | Path, runs: Iterable[Mapping], figures: Mapping[str, list[str]] | None = None
+    results_dir: str | Path,
+    runs: Iterable[Mapping],
+    figures: Mapping[str, list[str]] | None = None,
+    revise: Callable[[dict[str, dict]], dict[str, dict]] | None = None,
 ) -> dict:
-    """Merge ``runs`` (metrics dicts with a ``run_id``) into the store and rewrite json, csv and md."""
+    """Merge ``runs`` (metrics dicts with a ``run_id``) into the store and rewrite json, csv and md together
+    (:func:`itdiffusion.io.atomic_write_many`: all three or none). ``revise(stored) -> stored``: a change of
+    the stored rows made under the store's lock (the report's check of every row against its run dir)."""
     paths = results_paths(results_dir)
     with file_lock(paths["lock"]):
         stored = load_runs(results_dir)
@@ -165,13 +174,15 @@ def record_runs(
             if not metrics.get("run_id"):
                 raise ValueError("a results row needs a run_id")
             stored[str(metrics["run_id"])] = {k: v for k, v in metrics.items() if k != "config"}
-        atomic_write_json(
-            paths["json"],
-            {"format": FORMAT, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": stored,
-             "figures": stored_figures},
-        )
-        atomic_write_text(paths["csv"], render_csv(stored))
-        atomic_write_text(paths["md"], render_markdown(stored, stored_figures))
+        if revise is not None:
+            stored = revise(stored)
+        store = {"format": FORMAT, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": stored,
+                 "figures": stored_figures}
+        atomic_write_many({
+            paths["json"]: json_text(store),
+            paths["csv"]: render_csv(stored),
+            paths["md"]: render_markdown(stored, stored_figures),
+        })
     return stored
 
 
@@ -211,10 +222,12 @@ def format_cell(value: tuple[float, float] | None) -> str:
 
 
 def groups(runs: Mapping[str, Mapping]) -> list[tuple[str, list[dict]]]:
-    """Runs by reproduction group, newest group first; in a group: paper rows in paper order, then by time."""
+    """Runs by reproduction group, newest group first; in a group: paper rows in paper order, then by time.
+    Rows marked :data:`INVALID` are left out."""
     by_group: dict[str, list[dict]] = {}
     for run_id, run in runs.items():
-        by_group.setdefault(run.get("group") or "ungrouped", []).append({"run_id": run_id, **run})
+        if not run.get(INVALID):  # rows of runs that no longer verify are listed apart (render_markdown)
+            by_group.setdefault(run.get("group") or "ungrouped", []).append({"run_id": run_id, **run})
 
     def row_key(run):
         paper = run.get("paper_row")
@@ -368,6 +381,14 @@ def render_markdown(runs: Mapping[str, Mapping], figures: Mapping[str, list[str]
         )
         for fig in figures.get(group, []):
             lines += [f"![{Path(fig).stem}]({fig})", ""]
+    invalid = {run_id: run for run_id, run in runs.items() if run.get(INVALID)}
+    if invalid:
+        lines += ["## Left out: runs that no longer verify", "",
+                  "Their run dirs changed since they were evaluated (files edited, truncated, swapped or "
+                  "deleted); rerun them, or run the report with report.allow_invalid=true to drop them.", ""]
+        lines += _md_table("Runs left out", ["run id", "label", "why"],
+                           [[run_id, str(run.get("label") or "—"), str(run[INVALID])]
+                            for run_id, run in invalid.items()])
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -396,8 +417,13 @@ def render_csv(runs: Mapping[str, Mapping]) -> str:
 
 def _md_table(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
     out = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
+    out += ["| " + " | ".join(md_cell(c) for c in r) + " |" for r in rows]
     return out + [""]
+
+
+def md_cell(text: str) -> str:
+    """``text`` as one markdown table cell: ``|`` escaped, line breaks as spaces."""
+    return " ".join(str(text).replace("\\", "\\\\").replace("|", "\\|").splitlines())
 
 
 def _paper_has(column: Column) -> bool:

@@ -14,6 +14,8 @@ message (exit status 2) instead of a traceback.
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import inspect
 import logging
 import os
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from itdiffusion import distributed, sweeps
@@ -58,9 +61,14 @@ def launch(stage: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> None:
         return
     created = _created_by_this_process(run_dir)
     try:
-        check_values(cfg)
-        check_output_dirs(cfg, Path(inspect.getfile(stage)).stem)  # not __module__: "__main__" under -m
-        stage(cfg, run_dir)
+        try:
+            check_values(cfg)
+            check_output_dirs(cfg, Path(inspect.getfile(stage)).stem)  # not __module__: "__main__" under -m
+            stage(cfg, run_dir)
+        except OSError as e:
+            if e.errno not in ENVIRONMENT_ERRNOS:
+                raise
+            raise environment_error(e) from e
     except UserError as e:
         report_user_error(e)
         if created:
@@ -106,9 +114,17 @@ def check_output_dirs(cfg: DictConfig, stage_name: str) -> None:
         check_writable_dir(path, key)
 
 
+# A folder a stage writes into needs this much free space at launch (a full disk fails at once, not after the
+# work); a disk that fills up during the work still ends in one line (environment_error).
+MIN_FREE_BYTES = 64 * 2**20
+# OSErrors of the environment rather than of the code: one line (exit 2) instead of a traceback
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                                errno.ENOTDIR, errno.EISDIR, errno.EFBIG})
+
+
 def check_writable_dir(path: str | Path, key: str) -> None:
-    """UserError unless ``path`` is a writable folder, or does not exist yet and can be created
-    (its nearest existing parent is a writable folder). Creates nothing."""
+    """UserError unless ``path`` is a writable folder with :data:`MIN_FREE_BYTES` free, or does not exist yet
+    and can be created (its nearest existing parent is such a folder). Creates nothing."""
     path = Path(path)
     target = path
     while not target.exists() and target != target.parent:
@@ -116,8 +132,89 @@ def check_writable_dir(path: str | Path, key: str) -> None:
     where = f"{key}: {path}" + ("" if target == path else f" cannot be created: {target}")
     if not target.is_dir():
         raise UserError(f"{where} is not a directory")
-    if not os.access(target, os.W_OK | os.X_OK):
+    if not os.access(target, os.W_OK | os.X_OK) or _read_only_mount(target):
         raise UserError(f"{where} is not writable")
+    free = shutil.disk_usage(target).free
+    if free < MIN_FREE_BYTES:
+        raise UserError(f"{where}: only {free / 2**20:.1f} MiB free on its disk (a stage needs at least "
+                        f"{MIN_FREE_BYTES // 2**20} MiB): free some space or point {key} elsewhere")
+
+
+def _read_only_mount(path: Path) -> bool:
+    """Whether ``path`` lies on a file system mounted read-only (os.access says writable to root there)."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def environment_error(error: OSError) -> UserError:
+    """A write that the environment refused (disk full, read-only, a file where a folder belongs) as one line:
+    what, where, and what to do."""
+    where = f" ({error.filename})" if error.filename else ""
+    return UserError(f"{error.strerror or error}{where}: free space on that disk, make the folder writable, "
+                     "or point paths.* elsewhere, then rerun (finished work is kept where the stage resumes)")
+
+
+_composed = False  # Hydra composed the config: later errors are not the command line's (see cli)
+
+
+def cli(hydra_main: Callable[[], None]) -> Callable[[], None]:
+    """A stage's entry point: ``hydra_main`` (a ``@hydra.main`` function), with a command line that Hydra
+    cannot compose into a config (a mistyped key, a value of the wrong type, an unknown config name) as one
+    line on stderr and exit status 2, like every other bad input, before anything is created."""
+
+    @functools.wraps(hydra_main)
+    def entry() -> None:
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra re-raises instead of printing a report
+        try:
+            hydra_main()
+        except (HydraException, OmegaConfBaseException) as e:
+            if _composed:
+                raise
+            report_user_error(UserError(_one_line(e)))
+            sys.exit(2)
+
+    return entry
+
+
+def _one_line(error: BaseException) -> str:
+    """Hydra's message and its cause's first line, without Hydra's advice to append with ``+``."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("To append to your config use")]
+    cause = error.__cause__
+    if cause is not None and str(cause).strip():
+        first = str(cause).strip().splitlines()[0]
+        lines += [first] if first not in lines else []
+    return " ".join(lines)
+
+
+class LaunchCheck(Callback):
+    """Hydra callback: before Hydra creates the run dir, every value is checked
+    (:func:`itdiffusion.config.check_values`: run ids and folder names included, so no name leads outside
+    its folder) and so are the folders the stage writes, the run dir's among them (a file in the way, a
+    read-only or full disk). A problem is one line on stderr and exit status 2, with nothing created."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _composed
+        _composed = True  # each job checks its own values (launch_sweep_job)
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        global _composed
+        _composed = True
+        try:
+            HydraConfig.instance().set_config(config)  # ${hydra:job.name} in the run dir
+            check_values(config)
+            check_writable_dir(str(config.hydra.run.dir), "paths.output_dir (the run dir)")
+            check_output_dirs(config, str(config.hydra.job.name))
+        except UserError as e:
+            report_user_error(e)
+            sys.exit(2)
 
 
 HYDRA_SUBDIR = ".hydra"

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from itdiffusion import distributed
+from itdiffusion import distributed, summary
 from itdiffusion.artifacts import MASKED_ESTIMATES, PerImage
 from itdiffusion.data import load_images
 from itdiffusion.discrete import bottom_given_top_nll, corrupted_log_ratio, masked_pixel_metrics
@@ -29,7 +29,6 @@ from itdiffusion.models.loading import load_members
 from itdiffusion.seeding import Stream, stream_seeds
 from itdiffusion.stages import rank_zero_first, setup_device, skeleton
 from itdiffusion.stages.partial import Partial
-from itdiffusion.units import mean_and_stderr
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict | None:
@@ -55,16 +54,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
         distributed.barrier()
         return None
     skeleton.check_finite(per_image, member.network.length)
-    metrics: dict = {
-        "num_images": per_image.num_images,
-        "num_masks": est.num_masks,
-        "npoints": None,
-        "dim": member.network.length,
-    }
-    values = per_image.group("m0")
-    for key in MASKED_ESTIMATES:
-        metrics[key], metrics[f"{key}_stderr"] = mean_and_stderr(values[key])
-    metrics["network_evals"] = int(per_image.member_values["network_evals"].sum().item())
+    metrics = {**summary.summarize(per_image, member.network.length), "num_masks": est.num_masks,
+               "dim": member.network.length}
     metrics.update(skeleton.provenance(cfg, [member]), elapsed_s=round(time.time() - started, 2))
     metrics = skeleton.finish(cfg, run_dir, per_image, metrics, MASKED_ESTIMATES)
     distributed.barrier()

@@ -68,7 +68,15 @@ from itdiffusion.models.iddpm import (
     load_checkpoint,
     resolve_checkpoint,
 )
-from itdiffusion.stages import CONFIG_DIR, config_dict, git_commit, launch, rank_zero_first, setup_device
+from itdiffusion.stages import (
+    CONFIG_DIR,
+    cli,
+    config_dict,
+    git_commit,
+    launch,
+    rank_zero_first,
+    setup_device,
+)
 from itdiffusion.stages.stats import load_or_compute_reference
 from itdiffusion.tracking import Tracker, run_tags
 from itdiffusion.training import LossFn, Trainer, validate_config
@@ -280,6 +288,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     return summary
 
 
+@cli
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
     launch(run, cfg)

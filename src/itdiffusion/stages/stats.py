@@ -32,7 +32,7 @@ from itdiffusion import distributed
 from itdiffusion.data import dataset_key, load_images, random_subset, source_files, to_model_range
 from itdiffusion.information import GaussianReference
 from itdiffusion.io import atomic_torch_save, atomic_write_json, file_lock
-from itdiffusion.stages import CONFIG_DIR, config_dict, launch, rank_zero_first, setup_device
+from itdiffusion.stages import CONFIG_DIR, cli, config_dict, launch, rank_zero_first, setup_device
 from itdiffusion.tracking import Tracker
 from itdiffusion.units import nats_to_bpd
 
@@ -191,6 +191,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     return summary
 
 
+@cli
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
     launch(run, cfg)
