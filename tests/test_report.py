@@ -229,7 +229,8 @@ def test_report_stage_writes_tables_figures_and_keeps_old_rows(tmp_path, make_cf
     assert md.index("## repro1") < md.index("## repro0")  # newest group first
     assert md.index("r-base [IDDPM]") < md.index("r-tuned [IDDPM(tune)]")
     figures = out["figures"]["repro1"]
-    assert {Path(f).stem.removeprefix("repro1_") for f in figures} == {"mmse", "mmse_gap", "per_image", "loss"}
+    made = {Path(f).stem.removeprefix("repro1_") for f in figures}
+    assert made == {"mmse", "mmse_gap", "per_image", "loss"}
     for fig in figures:
         assert f"]({fig})" in md
         with Image.open(outputs / "results" / fig) as im:

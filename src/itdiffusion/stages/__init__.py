@@ -203,18 +203,23 @@ class LaunchCheck(Callback):
         _composed = True  # each job checks its own values (launch_sweep_job)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from hydra.core.hydra_config import HydraConfig
-
         global _composed
         _composed = True
         try:
-            HydraConfig.instance().set_config(config)  # ${hydra:job.name} in the run dir
-            check_values(config)
-            check_writable_dir(str(config.hydra.run.dir), "paths.output_dir (the run dir)")
-            check_output_dirs(config, str(config.hydra.job.name))
+            check_launch(config)
         except UserError as e:
             report_user_error(e)
             sys.exit(2)
+
+
+def check_launch(config: DictConfig) -> None:
+    """What :class:`LaunchCheck` checks of a config composed with its ``hydra`` node (UserError)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().set_config(config)  # ${hydra:job.name} in the run dir
+    check_values(config)
+    check_writable_dir(str(config.hydra.run.dir), "paths.output_dir (the run dir)")
+    check_output_dirs(config, str(config.hydra.job.name))
 
 
 HYDRA_SUBDIR = ".hydra"
