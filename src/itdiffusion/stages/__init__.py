@@ -209,7 +209,19 @@ class LaunchCheck(Callback):
             check_launch(config)
         except UserError as e:
             report_user_error(e)
+            _log_in_earlier_run_dir(config, e)
             sys.exit(2)
+
+
+def _log_in_earlier_run_dir(config: DictConfig, error: UserError) -> None:
+    """Append the error to the stage's log in the run dir when that dir exists already (an earlier run's), as
+    Hydra's logging would once the stage runs; a refused launch creates no dir."""
+    with contextlib.suppress(Exception):
+        run_dir = Path(str(config.hydra.run.dir))
+        if run_dir.is_dir():
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            with open(run_dir / f"{config.hydra.job.name}.log", "a") as f:
+                f.write(f"[{stamp}][{log.name}][ERROR] - {error}\n")
 
 
 def check_launch(config: DictConfig) -> None:

@@ -26,11 +26,10 @@ from itdiffusion.errors import Preempted, UserError
 from itdiffusion.results import ResultsStoreError, record_run
 from itdiffusion.stages import config_dict, git_commit
 from itdiffusion.stages.partial import Partial, discard, sigterm_flag
+from itdiffusion.units import ABSURD_BPD
 
 log = logging.getLogger(__name__)
 
-# A per-image estimate above this many bits/dim is absurd (8-bit images need at most 8): it stops the run.
-ABSURD_BPD = 1e3
 
 
 def skip_done(cfg: DictConfig, run_dir: Path) -> bool:
