@@ -51,9 +51,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:  # a write: name the file
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
     _fsync_dir(path.parent)
     return path
@@ -108,10 +110,12 @@ def atomic_write_many(texts: dict[Path, str]) -> None:
                 os.fsync(f.fileno())
         for tmp, path in temps:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         for tmp, _ in temps:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None and temps:
+            raise OSError(e.errno, e.strerror, str(temps[-1][1])) from e
         raise
     for folder in {path.parent for _, path in temps}:
         _fsync_dir(folder)
