@@ -111,7 +111,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
         distributed.barrier()
         return None
     per_image = with_estimates(per_image, reference, _decoder_choice(budget))
-    skeleton.check_finite(per_image, reference.dim)
+    skeleton.check_finite(per_image, reference.dim, run_dir)
     if sources is None and len(members) == 1:  # single models (an ensemble's maps are its members')
         add_pixel_maps(per_image, members, test, reference, est, device)
     metrics = {

@@ -53,7 +53,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     if not distributed.is_main():
         distributed.barrier()
         return None
-    skeleton.check_finite(per_image, member.network.length)
+    skeleton.check_finite(per_image, member.network.length, run_dir)
     metrics = {**summary.summarize(per_image, member.network.length), "num_masks": est.num_masks,
                "dim": member.network.length}
     metrics.update(skeleton.provenance(cfg, [member]), elapsed_s=round(time.time() - started, 2))

@@ -149,6 +149,7 @@ def provenance(cfg: DictConfig, members: Sequence) -> dict:
         "checkpoint": members[0].checkpoint if one else [m.checkpoint for m in members],
         "checkpoint_sha256": members[0].sha256 if one else [m.sha256 for m in members],
         "git_commit": git_commit(),
+        "num_images_requested": cfg.data.num_images,  # num_images: those evaluated (fewer in a small set)
         "world_size": distributed.world_size(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": config_dict(cfg),
@@ -161,8 +162,9 @@ def _model_names(members: Sequence) -> str | list[str] | None:
     return None if not names else names[0] if len(set(names)) == 1 else names
 
 
-def check_finite(per_image: PerImage, dim: int) -> None:
-    """UserError naming the first image and estimate that is non-finite or absurd (> :data:`ABSURD_BPD`)."""
+def check_finite(per_image: PerImage, dim: int, run_dir: Path) -> None:
+    """UserError naming the first image and estimate that is non-finite or absurd (> :data:`ABSURD_BPD`);
+    the finished chunks of ``run_dir`` are then discarded (a rerun evaluates again, e.g. with new weights)."""
     named = {
         **{
             f"{g}.{k}": v
@@ -177,6 +179,7 @@ def check_finite(per_image: PerImage, dim: int) -> None:
         bpd = values / (dim * math.log(2)) if "_nats" in name else values
         bad = ~torch.isfinite(values) | (bpd.abs() > ABSURD_BPD)
         if bad.any():
+            discard(run_dir)
             b = int(bad.nonzero()[0])
             raise UserError(
                 f"evaluation stopped: {name} of test image {int(per_image.index[b])} is "
