@@ -142,7 +142,7 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        refused = _refused_by_weights_only(str(e), path)
+        refused = refused_by_weights_only(str(e), path)
         if refused:  # a well-formed pickle asking for more than tensors
             raise CheckpointError(
                 f"{path} asks to unpickle {refused}, which torch.load(weights_only=True) refuses: it "
@@ -160,7 +160,7 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     return dict(obj)
 
 
-def _refused_by_weights_only(message: str, path: Path) -> str | None:
+def refused_by_weights_only(message: str, path: Path) -> str | None:
     """What torch's weights-only unpickler refused in a well-formed file (a global, or the instructions
     of a plain pickle), else None (damaged or random bytes).
 
