@@ -33,8 +33,8 @@ smoke: $(STAMP)
 	bash scripts/reproduce.sh experiment=smoke $(ARGS)
 
 # The DDPM branch of the smoke chain (a tiny diffusers UNet2DModel trained from scratch on the IT loss, then
-# the same steps), kept out of `make smoke` to keep that under 5 minutes (the DDPM steps took 5.5 minutes on
-# 2 busy cores). MODELS=iddpm,ddpm runs both families and their ensemble of all four models.
+# the same steps), kept out of `make smoke` to keep that short (the DDPM steps took 5.5 minutes on 2 busy
+# cores, 2026-11-29, commit c6d0db9). MODELS=iddpm,ddpm runs both families and their ensemble of all four models.
 smoke-ddpm: MODELS ?= ddpm
 smoke-ddpm: $(STAMP)
 	MODELS=$(MODELS) MASKED=$${MASKED:-0} bash scripts/reproduce.sh experiment=smoke $(ARGS)
@@ -44,7 +44,7 @@ reproduce: $(STAMP)
 	bash scripts/reproduce.sh experiment=paper $(ARGS)
 
 # The estimator-efficiency bench measures the model `make smoke` fine-tunes: run the smoke chain first
-# when its checkpoint is missing (about 2 minutes on a laptop CPU; done steps are skipped).
+# when its checkpoint is missing (101 s on an idle 2-core CPU at commit c012802; done steps are skipped).
 bench: $(STAMP)
 	@ls checkpoints/finetune/smoke-*-tune/model.pt >/dev/null 2>&1 || $(MAKE) smoke
 	@for f in scripts/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done

@@ -116,6 +116,7 @@ TINY = [
     "data.stats_diagonal=true",
     "data.num_images=4",
     "estimator.npoints=4",
+    "estimator.pixel_map_points=8",
     "estimator.batch_size=16",
     "model.diffusion_steps=4",
     "estimator.vlb_steps_per_batch=4",

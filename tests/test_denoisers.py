@@ -153,7 +153,7 @@ def test_channel_round_trip():
     a = torch.tensor([-3.0, 0.0, 1.0, 4.0, 10.0], dtype=torch.float64)
     z = noisy_channel(x, a, eps)
     torch.testing.assert_close(x_from_eps(z, a, eps), x)
-    # the DESIGN's form of the same prediction
+    # the closed form of the same prediction: x = sqrt(1 + e^-a) z - e^(-a/2) eps
     torch.testing.assert_close(x_from_eps(z, a, eps), (1 + torch.exp(-a))[:, None].sqrt() * z
                                - torch.exp(-a / 2)[:, None] * eps)
 

@@ -52,8 +52,8 @@ def test_continuous_round_trip(schedule):
     assert (a.diff() < 0).all()  # more steps, more noise
 
 
-def test_cosine_matches_the_closed_form_of_design_md_up_to_iddpms_one_step_offset():
-    # DESIGN.md / ITD: t = [acos(sqrt(abar) cos(pi/2 s/(1+s))) * 2(1+s)/pi - s] * 1000 (no step offset);
+def test_cosine_matches_itds_closed_form_up_to_iddpms_one_step_offset():
+    # ITD's closed form: t = [acos(sqrt(abar) cos(pi/2 s/(1+s))) * 2(1+s)/pi - s] * 1000 (no step offset);
     # IDDPM's step i has abar = f((i+1)/T)/f(0), so the network's timestep is that minus 1000/T.
     s, steps = 0.008, 4000
     a = torch.linspace(-12, 12, 101, dtype=torch.float64)

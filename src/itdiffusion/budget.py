@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from itdiffusion.information import DECISION_BINS, Curves, GaussianReference, ITEstimate, estimate
+from itdiffusion.information.crossfit import BinTable, Decisions
 from itdiffusion.units import nats_to_bpd
 
 BUDGETS = ("per_image", "dataset")  # estimator.budget
@@ -153,11 +154,16 @@ def _apply(curves: Curves, family: str, choice: DecoderChoice) -> Tensor:
 def estimate_with_choice(curves: Curves, reference: GaussianReference, choice: DecoderChoice) -> ITEstimate:
     """Every IT estimate of :func:`~itdiffusion.information.estimate` with the decoders of ``choice`` (a
     function of the log-SNR bin) instead of the cross-fitted ones: the chosen errors become a single
-    model's curve and ``estimate(..., clamp=False)`` integrates it (control variate and tails as there)."""
+    model's curve and ``estimate(..., clamp=False)`` integrates it (control variate and tails as there).
+    Its ``continuous_decisions`` hold the choice's table (per bin: each model, then the Gaussian decoder) and
+    the cross-fitted control-variate coefficients."""
     cont = dataclasses.replace(curves, mmse=_apply(curves, "continuous", choice)[None], mmse_rounded=None,
                                mmse_dequantized=None if curves.mmse_dequantized is None
                                else _apply(curves, "dequantized", choice)[None])
     out = estimate(cont, reference, clamp=False)
+    table = torch.as_tensor(choice.index["continuous"], dtype=torch.long).expand(curves.num_images, -1)
+    out.continuous_decisions = Decisions(BinTable(choice.nbins, table.clone()),
+                                         out.continuous_decisions.coefficient)
     if curves.delta is not None:
         disc = dataclasses.replace(curves, mmse=_apply(curves, "discrete", choice)[None], mmse_rounded=None,
                                    mmse_dequantized=None)

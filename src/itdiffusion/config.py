@@ -169,7 +169,7 @@ class EstimatorConfig:
     batch_size: int = 256  # network inputs per forward pass
     vlb_steps_per_batch: int = 8  # VLB timesteps evaluated in one forward pass
     control_variate: bool = True  # IT: the reference's linear decoder on the same noise, minus its exact
-    # mean, as a zero-mean control variate (no extra network calls; unbiased; README, performance section)
+    # mean, as a zero-mean control variate (no extra network calls; unbiased; docs/estimators.md)
     # how the U-Net runs (itdiffusion.models.acceleration); a fast path is checked against fp32 eager on
     # the first test images before the evaluation (itdiffusion.stages.precision, metrics.json precision_check)
     precision: str = "fp32"  # fp32 | bf16 (autocast) | auto (bf16 on CUDA if the check passes, else fp32)
@@ -182,9 +182,10 @@ class EstimatorConfig:
     # an evaluate run whose log-SNR proposal this run uses instead of running the pilot (so that an ensemble
     # can combine both runs' stored curves: ensemble_curves); null: the pilot chooses the range
     logsnr_proposal_from: str | None = None
-    # per-pixel information maps (itdiffusion.pixel_maps) of the first this many test images: one more
-    # network pass over their log-SNR points; 0: none
+    # per-pixel information maps (itdiffusion.pixel_maps) of the first this many test images; 0: none
     pixel_maps: int = 16
+    # log-SNR points of each map, drawn for the maps alone (pixel_maps x pixel_map_points network calls)
+    pixel_map_points: int = 256
     # VLB middle terms: all (the exact T-step sum) or K sampled timesteps in geometric strata (unbiased, with
     # a Monte Carlo stderr; itdiffusion.variational.vlb_sampled)
     vlb_steps: str = "all"
@@ -240,6 +241,9 @@ class LoggerConfig:
     dir: str = "${oc.env:WANDB_DIR,${paths.output_dir}}"
     tags: list[str] = field(default_factory=list)
     init_timeout: float = 20.0  # seconds to wait for an online wandb.init before falling back to offline
+    # evaluate: seconds between two running estimates (the dataset means so far, logged and printed while
+    # the evaluation runs; each costs an estimate over the images done, kept under a tenth of the time)
+    running_every_s: float = 30.0
 
 
 @dataclass
@@ -518,6 +522,9 @@ VALUE_RULES: tuple[Rule, ...] = (
     Rule("estimator.num_masks", Bounds(low=2, why="(a standard error needs two masks)")),
     Rule("estimator.corrupt_fraction", Bounds(low=0, high=1, low_open=True)),
     Rule("estimator.pixel_maps", NON_NEGATIVE),
+    Rule("logger.running_every_s", Bounds(low=0, why="(seconds between running estimates)")),
+    Rule("estimator.pixel_map_points", Bounds(low=2, why="(a standard error needs two points)"),
+         when="estimator.it"),
     Rule("estimator.vlb_steps", AllOrCount(low=2), when="estimator.vlb"),
     Rule("estimator.budget", OneOf(BUDGETS)),
     Rule("estimator.target_stderr_bpd", Bounds(low=0, low_open=True, nullable=True,

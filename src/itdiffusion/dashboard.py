@@ -1,11 +1,15 @@
 """What each stage puts in its wandb run (rank 0), over :class:`itdiffusion.tracking.Tracker`.
 
-- evaluate (:func:`log_evaluation`): the settings and provenance as config; every estimate once, as
-  numbers (``<estimate>_bpd``, ``_bpd_stderr``, ``_bpd_mc_stderr``; ensemble members as ``m<j>/...``);
-  ``mmse_curve`` (binned mean MMSE per log-SNR of each model and of the Gaussian references, a table and
-  a line plot); ``histogram/<estimate>`` (per-image bits/dim); ``per_image`` (a table of per-image
-  bits/dim) with the IT-vs-VLB scatter plot; the artifact ``evaluate-<run_id>`` (type ``evaluation``:
-  metrics.json, per_image.npz) that uses the checkpoint's ``model-<finetune run>`` artifact when it has one.
+- evaluate: the run opens when the stage starts (:func:`evaluation_tracker`); while it works, per finished
+  chunk of images, ``progress/*`` and the running estimate ``running/<estimate>_bpd`` (+ ``_stderr``: the
+  dataset means so far, by the function that writes metrics.json; :class:`RunningLog`), also printed on
+  the console. At the end (:func:`log_evaluation`): the settings and provenance as config; every
+  estimate once, as numbers (``<estimate>_bpd``, ``_bpd_stderr``, ``_bpd_mc_stderr``; ensemble members
+  as ``m<j>/...``); ``mmse_curve`` (binned mean MMSE per log-SNR of each model and of the Gaussian
+  references, a table and a line plot); ``histogram/<estimate>`` (per-image bits/dim); ``per_image`` (a
+  table of per-image bits/dim) with the IT-vs-VLB scatter plot; the artifact ``evaluate-<run_id>`` (type
+  ``evaluation``: metrics.json, per_image.npz) that uses the checkpoint's ``model-<finetune run>`` artifact
+  when it has one.
 - finetune (:func:`log_model`): ``model.pt`` as the artifact ``model-<finetune.run_name>`` (type
   ``model``, alias ``sha256-<first 12>``), recorded next to the weights (:data:`ARTIFACT_RECORD`) so that
   an evaluation of those weights can name it.
@@ -17,8 +21,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -57,31 +63,79 @@ def evaluation_tags(cfg, metrics: Mapping) -> list[str]:
                     None if ensemble else metrics.get("training_objective"), "ensemble" if ensemble else None)
 
 
-def log_evaluation(cfg, run_dir: Path, per_image: PerImage, metrics: Mapping) -> None:
-    """Rank 0, after the run dir is committed: the evaluate run's wandb content (see the module)."""
+def evaluation_tracker(cfg, run_dir: Path) -> Tracker:
+    """The evaluate run, opened when the stage starts (rank 0; a rerun of the run dir resumes it), with the
+    config and the tags known before the work (:func:`log_evaluation` adds the rest)."""
+    return Tracker(cfg.logger, cfg, job_type="evaluate", name=f"evaluate-{cfg.run_id}",
+                   tags=run_tags(cfg.experiment, cfg.model.name, cfg.paper_row,
+                                 "ensemble" if cfg.ensemble else None),
+                   id_file=Path(run_dir) / TRACKING_ID)
+
+
+def log_evaluation(cfg, run_dir: Path, per_image: PerImage, metrics: Mapping,
+                   tracker: Tracker | None = None) -> None:
+    """Rank 0, after the run dir is committed: the evaluate run's wandb content (see the module), into
+    ``tracker`` (the run opened at the start) or a run opened now."""
+    if tracker is None:
+        with evaluation_tracker(cfg, run_dir) as own:
+            log_evaluation(cfg, run_dir, per_image, metrics, own)
+        return
+    if not tracker.active:
+        return
     numbers, settings = split_metrics(metrics)
-    config = {**(metrics.get("config") or {}), "run": settings}
-    with Tracker(cfg.logger, config, job_type="evaluate", name=f"evaluate-{cfg.run_id}",
-                 tags=evaluation_tags(cfg, metrics), id_file=Path(run_dir) / TRACKING_ID) as tracker:
-        if not tracker.active:
-            return
-        tracker.log(numbers)
-        dim = int(metrics.get("dim") or 0)
-        if per_image.curves is not None and per_image.reference_mmse is not None and dim:
-            log_mmse_curves(tracker, per_image, dim)
-        if dim:
-            log_per_image(tracker, per_image, dim)
-        uses = []
-        for path, sha in _checkpoints(metrics):
-            record = checkpoint_artifact(path, sha)
-            if record is not None:
-                tracker.use_artifact(record["name"], MODEL_ARTIFACT_TYPE, record["alias"])
-                uses.append(f"{record['name']}:{record['alias']}")
-        tracker.log_artifact(
-            f"evaluate-{cfg.run_id}", EVALUATION_ARTIFACT_TYPE,
-            [Path(run_dir) / artifacts.METRICS, Path(run_dir) / artifacts.PER_IMAGE],
-            metadata={"run_id": cfg.run_id, "label": metrics.get("label"), "group": metrics.get("group"),
-                      "uses": uses, "checkpoint_sha256": metrics.get("checkpoint_sha256"), **numbers})
+    tracker.config_update({**(metrics.get("config") or {}), "run": settings})
+    tracker.add_tags(evaluation_tags(cfg, metrics))
+    tracker.log(numbers)
+    dim = int(metrics.get("dim") or 0)
+    if per_image.curves is not None and per_image.reference_mmse is not None and dim:
+        log_mmse_curves(tracker, per_image, dim)
+    if dim:
+        log_per_image(tracker, per_image, dim)
+    uses = []
+    for path, sha in _checkpoints(metrics):
+        record = checkpoint_artifact(path, sha)
+        if record is not None:
+            tracker.use_artifact(record["name"], MODEL_ARTIFACT_TYPE, record["alias"])
+            uses.append(f"{record['name']}:{record['alias']}")
+    tracker.log_artifact(
+        f"evaluate-{cfg.run_id}", EVALUATION_ARTIFACT_TYPE,
+        [Path(run_dir) / artifacts.METRICS, Path(run_dir) / artifacts.PER_IMAGE],
+        metadata={"run_id": cfg.run_id, "label": metrics.get("label"), "group": metrics.get("group"),
+                  "uses": uses, "checkpoint_sha256": metrics.get("checkpoint_sha256"), **numbers})
+
+
+class RunningLog:
+    """The live view of an evaluation (rank 0), called after each finished chunk of images with the parts
+    done so far: ``progress/images``, ``progress/fraction``, ``progress/elapsed_s`` every chunk, and the
+    running estimate ``running/<key>`` for each number of ``summarize(parts)`` (the function that writes
+    metrics.json, on the images done so far: dataset means in bits/dim with their standard errors), also
+    printed on the console. The running estimate is formed at most every ``every_s`` seconds and at most
+    every ten times its own cost (it estimates over every image done), so it takes under a tenth of the
+    time; the last chunk has none (the final numbers follow at once). Under torchrun it covers rank 0's
+    share of the images."""
+
+    def __init__(self, tracker: Tracker, summarize: Callable[[Sequence[PerImage]], Mapping], total: int,
+                 every_s: float, label: str = ""):
+        self.tracker, self.summarize, self.total, self.every_s = tracker, summarize, total, every_s
+        self.label = label
+        self.started = self.last = time.time()
+        self.cost = 0.0
+
+    def __call__(self, parts: Sequence[PerImage]) -> None:
+        done = sum(p.num_images for p in parts)
+        now = time.time()
+        row: dict = {"progress/images": done, "progress/fraction": done / max(self.total, 1),
+                     "progress/elapsed_s": now - self.started}
+        if done < self.total and now - self.last >= max(self.every_s, 10 * self.cost):
+            numbers, _ = split_metrics(self.summarize(parts))
+            self.last = time.time()
+            self.cost = self.last - now
+            row.update({f"running/{k}": v for k, v in numbers.items()})
+            shown = [f"{k} {v:.4f} ± {numbers[k + '_stderr']:.4f}" for k, v in numbers.items()
+                     if k + "_stderr" in numbers and math.isfinite(v)]
+            log.info("%s running estimate over %d/%d images: %s", self.label, done, self.total,
+                     ", ".join(shown))
+        self.tracker.log(row)
 
 
 def log_mmse_curves(tracker: Tracker, per_image: PerImage, dim: int) -> None:

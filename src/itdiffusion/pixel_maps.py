@@ -6,8 +6,8 @@ pixel i, ``mmse(x, a) = sum_i e_i(x, a)``, and splitting the Gaussian reference'
 
     -ln p(x) = h_G + 1/2 int [mmse(x, a) - mmse_G(a)] da   (+ the closed-form tails)
 
-is the sum over pixels of ``share_i = h_i + 1/2 int [e_i(x, a) - g_i(a)] da + tail_i``. For data with
-independent coordinates, an exact denoiser and a diagonal reference, ``share_i = -ln p_i(x_i)`` exactly
+is the sum over pixels of ``tau_i = h_i + 1/2 int [e_i(x, a) - g_i(a)] da + tail_i``. For data with
+independent coordinates, an exact denoiser and a diagonal reference, ``tau_i = -ln p_i(x_i)`` exactly
 (the one-dimensional identity for each coordinate).
 
 **How the Gaussian terms are split.** Every Gaussian quantity is a sum over the reference's
@@ -17,11 +17,26 @@ the linear decoder's error at x, the tails). Direction k's term is given to pixe
 reference (U = I) this is the exact per-pixel split; with a full covariance it is a convention (the
 linear decoder's per-pixel error has cross terms between directions, which this split leaves out).
 
-**Same numbers as the estimate.** The maps are computed from the points and noise the stored curves
-were drawn with (:func:`itdiffusion.information.image_draws` from the image's seed), with the estimate's
-own per-bin decoder choice (network or the Gaussian decoder, cross-fitted on the other images) and
-control-variate coefficient, so a map sums to the image's continuous estimate (checked: a warning if
-not). Cost: one network pass over ``npoints`` points for each mapped image and model.
+**The maps' own points.** A map is estimated on ``estimator.pixel_map_points`` log-SNR points and noises
+of its own (:data:`itdiffusion.seeding.Stream.PIXEL_MAP`), not on the few points an image gets under a
+dataset budget, with the decoders the reported estimate used: per log-SNR bin the candidate (the network
+or the Gaussian decoder) and the control-variate coefficient of its
+:attr:`~itdiffusion.information.ITEstimate.continuous_decisions` (cross-fitted on the other images, or the
+dataset budget's pilot choice), so the map estimates the same quantity as the reported number.
+
+**A map sums to the reported estimate.** The own-point shares ``s_i`` (Monte Carlo variance ``v_i``) sum
+to ``S``, which differs from the image's reported continuous estimate ``E`` (``per_image.npz``) by Monte
+Carlo noise: both are unbiased for ``sum_i tau_i``, on independent draws. The map is the least-squares
+adjustment of the shares to that total (minimise ``sum_i (m_i - s_i)^2 / v_i`` subject to
+``sum_i m_i = E``):
+
+    m_i = s_i + w_i (E - S),      w_i = v_i / sum_j v_j,
+
+so the residual ``E - S`` (``residual_nats``) goes to the pixels whose shares are least certain. ``m_i``
+stays unbiased for ``tau_i`` (up to the weights being estimated from the same points, an O(1/K) effect),
+and its standard error counts both parts: that of ``s_i - w_i S`` over the map's points and ``w_i`` times
+the reported estimate's Monte Carlo standard error. Cost: one network pass over ``pixel_map_points``
+points for each mapped image and model.
 
 **Log-SNR band.** For each pixel, the centroid of log-SNR weighted by the error the model saves on it
 relative to the Gaussian decoder, ``max(e_i^G - e_i, 0) / q``: where its information comes from.
@@ -29,7 +44,6 @@ relative to the Gaussian decoder, ``max(e_i^G - e_i, 0) / q``: where its informa
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,23 +52,15 @@ import torch
 from torch import Tensor
 
 from itdiffusion.denoisers import Denoiser, noisy_channel, x_from_eps
-from itdiffusion.information import (
-    DECISION_BINS,
-    LOG_2PI_E,
-    Curves,
-    GaussianReference,
-    cross_fitted_coefficient,
-    estimate,
-    image_draws,
-    mc_mean_and_stderr,
-)
-from itdiffusion.information import crossfit as _crossfit
+from itdiffusion.information import LOG_2PI_E, GaussianReference, ITEstimate, mc_mean_and_stderr
 
-log = logging.getLogger(__name__)
+# A map must sum to the reported estimate of its image to this many nats (float64 rounding is ~1e-12).
+SUM_TOLERANCE_NATS = 1e-6
+FIELDS = ("index", "images", "nats", "stderr", "band", "total_nats", "residual_nats")
 
-# A map's sum may differ from the stored estimate by float noise (the network runs in other batches).
-SUM_TOLERANCE_NATS_PER_DIM = 1e-4
-FIELDS = ("index", "images", "nats", "stderr", "band", "total_nats")
+
+class PixelMapError(RuntimeError):
+    """A map that does not sum to the reported estimate of its image."""
 
 
 @dataclass
@@ -64,7 +70,9 @@ class PixelMaps:
     ``index`` ``[P]`` test indices; ``images`` ``[P, *shape]`` the images (model range [-1, 1]);
     ``nats`` ``[M, P, d]`` each pixel's share (nats) for each model; ``stderr`` ``[M, P, d]`` its Monte
     Carlo standard error; ``band`` ``[M, P, d]`` the log-SNR centroid of the pixel's information;
-    ``total_nats`` ``[M, P]`` the sum of a map (= the image's continuous estimate).
+    ``total_nats`` ``[M, P]`` the sum of a map (= the image's reported continuous estimate);
+    ``residual_nats`` ``[M, P]`` the reported estimate minus the sum of the own-point shares (the part
+    spread over the pixels in proportion to their variance).
     """
 
     index: Tensor
@@ -73,6 +81,7 @@ class PixelMaps:
     stderr: Tensor
     band: Tensor
     total_nats: Tensor
+    residual_nats: Tensor
 
     def tensors(self) -> dict[str, Tensor]:
         return {k: getattr(self, k) for k in FIELDS}
@@ -81,40 +90,31 @@ class PixelMaps:
     def from_tensors(values: dict[str, Tensor]) -> PixelMaps:
         return PixelMaps(**{k: values[k] for k in FIELDS})
 
+    def check_sums(self, reported: Tensor, tolerance: float = SUM_TOLERANCE_NATS) -> float:
+        """The largest difference (nats) between a map's sum and ``reported`` ``[M, P]``, the reported
+        continuous estimates of the mapped images as stored; :class:`PixelMapError` above ``tolerance``."""
+        gap = (self.nats.sum(-1) - reported.to(torch.float64)).abs()
+        if not bool((gap <= tolerance).all()):
+            m, p = divmod(int(gap.argmax()), gap.shape[1])
+            raise PixelMapError(
+                f"pixel maps: the map of test image {int(self.index[p])} (model {m}) sums to "
+                f"{float(self.nats[m, p].sum()):.9g} nats, not the reported continuous estimate "
+                f"{float(reported[m, p]):.9g} (difference {float(gap[m, p]):.3g} > {tolerance:g} nats)"
+            )
+        return float(gap.max())
 
-def decisions(curves: Curves, reference: GaussianReference) -> tuple[Tensor, Tensor | None]:
-    """The continuous estimate's choices for one model's curves: per image and point, which candidate
-    is used (0: the network, 1: the Gaussian decoder) ``[B, K]``, and the control-variate coefficient
-    ``[B, K]`` (None without a control variate); as :func:`itdiffusion.information.crossfit.integrate`
-    makes them (the clamp on)."""
-    c = curves.to(reference.mean.device)
-    weight = torch.exp(-c.log_q)
-    mmse_g = reference.mmse(c.logsnr)
-    stacked = torch.cat([(c.mmse[:1] - mmse_g) * weight, ((c.gaussian_mmse - mmse_g) * weight)[None]])
-    nbins = min(c.num_points, DECISION_BINS)
-    bins = c.proposal.bins(c.logsnr, nbins).to(stacked.device)
-    index = _crossfit._cross_fitted_index(stacked, bins, nbins)  # [B, nbins]
-    chosen = index.gather(1, bins)
-    coef = None
-    if c.gaussian_errors is not None:
-        control = (c.gaussian_errors - c.gaussian_mmse) * weight
-        per_bin = cross_fitted_coefficient(stacked, control[None], bins, nbins)  # [C, B, nbins]
-        coef = per_bin.gather(0, index[None]).squeeze(0).gather(1, bins)
-    return chosen.cpu(), None if coef is None else coef.cpu()
-
-
-def _reconstructed_estimate(curves: Curves, reference: GaussianReference, chosen: Tensor,
-                            coef: Tensor | None) -> Tensor:
-    """The continuous estimate [B] rebuilt from :func:`decisions` (the self-check of the split)."""
-    c = curves.to("cpu")
-    weight = torch.exp(-c.log_q)
-    mmse_g = reference.to("cpu").mmse(c.logsnr)
-    values = torch.where(chosen == 0, c.mmse[0], c.gaussian_mmse)
-    values = (values - mmse_g) * weight
-    if coef is not None:
-        values = values - coef * (c.gaussian_errors - c.gaussian_mmse) * weight
-    mean, _ = mc_mean_and_stderr(values, c.sampling)
-    return reference.entropy + 0.5 * mean + c.continuous_tail
+    def summary(self, npoints: int, sum_gap_nats: float) -> dict:
+        """metrics.json's ``pixel_maps``: images, points, the per-pixel standard error (bits), the residuals
+        and the sum check (nats: :meth:`check_sums`)."""
+        stderr_bits = to_bits(self.stderr).flatten()
+        return {
+            "images": int(self.index.numel()),
+            "points": int(npoints),
+            "stderr_bits_median": float(stderr_bits.median()),
+            "stderr_bits_max": float(stderr_bits.max()),
+            "residual_nats_mean_abs": float(self.residual_nats.abs().mean()),
+            "sum_check_max_abs_nats": float(sum_gap_nats),
+        }
 
 
 class _Split:
@@ -136,53 +136,53 @@ class _Split:
 
 
 @torch.no_grad()
-def pixel_maps(denoisers: Sequence[Denoiser], x: Tensor, rows: Sequence[int], curves: Curves,
-               reference: GaussianReference, seeds: Sequence[int], *,
+def pixel_maps(denoisers: Sequence[Denoiser], x: Tensor, rows: Sequence[int], estimates: Sequence[ITEstimate],
+               reference: GaussianReference, seeds: Sequence[int], *, npoints: int,
                xinterval: tuple[float, float] | None = None, batch_size: int = 256) -> PixelMaps:
-    """The per-pixel shares of the continuous estimate of the images ``x`` ``[P, *shape]`` (model range),
-    which are the rows ``rows`` of ``curves`` (the curves of ALL evaluated images: the decoder choices
-    look at the other images), for each model of ``denoisers`` (the models of ``curves``, in order).
+    """The per-pixel shares of the reported continuous estimate of the images ``x`` ``[P, *shape]`` (model
+    range), which are the rows ``rows`` of ``estimates`` (one single-model
+    :class:`~itdiffusion.information.ITEstimate` per model of ``denoisers``, in order, as reported).
 
-    ``seeds``: the images' seeds (the ones ``sample_curves`` drew their points and noise from);
-    ``xinterval``: as given to ``sample_curves`` (x_hat clamped to it). The denoisers run on the same
-    points and noise as the curves; a point set that differs from the stored one is a ValueError.
+    ``seeds``: the maps' own seed per image (``npoints`` log-SNR points from the estimate's proposal and
+    sampling, then the channel noise, from one generator); ``xinterval``: as given to ``sample_curves``
+    (x_hat clamped to it). Every map sums to its image's ``estimates[m].continuous`` (module docstring).
     """
     device = reference.mean.device
     split = _Split(reference, device)
     num, shape, d = x.shape[0], tuple(x.shape[1:]), reference.dim
-    k = curves.num_points
     out_nats = torch.zeros(len(denoisers), num, d, dtype=torch.float64)
     out_err, out_band = torch.zeros_like(out_nats), torch.zeros_like(out_nats)
-    totals = torch.zeros(len(denoisers), num, dtype=torch.float64)
+    residuals = torch.zeros(len(denoisers), num, dtype=torch.float64)
     h_pix = split.to_pixels(0.5 * (LOG_2PI_E + split.log_lam))  # [d]
-    lo, hi = curves.proposal.bounds
-    for m, denoiser in enumerate(denoisers):
-        model_curves = curves.models([m])
-        chosen, coef = decisions(model_curves, reference)
-        rebuilt = _reconstructed_estimate(model_curves, reference, chosen, coef)
-        stored = estimate(model_curves, reference).continuous
-        if not torch.allclose(rebuilt, stored, rtol=0, atol=SUM_TOLERANCE_NATS_PER_DIM * d):
-            log.warning("pixel maps: the estimator's decoder choices could not be reproduced (largest "
-                        "difference %.3g nats); the maps may not sum to the estimates",
-                        float((rebuilt - stored).abs().max()))
+    for m, (denoiser, est) in enumerate(zip(denoisers, estimates, strict=True)):
+        decisions, proposal, sampling = est.continuous_decisions, est.curves.proposal, est.curves.sampling
+        if decisions is None or est.curves.num_models != 1:
+            raise ValueError("pixel maps: need a single model's estimate with its continuous_decisions")
+        lo, hi = proposal.bounds
         for p, b in enumerate(rows):
-            a, _, noise_seed = image_draws(int(seeds[p]), curves.proposal, k, curves.sampling, shape)
-            if not torch.allclose(a, curves.logsnr[b].cpu(), rtol=0, atol=1e-9):
-                raise ValueError(f"pixel maps: image row {b}'s seed does not give its stored log-SNR points")
-            noise = torch.Generator().manual_seed(noise_seed)
-            eps = torch.randn((k,) + shape, dtype=torch.float64, generator=noise)
+            gen = torch.Generator().manual_seed(int(seeds[p]))
+            a = proposal.points(npoints, sampling, gen)
+            eps = torch.randn((npoints,) + shape, dtype=torch.float64, generator=gen).to(device)
+            a = a.to(device)
             xb = x[p].to(device=device, dtype=torch.float64)
-            err = _pixel_errors(denoiser, xb, a.to(device), eps.to(device), x.dtype, xinterval, batch_size)
-            values, band = _pixel_integrand(
-                split, xb, a.to(device), eps.to(device), err, curves.proposal.log_prob(a).to(device),
-                chosen[b].to(device), None if coef is None else coef[b].to(device))
-            mean, stderr = mc_mean_and_stderr(values.T, curves.sampling)  # [d]
-            tails = split.to_pixels(_tails_per_direction(split, xb, lo, hi))
-            share = h_pix + tails + 0.5 * mean
-            out_nats[m, p], out_err[m, p], out_band[m, p] = share.cpu(), 0.5 * stderr.cpu(), band.cpu()
-            totals[m, p] = share.sum().cpu()
+            err = _pixel_errors(denoiser, xb, a, eps, x.dtype, xinterval, batch_size)
+            coef = None if decisions.coefficient is None else decisions.coefficient.at(proposal, a, b)
+            values, band = _pixel_integrand(split, xb, a, eps, err, proposal.log_prob(a),
+                                            decisions.candidate.at(proposal, a, b), coef)
+            own = h_pix + split.to_pixels(_tails_per_direction(split, xb, lo, hi)) + 0.5 * values.mean(0)
+            var = (0.5 * mc_mean_and_stderr(values.T, sampling)[1]).square()  # [d]
+            total_var = var.sum()
+            weight = var / total_var if bool(total_var > 0) else torch.full_like(var, 1.0 / d)
+            residual = est.continuous[b].to(device, torch.float64) - own.sum()
+            share = own + weight * residual
+            # m_i = const + 1/2 mean_k [values_ki - w_i sum_j values_kj] + w_i E: both parts' errors
+            _, part = mc_mean_and_stderr((values - weight * values.sum(1, keepdim=True)).T, sampling)
+            stderr = ((0.5 * part).square() + (weight * float(est.continuous_stderr[b])).square()).sqrt()
+            out_nats[m, p], out_err[m, p], out_band[m, p] = share.cpu(), stderr.cpu(), band.cpu()
+            residuals[m, p] = residual.cpu()
     return PixelMaps(index=torch.as_tensor(list(rows), dtype=torch.long), images=x.detach().double().cpu(),
-                     nats=out_nats, stderr=out_err, band=out_band, total_nats=totals)
+                     nats=out_nats, stderr=out_err, band=out_band, total_nats=out_nats.sum(-1),
+                     residual_nats=residuals)
 
 
 def _pixel_errors(denoiser: Denoiser, x: Tensor, a: Tensor, eps: Tensor, dtype, xinterval,

@@ -6,7 +6,7 @@ evaluations both keep their rows and a reader never sees a half-written table. R
 replaces that run's row; other runs are never touched.
 
 Tables follow Kong et al. (ICLR 2023) with their published numbers beside ours, and label their
-conventions (see DESIGN.md):
+conventions (docs/estimators.md):
 
 - Table 1, continuous density (bits/dim, negative): the paper's "variational bound" is the
   discrete VLB minus log2(127.5) (a uniform density inside each pixel bin); the better-founded

@@ -33,6 +33,7 @@ class Stream(IntEnum):
     DROPOUT = 9  # finetune: the process RNG (dropout) from a step and rank
     PILOT_POINTS = 10  # evaluate, dataset budget: a pilot image's points and noise (more: the rung's K)
     PILOT_VLB = 11  # evaluate, dataset budget: a pilot image's sampled VLB steps and noise (more: the K)
+    PIXEL_MAP = 12  # evaluate: a mapped image's own log-SNR points and noise (itdiffusion.pixel_maps)
 
 
 def stream_seed(seed: int, index: int, stream: Stream | int, *more: int) -> int:

@@ -14,7 +14,9 @@
   ``$WANDB_TAGS`` (comma-separated) adds to ``logger.tags`` and to the stage's own tags.
 - A run given an ``id_file`` keeps its wandb id there: a restart of the same run (a resumed fine-tune, a
   rerun of an evaluation) continues the same wandb run (``resume="allow"``) instead of adding one.
-- Console output is captured (the run's ``output.log``).
+- Console output is captured (the run's ``output.log``) from the moment the run opens: stages open their
+  run when they start, so it holds their whole console, and a run that ends with an exception is
+  finished with a non-zero exit code (:func:`exit_code`) and keeps what was logged before.
 - Only rank 0 logs; on other ranks every method is a no-op. Runs of one reproduction share
   ``logger.group``.
 """
@@ -307,16 +309,41 @@ class Tracker:
         inputs = list(self.run.config.get("inputs", []) or [])
         self.config_update({"inputs": [*inputs, {"artifact": ref, "type": kind}]})
 
-    def finish(self) -> None:
+    def add_tags(self, tags: Sequence[str]) -> None:
+        """Add tags (known only once the work is done, e.g. from the metrics) to the open run."""
         if self.run is not None:
-            self._call("finish", self.run.finish)
+            new = [t for t in run_tags(*tags) if t not in self.tags]
+            if new:
+                self.tags = [*self.tags, *new]
+                self._call("tags", setattr, self.run, "tags", tuple(self.tags))
+
+    def finish(self, exit_code: int | None = None) -> None:
+        """Close the run; ``exit_code`` (non-zero) marks it failed."""
+        if self.run is not None:
+            self._call("finish", self.run.finish, exit_code=exit_code)
             self.run = None
 
     def __enter__(self) -> Tracker:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.finish()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.finish(exit_code(exc))
+
+
+def exit_code(exc: BaseException | None) -> int | None:
+    """The exit status a stage ends with on ``exc`` (None: no exception): a user error 2, SIGTERM's
+    pre-emption its own status, ``SystemExit`` its code, anything else 1."""
+    from itdiffusion.errors import Preempted, UserError
+
+    if exc is None:
+        return None
+    if isinstance(exc, UserError):
+        return 2
+    if isinstance(exc, Preempted):
+        return Preempted.EXIT_STATUS
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else 1
+    return 1
 
 
 def _artifact_name(name: str) -> str:

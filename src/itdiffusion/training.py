@@ -52,6 +52,7 @@ from itdiffusion.artifacts import LOSS_CURVE, write_loss_curve
 from itdiffusion.config import FinetuneConfig, value_problems
 from itdiffusion.data import to_model_range
 from itdiffusion.errors import UserError
+from itdiffusion.loss_display import LossDisplay
 from itdiffusion.models.checkpoints import first_nonfinite
 from itdiffusion.seeding import Stream, stream_seed, stream_seed_tensor
 from itdiffusion.trajectory import differences
@@ -303,6 +304,7 @@ class Trainer:
         self._saved_at_step = -1
         self._start_step = 0  # the step this process started (or resumed) at
         self._window_sum, self._window_count = 0.0, 0  # train loss since the last log line
+        self._display = LossDisplay(self.total_steps, cfg.log_every_steps) if distributed.is_main() else None
 
     # ------------------------------------------------------------------ public
     def run(self) -> FinetuneResult:
@@ -314,6 +316,8 @@ class Trainer:
             bar = tqdm(total=self.total_steps, initial=self.progress.step, desc="finetune", unit="step",
                        disable=not distributed.is_main(), dynamic_ncols=True, mininterval=1.0)
             stack.callback(bar.close)
+            if self._display is not None:
+                self._display.bar = bar  # the running and held-out loss in its postfix
             while self.progress.step < self.total_steps:
                 self._run_epoch(net, bar)
             return self._export()
@@ -534,6 +538,8 @@ class Trainer:
         p = self.progress
         loss = self._window_sum / self._window_count if self._window_count else None
         self._window_sum, self._window_count = 0.0, 0
+        if loss is not None and self._display is not None:
+            self._display.train(p.step, self._loss_fields("train/loss", loss), lr)
         if self.tracker is None or not distributed.is_main():
             return
         row: dict[str, Any] = {"train/epoch": p.step / self.steps_per_epoch,
@@ -580,6 +586,8 @@ class Trainer:
             if distributed.is_main():
                 warnings.warn(f"the held-out loss at step {p.step} is {heldout}", stacklevel=2)
         self.curve.append(point)
+        if self._display is not None and heldout is not None:
+            self._display.heldout(p.step, {"heldout/loss_bpd": point["heldout_loss_bpd"]})
         if self.tracker is not None and distributed.is_main() and heldout is not None:
             self.tracker.log({"heldout/loss_nats": point["heldout_loss_nats"],
                               "heldout/loss_bpd": point["heldout_loss_bpd"]}, step=p.step)

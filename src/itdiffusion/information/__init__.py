@@ -55,6 +55,8 @@ from itdiffusion.information.bounds import (
 )
 from itdiffusion.information.crossfit import (
     DECISION_BINS,
+    BinTable,
+    Decisions,
     cross_fitted_choice,
     cross_fitted_coefficient,
     mc_mean_and_stderr,
@@ -88,7 +90,8 @@ from itdiffusion.information.reference import (
 __all__ = [
     "DECISION_BINS", "DEFAULT_MIN_EIGVAL", "ESTIMATES", "ITD_CLIP", "ITD_VARIANCE_FACTOR", "LOG_2PI_E",
     "MOMENT_VARIANCE_FACTOR", "ROUNDING_MODES", "SAMPLING_MODES", "CurveNLL", "Curves", "GaussianReference",
-    "ITEstimate", "LogSNRProposal", "continuous_nll_from_curve", "continuous_tails", "cross_fitted_choice",
+    "BinTable", "Decisions", "ITEstimate", "LogSNRProposal", "continuous_nll_from_curve", "continuous_tails",
+    "cross_fitted_choice",
     "cross_fitted_coefficient", "discrete_nll_from_curve", "estimate", "image_draws", "it_loss", "it_nll",
     "itd_range", "left_tail", "mc_mean_and_stderr", "proposal_for", "resolving_logsnr", "right_tail_bound",
     "round_to_lattice", "sample_curves",

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from itdiffusion.information.crossfit import integrate
+from itdiffusion.information.crossfit import Decisions, integrate, integrate_decided
 from itdiffusion.information.proposal import LogSNRProposal
 from itdiffusion.information.reference import GaussianReference
 
@@ -72,10 +72,12 @@ def right_tail_bound(dim: int, delta: float, a_hi: float) -> float:
 
 @dataclass
 class CurveNLL:
-    """Per-image estimate and its Monte Carlo standard error (nats)."""
+    """Per-image estimate and its Monte Carlo standard error (nats); ``decisions``: the decoder and
+    control-variate coefficient it used per image and log-SNR bin (continuous estimates)."""
 
     nll: Tensor
     stderr: Tensor
+    decisions: Decisions | None = None
 
 
 def _as_candidates(mmse: Tensor) -> Tensor:
@@ -141,11 +143,11 @@ def continuous_nll_from_curve(mmse: Tensor, logsnr: Tensor, log_q: Tensor, refer
         inside = ((logsnr >= within[0]) & (logsnr <= within[1])).to(weight.dtype)
         candidates = [c * inside for c in candidates]
         control = None if control is None else control * inside
-    mean, stderr = integrate(candidates, logsnr, proposal, sampling, control)
+    mean, stderr, decisions = integrate_decided(candidates, logsnr, proposal, sampling, control)
     nll = reference.entropy + 0.5 * mean
     if tails is not None:
         nll = nll + tails
-    return CurveNLL(nll, 0.5 * stderr)
+    return CurveNLL(nll, 0.5 * stderr, decisions)
 
 
 def discrete_nll_from_curve(mmse: Tensor, logsnr: Tensor, log_q: Tensor, reference: GaussianReference,

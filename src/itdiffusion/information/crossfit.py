@@ -13,6 +13,7 @@ cross-fitted the same way (:func:`cross_fitted_coefficient`).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -106,6 +107,28 @@ def cross_fitted_coefficient(integrand: Tensor, control: Tensor, bins: Tensor, n
 
 
 
+@dataclass
+class BinTable:
+    """A value per image and equal-probability log-SNR bin of the proposal: ``values`` ``[B, nbins]``."""
+
+    nbins: int
+    values: Tensor
+
+    def at(self, proposal: LogSNRProposal, logsnr: Tensor, row: int) -> Tensor:
+        """Image ``row``'s value at each of the log-SNR points ``logsnr`` ``[K]`` (any points: a function of
+        the bin alone)."""
+        return self.values[row].to(logsnr.device)[proposal.bins(logsnr, self.nbins)]
+
+
+@dataclass
+class Decisions:
+    """What an integral used per image and log-SNR bin: ``candidate`` (the index of the candidate decoder
+    among the integral's candidates) and ``coefficient`` (the control variate's; None without one)."""
+
+    candidate: BinTable
+    coefficient: BinTable | None = None
+
+
 def integrate(candidates: list[Tensor], logsnr: Tensor, proposal: LogSNRProposal, sampling: str,
               control: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``mean_k`` of the chosen integrand per image, and its standard error (the integrand's units).
@@ -118,13 +141,24 @@ def integrate(candidates: list[Tensor], logsnr: Tensor, proposal: LogSNRProposal
     images (:func:`cross_fitted_coefficient`): unbiased (beta and the choice never see the image's own
     noise), and it removes the part of the channel-noise fluctuation the two decoders share.
     """
+    mean, stderr, _ = integrate_decided(candidates, logsnr, proposal, sampling, control)
+    return mean, stderr
+
+
+def integrate_decided(candidates: list[Tensor], logsnr: Tensor, proposal: LogSNRProposal, sampling: str,
+                      control: Tensor | None = None) -> tuple[Tensor, Tensor, Decisions]:
+    """:func:`integrate`, and the :class:`Decisions` it made (per image and bin: the candidate and the
+    control variate's coefficient), so that other points can be integrated with the same decoders."""
     stacked = torch.cat([t if t.dim() == 3 else t[None] for t in candidates])
     nbins = min(logsnr.shape[1], DECISION_BINS)
     bins = proposal.bins(logsnr, nbins).to(stacked.device)
     index = _cross_fitted_index(stacked, bins, nbins)  # [B, nbins]
     values = stacked.gather(0, index.gather(1, bins)[None]).squeeze(0)
+    decisions = Decisions(BinTable(nbins, index.cpu()))
     if control is not None:
         coef = cross_fitted_coefficient(stacked, control[None], bins, nbins)  # [C, B, nbins]
-        values = values - coef.gather(0, index[None]).squeeze(0).gather(1, bins) * control
-    return mc_mean_and_stderr(values, sampling)
-
+        chosen_coef = coef.gather(0, index[None]).squeeze(0)  # [B, nbins]
+        values = values - chosen_coef.gather(1, bins) * control
+        decisions.coefficient = BinTable(nbins, chosen_coef.cpu())
+    mean, stderr = mc_mean_and_stderr(values, sampling)
+    return mean, stderr, decisions

@@ -21,6 +21,7 @@ from itdiffusion.information.bounds import (
     discrete_nll_from_curve,
     right_tail_bound,
 )
+from itdiffusion.information.crossfit import Decisions
 from itdiffusion.information.curves import Curves
 from itdiffusion.information.proposal import itd_range, resolving_logsnr
 from itdiffusion.information.reference import GaussianReference
@@ -41,6 +42,9 @@ class ITEstimate:
     the integral restricted to ITD's log-SNR range (:func:`itd_range`; the Gaussian decoder outside it), from
     the same curves: ITD's convention, beside ``continuous`` (the full, pilot-extended range).
     ``dequantized`` already includes ``d ln(1/delta)``: it is a discrete NLL.
+    ``continuous_decisions``: the decoder (candidates: each model, then the Gaussian decoder) and the
+    control-variate coefficient the continuous estimate used per image and log-SNR bin (the pixel maps
+    integrate other points with them).
     The curve properties (``logsnr``, ``log_q``, ``mmse``, ...) are the curves' ``[B, K]`` arrays (``mmse``
     and its twins ``[M, B, K]`` when the curves hold several models).
     """
@@ -57,6 +61,7 @@ class ITEstimate:
     dequantized_stderr: Tensor | None = None
     continuous_itd_range: Tensor | None = None
     continuous_itd_range_stderr: Tensor | None = None
+    continuous_decisions: Decisions | None = None
 
     @property
     def network_evals(self) -> int:
@@ -110,7 +115,8 @@ def estimate(curves: Curves, reference: GaussianReference, *, clamp: bool = True
     cont = continuous_nll_from_curve(c.mmse, c.logsnr, log_q, reference, clamp, gaussian_mmse=c.gaussian_mmse,
                                      gaussian_errors=c.gaussian_errors, tails=c.continuous_tail,
                                      reference_mmse=mmse_g, **common)
-    est = ITEstimate(continuous=cont.nll, continuous_stderr=cont.stderr, curves=curves)
+    est = ITEstimate(continuous=cont.nll, continuous_stderr=cont.stderr, curves=curves,
+                     continuous_decisions=cont.decisions)
     if c.continuous_tail_itd is not None:
         itd = continuous_nll_from_curve(c.mmse, c.logsnr, log_q, reference, clamp,
                                         gaussian_mmse=c.gaussian_mmse, gaussian_errors=c.gaussian_errors,

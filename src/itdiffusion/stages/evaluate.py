@@ -35,13 +35,20 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from itdiffusion import distributed, summary
+from itdiffusion import dashboard, distributed, summary
 from itdiffusion.artifacts import ENSEMBLE, REPORTED_BPD, PerImage
 from itdiffusion.budget import DecoderChoice, estimate_with_choice
 from itdiffusion.data import load_images, to_model_range
 from itdiffusion.ensemble import REEVALUATE, curves_from_member_runs, proposal_of_run
 from itdiffusion.errors import UserError
-from itdiffusion.information import GaussianReference, LogSNRProposal, estimate, proposal_for, sample_curves
+from itdiffusion.information import (
+    GaussianReference,
+    ITEstimate,
+    LogSNRProposal,
+    estimate,
+    proposal_for,
+    sample_curves,
+)
 from itdiffusion.information.pilot import PILOT_IMAGES
 from itdiffusion.models.loading import Member, check_ensemble, load_members
 from itdiffusion.pixel_maps import pixel_maps
@@ -59,6 +66,7 @@ from itdiffusion.stages import (
 from itdiffusion.stages.partial import Partial
 from itdiffusion.stages.precision import select_fast_path
 from itdiffusion.stages.stats import load_or_compute_reference
+from itdiffusion.tracking import Tracker
 from itdiffusion.units import PIXEL_BIN, nats_to_bpd
 from itdiffusion.variational import VLB_ALL_STEPS, vlb_per_image, vlb_sampled
 
@@ -74,8 +82,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     if skeleton.skip_done(cfg, run_dir):
         return None
     _check_settings(cfg)
-    started, est = time.time(), cfg.estimator
+    started = time.time()
     device = setup_device(cfg)
+    with dashboard.evaluation_tracker(cfg, run_dir) as tracker:  # live from the start (rank 0)
+        return _evaluate(cfg, run_dir, device, tracker, started)
+
+
+def _evaluate(cfg: DictConfig, run_dir: Path, device: torch.device, tracker: Tracker, started: float):
+    est = cfg.estimator
     reference = load_or_compute_reference(cfg, device)
     with rank_zero_first():
         test = load_images(cfg.data, "test")
@@ -97,6 +111,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
             members, est, device, lambda ms: check_estimates(ms, test, reference, proposal, est, device)
         )
         chunk = max(1, est.batch_size // est.npoints) if est.it else max(1, est.batch_size)
+        choice = _decoder_choice(budget)
+
+        def running(parts):  # metrics.json's numbers on the images done so far
+            return summarize(with_estimates(PerImage.cat(list(parts)), reference, choice), members, reference,
+                             proposal)
+
         per_image = skeleton.evaluate_sharded(
             cfg.label,
             test,
@@ -105,25 +125,31 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
             Partial(
                 run_dir, skeleton.fingerprint(cfg, members, proposal=proposal, fast_path=precision["used"])
             ),
+            dashboard.RunningLog(
+                tracker, running, skeleton.rank_images(len(test), chunk), cfg.logger.running_every_s,
+                cfg.label,
+            ),
         )
         sources = None
     if not distributed.is_main():
         distributed.barrier()
         return None
-    per_image = with_estimates(per_image, reference, _decoder_choice(budget))
+    per_image, found = estimate_groups(per_image, reference, _decoder_choice(budget))
     skeleton.check_finite(per_image, reference.dim, run_dir)
-    if sources is None and len(members) == 1:  # single models (an ensemble's maps are its members')
-        add_pixel_maps(per_image, members, test, reference, est, device)
+    maps = None
+    if sources is None and len(members) == 1 and found:  # single models (an ensemble's maps: its members')
+        maps = add_pixel_maps(per_image, found[0], members[0], test, reference, est, device)
     metrics = {
         **summarize(per_image, members, reference, proposal),
         **({"budget": budget} if budget else {}),
+        **({"pixel_maps": maps} if maps else {}),
         **skeleton.provenance(cfg, members),
         "precision_check": precision,
         "elapsed_s": round(time.time() - started, 2),
     }
     if sources is not None:
         metrics["curves_from"] = sources
-    metrics = skeleton.finish(cfg, run_dir, per_image, metrics, REPORTED_BPD)
+    metrics = skeleton.finish(cfg, run_dir, per_image, metrics, REPORTED_BPD, tracker)
     distributed.barrier()
     return metrics
 
@@ -218,55 +244,67 @@ def with_estimates(
     of their ensemble (group ``ensemble``), each by :func:`itdiffusion.information.estimate`; with a
     dataset budget's ``choice`` (fitted on the pilot, for the run's models together), by
     :func:`itdiffusion.budget.estimate_with_choice` for the groups it was fitted for."""
+    return estimate_groups(per_image, reference, choice)[0]
+
+
+def estimate_groups(
+    per_image: PerImage, reference: GaussianReference, choice: DecoderChoice | None = None
+) -> tuple[PerImage, list[ITEstimate]]:
+    """:func:`with_estimates`, and the :class:`~itdiffusion.information.ITEstimate` of each group (in
+    ``per_image.groups`` order; empty without curves): what the pixel maps decompose."""
     curves = per_image.curves
     if curves is None:
-        return per_image
+        return per_image, []
     groups = [[j] for j in range(curves.num_models)]
     if curves.num_models > 1:
         groups.append(list(range(curves.num_models)))
     mmse_g = reference.mmse(curves.logsnr.to(reference.mean.device))  # B K d operations: once for all groups
     found = [
-        (
-            estimate_with_choice(curves.models(g), reference, choice)
-            if choice is not None and len(g) == choice.num_models
-            else estimate(curves.models(g), reference, reference_mmse=mmse_g)
-        ).per_image()
+        estimate_with_choice(curves.models(g), reference, choice)
+        if choice is not None and len(g) == choice.num_models
+        else estimate(curves.models(g), reference, reference_mmse=mmse_g)
         for g in groups
     ]
+    values = [f.per_image() for f in found]
     per_image.groups = [f"m{g[0]}" for g in groups[: curves.num_models]] + [ENSEMBLE] * (len(groups) > 1)
-    per_image.estimates = {f"it_{name}_nats": torch.stack([f[name] for f in found]) for name in found[0]}
+    per_image.estimates = {f"it_{name}_nats": torch.stack([v[name] for v in values]) for name in values[0]}
     per_image.reference_mmse = mmse_g.cpu()
-    return per_image
+    return per_image, found
 
 
 def add_pixel_maps(
     per_image: PerImage,
-    members: Sequence[Member],
+    found: ITEstimate,
+    member: Member,
     test,
     reference: GaussianReference,
     est,
     device: torch.device,
-) -> PerImage:
+) -> dict | None:
     """Rank 0: ``per_image.pixel_maps`` for the first ``estimator.pixel_maps`` evaluated images, each pixel's
-    share of every member's continuous estimate (:func:`itdiffusion.pixel_maps.pixel_maps`: one network
-    pass over those images' stored points and noise)."""
+    share of the single model's reported continuous estimate ``found`` (:func:`itdiffusion.pixel_maps.
+    pixel_maps` on ``estimator.pixel_map_points`` points of their own per image). Every map must sum to
+    the image's ``it_continuous_nats`` as stored (:class:`~itdiffusion.pixel_maps.PixelMapError` if not).
+    Returns metrics.json's ``pixel_maps`` summary (None without maps)."""
     count = min(est.pixel_maps, per_image.num_images)
     if not est.it or count == 0 or per_image.curves is None:
-        return per_image
+        return None
     indices = per_image.index[:count].tolist()
     x = to_model_range(torch.stack([test[i][0] for i in indices])).to(device)
     maps = pixel_maps(
-        [m.denoiser for m in members],
+        [member.denoiser],
         x,
         list(range(count)),
-        per_image.curves,
+        [found],
         reference,
-        stream_seeds(est.seed, indices, Stream.POINTS),
+        stream_seeds(est.seed, indices, Stream.PIXEL_MAP),
+        npoints=est.pixel_map_points,
         xinterval=XINTERVAL,
         batch_size=est.batch_size,
     )
+    gap = maps.check_sums(per_image.group("m0")["it_continuous_nats"][:count][None])
     per_image.pixel_maps = maps.tensors()
-    return per_image
+    return maps.summary(est.pixel_map_points, gap)
 
 
 def summarize(

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from itdiffusion import distributed, summary
+from itdiffusion import dashboard, distributed, summary
 from itdiffusion.artifacts import MASKED_ESTIMATES, PerImage
 from itdiffusion.data import load_images
 from itdiffusion.discrete import bottom_given_top_nll, corrupted_log_ratio, masked_pixel_metrics
@@ -29,37 +29,56 @@ from itdiffusion.models.loading import load_members
 from itdiffusion.seeding import Stream, stream_seeds
 from itdiffusion.stages import rank_zero_first, setup_device, skeleton
 from itdiffusion.stages.partial import Partial
+from itdiffusion.tracking import Tracker
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     """I-MDCE bits/dim of ``cfg.model`` on the test set and the two examples; rank 0 writes the outputs."""
     if skeleton.skip_done(cfg, run_dir):
         return None
-    est = cfg.estimator
     _check_settings(cfg)
     started = time.time()
     device = setup_device(cfg)
+    with dashboard.evaluation_tracker(cfg, run_dir) as tracker:  # live from the start (rank 0)
+        return _evaluate(cfg, run_dir, device, tracker, started)
+
+
+def _evaluate(cfg: DictConfig, run_dir: Path, device, tracker: Tracker, started: float) -> dict | None:
+    est = cfg.estimator
     with rank_zero_first():
         test = load_images(cfg.data, "test")
     member = load_members(cfg, device)[0]
     chunk = max(1, est.batch_size // est.num_masks)
+    dim = member.network.length
     per_image = skeleton.evaluate_sharded(
         cfg.label,
         test,
         chunk,
         lambda idx, images: sample(member.network, images, idx, est),
         Partial(run_dir, skeleton.fingerprint(cfg, [member])),
+        dashboard.RunningLog(
+            tracker,
+            lambda parts: summarize(PerImage.cat(list(parts)), est, dim),
+            skeleton.rank_images(len(test), chunk),
+            cfg.logger.running_every_s,
+            cfg.label,
+        ),
     )
     if not distributed.is_main():
         distributed.barrier()
         return None
-    skeleton.check_finite(per_image, member.network.length, run_dir)
-    metrics = {**summary.summarize(per_image, member.network.length), "num_masks": est.num_masks,
-               "dim": member.network.length}
+    skeleton.check_finite(per_image, dim, run_dir)
+    metrics = summarize(per_image, est, dim)
     metrics.update(skeleton.provenance(cfg, [member]), elapsed_s=round(time.time() - started, 2))
-    metrics = skeleton.finish(cfg, run_dir, per_image, metrics, MASKED_ESTIMATES)
+    metrics = skeleton.finish(cfg, run_dir, per_image, metrics, MASKED_ESTIMATES, tracker)
     distributed.barrier()
     return metrics
+
+
+def summarize(per_image: PerImage, est, dim: int) -> dict:
+    """metrics.json's numbers (:func:`itdiffusion.summary.summarize`, the function the report checks them
+    with): the dataset mean of each I-MDCE estimate (bits/dim) with its standard error."""
+    return {**summary.summarize(per_image, dim), "num_masks": est.num_masks, "dim": dim}
 
 
 @torch.no_grad()

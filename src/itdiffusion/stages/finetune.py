@@ -246,14 +246,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         log.info("skip_done: %s exists, nothing to do", ckpt_dir / EXPORTED_MODEL)
         return {"run_name": settings.run_name, "model_path": str(ckpt_dir / EXPORTED_MODEL), "skipped": True}
 
-    torch.manual_seed(settings.seed)  # the initial weights when training from scratch
-    model, train_objective, heldout_objective, dim = build_objectives(cfg, settings, device)
-    init, init_sha256 = load_initial_weights(cfg, model)
-    trajectory[INIT_SHA256] = init_sha256
-
     with Tracker(cfg.logger, config_dict(cfg), job_type="finetune", name=f"finetune-{cfg.run_id}",
                  tags=run_tags(cfg.experiment, cfg.model.name, cfg.paper_row, settings.objective),
-                 id_file=ckpt_dir / TRACKING_ID) as tracker:  # a restart resumes the same wandb run
+                 id_file=ckpt_dir / TRACKING_ID) as tracker:  # live from the start; a restart resumes it
+        torch.manual_seed(settings.seed)  # the initial weights when training from scratch
+        model, train_objective, heldout_objective, dim = build_objectives(cfg, settings, device)
+        init, init_sha256 = load_initial_weights(cfg, model)
+        trajectory[INIT_SHA256] = init_sha256
         trainer = Trainer(
             model, train_objective, load_images(cfg.data, "train"), settings, ckpt_dir, device=device,
             dim=dim, train_loss_is_nll=settings.objective in ("it", "any_order"),

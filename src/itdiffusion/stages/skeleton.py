@@ -26,6 +26,7 @@ from itdiffusion.errors import Preempted, UserError
 from itdiffusion.results import ResultsStoreError, record_run
 from itdiffusion.stages import config_dict, git_commit
 from itdiffusion.stages.partial import Partial, discard, sigterm_flag
+from itdiffusion.tracking import Tracker
 from itdiffusion.units import ABSURD_BPD
 
 log = logging.getLogger(__name__)
@@ -78,12 +79,15 @@ def evaluate_sharded(
     chunk: int,
     fn: Callable[[list[int], torch.Tensor], PerImage],
     partial: Partial | None = None,
+    on_chunk: Callable[[list[PerImage]], None] | None = None,
 ) -> PerImage | None:
     """``fn(indices, uint8 images)`` on chunks of ``chunk`` images of ``dataset`` (global chunks dealt to
     the ranks in turn); the rows of every rank, in image order, on rank 0 (None on the other ranks). With
     ``partial``, finished chunks are kept and a rerun reuses them; SIGTERM keeps the chunk in progress and
-    raises :class:`~itdiffusion.errors.Preempted` (:mod:`itdiffusion.stages.partial`)."""
-    starts = list(range(0, len(dataset), chunk))[distributed.rank() :: distributed.world_size()]
+    raises :class:`~itdiffusion.errors.Preempted` (:mod:`itdiffusion.stages.partial`). ``on_chunk`` (rank 0,
+    after each chunk): called with rank 0's parts so far (the live view,
+    :class:`itdiffusion.dashboard.RunningLog`)."""
+    starts = _rank_starts(len(dataset), chunk)
     if partial is not None:
         partial.open()
     parts = []
@@ -107,6 +111,8 @@ def evaluate_sharded(
                     partial.save(start, stop, part)
             parts.append(part)
             bar.update((stop - start) * distributed.world_size())
+            if on_chunk is not None and distributed.is_main():
+                on_chunk(parts)
             if stop_requested[0] and k + 1 < len(starts):
                 raise Preempted(
                     f"SIGTERM: {k + 1} of this rank's {len(starts)} chunks are kept in "
@@ -118,6 +124,16 @@ def evaluate_sharded(
     return PerImage.cat(
         sorted((p for rank_parts in gathered for p in rank_parts), key=lambda p: int(p.index[0]))
     )
+
+
+def _rank_starts(num: int, chunk: int) -> list[int]:
+    """The first image of each chunk this rank evaluates (global chunks dealt to the ranks in turn)."""
+    return list(range(0, num, chunk))[distributed.rank() :: distributed.world_size()]
+
+
+def rank_images(num: int, chunk: int) -> int:
+    """How many of ``num`` images this rank evaluates in chunks of ``chunk`` (:func:`evaluate_sharded`)."""
+    return sum(min(start + chunk, num) - start for start in _rank_starts(num, chunk))
 
 
 def fingerprint(cfg: DictConfig, members: Sequence, **extra) -> dict:
@@ -188,13 +204,15 @@ def check_finite(per_image: PerImage, dim: int, run_dir: Path) -> None:
             )
 
 
-def finish(cfg: DictConfig, run_dir: Path, per_image: PerImage, metrics: dict, summary_keys: Sequence[str]):
+def finish(cfg: DictConfig, run_dir: Path, per_image: PerImage, metrics: dict, summary_keys: Sequence[str],
+           tracker: Tracker | None = None):
     """Rank 0: commit the run dir (``per_image.npz``, then ``metrics.json``), record the results row, log
-    to the tracker. Returns the metrics written."""
+    to ``tracker`` (the run the stage opened at its start; None: one opened now). Returns the metrics
+    written."""
     metrics = artifacts.commit_evaluation(run_dir, per_image, metrics)
     discard(run_dir)  # the finished chunks of a resumable run are in per_image.npz now
     _record(cfg, metrics, run_dir / artifacts.METRICS)
-    dashboard.log_evaluation(cfg, run_dir, per_image, metrics)
+    dashboard.log_evaluation(cfg, run_dir, per_image, metrics, tracker)
     log.info(
         "%s: %s",
         cfg.label,

@@ -170,6 +170,11 @@ def summarize_reference(reference: GaussianReference) -> dict:
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Compute (or load) the reference and write ``stats.json`` into ``run_dir``."""
     setup_device(cfg)
+    with Tracker(cfg.logger, config_dict(cfg), job_type="stats", name=f"stats-{cfg.run_id}") as tracker:
+        return _compute(cfg, run_dir, tracker)  # the run is live (console captured) while it computes
+
+
+def _compute(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict:
     reference = load_or_compute_reference(cfg)
     summary = {
         "run_id": cfg.run_id,
@@ -180,8 +185,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     }
     if distributed.is_main():
         atomic_write_json(run_dir / "stats.json", summary)
-        with Tracker(cfg.logger, config_dict(cfg), job_type="stats", name=f"stats-{cfg.run_id}") as tracker:
-            tracker.summary(summary)
+        tracker.summary(summary)
         log.info(
             "Gaussian reference: h_G = %.4f bits/dim (continuous), log-SNR loc %.3f scale %.3f",
             summary["entropy_bpd"],
