@@ -32,7 +32,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from itdiffusion import distributed, sweeps
-from itdiffusion.config import check_values, register_configs
+from itdiffusion.config import Name, check_values, register_configs
 from itdiffusion.errors import Preempted, UserError
 
 log = logging.getLogger("itdiffusion")
@@ -218,7 +218,7 @@ def _log_in_earlier_run_dir(config: DictConfig, error: UserError) -> None:
     Hydra's logging would once the stage runs; a refused launch creates no dir."""
     with contextlib.suppress(Exception):
         run_dir = Path(str(config.hydra.run.dir))
-        if run_dir.is_dir():
+        if Name().allows(config.run_id) and run_dir.is_dir():  # never a folder a bad name points at
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
             with open(run_dir / f"{config.hydra.job.name}.log", "a") as f:
                 f.write(f"[{stamp}][{log.name}][ERROR] - {error}\n")
