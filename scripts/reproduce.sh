@@ -242,7 +242,7 @@ family_chain() {  # family_chain <family>: evaluate base -> IT fine-tune -> eval
 
   step "$ROW: evaluate the fine-tuned model"
   evaluated "$REPRO_ID-${P}tuned" || stage evaluate "${COMMON[@]}" "${MODEL_ARGS[@]}" "run_id=$REPRO_ID-${P}tuned" \
-    "model.checkpoint=$TUNED" "label='$LABEL(tune)'" "paper_row='$ROW(tune)'" model.training_objective=IT \
+    "model.checkpoint=$TUNED" "label='$LABEL(tune)'" "paper_row='$ROW(tune)'" \
     "${proposal[@]}"
 
   # The paper's ensemble is that of all four models (ITD's plot_results.py): with one family, its base and

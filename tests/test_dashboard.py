@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY
-from itdiffusion import artifacts, figures, tracking
+from itdiffusion import artifacts, figures, run_figures, tracking
 from itdiffusion.stages import evaluate, finetune
 from wandb_records import offline_runs
 
@@ -70,7 +70,7 @@ def test_evaluate_run_holds_numbers_config_curves_per_image_values_and_its_artif
     assert table["columns"][:2] == ["index", "it_continuous_bpd"] and len(table["data"]) == 4
     per_image = artifacts.read_per_image(tmp_path / "ev1" / artifacts.PER_IMAGE)
     np.testing.assert_allclose([r[1] for r in table["data"]],
-                               figures.per_image_bpd(per_image, 3072)["it_continuous_bpd"])
+                               run_figures.per_image_bpd(per_image, 3072)["it_continuous_bpd"])
     # the evaluation artifact: metrics.json and per_image.npz
     [art] = [a for a in run.artifacts if a.type == "evaluation"]
     assert art.name == "evaluate-ev1"

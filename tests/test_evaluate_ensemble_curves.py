@@ -82,8 +82,9 @@ def test_the_reused_ensemble_is_the_evaluated_ensemble(members, tmp_path, monkey
             if key.endswith("network_evals") or key == "meta":
                 continue
             # the reused curves went through float32 storage: estimates (means over points) keep ~1e-6 of
-            # it, their Monte Carlo standard errors (spreads around the mean) somewhat less
-            rtol = 1e-4 if "stderr" in key else 1e-5
+            # it, their Monte Carlo standard errors (spreads around the mean) and the estimate's per-point
+            # values (differences of errors) somewhat less
+            rtol = 1e-4 if "stderr" in key or key == "continuous_integrand" else 1e-5
             np.testing.assert_allclose(r[key], f[key], rtol=rtol, atol=1e-6, err_msg=key)
     for name in ESTIMATES:
         assert reused[f"{name}_bpd"] == pytest.approx(fresh[f"{name}_bpd"], rel=1e-5)

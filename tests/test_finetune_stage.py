@@ -13,8 +13,9 @@ from hydra import compose, initialize_config_dir
 
 from itdiffusion.artifacts import read_loss_curve
 from itdiffusion.errors import UserError
+from itdiffusion.models.checkpoints import file_sha256
 from itdiffusion.models.iddpm import build_model_and_diffusion, load_checkpoint
-from itdiffusion.stages import CONFIG_DIR
+from itdiffusion.stages import CONFIG_DIR, evaluate
 from itdiffusion.stages.finetune import SUMMARY, run
 from itdiffusion.training import NonFiniteError
 
@@ -58,6 +59,26 @@ def test_smoke_chain_base_then_it_finetune(tmp_path, cache_dir):
     load_checkpoint(model, tuned_dir / "model.pt")
     base_weights = torch.load(base_dir / "model.pt", weights_only=True)
     assert any(not torch.equal(v, base_weights[k]) for k, v in model.state_dict().items())
+
+    # each export says what produced it, and an evaluation of the tuned weights with the base model config
+    # (iddpm_tiny: "L_hybrid") takes its training objective from there, not from the config
+    base_export = json.loads((base_dir / "export.json").read_text())
+    assert base_export["training_objective"] == "L_hybrid"  # iddpm_tiny's IDDPM loss, from scratch
+    assert base_export["weights"]["model.pt"] == file_sha256(base_dir / "model.pt")
+    label = json.loads((tuned_dir / "export.json").read_text())["training_objective"]
+    assert label == "L_hybrid + IT fine-tuning"
+    eval_overrides = ["estimator.npoints=4", "data.num_images=2", "model.diffusion_steps=4",
+                      "estimator.vlb=false", "estimator.pixel_maps=0"]
+    tuned_eval = evaluate.run(smoke_cfg(tmp_path, cache_dir, f"model.checkpoint={tuned_dir / 'model.pt'}",
+                                        "run_id=eval-tuned", *eval_overrides), tmp_path / "eval_tuned")
+    assert tuned_eval["training_objective"] == label and tuned_eval["training_objective_from"] == "checkpoint"
+    # the same file elsewhere (no export.json beside it) keeps the model config's label
+    copy = tmp_path / "elsewhere" / "model.pt"
+    copy.parent.mkdir()
+    copy.write_bytes((tuned_dir / "model.pt").read_bytes())
+    plain = evaluate.run(smoke_cfg(tmp_path, cache_dir, f"model.checkpoint={copy}", "run_id=eval-copy",
+                                   *eval_overrides), tmp_path / "eval_copy")
+    assert plain["training_objective"] == "L_hybrid" and plain["training_objective_from"] == "model config"
 
 
 @pytest.mark.parametrize(("override", "message"), [

@@ -28,6 +28,24 @@ def test_a_2x2_evaluate_sweep_gives_four_runs_and_four_rows(tiny_checkpoints, sh
                                                    [r["run_id"] for r in rows])
     for n in range(4):
         assert json.loads((sweep / str(n) / "job_status.json").read_text())["status"] == "ok"
+    assert {rows[f"sw-{n}"]["group"] for n in range(4)} == {"sweep sw"}  # one group per sweep
+
+    # a run with results=false keeps its run dir and stays out of the tables, also after a report
+    proc = run_cli(
+        "evaluate", *TINY, "estimator.vlb=false", f"paths.cache_dir={shared_cache}",
+        f"paths.output_dir={outputs}", f"model.checkpoint={tiny_checkpoints[0]}", "run_id=hidden",
+        "results=false", cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((outputs / "evaluate" / "hidden" / "metrics.json").read_text())["results"] is False
+    proc = run_cli("report", "logger=none", f"paths.output_dir={outputs}", "run_id=rep", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = json.loads((outputs / "results" / "results.json").read_text())["runs"]
+    assert "hidden" not in runs and {f"sw-{n}" for n in range(4)} <= set(runs)
+    md = (outputs / "results" / "results.md").read_text()
+    assert md.count("## sweep sw") == 1 and "hidden" not in md
+    section = md[md.index("## sweep sw"):]
+    assert all(f"| sw-{n} |" in section for n in range(4))
 
 
 def test_a_failed_job_is_reported_and_the_others_still_run(tmp_path):

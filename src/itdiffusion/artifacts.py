@@ -5,6 +5,9 @@
   or a report can re-form estimates without a network. :class:`PerImage`.
 - ``metrics.json`` (evaluate): dataset means in bits/dim with their standard errors, settings, provenance.
 - ``loss_curve.json`` (finetune): the loss against optimizer steps.
+- ``export.json`` (finetune, beside its exported weights): what produced them (the training objective's
+  label, the objective, the starting weights, the steps) and the sha256 of each weights file it describes;
+  an evaluation of those weights takes its training objective from here (:func:`checkpoint_provenance`).
 
 An evaluate run dir is committed as a unit (:func:`commit_evaluation`): ``metrics.json`` is removed
 first, ``per_image.npz`` written, and ``metrics.json`` written last carrying the sha256 of
@@ -35,10 +38,12 @@ from itdiffusion.models.checkpoints import file_sha256
 PER_IMAGE = "per_image.npz"
 METRICS = "metrics.json"
 LOSS_CURVE = "loss_curve.json"
+EXPORT_PROVENANCE = "export.json"
 
 PER_IMAGE_FORMAT, PER_IMAGE_VERSION = "itdiffusion.per_image", 2  # version 1: flat m{j}_* keys, no version
 METRICS_FORMAT, METRICS_VERSION = "itdiffusion.metrics", 2  # version 1: no format key
 LOSS_CURVE_FORMAT, LOSS_CURVE_VERSION = "itdiffusion.loss_curve", 1  # version 0: a bare list of points
+EXPORT_FORMAT, EXPORT_VERSION = "itdiffusion.export", 1
 
 # The estimates an evaluation reports, as metrics.json keys (bits/dim, each with _stderr and, for Monte
 # Carlo estimates, _mc_stderr twins) and per_image.npz names (``<name>_nats`` / ``<name>_bpd`` per image).
@@ -78,6 +83,8 @@ class PerImage:
       ``network_evals``.
     - ``curves``: the IT error curves of the M models (None without IT estimates); ``reference_mmse``
       ``[B, K]``: the Gaussian reference's ``mmse_G(a)`` at every point (for figures).
+    - ``continuous_integrand`` ``[G, B, K]``: per group, the per-point values the continuous estimate
+      averaged (:attr:`itdiffusion.information.ITEstimate.continuous_integrand`; for figures).
     - ``pixel_maps``: for the first few images, each pixel's share of the continuous estimate
       (:class:`itdiffusion.pixel_maps.PixelMaps` fields: ``index`` ``[P]``, ``images`` ``[P, *shape]``,
       ``nats``/``stderr``/``band`` ``[M, P, d]``, ``total_nats`` ``[M, P]``), or None.
@@ -90,6 +97,7 @@ class PerImage:
     curves: Curves | None = None
     reference_mmse: Tensor | None = None
     pixel_maps: dict[str, Tensor] | None = None
+    continuous_integrand: Tensor | None = None
 
     @property
     def num_images(self) -> int:
@@ -144,6 +152,9 @@ def write_per_image(path: str | os.PathLike, per_image: PerImage, *, exact: bool
             arrays[f"curves__{k}"] = v.numpy().astype(np.float32) if v.dim() >= 2 and not exact else v.numpy()
     if per_image.reference_mmse is not None:
         arrays["reference_mmse"] = per_image.reference_mmse.numpy().astype(np.float32)
+    if per_image.continuous_integrand is not None:
+        integrand = per_image.continuous_integrand.numpy()
+        arrays["continuous_integrand"] = integrand if exact else integrand.astype(np.float32)
     for k, v in (per_image.pixel_maps or {}).items():
         arrays[f"pixel__{k}"] = v.numpy()
     arrays["meta"] = np.array(json.dumps(meta))
@@ -186,6 +197,7 @@ def read_per_image(path: str | os.PathLike) -> PerImage:
             **fields,
         )
     reference_mmse = arrays.get("reference_mmse")
+    integrand = arrays.get("continuous_integrand")
     return PerImage(
         index=torch.from_numpy(arrays["index"]).long(),
         groups=list(meta["groups"]),
@@ -194,6 +206,7 @@ def read_per_image(path: str | os.PathLike) -> PerImage:
         curves=curves,
         reference_mmse=None if reference_mmse is None else torch.from_numpy(reference_mmse).double(),
         pixel_maps=section("pixel__") or None,
+        continuous_integrand=None if integrand is None else torch.from_numpy(integrand).double(),
     )
 
 
@@ -304,6 +317,36 @@ def read_loss_curve(path: str | os.PathLike) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------------
+# export.json: the provenance of a fine-tuning run's exported weights
+# ------------------------------------------------------------------------------------------------------
+
+
+def write_export_provenance(folder: str | os.PathLike, weights: list[Path], **fields) -> Path:
+    """``<folder>/export.json``: ``fields`` (``training_objective``: the label the tables show, ``objective``,
+    ``init``, ``steps``, ...) for the weights files ``weights`` (each recorded with its sha256)."""
+    data = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION,
+            "weights": {Path(w).name: file_sha256(w) for w in weights}, **fields}
+    return atomic_write_json(Path(folder) / EXPORT_PROVENANCE, data)
+
+
+def checkpoint_provenance(checkpoint: str | os.PathLike, sha256: str | None) -> dict | None:
+    """The ``export.json`` beside ``checkpoint`` when it describes these very weights (it records
+    ``sha256`` for that file name), else None (official weights, another run's file, unreadable)."""
+    path = Path(checkpoint).parent / EXPORT_PROVENANCE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
+        return None
+    if data.get("version") != EXPORT_VERSION:
+        return None
+    if sha256 is None or (data.get("weights") or {}).get(Path(checkpoint).name) != sha256:
+        return None
+    return data
+
+
+# ------------------------------------------------------------------------------------------------------
 
 
 def _check_version(path: Path, fmt, version, want_format: str, want_version: int) -> None:
@@ -316,6 +359,7 @@ def _check_version(path: Path, fmt, version, want_format: str, want_version: int
 
 __all__ = [
     "ENSEMBLE",
+    "EXPORT_PROVENANCE",
     "IT_ESTIMATES",
     "LOSS_CURVE",
     "MASKED_ESTIMATES",
@@ -325,6 +369,7 @@ __all__ = [
     "VLB_ESTIMATES",
     "ArtifactError",
     "PerImage",
+    "checkpoint_provenance",
     "commit_evaluation",
     "file_sha256",
     "is_complete",
@@ -333,6 +378,7 @@ __all__ = [
     "read_loss_curve",
     "read_metrics",
     "read_per_image",
+    "write_export_provenance",
     "write_loss_curve",
     "write_per_image",
 ]

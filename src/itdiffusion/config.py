@@ -278,6 +278,9 @@ class Config:
     # must share this run's checkpoints, test images and estimator settings, else a UserError says which)
     ensemble_curves: list[str] = field(default_factory=list)
     skip_done: bool = False  # skip a stage whose outputs already exist in its run dir (resumable chains)
+    # evaluate: add this run to the results tables (results.{json,csv,md}); false keeps its run dir and
+    # metrics.json but leaves it out of the tables, now and in every later report
+    results: bool = True
     device: str = "auto"  # auto | cpu | cuda
     # everything random in a stage: data.seed, estimator.seed and finetune.seed follow it unless set
     seed: int = 0

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from itdiffusion import artifacts, figures
+from itdiffusion import artifacts, figures, run_figures
 from itdiffusion.artifacts import PerImage
 from itdiffusion.tracking import Tracker, run_tags
 
@@ -148,7 +148,7 @@ def log_mmse_curves(tracker: Tracker, per_image: PerImage, dim: int) -> None:
 
 def log_per_image(tracker: Tracker, per_image: PerImage, dim: int) -> None:
     """Histograms of the per-image bits/dim, their table and the IT-vs-VLB scatter."""
-    values = figures.per_image_bpd(per_image, dim)
+    values = run_figures.per_image_bpd(per_image, dim)
     if not values:
         return
     for key, v in values.items():

@@ -5,12 +5,14 @@ and a ``plot_*`` function that draws those numbers into a PNG. Units: eps units 
 dimensions for error curves, bits/dim for estimates, bits for pixel maps.
 
 **Binning.** Each image has its own log-SNR points, drawn from the proposal q. The points of all images
-are pooled into equal-probability bins of q (``proposal.bins``, the estimator's decision bins). In bin j
-(probability p_j, width w_j) the plotted value of a per-point quantity f is ``(p_j / w_j) mean(f / q)``:
-the bin's average of f, estimated exactly as the estimator estimates its integral, so that
-``sum_j w_j value_j`` is the estimator's ``mean_k f / q`` (equal when the points fill the bins evenly,
-as stratified points do when the bin count divides K). Curves integrated over log-SNR therefore give the
-table's numbers (:func:`gap_data`'s ``implied_bpd``).
+are pooled into equal-probability bins of q (``proposal.bins``). In bin j (probability p_j, width w_j) the
+MMSE figure plots ``(p_j / w_j) mean(f / q)``, the bin's average of f estimated as the estimator estimates its
+integral (:meth:`Bins.mean`); the gap figure's shaded gap is ``sum_{bin j} (f / q) / (N w_j)`` over the N
+points of all images (:meth:`Bins.share`), so that ``sum_j w_j value_j`` is exactly the estimator's
+``mean f / q`` and its area gives the table's number (:func:`gap_data`).
+
+Every figure is saved with a sidecar of what it shows (:mod:`itdiffusion.figure_files`); the loss and
+per-image figures are in :mod:`itdiffusion.run_figures`.
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from itdiffusion.artifacts import PerImage
+from itdiffusion.artifacts import ENSEMBLE, PerImage
+from itdiffusion.figure_files import MODEL_COLOURS, marker, pyplot, save, wrap
 from itdiffusion.units import nats_to_bpd
 
 MAX_PLOT_BINS = 64
-Z_THRESHOLD = 2.0  # as the estimator's cross-fitted choice: an alternative must be better by 2 stderr
 
 
 def plot_bins(num_points: int) -> int:
@@ -68,6 +70,21 @@ class Bins:
         scale = torch.from_numpy(self.prob / self.widths)
         sem = torch.where(n > 1, (var / n.clamp_min(1)).sqrt(), torch.full_like(n, math.nan))
         return (scale * mean).numpy(), (scale * sem).numpy()
+
+
+    def share(self, values: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Per bin, the sum of per-point values ``[B, K]`` already divided by q, over all points in the bin,
+        divided by the number of points and by the bin's width ``[J]``: ``sum_j w_j share_j`` is the mean of
+        the values exactly, whatever the points' spread over the bins. And each share's standard error
+        (the bin's points taken as i.i.d.)."""
+        f = values.double().reshape(-1)
+        idx = self.index.reshape(-1)
+        n = torch.bincount(idx, minlength=self.count).double()
+        s1 = torch.zeros(self.count, dtype=torch.float64).scatter_add_(0, idx, f)
+        s2 = torch.zeros(self.count, dtype=torch.float64).scatter_add_(0, idx, f * f)
+        var = (s2 - s1.square() / n.clamp_min(1)).clamp_min(0) / (n - 1).clamp_min(1)
+        scale = torch.from_numpy(1.0 / (f.numel() * self.widths))
+        return (scale * s1).numpy(), (scale * (n * var).sqrt()).numpy()
 
 
 def make_bins(per_image: PerImage, nbins: int | None = None) -> Bins:
@@ -129,14 +146,25 @@ def mmse_data(per_image: PerImage, dim: int, names: Sequence[str] | None = None)
     return out
 
 
+# The references' styles (colour, linestyle), distinct from each other and from the models' colours.
+REFERENCE_STYLES = {
+    MMSEData.REFERENCE: ("k", "-"),
+    MMSEData.STANDARD: ("0.55", ":"),
+    MMSEData.GAUSSIAN_DECODER: ("C5", "--"),
+}
+
+
 def plot_mmse(data: MMSEData, path: Path, title: str = "") -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     panels = 2 if data.discrete else 1
-    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.8), squeeze=False, layout="constrained")
     ax = axes[0, 0]
-    styles = {MMSEData.GAUSSIAN_DECODER: "k--", MMSEData.REFERENCE: "k-", MMSEData.STANDARD: "k:"}
-    for k, (name, (mean, _)) in enumerate(data.continuous.items()):
-        ax.plot(data.centres, mean, styles.get(name, f"C{k % 10}-"), label=name, marker=_marker(mean))
+    models = 0
+    for name, (mean, _) in data.continuous.items():
+        colour, style = REFERENCE_STYLES.get(name, (None, "-"))
+        if colour is None:
+            colour, models = MODEL_COLOURS[models % len(MODEL_COLOURS)], models + 1
+        ax.plot(data.centres, mean, style, color=colour, lw=1.6, label=name, marker=marker(mean))
     gauss = data.continuous[MMSEData.GAUSSIAN_DECODER][0]
     ax.fill_between(data.centres, data.best, gauss, where=gauss >= data.best, color="C2", alpha=0.2,
                     label="best model below the Gaussian decoder")
@@ -145,21 +173,54 @@ def plot_mmse(data: MMSEData, path: Path, title: str = "") -> Path:
     if data.discrete:
         ax2 = axes[0, 1]
         for k, (name, (mean, _)) in enumerate(data.discrete.items()):
-            ax2.plot(data.centres, mean, f"C{k % 10}-", label=name, marker=_marker(mean))
-        ax2.plot(data.centres, data.continuous[MMSEData.STANDARD][0], "k:", label=MMSEData.STANDARD)
+            ax2.plot(data.centres, mean, "-", color=MODEL_COLOURS[k % len(MODEL_COLOURS)], label=name,
+                     marker=marker(mean))
+        colour, style = REFERENCE_STYLES[MMSEData.STANDARD]
+        ax2.plot(data.centres, data.continuous[MMSEData.STANDARD][0], style, color=colour, lw=1.6,
+                 label=MMSEData.STANDARD)
         ax2.set_title("discrete: x̂ rounded to the pixel lattice")
         panels_axes.append(ax2)
     for a in panels_axes:
         a.set_xlabel("log-SNR a")
         a.set_ylabel("E||ε − ε̂||²  (summed over d)")
-        a.set_yticks([0, data.dim / 4, data.dim / 2, 3 * data.dim / 4, data.dim],
-                     ["0", "d/4", "d/2", "3d/4", "d"])
-        a.set_ylim(0, 1.05 * data.dim)
+        lo, hi = _data_range(a, data.dim)
+        ticks, labels = _dim_ticks(lo, hi, data.dim)
+        a.set_yticks(ticks, labels)
+        a.set_ylim(lo, hi)
         a.legend(fontsize="small")
     fig.suptitle(title or "MMSE against log-SNR (binned means over test images and points)")
-    fig.tight_layout()
-    _save(fig, path)
+    save(fig, path)
     return path
+
+
+def _data_range(ax, dim: int) -> tuple[float, float]:
+    """y limits holding every drawn line (and at least 0 to d), with a 5% margin."""
+    values = [np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()]
+    finite = np.concatenate([v[np.isfinite(v)] for v in values] + [np.array([0.0, float(dim)])])
+    lo, hi = float(finite.min()), float(finite.max())
+    pad = 0.05 * (hi - lo)
+    return lo - pad if lo < 0 else 0.0, hi + pad
+
+
+def _dim_ticks(lo: float, hi: float, dim: int) -> tuple[list[float], list[str]]:
+    """Ticks at multiples of d/4 (d/2, d, 2d, ... when the range is wide), labelled in units of d."""
+    quarters = max(1, math.ceil((hi - lo) / dim / 2.0))  # about 8 ticks at most
+    step = quarters * dim / 4
+    start, stop = math.ceil(lo / step), math.floor(hi / step)
+    ticks = [k * step for k in range(start, stop + 1)]
+    return ticks, [_in_dims(k * quarters) for k in range(start, stop + 1)]
+
+
+def _in_dims(q: int) -> str:
+    """``q`` quarters of d as text: 0, d/4, d/2, 3d/4, d, 5d/4, ..., −d/4."""
+    from fractions import Fraction
+
+    f = Fraction(q, 4)
+    if f == 0:
+        return "0"
+    sign, f = ("−" if f < 0 else ""), abs(f)
+    num = "" if f.numerator == 1 else str(f.numerator)
+    return f"{sign}{num}d" if f.denominator == 1 else f"{sign}{num}d/{f.denominator}"
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -167,185 +228,95 @@ def plot_mmse(data: MMSEData, path: Path, title: str = "") -> Path:
 # ------------------------------------------------------------------------------------------------------
 
 GAP_CAPTION = (
-    "gap(a) = mean over test images of [e_G(x, a) − e(x, a)]: the error the model saves relative to the "
-    "Gaussian reference's linear decoder at the same images (positive: the model is better). Where the "
-    "model is not better by 2 standard errors, the estimate uses the Gaussian decoder instead (gap 0). "
-    "Estimate = −ln N(x; μ, Σ) − ½ ∫ used gap da, so the shaded area / 2 is the nats per image the model "
-    "gains over the Gaussian. Band: ±1 standard error of the bin's mean."
+    "Shaded: the used gap, per log-SNR bin the mean over test images and points of (e_G − e_used) / q, "
+    "e_G the error of the Gaussian reference's linear decoder at the same images and e_used that of the "
+    "decoder the estimate uses there (the model, or the Gaussian decoder where the model is not better by 2 "
+    "standard errors; gap 0 up to the control variate). The estimate is exactly Ĝ − area / 2, Ĝ the same "
+    "sampled integral with the Gaussian decoder at every point; the closed-form −ln N(x; μ, Σ) differs from "
+    "Ĝ by that integral's Monte Carlo error. Line: the model's own gap with ±1 standard error."
 )
 
 
 @dataclass
 class GapData:
-    """The continuous estimate's integrand, binned (eps units; estimates in bits/dim).
+    """The continuous estimate's integrand, binned (eps units summed over d; numbers in bits/dim).
 
-    ``gap`` ``[M, J]``: each model's ``mean(e_G - e)`` with ``gap_stderr``; ``used`` ``[J]``: the gap of
-    the decoder the estimate uses per bin (``chosen``: model index, or -1 for the Gaussian decoder);
-    ``offset`` ``[J]``: ``mean(e_G) - mmse_G`` (the Gaussian decoder at these images against the analytic
-    reference); ``implied_bpd``: ``h_G + mean tail + 1/2 sum_j w_j (offset_j - used_j)``, the continuous
-    estimate from these numbers; ``gaussian_bpd``: the same without the model (the Gaussian's NLL).
+    Per point the estimate averages ``v`` (:attr:`PerImage.continuous_integrand`); with
+    ``g = (e_G - mmse_G) / q``, the Gaussian decoder's integrand at the same points, the *used gap* is
+    ``g - v``. ``used`` ``[J]`` bins it so that ``sum_j w_j used_j`` is its mean over images and points
+    (:meth:`Bins.share`), hence exactly ``estimate_bpd = sampled_gaussian_bpd - area_bpd`` with
+    ``area_bpd = 1/2 sum_j w_j used_j`` and ``sampled_gaussian_bpd = h_G + tails + 1/2 mean g``.
+    ``estimate_bpd``: the mean of the group's per-image continuous estimates (what metrics.json reports);
+    ``gaussian_bpd``: the mean closed-form ``-ln N(x; mu, Sigma)`` of the images. ``gap`` ``[M, J]``: each
+    model's own gap ``e_G - e``, bin averages as in the MMSE figure (:meth:`Bins.mean`; the same as the
+    shares when the points fill the bins evenly), with ``gap_stderr``.
     """
 
     centres: np.ndarray
-    widths: np.ndarray
+    edges: np.ndarray
     gap: np.ndarray
     gap_stderr: np.ndarray
     used: np.ndarray
-    chosen: np.ndarray
-    offset: np.ndarray
-    implied_bpd: float
+    estimate_bpd: float
+    sampled_gaussian_bpd: float
+    area_bpd: float
     gaussian_bpd: float
 
+    @property
+    def widths(self) -> np.ndarray:
+        return np.diff(self.edges)
 
-def gap_data(per_image: PerImage, entropy_nats: float, dim: int,
-             models: Sequence[int] | None = None) -> GapData:
-    """:class:`GapData` of one model or (several ``models``) their ensemble, from the stored curves."""
+
+def gap_data(per_image: PerImage, entropy_nats: float, dim: int, group: str | None = None) -> GapData:
+    """:class:`GapData` of one group of an evaluation (``m0``, ..., ``ensemble``; default: the last, i.e.
+    the ensemble or the single model), from the stored curves and the estimate's own per-point values."""
     curves = per_image.curves
-    models = list(range(curves.num_models)) if models is None else list(models)
+    group = group or per_image.groups[-1]
+    if per_image.continuous_integrand is None or curves.gaussian_nll is None or not per_image.estimates:
+        raise ValueError("per_image.npz holds no continuous_integrand or gaussian_nll (made before they were "
+                         "stored): rerun the evaluation for the gap figure")
+    row = per_image.groups.index(group)
+    models = list(range(curves.num_models)) if group == ENSEMBLE else [int(group.removeprefix("m"))]
     bins = make_bins(per_image)
-    mmse_g = reference_mmse(per_image)
-    gauss = curves.gaussian_mmse
-    gaps = [bins.mean(gauss - curves.mmse[m]) for m in models]
-    chosen = _pooled_choice([curves.mmse[m] for m in models] + [gauss], mmse_g, bins)
-    used_curve = torch.stack([curves.mmse[m] for m in models] + [gauss])  # [C, B, K]
-    per_point = used_curve.gather(0, torch.from_numpy(chosen)[bins.index][None]).squeeze(0)
-    used, _ = bins.mean(gauss - per_point)
-    offset, _ = bins.mean(gauss - mmse_g)
-    tail = float(curves.continuous_tail.mean())
-    implied = entropy_nats + tail + 0.5 * float(np.sum(bins.widths * (offset - used)))
-    gaussian = entropy_nats + tail + 0.5 * float(np.sum(bins.widths * offset))
-    chosen_model = np.where(chosen == len(models), -1, np.array(models)[np.minimum(chosen, len(models) - 1)])
-    return GapData(bins.centres, bins.widths, np.array([g[0] for g in gaps]), np.array([g[1] for g in gaps]),
-                   used, chosen_model, offset, float(nats_to_bpd(implied, dim)),
-                   float(nats_to_bpd(gaussian, dim)))
+    g = (curves.gaussian_mmse - reference_mmse(per_image)) * bins.weight
+    used, _ = bins.share(g - per_image.continuous_integrand[row])
+    gaps = [bins.mean(curves.gaussian_mmse - curves.mmse[m]) for m in models]
+    area = 0.5 * float(np.sum(bins.widths * used))
+    sampled = entropy_nats + float(curves.continuous_tail.mean()) + 0.5 * float(g.mean())
+    table = float(per_image.group(group)["it_continuous_nats"].mean())
+    return GapData(bins.centres, bins.edges, np.array([x[0] for x in gaps]), np.array([x[1] for x in gaps]),
+                   used, float(nats_to_bpd(table, dim)), float(nats_to_bpd(sampled, dim)),
+                   float(nats_to_bpd(area, dim)), float(nats_to_bpd(float(curves.gaussian_nll.mean()), dim)))
 
 
-def _pooled_choice(candidates: Sequence[Tensor], mmse_g: Tensor, bins: Bins) -> np.ndarray:
-    """Per bin, the candidate decoder the estimate's rule picks on the pooled points (candidate 0 unless
-    another has a lower mean integrand by more than :data:`Z_THRESHOLD` standard errors) ``[J]``."""
-    integrands = [(c - mmse_g) * bins.weight for c in candidates]
-    out = np.zeros(bins.count, dtype=np.int64)
-    for j in range(bins.count):
-        mask = bins.index == j
-        if mask.sum() < 2:
-            continue
-        base = integrands[0][mask]
-        best, best_mean = 0, 0.0
-        for c, values in enumerate(integrands[1:], start=1):
-            diff = values[mask] - base
-            mean, sem = float(diff.mean()), float(diff.std() / math.sqrt(diff.numel()))
-            if mean < -Z_THRESHOLD * sem and mean < best_mean:
-                best, best_mean = c, mean
-        out[j] = best
-    return out
+def gap_legend(label: str, d: GapData) -> tuple[str, str]:
+    """The gap figure's legend lines of one run: its estimate as Ĝ − area, and the closed-form Gaussian."""
+    return (f"{label}: {d.estimate_bpd:.3f} bits/dim = Ĝ {d.sampled_gaussian_bpd:.3f} − area/2 "
+            f"({d.area_bpd:.3f})",
+            f"{label}: Gaussian −ln N(x; μ, Σ) {d.gaussian_bpd:.3f} bits/dim (closed form)")
 
 
 def plot_gap(series: Mapping[str, GapData], path: Path) -> Path:
-    """One curve per evaluated model (``label -> data``): its gap with a ±1 stderr band, the part the
-    estimate uses shaded."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 5.2))
+    """One colour per evaluated run (``label -> data``): the used gap as stairs over the bins (their area
+    is the one in the legend), and for a single model its own gap with a ±1 stderr band."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5.6), layout="constrained")
     for k, (label, d) in enumerate(series.items()):
         colour = f"C{k % 10}"
-        gap, err = d.gap[0] if len(d.gap) == 1 else d.used, d.gap_stderr[0] if len(d.gap) == 1 else 0 * d.used
-        ax.plot(d.centres, gap, "-", color=colour, marker=_marker(gap),
-                label=f"{label}: {d.implied_bpd:.3f} bits/dim (Gaussian {d.gaussian_bpd:.3f})")
-        ax.fill_between(d.centres, gap - err, gap + err, color=colour, alpha=0.15)
-        ax.fill_between(d.centres, 0, d.used, color=colour, alpha=0.25, step="mid")
+        estimate_line, gaussian_line = gap_legend(label, d)
+        ax.stairs(d.used, d.edges, fill=True, color=colour, alpha=0.25, label=estimate_line)
+        if len(d.gap) == 1:
+            gap, err = d.gap[0], d.gap_stderr[0]
+            ax.plot(d.centres, gap, "-", color=colour, marker=marker(gap))
+            ax.fill_between(d.centres, gap - err, gap + err, color=colour, alpha=0.12)
+        ax.plot([], [], " ", label=gaussian_line)
     ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xlabel("log-SNR a")
-    ax.set_ylabel("e_G(x, a) − e(x, a)   (ε units, summed over d)")
+    ax.set_ylabel("e_G(x, a) − e(x, a), bin average   (ε units, summed over d)")
     ax.set_title("What the continuous estimate integrates: the gain over the Gaussian decoder")
     ax.legend(fontsize="small")
-    fig.text(0.01, 0.01, _wrap(GAP_CAPTION, 120), fontsize=6.5, va="bottom")
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
-    _save(fig, path)
-    return path
-
-
-# ------------------------------------------------------------------------------------------------------
-# (3) loss curves, (4) per-image values
-# ------------------------------------------------------------------------------------------------------
-
-LOSS_UNITS = {
-    "iddpm": "IDDPM loss (its own units)",
-    "it": "continuous bits/dim (IT bound)",
-    "any_order": "discrete bits/dim (masked diffusion, I-MDCE)",
-}
-
-
-def plot_losses(panels: Mapping[str, Sequence[tuple[str, str, Sequence[tuple[float, float]]]]],
-                path: Path) -> Path | None:
-    """One panel per unit (``unit -> [(run, kind, [(step, value)])]``): train solid, held-out dashed;
-    markers on series of fewer than 30 points (a single point is still drawn)."""
-    if not panels:
-        return None
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
-    colours: dict[str, str] = {}
-    for ax, (unit, series) in zip(axes[0], panels.items(), strict=True):
-        for run, kind, points in series:
-            colour = colours.setdefault(run, f"C{len(colours) % 10}")
-            steps, values = zip(*points, strict=True)
-            ax.plot(steps, values, "-" if kind == "train" else "--", color=colour,
-                    marker="o" if len(points) < 30 else None, label=f"{run}: {kind}")
-        ax.set_title(unit)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(unit)
-        ax.legend(fontsize="small")
-    fig.tight_layout()
-    _save(fig, path)
-    return path
-
-
-def per_image_bpd(per_image: PerImage, dim: int, group: str | None = None) -> dict[str, np.ndarray]:
-    """Per-image bits/dim of every estimate of ``group`` (default: the ensemble or the one model) and the
-    VLBs of the first model: ``{metrics key: [B]}``."""
-    out: dict[str, np.ndarray] = {}
-    if per_image.estimates:
-        group = group or per_image.groups[-1]
-        for name, values in per_image.group(group).items():
-            if "_mc_stderr" in name or name.endswith("_stderr"):
-                continue
-            out[name.removesuffix("_nats") + "_bpd" if name.endswith("_nats") else name] = (
-                nats_to_bpd(values, dim).numpy() if name.endswith("_nats") else values.numpy())
-    for key in ("vlb_bpd", "vlb_continuous_bpd"):
-        if key in per_image.member_values:
-            out[key] = per_image.member_values[key][0].numpy()
-    return out
-
-
-def plot_per_image(values: Mapping[str, Mapping[str, np.ndarray]], path: Path) -> Path | None:
-    """Histograms of per-image IT bits/dim (one colour per run) and IT-vs-VLB scatter (discrete: IT
-    discrete against the VLB, both bits/dim of the 8-bit images; the diagonal marks equality)."""
-    runs = {k: v for k, v in values.items() if v}
-    if not runs:
-        return None
-    plt = _pyplot()
-    fig, (h1, h2, sc) = plt.subplots(1, 3, figsize=(17, 4.5))
-    for k, (label, v) in enumerate(runs.items()):
-        for ax, key in ((h1, "it_continuous_bpd"), (h2, "it_discrete_bpd")):
-            if key in v:
-                ax.hist(v[key], bins=min(30, max(5, len(v[key]) // 2)), alpha=0.5, color=f"C{k % 10}",
-                        label=label)
-        if "it_discrete_bpd" in v and "vlb_bpd" in v:
-            sc.scatter(v["vlb_bpd"], v["it_discrete_bpd"], s=10, color=f"C{k % 10}", label=label)
-    h1.set_title("per-image IT continuous")
-    h2.set_title("per-image IT discrete (with tails)")
-    for ax in (h1, h2):
-        ax.set_xlabel("bits/dim")
-        ax.set_ylabel("images")
-        ax.legend(fontsize="small")
-    lims = sc.get_xlim() + sc.get_ylim()
-    lo, hi = min(lims), max(lims)
-    sc.plot([lo, hi], [lo, hi], "k:", lw=0.8)
-    sc.set_xlabel("VLB (discrete), bits/dim")
-    sc.set_ylabel("IT discrete, bits/dim")
-    sc.set_title("per image: IT against VLB")
-    if runs and any("vlb_bpd" in v for v in runs.values()):
-        sc.legend(fontsize="small")
-    fig.tight_layout()
-    _save(fig, path)
+    fig.text(0.01, 0.0, wrap(GAP_CAPTION, 130), fontsize=6.5, va="top")
+    save(fig, path)
     return path
 
 
@@ -377,75 +348,60 @@ def pixel_map_data(maps: Mapping[str, Tensor], model: int = 0) -> PixelMapData:
                         (maps["total_nats"][model] / math.log(2)).numpy())
 
 
+PIXEL_PERCENTILE = 99.0  # the bits colour range: +-this percentile of |bits| over the drawn maps
+
+
+def symmetric_range(values: Sequence[np.ndarray], percentile: float = PIXEL_PERCENTILE) -> tuple[float, int]:
+    """``L``, the ``percentile`` of ``|values|`` (all arrays pooled), and how many values lie beyond +-L
+    (drawn in the end colours)."""
+    pooled = np.abs(np.concatenate([np.ravel(v) for v in values]))
+    lim = float(np.percentile(pooled, percentile)) or float(pooled.max()) or 1.0
+    return lim, int((pooled > lim).sum())
+
+
 def plot_pixel_maps(maps: Mapping[str, PixelMapData], path: Path, max_images: int = 4) -> Path | None:
     """Rows: images. Columns: the image, then for each run (e.g. base, tuned) its bits per pixel and its
-    log-SNR band, and for two runs their difference (second − first) in bits."""
+    log-SNR band, and for two runs their difference (second − first) in bits. Bits use a diverging colour
+    map symmetric about 0 up to the 99th percentile of |bits| (the clipped pixels are counted in the
+    title), so a few outliers do not wash the map out."""
     if not maps:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     runs = list(maps.items())
     first = runs[0][1]
     n = min(max_images, len(first.index))
     diff = len(runs) == 2 and np.array_equal(runs[0][1].index, runs[1][1].index)
     cols = 1 + 2 * len(runs) + int(diff)
-    fig, axes = plt.subplots(n, cols, figsize=(2.3 * cols, 2.3 * n + 0.6), squeeze=False)
-    bit_max = max(float(np.abs(m.bits[:n]).max()) for _, m in runs)
+    fig, axes = plt.subplots(n, cols, figsize=(2.6 * cols, 2.5 * n + 1.0), squeeze=False,
+                             layout="constrained")
+    bit_lim, bit_out = symmetric_range([m.bits[:n] for _, m in runs])
     band_lo = min(float(m.band[:n].min()) for _, m in runs)
     band_hi = max(float(m.band[:n].max()) for _, m in runs)
+    deltas = [runs[1][1].bits[i] - runs[0][1].bits[i] for i in range(n)] if diff else []
+    delta_lim, delta_out = symmetric_range(deltas) if diff else (1.0, 0)
     for i in range(n):
         axes[i, 0].imshow(first.images[i])
         axes[i, 0].set_title(f"test image {first.index[i]}", fontsize=7)
         for r, (label, m) in enumerate(runs):
-            im = axes[i, 1 + 2 * r].imshow(m.bits[i], cmap="magma", vmin=min(0.0, float(m.bits[:n].min())),
-                                           vmax=bit_max)
-            axes[i, 1 + 2 * r].set_title((f"{label}\n" if i == 0 else "") + f"bits: {m.total_bits[i]:.0f}",
+            im = axes[i, 1 + 2 * r].imshow(m.bits[i], cmap="RdBu_r", vmin=-bit_lim, vmax=bit_lim)
+            axes[i, 1 + 2 * r].set_title(f"{label}: bits/pixel\nimage total {m.total_bits[i]:.0f} bits",
                                          fontsize=7)
-            fig.colorbar(im, ax=axes[i, 1 + 2 * r], fraction=0.046)
+            fig.colorbar(im, ax=axes[i, 1 + 2 * r], fraction=0.046).set_label("bits", fontsize=7)
             im = axes[i, 2 + 2 * r].imshow(m.band[i], cmap="viridis", vmin=band_lo, vmax=band_hi)
-            axes[i, 2 + 2 * r].set_title((f"{label}\n" if i == 0 else "") + "log-SNR band", fontsize=7)
-            fig.colorbar(im, ax=axes[i, 2 + 2 * r], fraction=0.046)
+            axes[i, 2 + 2 * r].set_title(f"{label}: log-SNR band", fontsize=7)
+            fig.colorbar(im, ax=axes[i, 2 + 2 * r], fraction=0.046).set_label("log-SNR a", fontsize=7)
         if diff:
-            delta = runs[1][1].bits[i] - runs[0][1].bits[i]
-            lim = float(np.abs(delta).max()) or 1.0
-            im = axes[i, -1].imshow(delta, cmap="RdBu_r", vmin=-lim, vmax=lim)
-            axes[i, -1].set_title(("second − first\n" if i == 0 else "") + f"{delta.sum():+.0f} bits",
-                                  fontsize=7)
-            fig.colorbar(im, ax=axes[i, -1], fraction=0.046)
+            im = axes[i, -1].imshow(deltas[i], cmap="PuOr_r", vmin=-delta_lim, vmax=delta_lim)
+            axes[i, -1].set_title(f"second − first\n{deltas[i].sum():+.0f} bits", fontsize=7)
+            fig.colorbar(im, ax=axes[i, -1], fraction=0.046).set_label("bits", fontsize=7)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
+    clipped = (f"colours: ±{bit_lim:.3g} bits ({PIXEL_PERCENTILE:g}th percentile of |bits|; {bit_out} pixels "
+               "beyond, in the end colours)")
+    if diff:
+        clipped += f"; difference ±{delta_lim:.3g} bits ({delta_out} beyond)"
     fig.suptitle("−log2 p(x) per pixel (channels summed; sums to the image's continuous estimate) and the "
-                 "log-SNR its information comes from", fontsize=8)
-    fig.tight_layout()
-    _save(fig, path)
+                 f"log-SNR its information comes from\n{clipped}", fontsize=8)
+    save(fig, path)
     return path
-
-
-# ------------------------------------------------------------------------------------------------------
-
-
-def _marker(values) -> str | None:
-    return "o" if len(values) < 30 else None
-
-
-def _wrap(text: str, width: int) -> str:
-    import textwrap
-
-    return "\n".join(textwrap.wrap(text, width))
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    from itdiffusion.io import atomic_write
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    _pyplot().close(fig)

@@ -308,8 +308,37 @@ def table_headers(columns: tuple[Column, ...], lead: tuple[str, ...] = ()) -> li
         "Model",
         *lead,
         *[c.header for c in columns],
-        *[f"Paper: {c.short}" for c in columns if _paper_has(c)],
+        *[f"Paper (CIFAR-10): {c.short}" for c in columns if _paper_has(c)],
     ]
+
+
+PAPER_DATA, PAPER_IMAGES = "cifar10", 10_000  # what the paper's numbers were measured on: the test set
+
+
+def evaluated(rows: list[dict]) -> list[str]:
+    """What a group's rows evaluated (data set, test images, models and checkpoints), and, unless every row
+    is a full CIFAR-10 test-set evaluation, that the paper's columns are not comparable with them."""
+    data = sorted({f"{r.get('data') or 'data set not recorded'}, {r.get('num_images')} test images"
+                   for r in rows})
+    labels = row_labels(rows)
+    models = [f"{labels[r['run_id']]}: {_short(r.get('model'), 60)} (checkpoint "
+              f"{_checkpoint_name(r.get('checkpoint'))}, sha256 {_short(r.get('checkpoint_sha256'), 8)})"
+              for r in rows]
+    out = [f"Evaluated: {'; '.join(data)}.", "", "Models: " + "; ".join(models) + ".", ""]
+    full = all(r.get("data") == PAPER_DATA and r.get("num_images") == PAPER_IMAGES for r in rows)
+    if not full:
+        out += ["**The Paper columns are Kong et al.'s numbers for their CIFAR-10 models on the "
+                f"{PAPER_IMAGES:,} CIFAR-10 test images, not for these rows**: set beside them for reference "
+                "only.", ""]
+    return out
+
+
+def _checkpoint_name(value) -> str:
+    if not value:
+        return "—"
+    if isinstance(value, list):
+        return ", ".join(_checkpoint_name(v) for v in value)
+    return Path(str(value)).name
 
 
 def render_markdown(runs: Mapping[str, Mapping], figures: Mapping[str, list[str]]) -> str:
@@ -317,7 +346,8 @@ def render_markdown(runs: Mapping[str, Mapping], figures: Mapping[str, list[str]
         "# Results",
         "",
         "Bits per dimension on the test set, mean ± standard error over test images (the Monte Carlo",
-        "noise of each image's estimate is included). Published numbers: Kong et al., ICLR 2023.",
+        "noise of each image's estimate is included). Paper columns: the published numbers of Kong et al.,",
+        "ICLR 2023, for their models on the 10,000 CIFAR-10 test images.",
         "",
     ]
     if not runs:
@@ -325,6 +355,7 @@ def render_markdown(runs: Mapping[str, Mapping], figures: Mapping[str, list[str]
     for group, rows in groups(runs):
         experiments = sorted({str(r.get("experiment")) for r in rows})
         lines += [f"## {group} (experiment: {', '.join(experiments)})", ""]
+        lines += evaluated(rows)
         mdce_rows = [r for r in rows if any(r.get(c.metric) is not None for c in MDCE_COLUMNS)]
         gaussian_rows = [r for r in rows if r not in mdce_rows]  # masked models have no Table 1/2 estimates
         lines += _md_table(

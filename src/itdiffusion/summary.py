@@ -1,11 +1,12 @@
 """An evaluation's summary: the dataset means of ``metrics.json`` from its ``per_image.npz``, and their check.
 
 :func:`summarize` is the one function that turns per-image values into the numbers of the results tables
-(means in bits/dim with standard errors over images, Monte Carlo standard errors, image count, log-SNR points
-and network evaluations; per member and for the ensemble). The evaluate stages write its output into
-``metrics.json``; the report recomputes it from ``per_image.npz`` (whose sha256 ``metrics.json`` carries) and
-refuses a run whose numbers differ (:func:`summary_problems`, :func:`verified_evaluation`), so a table never
-shows a number that its per-image file does not give.
+(means in bits/dim with standard errors over images, Monte Carlo standard errors, image count, log-SNR
+points and network evaluations; per member and for the ensemble; the reference's closed-form NLL of the
+images). The evaluate stages write its output into ``metrics.json``; the report recomputes it from
+``per_image.npz`` (whose sha256 ``metrics.json`` carries) and refuses a run whose numbers differ
+(:func:`summary_problems`, :func:`verified_evaluation`), so a table never shows a number that its per-image
+file does not give.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ RELATIVE_TOLERANCE = 1e-9
 # The metrics.json keys derived from per_image.npz: these names and everything starting with an estimate's
 # name (``it_continuous_bpd``, ``..._stderr``, ``..._mc_stderr``, ``vlb_bpd``, ``mdce_bpd``, ...).
 COUNTS = ("num_images", "npoints", "network_evals")
-ESTIMATE_PREFIXES = tuple(f"{n}_" for n in IT_ESTIMATES) + ("vlb_", "mdce_")
+ESTIMATE_PREFIXES = tuple(f"{n}_" for n in IT_ESTIMATES) + ("vlb_", "mdce_", "gaussian_nll_")
 
 
 def summarize(per_image: PerImage, dim: int) -> dict:
@@ -36,6 +37,9 @@ def summarize(per_image: PerImage, dim: int) -> dict:
         "num_images": per_image.num_images,
         "npoints": None if per_image.curves is None else int(per_image.curves.logsnr.shape[-1]),
     }
+    if per_image.curves is not None and per_image.curves.gaussian_nll is not None:  # closed form, per image
+        gaussian = nats_to_bpd(per_image.curves.gaussian_nll, dim)
+        out["gaussian_nll_bpd"], out["gaussian_nll_bpd_stderr"] = mean_and_stderr(gaussian)
     members = [g for g in per_image.groups if g != ENSEMBLE]
     per_member = [_group(per_image, f"m{j}", j, dim) for j in range(len(members))]
     if len(members) == 1:

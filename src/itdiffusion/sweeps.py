@@ -53,6 +53,11 @@ def sweep_id() -> str:
     return os.environ["ITD_SWEEP_ID"]
 
 
+def job_group() -> str | None:
+    """``sweep <sweep id>`` inside a multirun job (the results tables' group of a sweep's rows), else None."""
+    return None if current_job() is None else f"sweep {sweep_id()}"
+
+
 def job_run_id() -> str | None:
     """``<sweep id>-<job number>`` inside a multirun job, else None."""
     job = current_job()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from itdiffusion.information.crossfit import Decisions, integrate, integrate_decided
+from itdiffusion.information.crossfit import Decisions, chosen_integrand, integrate, mc_mean_and_stderr
 from itdiffusion.information.proposal import LogSNRProposal
 from itdiffusion.information.reference import GaussianReference
 
@@ -73,11 +73,14 @@ def right_tail_bound(dim: int, delta: float, a_hi: float) -> float:
 @dataclass
 class CurveNLL:
     """Per-image estimate and its Monte Carlo standard error (nats); ``decisions``: the decoder and
-    control-variate coefficient it used per image and log-SNR bin (continuous estimates)."""
+    control-variate coefficient it used per image and log-SNR bin, and ``integrand`` ``[B, K]``: the per-point
+    values (``f / q``, eps units, decoders and control variate applied) whose row mean, halved, is the
+    estimate's sampled integral (continuous estimates)."""
 
     nll: Tensor
     stderr: Tensor
     decisions: Decisions | None = None
+    integrand: Tensor | None = None
 
 
 def _as_candidates(mmse: Tensor) -> Tensor:
@@ -143,11 +146,12 @@ def continuous_nll_from_curve(mmse: Tensor, logsnr: Tensor, log_q: Tensor, refer
         inside = ((logsnr >= within[0]) & (logsnr <= within[1])).to(weight.dtype)
         candidates = [c * inside for c in candidates]
         control = None if control is None else control * inside
-    mean, stderr, decisions = integrate_decided(candidates, logsnr, proposal, sampling, control)
+    integrand, decisions = chosen_integrand(candidates, logsnr, proposal, control)
+    mean, stderr = mc_mean_and_stderr(integrand, sampling)
     nll = reference.entropy + 0.5 * mean
     if tails is not None:
         nll = nll + tails
-    return CurveNLL(nll, 0.5 * stderr, decisions)
+    return CurveNLL(nll, 0.5 * stderr, decisions, integrand)
 
 
 def discrete_nll_from_curve(mmse: Tensor, logsnr: Tensor, log_q: Tensor, reference: GaussianReference,

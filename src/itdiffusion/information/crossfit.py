@@ -141,14 +141,14 @@ def integrate(candidates: list[Tensor], logsnr: Tensor, proposal: LogSNRProposal
     images (:func:`cross_fitted_coefficient`): unbiased (beta and the choice never see the image's own
     noise), and it removes the part of the channel-noise fluctuation the two decoders share.
     """
-    mean, stderr, _ = integrate_decided(candidates, logsnr, proposal, sampling, control)
-    return mean, stderr
+    values, _ = chosen_integrand(candidates, logsnr, proposal, control)
+    return mc_mean_and_stderr(values, sampling)
 
 
-def integrate_decided(candidates: list[Tensor], logsnr: Tensor, proposal: LogSNRProposal, sampling: str,
-                      control: Tensor | None = None) -> tuple[Tensor, Tensor, Decisions]:
-    """:func:`integrate`, and the :class:`Decisions` it made (per image and bin: the candidate and the
-    control variate's coefficient), so that other points can be integrated with the same decoders."""
+def chosen_integrand(candidates: list[Tensor], logsnr: Tensor, proposal: LogSNRProposal,
+                     control: Tensor | None = None) -> tuple[Tensor, Decisions]:
+    """The per-point values ``[B, K]`` whose row means :func:`integrate` reports (the cross-fitted choice's
+    integrand, minus the control variate's part), and the :class:`Decisions` behind them."""
     stacked = torch.cat([t if t.dim() == 3 else t[None] for t in candidates])
     nbins = min(logsnr.shape[1], DECISION_BINS)
     bins = proposal.bins(logsnr, nbins).to(stacked.device)
@@ -160,5 +160,4 @@ def integrate_decided(candidates: list[Tensor], logsnr: Tensor, proposal: LogSNR
         chosen_coef = coef.gather(0, index[None]).squeeze(0)  # [B, nbins]
         values = values - chosen_coef.gather(1, bins) * control
         decisions.coefficient = BinTable(nbins, chosen_coef.cpu())
-    mean, stderr = mc_mean_and_stderr(values, sampling)
-    return mean, stderr, decisions
+    return values, decisions

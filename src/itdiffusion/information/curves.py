@@ -44,6 +44,9 @@ class Curves:
     - ``continuous_tail`` ``[B]``: the continuous integral outside the sampled range (closed form,
       :func:`continuous_tails`); ``discrete_left_tail`` ``[B]``: the discrete one below it
       (:func:`left_tail`).
+    - ``gaussian_nll`` ``[B]``: the reference's exact ``-ln N(x; mu, Sigma)`` at each image
+      (:meth:`GaussianReference.nll`, nats): what the continuous estimate would be with the Gaussian decoder
+      at every log-SNR, for figures and checks.
     - ``continuous_tail_itd`` ``[B]``: the continuous integral outside ITD's range (:func:`itd_range`
       intersected with the sampled one), for the estimate restricted to ITD's range.
     - ``*_dequantized``: the same at the dequantized image.
@@ -67,6 +70,7 @@ class Curves:
     gaussian_errors_dequantized: Tensor | None = None
     continuous_tail_dequantized: Tensor | None = None
     continuous_tail_itd: Tensor | None = None
+    gaussian_nll: Tensor | None = None
 
     @property
     def num_models(self) -> int:
@@ -233,6 +237,7 @@ def _gaussian_constants(reference: GaussianReference, x: Tensor, logsnr: Tensor,
         out["gaussian_mmse" + suffix].append(reference.pointwise_mmse(xs, a).cpu())
         out["continuous_tail" + suffix].append(continuous_tails(reference, xs, proposal.bounds).cpu())
         if not suffix:
+            out.setdefault("gaussian_nll", []).append(reference.nll(xs).cpu())
             out.setdefault("continuous_tail_itd", []).append(
                 continuous_tails(reference, xs, itd_range(reference, proposal.bounds)).cpu())
         if delta is not None:

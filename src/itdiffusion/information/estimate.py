@@ -61,6 +61,7 @@ class ITEstimate:
     dequantized_stderr: Tensor | None = None
     continuous_itd_range: Tensor | None = None
     continuous_itd_range_stderr: Tensor | None = None
+    continuous_integrand: Tensor | None = None  # [B, K]: the continuous estimate's per-point values
     continuous_decisions: Decisions | None = None
 
     @property
@@ -116,7 +117,7 @@ def estimate(curves: Curves, reference: GaussianReference, *, clamp: bool = True
                                      gaussian_errors=c.gaussian_errors, tails=c.continuous_tail,
                                      reference_mmse=mmse_g, **common)
     est = ITEstimate(continuous=cont.nll, continuous_stderr=cont.stderr, curves=curves,
-                     continuous_decisions=cont.decisions)
+                     continuous_decisions=cont.decisions, continuous_integrand=cont.integrand)
     if c.continuous_tail_itd is not None:
         itd = continuous_nll_from_curve(c.mmse, c.logsnr, log_q, reference, clamp,
                                         gaussian_mmse=c.gaussian_mmse, gaussian_errors=c.gaussian_errors,
@@ -145,7 +146,8 @@ def estimate(curves: Curves, reference: GaussianReference, *, clamp: bool = True
         est.dequantized = deq.nll + reference.dim * math.log(1.0 / c.delta)
         est.dequantized_stderr = deq.stderr
     for name in ("continuous", "continuous_stderr", *ESTIMATES, "discrete_stderr", "dequantized_stderr",
-                 "discrete_left_tail", "continuous_itd_range", "continuous_itd_range_stderr"):
+                 "discrete_left_tail", "continuous_itd_range", "continuous_itd_range_stderr",
+                 "continuous_integrand"):
         value = getattr(est, name)
         if isinstance(value, Tensor):
             setattr(est, name, value.cpu())

@@ -101,6 +101,13 @@ class GaussianReference:
         """``h_G = d/2 ln(2 pi e) + 1/2 sum_i ln lambda_i`` (nats)."""
         return 0.5 * self.dim * LOG_2PI_E + 0.5 * self.log_eigvals.sum().item()
 
+    def nll(self, x: Tensor) -> Tensor:
+        """The reference's exact negative log-density at the images ``x`` ``[B, *shape]``, in nats ``[B]``:
+        ``-ln N(x; mu, Sigma) = 1/2 [d ln(2 pi) + sum_i ln lambda_i + sum_i rho_i]`` with ``rho_i`` from
+        :meth:`whiten_coords` (its mean over data with the reference's moments is :attr:`entropy`)."""
+        const = 0.5 * self.dim * math.log(2.0 * math.pi) + 0.5 * self.log_eigvals.sum()
+        return const + 0.5 * self.whiten_coords(x).sum(-1)
+
     def mmse(self, logsnr: Tensor) -> Tensor:
         """``mmse_G(a) = sum_i sigmoid(a + ln lambda_i)`` (eps units), elementwise over ``logsnr`` (any shape;
         evaluated in chunks, so memory does not grow with ``logsnr.numel() * d``)."""

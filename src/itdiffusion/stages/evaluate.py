@@ -268,6 +268,7 @@ def estimate_groups(
     values = [f.per_image() for f in found]
     per_image.groups = [f"m{g[0]}" for g in groups[: curves.num_models]] + [ENSEMBLE] * (len(groups) > 1)
     per_image.estimates = {f"it_{name}_nats": torch.stack([v[name] for v in values]) for name in values[0]}
+    per_image.continuous_integrand = torch.stack([f.continuous_integrand for f in found])
     per_image.reference_mmse = mmse_g.cpu()
     return per_image, found
 

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
 from itdiffusion import distributed
-from itdiffusion.artifacts import LOSS_CURVE
+from itdiffusion.artifacts import LOSS_CURVE, checkpoint_provenance, write_export_provenance
 from itdiffusion.checkpointing import EXPORTED_MODEL, LAST, load_training_state
 from itdiffusion.config import FinetuneConfig
 from itdiffusion.dashboard import TRACKING_ID, log_model
@@ -121,6 +121,26 @@ def load_initial_weights(cfg: DictConfig, model: nn.Module) -> tuple[str, str | 
     except (FileNotFoundError, ValueError, CheckpointError) as e:
         raise UserError(f"{e} (finetune.init: null = the model's checkpoint, a path, or scratch)") from e
     return f"{path} (sha256 {sha256})", sha256
+
+
+# The tables' names of the fine-tuning objectives (finetune.objective); "iddpm" is the model config's own
+# loss (its training_objective, e.g. L_hybrid).
+OBJECTIVE_LABELS = {"it": "IT", "any_order": "any-order (I-MDCE)"}
+
+
+def objective_label(cfg: DictConfig, objective: str, init_sha256: str | None) -> str:
+    """The training objective the tables show for this run's weights: the objective's name from scratch,
+    else the starting weights' own label (their ``export.json`` when they come from a fine-tuning run, else
+    the model config's ``training_objective``) ``+ <objective> fine-tuning``."""
+    name = OBJECTIVE_LABELS.get(objective, objective)
+    if objective == "iddpm":
+        name = cfg.model.training_objective
+    if init_sha256 is None:
+        return name
+    init = cfg.finetune.init or cfg.model.checkpoint
+    found = checkpoint_provenance(str(init), init_sha256) if init else None
+    base = found["training_objective"] if found else cfg.model.training_objective
+    return f"{base} + {name} fine-tuning"
 
 
 def check_finished_run(ckpt_dir: Path, settings: dict) -> None:
@@ -278,6 +298,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "git_commit": git_commit(), "config": config_dict(cfg),
         }
         if distributed.is_main():
+            weights = [Path(result.model_path)] + ([Path(result.ema_path)] if result.ema_path else [])
+            write_export_provenance(
+                ckpt_dir, weights, training_objective=objective_label(cfg, settings.objective, init_sha256),
+                objective=settings.objective, init=init, steps=result.steps, model=cfg.model.name,
+                run_id=cfg.run_id, git_commit=summary["git_commit"])
             atomic_write_json(run_dir / SUMMARY, summary)
             tracker.summary({k: v for k, v in summary.items() if k != "config"})
             log_model(tracker, settings.run_name, Path(result.model_path), file_sha256(result.model_path),

@@ -11,10 +11,10 @@
 2. Figures in ``<paths.results_dir>/figures/``, per reproduction group, from each run's
    ``per_image.npz`` (:mod:`itdiffusion.figures`: made from what the estimator integrates): the paper's
    MMSE figure (``<group>_mmse.png``), the MMSE gap the continuous estimate integrates
-   (``_mmse_gap.png``; ``figure_checks`` compares the estimate it implies with the table), per-image
+   (``_mmse_gap.png``; :func:`check_gap` stops the report if its numbers are not the table's), per-image
    histograms and the IT-vs-VLB scatter (``_per_image.png``), per-pixel information maps
-   (``_pixel_maps.png``) and the fine-tuning losses, one panel per unit (``_loss.png``). The store
-   keeps the figure links (results.md lists them whatever order runs finish in).
+   (``_pixel_maps.png``) and the fine-tuning losses, a row per run and a column per unit (``_loss.png``).
+   The store keeps the figure links (results.md lists them whatever order runs finish in).
 3. wandb: Table 1, Table 2 and the I-MDCE table as numbers (mean, stderr, the paper's value, the
    difference), the figures with captions, and the evaluations' artifacts as inputs.
 """
@@ -30,7 +30,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from itdiffusion import artifacts, figures, summary
+from itdiffusion import artifacts, figures, run_figures, summary
 from itdiffusion.artifacts import PerImage
 from itdiffusion.dashboard import EVALUATION_ARTIFACT_TYPE, TRACKING_ID
 from itdiffusion.errors import UserError
@@ -100,6 +100,10 @@ class RowCheck:
             out[run_id] = _row(metrics, run_dir) if metrics is not None else {**row, INVALID: reason}
         for run_dir in scanned:  # runs not (or not yet) in the store, and runs moved to another dir
             metrics, reason = checked[run_dir]
+            if metrics is not None and not metrics.get("results", True):  # results=false: kept out
+                out = {k: v for k, v in out.items() if v.get("metrics_path") != _row(metrics, run_dir)[
+                    "metrics_path"]}
+                continue
             if metrics is not None and metrics.get("run_id"):
                 out[str(metrics["run_id"])] = _row(metrics, run_dir)
                 self.found.append(metrics)
@@ -182,7 +186,7 @@ def _save_figure(fig, path: Path) -> None:
 
 
 def loss_panels(curves: Sequence[tuple[str, list[dict], str | None]]) -> dict[str, list]:
-    """Loss series by unit (:data:`itdiffusion.figures.LOSS_UNITS`): ``unit -> [(run, kind, points)]``.
+    """Loss series by unit (:data:`itdiffusion.run_figures.LOSS_UNITS`): ``unit -> [(run, kind, points)]``.
     Bits/dim are bits of the continuous IT bound, except for masked-diffusion runs (``any_order``: discrete
     bits/dim); the held-out loss of an ``iddpm`` run is the IT bound."""
     panels: dict[str, list] = {}
@@ -193,9 +197,9 @@ def loss_panels(curves: Sequence[tuple[str, list[dict], str | None]]) -> dict[st
                 continue
             unit, series = found
             if unit == "bpd":
-                key = figures.LOSS_UNITS["any_order" if objective == "any_order" else "it"]
+                key = run_figures.LOSS_UNITS["any_order" if objective == "any_order" else "it"]
             else:
-                key = figures.LOSS_UNITS.get(unit, unit)
+                key = run_figures.LOSS_UNITS.get(unit, unit)
             panels.setdefault(key, []).append((name, kind, series))
     return panels
 
@@ -228,23 +232,56 @@ def group_figures(rows: list[dict], loss_curves, figure_dir: Path, slug: str) ->
         for run, per_image in with_curves:
             dim = int(run["dim"])
             entropy = float(run["gaussian_entropy_bpd"]) * dim * math.log(2)
-            gaps[labels[run["run_id"]]] = data = figures.gap_data(per_image, entropy, dim)
-            checks[run["run_id"]] = {
-                "figure_bpd": data.implied_bpd, "table_bpd": run.get("it_continuous_bpd"),
-                "table_stderr": run.get("it_continuous_bpd_stderr"), "gaussian_bpd": data.gaussian_bpd}
-        made["mmse_gap"] = figures.plot_gap(gaps, figure_dir / f"{slug}_mmse_gap.png")
-    values = {labels[r["run_id"]]: figures.per_image_bpd(p, int(r.get("dim") or 0)) for r, p in evaluations
-              if r.get("dim")}
-    path = figures.plot_per_image(values, figure_dir / f"{slug}_per_image.png")
+            try:
+                data = figures.gap_data(per_image, entropy, dim)
+            except ValueError as e:
+                log.warning("no gap figure for %s: %s", run["run_id"], e)
+                continue
+            gaps[labels[run["run_id"]]] = data
+            checks[run["run_id"]] = check_gap(run, data)
+        if gaps:
+            made["mmse_gap"] = figures.plot_gap(gaps, figure_dir / f"{slug}_mmse_gap.png")
+    values = {labels[r["run_id"]]: run_figures.per_image_bpd(p, int(r.get("dim") or 0))
+              for r, p in evaluations if r.get("dim")}
+    path = run_figures.plot_per_image(values, figure_dir / f"{slug}_per_image.png")
     if path is not None:
         made["per_image"] = path
     maps = _pixel_map_runs(evaluations, labels)
     if maps:
         made["pixel_maps"] = figures.plot_pixel_maps(maps, figure_dir / f"{slug}_pixel_maps.png")
-    path = figures.plot_losses(loss_panels(loss_curves), figure_dir / f"{slug}_loss.png")
+    path = run_figures.plot_losses(loss_panels(loss_curves), figure_dir / f"{slug}_loss.png")
     if path is not None:
         made["loss"] = path
     return made, checks
+
+
+class FigureCheckError(RuntimeError):
+    """A figure would show other numbers than the table of the same run."""
+
+
+# Table 1 prints bits/dim to 3 decimals: a figure's number must round the same (float32 curves: ~1e-6).
+FIGURE_TOLERANCE_BPD = 5e-4
+
+
+def check_gap(run: Mapping, data: figures.GapData) -> dict:
+    """The gap figure's numbers against the run's metrics (the table's source): its estimate is the table's
+    ``it_continuous_bpd``, Ĝ − area/2 is that estimate, its Gaussian is metrics' closed-form
+    ``gaussian_nll_bpd``. Returns them; raises :class:`FigureCheckError` naming every disagreement."""
+    numbers = {"figure_bpd": data.estimate_bpd, "table_bpd": run.get("it_continuous_bpd"),
+               "table_stderr": run.get("it_continuous_bpd_stderr"), "area_bpd": data.area_bpd,
+               "sampled_gaussian_bpd": data.sampled_gaussian_bpd, "gaussian_bpd": data.gaussian_bpd,
+               "table_gaussian_bpd": run.get("gaussian_nll_bpd")}
+    pairs = [("estimate", data.estimate_bpd, run.get("it_continuous_bpd")),
+             ("Ĝ − area/2", data.sampled_gaussian_bpd - data.area_bpd, run.get("it_continuous_bpd")),
+             ("Gaussian −ln N", data.gaussian_bpd, run.get("gaussian_nll_bpd"))]
+    bad = [f"{name}: figure {fig:.6f}, table {table:.6f}" for name, fig, table in pairs
+           if table is not None and not abs(fig - table) <= FIGURE_TOLERANCE_BPD]
+    if run.get("it_continuous_bpd") is None:
+        bad.append("the table has no it_continuous_bpd")
+    if bad:
+        raise FigureCheckError(f"the gap figure of run {run['run_id']} disagrees with its metrics.json "
+                               f"({'; '.join(bad)}): a bug, please report it")
+    return numbers
 
 
 def _group_mmse(with_curves, labels) -> figures.MMSEData:
@@ -287,7 +324,7 @@ CAPTIONS = {
     "per_image": "Per-image IT bits/dim (histograms) and IT discrete against the discrete VLB per image.",
     "pixel_maps": "Each pixel's share of -log2 p(x) (channels summed) and the log-SNR its information comes "
                   "from; the difference of two runs on the same images.",
-    "loss": "Training (solid) and held-out (dashed) loss, one panel per unit.",
+    "loss": "Training (solid blue) and held-out (dashed orange) loss, one row per run, one column per unit.",
 }
 
 
@@ -321,10 +358,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             for name, path in figure_paths.get(group, {}).items():
                 tracker.log_image(f"{group}/{name}", path, caption=CAPTIONS.get(name))
         if checks:
-            tracker.log_table("figure_checks", ["run_id", "figure_bpd", "table_bpd", "table_stderr",
-                                                "gaussian_bpd"],
-                              [[k, v["figure_bpd"], v["table_bpd"], v["table_stderr"], v["gaussian_bpd"]]
-                               for k, v in checks.items()])
+            columns = ["figure_bpd", "table_bpd", "table_stderr", "area_bpd", "sampled_gaussian_bpd",
+                       "gaussian_bpd", "table_gaussian_bpd"]
+            tracker.log_table("figure_checks", ["run_id", *columns],
+                              [[k, *(v[c] for c in columns)] for k, v in checks.items()])
     log.info("wrote %s (%d runs)", paths["md"], len(runs))
     problem = row_check.problem()
     if problem is not None:

@@ -26,6 +26,7 @@ from itdiffusion.errors import Preempted, UserError
 from itdiffusion.results import ResultsStoreError, record_run
 from itdiffusion.stages import config_dict, git_commit
 from itdiffusion.stages.partial import Partial, discard, sigterm_flag
+from itdiffusion.sweeps import job_group
 from itdiffusion.tracking import Tracker
 from itdiffusion.units import ABSURD_BPD
 
@@ -159,9 +160,11 @@ def provenance(cfg: DictConfig, members: Sequence) -> dict:
         "label": cfg.label,
         "paper_row": cfg.paper_row,
         "experiment": cfg.experiment,
-        "group": cfg.logger.group,
+        "group": cfg.logger.group or job_group(),  # a sweep's jobs: one group per sweep
+        "results": bool(cfg.results),
+        "data": cfg.data.name,
         "model": _model_names(members) or cfg.model.name,
-        "training_objective": cfg.model.training_objective,
+        **training_objective(cfg, members),
         "checkpoint": members[0].checkpoint if one else [m.checkpoint for m in members],
         "checkpoint_sha256": members[0].sha256 if one else [m.sha256 for m in members],
         "git_commit": git_commit(),
@@ -170,6 +173,19 @@ def provenance(cfg: DictConfig, members: Sequence) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": config_dict(cfg),
     }
+
+
+def training_objective(cfg: DictConfig, members: Sequence) -> dict:
+    """The weights' training objective label: from the ``export.json`` finetune wrote beside them when it
+    describes these weights (:func:`itdiffusion.artifacts.checkpoint_provenance`), else the model config's
+    ``training_objective``; per member for an ensemble. ``training_objective_from`` says which."""
+    found = [artifacts.checkpoint_provenance(m.checkpoint, m.sha256) if m.checkpoint else None
+             for m in members]
+    labels = [f["training_objective"] if f else cfg.model.training_objective for f in found]
+    sources = ["checkpoint" if f else "model config" for f in found]
+    one = len(members) == 1
+    return {"training_objective": labels[0] if one else labels,
+            "training_objective_from": sources[0] if one else sources}
 
 
 def _model_names(members: Sequence) -> str | list[str] | None:
@@ -226,6 +242,10 @@ def finish(cfg: DictConfig, run_dir: Path, per_image: PerImage, metrics: dict, s
 
 
 def _record(cfg: DictConfig, metrics: dict, metrics_path: Path) -> None:
+    if not cfg.results:
+        log.info("results=false: %s stays out of the results tables (its metrics are in %s)", cfg.run_id,
+                 metrics_path)
+        return
     try:
         record_run(cfg.paths.results_dir, {**metrics, "metrics_path": str(metrics_path)})
     except ResultsStoreError as e:  # an unreadable results store: keep metrics.json, say how to recover
