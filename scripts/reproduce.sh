@@ -220,8 +220,8 @@ family_chain() {  # family_chain <family>: evaluate base -> IT fine-tune -> eval
   # every evaluation takes the log-SNR proposal of the first one (its pilot's range) and, with a dataset
   # budget, its points per image, so that the ensembles can combine any runs' stored curves
   local proposal=()
-  shared_points() { proposal=("estimator.logsnr_proposal_from=$OUT/evaluate/$PROPOSAL_RUN"
-                              "estimator.budget_from=$OUT/evaluate/$PROPOSAL_RUN"); }
+  shared_points() { proposal=("estimator.logsnr_proposal_from=$OUT/evaluate/$PROPOSAL_RUN")
+                    if [[ "$BUDGET" == dataset ]]; then proposal+=("estimator.budget_from=$OUT/evaluate/$PROPOSAL_RUN"); fi; }
   if [[ -n "$PROPOSAL_RUN" ]]; then shared_points; fi
 
   step "$ROW: evaluate the base model (VLB and IT)"
@@ -268,6 +268,8 @@ family_chain() {  # family_chain <family>: evaluate base -> IT fine-tune -> eval
   fi
 }
 
+# the evaluations' estimator.budget (experiment and overrides): budget_from applies to a dataset budget only
+BUDGET="$("$PY" -m itdiffusion.stages.evaluate "$@" --cfg job --package estimator.budget)"
 declare -A BASES=()
 PROPOSAL_RUN="" MEMBERS=() MEMBER_MODELS=() MEMBER_RUNS=()
 for fam in "${FAMILIES[@]}"; do base_model "$fam"; done

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY
+from conftest import TINY, path_overrides, run_cli
 from itdiffusion import artifacts, figures, run_figures, tracking
 from itdiffusion.stages import evaluate, finetune
 from wandb_records import offline_runs
@@ -55,6 +55,9 @@ def test_evaluate_run_holds_numbers_config_curves_per_image_values_and_its_artif
     for setting in ("dim", "world_size", "elapsed_s", "num_images", "npoints"):
         assert setting not in run.logged_keys() and setting in run.config["run"]
     assert run.config["estimator"]["npoints"] == 4
+    # the groups evaluate reads, not finetune's
+    assert {"paths", "data", "model", "estimator", "logger"} <= set(run.config)
+    assert "finetune" not in run.config
     # the binned MMSE curves: every model and the references, as a table with a line plot
     curve = run.media("mmse_curve")
     assert curve["columns"] == ["logsnr", "series", "mmse"]
@@ -92,6 +95,7 @@ def test_finetune_resumes_its_wandb_run_and_an_evaluation_uses_its_model(wb_cfg,
     assert len(runs) == 2 and runs[0].id == runs[1].id  # one wandb run, resumed
     assert all(r.name == "finetune-ft" for r in runs)
     assert {"smoke", "iddpm_tiny", "iddpm"} <= set(runs[0].tags)
+    assert runs[0].config["finetune"]["max_steps"] == 1 and "estimator" not in runs[0].config
     model_arts = [a for r in runs for a in r.artifacts if a.type == "model"]
     assert model_arts and all(a.name == "model-ft" for a in model_arts)
     record = json.loads((tmp_path / "checkpoints" / "finetune" / "ft" / "wandb_artifact.json").read_text())
@@ -107,6 +111,16 @@ def test_finetune_resumes_its_wandb_run_and_an_evaluation_uses_its_model(wb_cfg,
     assert ev.config["inputs"] == [{"artifact": link, "type": "model"}]  # offline: lineage as metadata
     [art] = [a for a in ev.artifacts if a.type == "evaluation"]
     assert json.loads(art.metadata)["uses"] == [link]
+
+
+def test_a_stats_run_from_the_cli_logs_the_groups_it_reads(tmp_path):
+    proc = run_cli("stats", *TINY, "logger=wandb", "logger.mode=offline", f"logger.dir={tmp_path / 'wb'}",
+                   "run_id=st", *path_overrides(tmp_path), cwd=tmp_path, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    [run] = by_job(tmp_path, "stats")
+    groups = {k for k, v in run.config.items() if isinstance(v, dict) and k != "_wandb"}
+    assert groups == {"paths", "data", "logger"}
+    assert run.config["data"]["stats_images"] == 40 and run.config["seed"] == 0  # top-level keys stay
 
 
 def test_wandb_variables_are_honoured_and_explicit_config_wins(wb_cfg, tiny_checkpoints, tmp_path,

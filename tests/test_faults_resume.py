@@ -70,6 +70,16 @@ def test_repeated_crashes_resume_bit_identical(tmp_path, reference):
     assert_identical(final_files(tmp_path), reference)
 
 
+def test_kill_after_pruning_then_resume_is_bit_identical(tmp_path, reference):
+    # keep_epochs=0 from step 6 on: epoch 0's file is never kept, so the resume reads last.pt alone
+    with pytest.raises(Crash):
+        make_trainer(tmp_path, keep_epochs=0, on_step_end=crash_at(9)).run()
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["last.pt"]
+    make_trainer(tmp_path, keep_epochs=0).run()
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["ema.pt", "last.pt", "model.pt"]
+    assert_identical(final_files(tmp_path), reference)
+
+
 def test_rerun_of_finished_run_changes_nothing(tmp_path, reference):
     make_trainer(tmp_path).run()
     result = make_trainer(tmp_path).run()

@@ -77,6 +77,7 @@ def test_ema_matches_the_recursion():
     ("objective", "mse", "finetune.objective='mse'"),
     ("ema_decay", 1.0, "finetune.ema_decay=1.0"),
     ("save_every_steps", 0, "finetune.save_every_steps=0"),
+    ("keep_epochs", -2, "finetune.keep_epochs=-2 must be >= -1"),
     ("grad_clip", 0.0, "finetune.grad_clip=0.0"),
     ("log_every_steps", 0, "finetune.log_every_steps=0"),
 ])
@@ -93,7 +94,7 @@ def test_empty_or_too_small_training_set_is_a_clear_error(tmp_path):
 
 
 def test_training_lowers_heldout_loss_and_writes_the_run_dir(tmp_path):
-    result = make_trainer(tmp_path, epochs=3, ema_decay=None).run()
+    result = make_trainer(tmp_path, epochs=3, ema_decay=None, keep_epochs=-1).run()
     curve = read_loss_curve(tmp_path / "loss_curve.json")
     assert curve == result.curve
     assert [p["step"] for p in curve] == [0, 6, 12, 18] and curve[0]["train_loss_nats"] is None
@@ -106,6 +107,17 @@ def test_training_lowers_heldout_loss_and_writes_the_run_dir(tmp_path):
     final = ckpt.load_training_state(tmp_path / "last.pt")
     assert exported.keys() == final["model"].keys()
     assert all(torch.equal(exported[k], final["model"][k]) for k in exported)
+
+
+@pytest.mark.parametrize(("keep", "kept"),
+                         [(-1, [0, 1, 2, 3]), (0, []), (1, [3]), (2, [2, 3]), (9, [0, 1, 2, 3])])
+def test_keep_epochs_keeps_exactly_the_newest_epoch_files(tmp_path, keep, kept):
+    make_trainer(tmp_path, epochs=4, ema_decay=None, keep_epochs=keep, dropout=0.0).run()
+    expected = [ckpt.epoch_checkpoint_name(e) for e in kept] + ["last.pt", "model.pt"]
+    assert sorted(f.name for f in tmp_path.glob("*.pt")) == expected
+    for e in kept:  # each kept file is the state at the end of its own epoch (6 steps per epoch)
+        state = ckpt.load_training_state(tmp_path / ckpt.epoch_checkpoint_name(e))
+        assert state["progress"]["step"] == 6 * (e + 1)
 
 
 def test_max_steps_stops_mid_epoch(tmp_path):

@@ -1,8 +1,8 @@
 """Every key of every schema with a bad value of its kind fails at launch: one line, exit 2, nothing created.
 
 The bulk runs in-process through the function the command line runs before Hydra makes the run dir
-(:func:`itdiffusion.stages.check_launch`, after Hydra's composition): one CLI process per key would take
-minutes. A sample per schema, and every value the fault campaign found, go through the real command line.
+(:func:`itdiffusion.stages.check_before_run_dir`, after Hydra's composition): one CLI process per key would
+take minutes. A sample per schema, and every value the fault campaign found, go through the real command line.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from conftest import path_overrides, run_cli
 from itdiffusion import config
 from itdiffusion.errors import UserError
-from itdiffusion.stages import CONFIG_DIR, check_launch
+from itdiffusion.stages import CONFIG_DIR, check_before_run_dir
 
 # schema section -> (its dataclass, the overrides that select it)
 SCHEMAS = {
@@ -106,7 +106,7 @@ def test_every_key_is_tested_or_free_text():
 @pytest.mark.parametrize(("key", "value", "selectors"), CASES, ids=[f"{c[0]}={c[1]}" for c in CASES])
 def test_a_bad_value_of_any_key_fails_before_the_run_dir(tmp_path, key, value, selectors):
     """Hydra refuses a value of the wrong type while composing (the command line: one line, exit 2); a value
-    of the right type outside its rule fails check_launch with one line naming the key."""
+    of the right type outside its rule fails check_before_run_dir with one line naming the key."""
     overrides = [*path_overrides(tmp_path), "logger=none", *selectors, _override(key, value)]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3", job_name="evaluate"):
         try:
@@ -115,7 +115,7 @@ def test_a_bad_value_of_any_key_fails_before_the_run_dir(tmp_path, key, value, s
             assert key.split(".")[-1] in str(e) or str(value) in str(e), e
             return
         with pytest.raises(UserError) as info:
-            check_launch(cfg)
+            check_before_run_dir(cfg)
     message = str(info.value)
     assert f"{key}=" in message and "\n" not in message
     assert not (tmp_path / "outputs").exists()

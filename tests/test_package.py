@@ -4,14 +4,37 @@ configs it ships, through its console scripts. CI runs it (``make test-package``
 from __future__ import annotations
 
 import os
+import shutil
 import site
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO, TINY
+
+BUILD_WHEEL = "import sys; from setuptools import build_meta; print(build_meta.build_wheel(sys.argv[1]))"
+
+
+def test_the_wheel_builds_with_no_warning_and_ships_the_license(tmp_path):
+    # setuptools' build backend with every warning an error (a deprecated pyproject key stops the build on
+    # setuptools' announced date; it warns until then), on a copy of the files a wheel is built from
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(REPO / name, tree / name)
+    shutil.copytree(REPO / "src", tree / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    proc = subprocess.run([sys.executable, "-W", "error", "-c", BUILD_WHEEL, str(tmp_path / "dist")],
+                          cwd=tree, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Warning" not in proc.stderr, proc.stderr[-3000:]
+    with zipfile.ZipFile(tmp_path / "dist" / proc.stdout.split()[-1]) as wheel:
+        metadata = wheel.read("itdiffusion-0.1.0.dist-info/METADATA").decode()
+        license_text = wheel.read("itdiffusion-0.1.0.dist-info/licenses/LICENSE").decode()
+    assert "License-Expression: MIT" in metadata.splitlines()
+    assert license_text.startswith("MIT License") and "itdiffusion contributors" in license_text
 
 
 @pytest.mark.slow

@@ -3,7 +3,8 @@
 A run directory ``checkpoints/finetune/<run>/`` holds
 
 - ``last.pt``: the newest training state (rewritten every ``save_every_steps`` and every epoch),
-- ``epoch_XXX.pt``: the state at the end of epoch XXX (0-based),
+- ``epoch_XXX.pt``: the state at the end of epoch XXX (0-based); only the newest ``finetune.keep_epochs``
+  of them are kept (:func:`prune_epoch_checkpoints`),
 - ``model.pt`` (and ``ema.pt``): plain U-Net state_dicts exported when training finishes, loadable
   like an official IDDPM checkpoint,
 - ``loss_curve.json``: the train / held-out loss curve.
@@ -96,15 +97,42 @@ def serialize(state: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def save_training_state(run_dir: Path, data: bytes, epoch_end: int | None = None) -> None:
-    """Write serialized state to ``last.pt`` (and first to ``epoch_XXX.pt`` at the end of an epoch).
+def save_training_state(run_dir: Path, data: bytes, epoch_end: int | None = None,
+                        keep_epochs: int = -1) -> None:
+    """Write serialized state to ``last.pt`` (and first to ``epoch_XXX.pt`` at the end of an epoch), then
+    keep only the newest ``keep_epochs`` epoch files (:func:`prune_epoch_checkpoints`).
 
     The epoch file is written first: a crash in between leaves an older ``last.pt``, from which the
-    run resumes and rewrites both, never a ``last.pt`` newer than a missing epoch file.
+    run resumes and rewrites both, never a ``last.pt`` newer than a missing epoch file. Pruning comes
+    last, once ``last.pt`` (what a resume reads) holds this state.
     """
-    if epoch_end is not None:
+    if epoch_end is not None and keep_epochs != 0:
         atomic_write_bytes(run_dir / epoch_checkpoint_name(epoch_end), data)
     atomic_write_bytes(run_dir / LAST, data)
+    prune_epoch_checkpoints(run_dir, keep_epochs)
+
+
+def epoch_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """``(epoch, path)`` of every ``epoch_XXX.pt`` in ``run_dir``, newest epoch first."""
+    return sorted(
+        ((int(m.group(1)), p) for p in run_dir.glob("epoch_*.pt") if (m := _EPOCH_RE.match(p.name))),
+        reverse=True,
+    )
+
+
+def prune_epoch_checkpoints(run_dir: Path, keep_epochs: int) -> list[Path]:
+    """Delete all but the newest ``keep_epochs`` epoch files (-1: keep all; 0: none); returns those deleted.
+
+    ``last.pt``, ``model.pt`` and ``ema.pt`` are never touched: a resume reads ``last.pt`` (the epoch files
+    are only its fallback when it is damaged), so no pruning can take what a resume needs.
+    """
+    if keep_epochs < 0:
+        return []
+    stale = [p for _, p in epoch_checkpoints(run_dir)[keep_epochs:]]
+    for p in stale:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    return stale
 
 
 def load_training_state(path: Path) -> dict[str, Any]:
@@ -125,12 +153,8 @@ def load_training_state(path: Path) -> dict[str, Any]:
 
 def checkpoint_candidates(run_dir: Path) -> list[Path]:
     """Checkpoints to resume from, newest first: ``last.pt``, then epoch files by epoch, descending."""
-    epochs = sorted(
-        ((int(m.group(1)), p) for p in run_dir.glob("epoch_*.pt") if (m := _EPOCH_RE.match(p.name))),
-        reverse=True,
-    )
     last = [run_dir / LAST] if (run_dir / LAST).exists() else []
-    return last + [p for _, p in epochs]
+    return last + [p for _, p in epoch_checkpoints(run_dir)]
 
 
 def find_resume_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:

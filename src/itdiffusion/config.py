@@ -222,6 +222,7 @@ class FinetuneConfig:
     bf16: bool = False  # bfloat16 autocast for the forward pass
     ema_decay: float | None = None  # keep an EMA of the weights, exported as ema.pt (None: no EMA)
     save_every_steps: int | None = None  # mid-epoch checkpoints (last.pt); epoch ends always save
+    keep_epochs: int = 2  # epoch_XXX.pt files kept (the newest); -1: all, 0: none (last.pt, model.pt always)
     heldout_images: int = 256  # first test images for the held-out loss curve (0: none)
     log_every_steps: int = 10  # tracker (wandb) rows: the mean train loss over this many steps
     skip_nonfinite: bool = False  # skip (and count) steps with a NaN/inf loss or gradient instead of stopping
@@ -278,6 +279,9 @@ class Config:
     # must share this run's checkpoints, test images and estimator settings, else a UserError says which)
     ensemble_curves: list[str] = field(default_factory=list)
     skip_done: bool = False  # skip a stage whose outputs already exist in its run dir (resumable chains)
+    # the number of the stage's result that its main() returns, the objective of an optimizing sweeper
+    # (conf/hparams_search/): e.g. finetune.json's final_heldout_loss_bpd, metrics.json's elapsed_s
+    optimized_metric: str | None = None
     # evaluate: add this run to the results tables (results.{json,csv,md}); false keeps its run dir and
     # metrics.json but leaves it out of the tables, now and in every later report
     results: bool = True
@@ -323,6 +327,10 @@ def register_configs() -> None:
         from itdiffusion.trajectory import settings_hash_resolver
 
         OmegaConf.register_new_resolver("itd_settings_hash", settings_hash_resolver)
+    if not OmegaConf.has_resolver("itd_help"):
+        from itdiffusion.help import help_text
+
+        OmegaConf.register_new_resolver("itd_help", help_text)
     if not OmegaConf.has_resolver("itd_sweep_id"):
         from itdiffusion.sweeps import sweep_id
 
@@ -545,6 +553,7 @@ VALUE_RULES: tuple[Rule, ...] = (
     Rule("finetune.warmup_steps", NON_NEGATIVE),
     Rule("finetune.ema_decay", Bounds(low=0, high=1, low_open=True, high_open=True, nullable=True,
                                       why="(null: no EMA)")),
+    Rule("finetune.keep_epochs", Bounds(low=-1, why="(-1: all epoch files, 0: none)")),
     Rule("finetune.save_every_steps", Bounds(low=1, nullable=True, why="(null: at epoch ends)")),
     Rule("finetune.heldout_images", NON_NEGATIVE),
     Rule("finetune.max_skipped_steps", NON_NEGATIVE),
@@ -553,6 +562,94 @@ VALUE_RULES: tuple[Rule, ...] = (
     Rule("logger.mode", OneOf(("offline", "online", "disabled"))),
     Rule("logger.init_timeout", POSITIVE),
 )
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings that only matter under another one. A key given on the command line (or in a sweep job's
+# overrides) whose condition does not hold would be silently ignored, so the launch fails instead,
+# naming the key to add (dependency_problems, applied by itdiffusion.stages.launch to the groups the
+# stage reads). Keys set in config files are not checked: experiment=paper_full inherits paper's
+# dataset-budget settings on purpose and runs per image. Left out on purpose, because scripts/reproduce.sh
+# hands the same overrides to evaluations where they apply and to others where they cannot: the VLB keys
+# (vlb_steps, vlb_steps_per_batch; its ensemble steps run with estimator.vlb=false) and the masked-model
+# keys (num_masks, corrupt_fraction; its IDDPM and DDPM evaluations).
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Needs:
+    """``key`` applies only where ``other`` is one of ``values`` (with ``negate``: is none of them)."""
+
+    key: str
+    other: str
+    values: tuple[Any, ...]
+    negate: bool = False
+
+    def holds(self, value: Any) -> bool:
+        return (value in self.values) != self.negate
+
+    def problem(self, value: Any) -> str:
+        shown = "|".join(_yaml(v) for v in self.values)
+        wanted = f"{self.other} other than {shown}" if self.negate else f"{self.other}={shown}"
+        return (f"{self.key} applies only with {wanted} (here {self.other}={_yaml(value)}): "
+                f"add that setting or drop {self.key}")
+
+
+def _yaml(value: Any) -> str:
+    """A value as an override writes it (null, true, false)."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+DATASET_BUDGET = ("estimator.budget", ("dataset",))
+DEPENDENT_KEYS: tuple[Needs, ...] = (
+    *(Needs(f"estimator.{k}", *DATASET_BUDGET)
+      for k in ("target_stderr_bpd", "target_stderr_ratio", "pilot_images", "budget_from")),
+    Needs("estimator.target_stderr_ratio", "estimator.target_stderr_bpd", (None,)),  # the bpd target wins
+    *(Needs(f"estimator.{k}", "estimator.it", (True,))
+      for k in ("npoints", "logsnr_sampling", "rounding", "clip", "control_variate", "pixel_maps",
+                "pixel_map_points", "logsnr_proposal_from")),
+    *(Needs(f"estimator.{k}", "estimator.precision", ("fp32",), negate=True)
+      for k in ("precision_tolerance_bpd", "precision_check_images")),
+    *(Needs(f"data.{k}", "data.name", ("cifar10",)) for k in ("download", "verify")),
+    *(Needs(f"data.{k}", "data.name", ("patches",))
+      for k in ("patches_per_photo", "patches_test_photos", "patch_photo_size")),
+    Needs("finetune.max_skipped_steps", "finetune.skip_nonfinite", (True,)),
+)
+
+
+def dependency_problems(cfg: Any, given: set[str], groups: tuple[str, ...] | None = None) -> list[str]:
+    """One message per key in ``given`` (dotted keys set by the command line) whose :data:`DEPENDENT_KEYS`
+    condition fails in ``cfg``; with ``groups``, only keys of those config groups are checked."""
+    problems = []
+    for need in DEPENDENT_KEYS:
+        if need.key not in given or (groups is not None and need.key.split(".")[0] not in groups):
+            continue
+        value = _lookup(cfg, need.other)
+        if value is not _ABSENT and not need.holds(value):
+            problems.append(need.problem(value))
+    return problems
+
+
+def override_keys(overrides: list[str]) -> set[str]:
+    """The dotted keys that Hydra overrides (``a.b=1``, ``+a.b=1``, ``++a.b=1``, ``~a.b``) set."""
+    return {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+
+
+# The config groups each stage reads: its wandb config carries these (and the top-level keys) only, and
+# only their keys are checked against DEPENDENT_KEYS (scripts/reproduce.sh hands its overrides to every
+# stage).
+GROUPS = ("paths", "data", "model", "estimator", "finetune", "logger")
+STAGE_GROUPS: dict[str, tuple[str, ...]] = {
+    "stats": ("paths", "data", "logger"),
+    "evaluate": ("paths", "data", "model", "estimator", "logger"),
+    "finetune": ("paths", "data", "model", "finetune", "logger"),
+    "report": ("paths", "logger"),
+}
+
+
+def stage_config(config: dict, stage: str) -> dict:
+    """``config`` (a resolved config as a dict) without the groups that ``stage`` does not read."""
+    used = STAGE_GROUPS[stage]
+    return {k: v for k, v in config.items() if k not in GROUPS or k in used}
+
 
 _ABSENT = object()
 

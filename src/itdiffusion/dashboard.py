@@ -28,9 +28,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from itdiffusion import artifacts, figures, run_figures
 from itdiffusion.artifacts import PerImage
+from itdiffusion.config import stage_config
 from itdiffusion.tracking import Tracker, run_tags
 
 log = logging.getLogger(__name__)
@@ -66,7 +68,8 @@ def evaluation_tags(cfg, metrics: Mapping) -> list[str]:
 def evaluation_tracker(cfg, run_dir: Path) -> Tracker:
     """The evaluate run, opened when the stage starts (rank 0; a rerun of the run dir resumes it), with the
     config and the tags known before the work (:func:`log_evaluation` adds the rest)."""
-    return Tracker(cfg.logger, cfg, job_type="evaluate", name=f"evaluate-{cfg.run_id}",
+    config = stage_config(OmegaConf.to_container(cfg, resolve=True), "evaluate")
+    return Tracker(cfg.logger, config, job_type="evaluate", name=f"evaluate-{cfg.run_id}",
                    tags=run_tags(cfg.experiment, cfg.model.name, cfg.paper_row,
                                  "ensemble" if cfg.ensemble else None),
                    id_file=Path(run_dir) / TRACKING_ID)
@@ -83,7 +86,7 @@ def log_evaluation(cfg, run_dir: Path, per_image: PerImage, metrics: Mapping,
     if not tracker.active:
         return
     numbers, settings = split_metrics(metrics)
-    tracker.config_update({**(metrics.get("config") or {}), "run": settings})
+    tracker.config_update({**stage_config(metrics.get("config") or {}, "evaluate"), "run": settings})
     tracker.add_tags(evaluation_tags(cfg, metrics))
     tracker.log(numbers)
     dim = int(metrics.get("dim") or 0)

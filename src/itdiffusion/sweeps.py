@@ -104,6 +104,20 @@ def summarize(sweep_dir: Path, since: float, expected: int | None) -> tuple[list
     return records, problems
 
 
+def sweep_without_weights(config: DictConfig) -> str | None:
+    """:func:`itdiffusion.weights_hint.missing_weights` of an evaluate sweep's config when no override
+    sweeps the model or the ensemble (then every job would lack weights); else None."""
+    if config.hydra.job.name != "evaluate":
+        return None
+    swept = [o for o in config.hydra.overrides.task
+             if o.lstrip("+~").startswith(("model", "ensemble")) and "," in o.partition("=")[2]]
+    if swept:
+        return None
+    from itdiffusion.weights_hint import missing_weights
+
+    return missing_weights(config)
+
+
 class SweepReport(Callback):
     """Hydra callback: at the end of a multirun, report failed jobs and exit 1 unless all succeeded."""
 
@@ -112,6 +126,11 @@ class SweepReport(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.started = time.time() - 1.0  # file times may be coarser than the clock
+        problem = sweep_without_weights(config)
+        if problem:  # every job would fail: say so once, before any job starts
+            log.error("%s", problem)
+            print(f"error: {problem}", file=sys.stderr, flush=True)
+            sys.exit(2)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))

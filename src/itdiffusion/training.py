@@ -634,7 +634,8 @@ class Trainer:
                 "config": {**self.run_config, "finetune": asdict(self.cfg)},
                 "trajectory": self.trajectory,
             }
-            ckpt.save_training_state(self.run_dir, ckpt.serialize(state), epoch_end=epoch_end)
+            ckpt.save_training_state(self.run_dir, ckpt.serialize(state), epoch_end=epoch_end,
+                                    keep_epochs=self.cfg.keep_epochs)
             write_loss_curve(self.run_dir / LOSS_CURVE, self.curve, objective=self.cfg.objective)
         self._saved_at_step = self.progress.step
         distributed.barrier()

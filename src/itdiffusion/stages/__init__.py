@@ -32,8 +32,17 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from itdiffusion import distributed, sweeps
-from itdiffusion.config import Name, check_values, register_configs
+from itdiffusion.config import (
+    STAGE_GROUPS,
+    Name,
+    check_values,
+    dependency_problems,
+    override_keys,
+    register_configs,
+)
 from itdiffusion.errors import Preempted, UserError
+from itdiffusion.extras import check_extras
+from itdiffusion.weights_hint import missing_weights
 
 log = logging.getLogger("itdiffusion")
 
@@ -43,13 +52,14 @@ register_configs()
 distributed.adopt_slurm_env()  # srun without torchrun: ranks from SLURM's variables (before the run id)
 
 
-def launch(stage: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> None:
+def launch(stage: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> float | None:
     """Run ``stage(cfg, run_dir)`` inside a Hydra job; exits with status 2 on a :class:`UserError`.
 
-    Before the stage: every value is checked (:func:`itdiffusion.config.check_values`) and so are the
-    folders the stage writes (:func:`check_output_dirs`). A :class:`UserError` prints one line
-    (``error: ...``) on stderr, goes to the stage's log file too, and removes the run dir when this
-    launch created it and it holds nothing but Hydra's files (:func:`remove_unused_run_dir`).
+    Before the stage: :func:`check_launch` (values, keys that need another setting, the folders the
+    stage writes). A :class:`UserError` prints one line (``error: ...``) on stderr, goes to the stage's
+    log file too, and removes the run dir when this launch created it and it holds nothing but Hydra's
+    files (:func:`remove_unused_run_dir`). Returns the number ``optimized_metric`` names in the stage's
+    result (:func:`objective_value`; None without one): an optimizing sweeper's objective.
     """
     from hydra.core.hydra_config import HydraConfig
 
@@ -57,14 +67,12 @@ def launch(stage: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     job = sweeps.current_job()
     if job is not None:
-        launch_sweep_job(stage, cfg, run_dir, job)
-        return
+        return launch_sweep_job(stage, cfg, run_dir, job)
     created = _created_by_this_process(run_dir)
     try:
         try:
-            check_values(cfg)
-            check_output_dirs(cfg, Path(inspect.getfile(stage)).stem)  # not __module__: "__main__" under -m
-            stage(cfg, run_dir)
+            check_launch(cfg, stage, list(hydra_cfg.overrides.task))
+            value = objective_value(cfg, stage(cfg, run_dir))
         except OSError as e:
             if e.errno not in ENVIRONMENT_ERRNOS:
                 raise
@@ -80,6 +88,72 @@ def launch(stage: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> None:
         distributed.shutdown()
         sys.exit(Preempted.EXIT_STATUS)
     distributed.shutdown()
+    return value
+
+
+def objective_value(cfg: DictConfig, result: Any) -> float | None:
+    """The number named ``optimized_metric`` in a stage's result (finetune: its ``finetune.json`` summary,
+    e.g. ``final_heldout_loss_bpd``; evaluate: its metrics.json, e.g. ``it_continuous_bpd_stderr``); None
+    without ``optimized_metric`` and on ranks other than 0 (only rank 0 holds the result)."""
+    name = cfg.get("optimized_metric")
+    if name is None or not distributed.is_main():
+        return None
+    value = result.get(name) if isinstance(result, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        numbers = sorted(k for k, v in (result or {}).items()
+                         if isinstance(v, int | float) and not isinstance(v, bool))
+        raise UserError(f"optimized_metric={name}: the stage's result has no number by that name "
+                        f"(its numbers: {', '.join(numbers) or 'none'})")
+    return float(value)
+
+
+def cli_entry(hydra_main: Callable[[], Any]) -> Callable[[], Any]:
+    """A stage's console entry point: ``hydra_main`` (the ``@hydra.main`` function) after the command line's
+    launcher and sweeper choices are checked for their extras (:func:`itdiffusion.extras.check_extras`:
+    one line and exit 2 instead of Hydra's "Could not load ..."); a command line that Hydra cannot compose
+    into a config (a mistyped key, a value of the wrong type, an unknown config name) is one line and exit 2
+    too, before anything is created."""
+
+    @functools.wraps(hydra_main)
+    def main() -> Any:
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        try:
+            check_extras(sys.argv[1:])
+        except UserError as e:
+            report_user_error(e)
+            sys.exit(2)
+        os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra re-raises instead of printing a report
+        try:
+            return hydra_main()
+        except (HydraException, OmegaConfBaseException) as e:
+            if _composed:
+                raise
+            report_user_error(UserError(_one_line(e)))  # a command line Hydra cannot compose: one line
+            sys.exit(2)
+
+    return main
+
+
+def check_launch(cfg: DictConfig, stage: Callable, overrides: list[str]) -> None:
+    """Before a stage runs: every value (:func:`itdiffusion.config.check_values`), every key the command line
+    sets that only matters under another setting (:data:`itdiffusion.config.DEPENDENT_KEYS`, in the groups
+    the stage reads), the folders it writes (:func:`check_output_dirs`) and an evaluation's weights
+    (:func:`itdiffusion.weights_hint.missing_weights`); a UserError names what to fix."""
+    name = stage_name(stage)
+    check_values(cfg)
+    problems = dependency_problems(cfg, override_keys(overrides), STAGE_GROUPS.get(name))
+    if problems:
+        raise UserError("; ".join(problems))
+    check_output_dirs(cfg, name)
+    if name == "evaluate" and (problem := missing_weights(cfg)):
+        raise UserError(problem)
+
+
+def stage_name(stage: Callable) -> str:
+    """``evaluate`` for :func:`itdiffusion.stages.evaluate.run` (its module's file: ``__main__`` under -m)."""
+    return Path(inspect.getfile(stage)).stem
 
 
 def report_user_error(error: UserError) -> None:
@@ -159,28 +233,6 @@ def environment_error(error: OSError) -> UserError:
 _composed = False  # Hydra composed the config: later errors are not the command line's (see cli)
 
 
-def cli(hydra_main: Callable[[], None]) -> Callable[[], None]:
-    """A stage's entry point: ``hydra_main`` (a ``@hydra.main`` function), with a command line that Hydra
-    cannot compose into a config (a mistyped key, a value of the wrong type, an unknown config name) as one
-    line on stderr and exit status 2, like every other bad input, before anything is created."""
-
-    @functools.wraps(hydra_main)
-    def entry() -> None:
-        from hydra.errors import HydraException
-        from omegaconf.errors import OmegaConfBaseException
-
-        os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra re-raises instead of printing a report
-        try:
-            hydra_main()
-        except (HydraException, OmegaConfBaseException) as e:
-            if _composed:
-                raise
-            report_user_error(UserError(_one_line(e)))
-            sys.exit(2)
-
-    return entry
-
-
 def _one_line(error: BaseException) -> str:
     """Hydra's message and its cause's first line, without Hydra's advice to append with ``+``."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -206,7 +258,7 @@ class LaunchCheck(Callback):
         global _composed
         _composed = True
         try:
-            check_launch(config)
+            check_before_run_dir(config)
         except UserError as e:
             report_user_error(e)
             _log_in_earlier_run_dir(config, e)
@@ -224,7 +276,7 @@ def _log_in_earlier_run_dir(config: DictConfig, error: UserError) -> None:
                 f.write(f"[{stamp}][{log.name}][ERROR] - {error}\n")
 
 
-def check_launch(config: DictConfig) -> None:
+def check_before_run_dir(config: DictConfig) -> None:
     """What :class:`LaunchCheck` checks of a config composed with its ``hydra`` node (UserError)."""
     from hydra.core.hydra_config import HydraConfig
 
@@ -276,13 +328,16 @@ def _env_rank() -> int:
 
 
 def launch_sweep_job(stage: Callable[[DictConfig, Path], Any], cfg: DictConfig, run_dir: Path,
-                     job: tuple[int, list[str]]) -> None:
+                     job: tuple[int, list[str]]) -> float | None:
     """One job of a Hydra multirun: a failure is logged (which job, why) and written to the job's
-    ``job_status.json`` instead of ending the sweep; :class:`itdiffusion.sweeps.SweepReport` sums up."""
+    ``job_status.json`` instead of ending the sweep; :class:`itdiffusion.sweeps.SweepReport` sums up.
+    Returns :func:`objective_value` (None for a failed job: an optimizing sweeper marks its trial failed)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    value = None
     try:
-        check_values(cfg)
-        check_output_dirs(cfg, Path(inspect.getfile(stage)).stem)
-        stage(cfg, run_dir)
+        check_launch(cfg, stage, list(HydraConfig.get().overrides.task))
+        value = objective_value(cfg, stage(cfg, run_dir))
     except Preempted:
         raise  # SIGTERM: the whole sweep is being stopped
     except Exception as e:
@@ -295,6 +350,7 @@ def launch_sweep_job(stage: Callable[[DictConfig, Path], Any], cfg: DictConfig, 
         if distributed.is_main():
             sweeps.write_status(run_dir, job, None)
     distributed.shutdown()
+    return value
 
 
 def setup_device(cfg: DictConfig) -> torch.device:

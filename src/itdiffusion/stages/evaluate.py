@@ -56,7 +56,7 @@ from itdiffusion.seeding import Stream, stream_seeds
 from itdiffusion.stages import (
     CONFIG_DIR,
     budget_pilot,
-    cli,
+    cli_entry,
     evaluate_masked,
     launch,
     rank_zero_first,
@@ -422,10 +422,10 @@ def _check_settings(cfg: DictConfig) -> None:
         )
 
 
-@cli
+@cli_entry
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def main(cfg: DictConfig) -> None:
-    launch(run, cfg)
+def main(cfg: DictConfig) -> float | None:
+    return launch(run, cfg)  # optimized_metric's value: an optimizing sweeper's objective
 
 
 if __name__ == "__main__":

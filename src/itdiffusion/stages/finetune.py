@@ -52,7 +52,7 @@ from torch.utils.data import Dataset, Subset
 from itdiffusion import distributed
 from itdiffusion.artifacts import LOSS_CURVE, checkpoint_provenance, write_export_provenance
 from itdiffusion.checkpointing import EXPORTED_MODEL, LAST, load_training_state
-from itdiffusion.config import FinetuneConfig
+from itdiffusion.config import FinetuneConfig, stage_config
 from itdiffusion.dashboard import TRACKING_ID, log_model
 from itdiffusion.data import load_images
 from itdiffusion.discrete import any_order_loss, build_masked_pixel_model, images_to_tokens
@@ -70,7 +70,7 @@ from itdiffusion.models.iddpm import (
 )
 from itdiffusion.stages import (
     CONFIG_DIR,
-    cli,
+    cli_entry,
     config_dict,
     git_commit,
     launch,
@@ -266,7 +266,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         log.info("skip_done: %s exists, nothing to do", ckpt_dir / EXPORTED_MODEL)
         return {"run_name": settings.run_name, "model_path": str(ckpt_dir / EXPORTED_MODEL), "skipped": True}
 
-    with Tracker(cfg.logger, config_dict(cfg), job_type="finetune", name=f"finetune-{cfg.run_id}",
+    with Tracker(cfg.logger, stage_config(config_dict(cfg), "finetune"), job_type="finetune",
+                 name=f"finetune-{cfg.run_id}",
                  tags=run_tags(cfg.experiment, cfg.model.name, cfg.paper_row, settings.objective),
                  id_file=ckpt_dir / TRACKING_ID) as tracker:  # live from the start; a restart resumes it
         torch.manual_seed(settings.seed)  # the initial weights when training from scratch
@@ -312,10 +313,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     return summary
 
 
-@cli
+@cli_entry
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def main(cfg: DictConfig) -> None:
-    launch(run, cfg)
+def main(cfg: DictConfig) -> float | None:
+    return launch(run, cfg)  # optimized_metric's value: an optimizing sweeper's objective
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from omegaconf import DictConfig
 
 from itdiffusion import artifacts, figures, run_figures, summary
 from itdiffusion.artifacts import PerImage
+from itdiffusion.config import stage_config
 from itdiffusion.dashboard import EVALUATION_ARTIFACT_TYPE, TRACKING_ID
 from itdiffusion.errors import UserError
 from itdiffusion.results import (
@@ -46,7 +47,7 @@ from itdiffusion.results import (
     results_paths,
     row_labels,
 )
-from itdiffusion.stages import CONFIG_DIR, cli, config_dict, launch
+from itdiffusion.stages import CONFIG_DIR, cli_entry, config_dict, launch
 from itdiffusion.tracking import Tracker, run_tags
 
 log = logging.getLogger(__name__)
@@ -349,7 +350,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     listed = {g: [str(p.relative_to(results_dir)) for p in made.values()] for g, made in figure_paths.items()}
     runs = record_runs(results_dir, [], figures=listed)  # the store keeps the figure links
     paths = results_paths(results_dir)
-    with Tracker(cfg.logger, config_dict(cfg), job_type="report", name=f"report-{cfg.run_id}",
+    with Tracker(cfg.logger, stage_config(config_dict(cfg), "report"), job_type="report",
+                 name=f"report-{cfg.run_id}",
                  tags=run_tags(cfg.experiment, "report"), id_file=Path(run_dir) / TRACKING_ID) as tracker:
         for metrics in found:
             tracker.use_artifact(f"evaluate-{metrics['run_id']}", EVALUATION_ARTIFACT_TYPE)
@@ -404,10 +406,10 @@ def _slug(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)
 
 
-@cli
+@cli_entry
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def main(cfg: DictConfig) -> None:
-    launch(run, cfg)
+def main(cfg: DictConfig) -> float | None:
+    return launch(run, cfg)  # optimized_metric's value: an optimizing sweeper's objective
 
 
 if __name__ == "__main__":

@@ -29,10 +29,11 @@ import torch
 from omegaconf import DictConfig
 
 from itdiffusion import distributed
+from itdiffusion.config import stage_config
 from itdiffusion.data import dataset_key, load_images, random_subset, source_files, to_model_range
 from itdiffusion.information import GaussianReference
 from itdiffusion.io import atomic_torch_save, atomic_write_json, file_lock
-from itdiffusion.stages import CONFIG_DIR, cli, config_dict, launch, rank_zero_first, setup_device
+from itdiffusion.stages import CONFIG_DIR, cli_entry, config_dict, launch, rank_zero_first, setup_device
 from itdiffusion.tracking import Tracker
 from itdiffusion.units import nats_to_bpd
 
@@ -170,7 +171,8 @@ def summarize_reference(reference: GaussianReference) -> dict:
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Compute (or load) the reference and write ``stats.json`` into ``run_dir``."""
     setup_device(cfg)
-    with Tracker(cfg.logger, config_dict(cfg), job_type="stats", name=f"stats-{cfg.run_id}") as tracker:
+    with Tracker(cfg.logger, stage_config(config_dict(cfg), "stats"), job_type="stats",
+                 name=f"stats-{cfg.run_id}") as tracker:
         return _compute(cfg, run_dir, tracker)  # the run is live (console captured) while it computes
 
 
@@ -195,10 +197,10 @@ def _compute(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict:
     return summary
 
 
-@cli
+@cli_entry
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def main(cfg: DictConfig) -> None:
-    launch(run, cfg)
+def main(cfg: DictConfig) -> float | None:
+    return launch(run, cfg)  # optimized_metric's value: an optimizing sweeper's objective
 
 
 if __name__ == "__main__":

@@ -1,0 +1,34 @@
+"""A 2-trial Optuna search (hparams_search=finetune_lr) through the real CLI: each trial's objective is the
+number its finetune.json holds, and optimization_results.yaml names the best trial's parameters."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from conftest import TINY, path_overrides, run_cli
+
+
+def test_a_two_trial_finetune_search_writes_the_best_trials_parameters(tmp_path):
+    proc = run_cli("finetune", "hparams_search=finetune_lr", "hydra.sweeper.n_trials=2",
+                   "hydra.sweeper.sampler.n_startup_trials=2", *TINY, "finetune=smoke_base",
+                   "finetune.init=scratch", "finetune.max_steps=1", "finetune.batch_size=4",
+                   "finetune.heldout_images=2", "data.num_train_images=4", *path_overrides(tmp_path),
+                   cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (sweep,) = (tmp_path / "outputs" / "multirun" / "finetune").iterdir()
+    trials = []
+    for job in sorted(p for p in sweep.iterdir() if p.is_dir()):
+        summary = json.loads((job / "finetune.json").read_text())
+        listed = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+        overrides = dict(o.split("=", 1) for o in listed)
+        trials.append((summary["final_heldout_loss_bpd"], overrides, summary["checkpoint_dir"]))
+    assert len(trials) == 2 and trials[0][2] != trials[1][2]  # one checkpoint dir per trial
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    value, overrides, _ = min(trials, key=lambda t: t[0])
+    assert best["best_value"] == pytest.approx(value, rel=1e-12)
+    assert set(best["best_params"]) == {"finetune.lr", "finetune.warmup_steps"}
+    assert best["best_params"]["finetune.lr"] == pytest.approx(float(overrides["finetune.lr"]), rel=1e-12)
+    assert best["best_params"]["finetune.warmup_steps"] == int(overrides["finetune.warmup_steps"])
