@@ -89,12 +89,13 @@ def test_an_unwritable_output_or_results_folder_fails_at_launch(tmp_path, kind, 
 
 @pytest.mark.parametrize(("kind", "text"), [("ro", "Read-only file system"),
                                             ("full", "No space left on device")])
-def test_a_cache_that_cannot_be_written_after_the_launch_is_one_line(tmp_path, kind, text):
+def test_a_cache_that_cannot_be_written_after_the_launch_is_one_line(tmp_path, tiny_checkpoints, kind, text):
     """evaluate checks no cache at launch (a read-only cache holding the reference is fine): the write of the
     reference it had to compute fails, and that is one line too, with no run dir left."""
     with mounted(tmp_path / "cache", kind) as cache:
         proc = run_cli("evaluate", *TINY, *path_overrides(tmp_path), f"paths.cache_dir={cache}", "run_id=r",
-                       "model=iddpm_tiny", cwd=tmp_path, timeout=300)
+                       "model=iddpm_tiny", f"model.checkpoint={tiny_checkpoints[0]}", cwd=tmp_path,
+                       timeout=300)
         _assert_one_line(proc, text, str(cache), "then rerun")
     assert not (tmp_path / "outputs" / "evaluate" / "r").exists()
 

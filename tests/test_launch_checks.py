@@ -43,6 +43,7 @@ FREE_TEXT = {
     "model.act_fn", "model.time_embedding_type", "model.beta_schedule", "model.prediction_type",
     "model.variance_type", "estimator.logsnr_proposal_from", "estimator.budget_from", "finetune.init",
     "logger.project", "logger.entity", "logger.group", "logger.dir", "experiment", "label", "paper_row",
+    "optimized_metric",
 }
 
 
