@@ -35,10 +35,8 @@ from itdiffusion.budget import (
     vlb_pilot,
 )
 from itdiffusion.information import GaussianReference, LogSNRProposal, sample_curves
-from itdiffusion.units import PIXEL_BIN, mean_and_stderr, nats_to_bpd
+from itdiffusion.units import PIXEL_BIN, XINTERVAL, mean_and_stderr, nats_to_bpd
 from itdiffusion.variational import vlb_per_image, vlb_sampled
-
-XINTERVAL = (-1.0, 1.0)
 
 
 def load_line() -> str:
@@ -128,10 +126,9 @@ def smoke_setting(num_images: int, pilot_images: int):
         return None
     from hydra import compose, initialize_config_dir
 
-    from itdiffusion.config import register_configs
     from itdiffusion.data import load_images, to_model_range
-    from itdiffusion.models.loading import load_members
-    from itdiffusion.stages import CONFIG_DIR
+    from itdiffusion.members import load_members
+    from itdiffusion.stages import CONFIG_DIR, register_configs
     from itdiffusion.stages.stats import load_or_compute_reference
 
     register_configs()

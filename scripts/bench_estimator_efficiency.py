@@ -215,9 +215,9 @@ def smoke_unet_setup(checkpoint: Path, num_images: int):
     on), through the pipeline's own config and loaders."""
     from hydra import compose, initialize_config_dir
 
-    from itdiffusion.config import register_configs
     from itdiffusion.data import load_images, to_model_range
-    from itdiffusion.models.loading import load_members
+    from itdiffusion.members import load_members
+    from itdiffusion.stages import register_configs
     from itdiffusion.stages.stats import load_or_compute_reference
 
     register_configs()

@@ -21,9 +21,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from itdiffusion.errors import UserError
-from itdiffusion.models import ddpm
-from itdiffusion.models.checkpoints import CheckpointError, file_sha256
+from itdiffusion.models import ddpm_weights
 from itdiffusion.models.iddpm import resolve_checkpoint
+from itdiffusion.models.weights import CheckpointError, file_sha256
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "src" / "itdiffusion" / "conf" / "model"
 OFFICIAL = ("iddpm_cifar10_vlb", "iddpm_cifar10_hybrid")
@@ -45,11 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = OmegaConf.load(CONF_DIR / f"{name}.yaml")
         if cfg.get("pretrained") and not cfg.get("checkpoint_url"):
             try:
-                folder = ddpm.pretrained_dir(cfg)
+                folder = ddpm_weights.pretrained_dir(cfg)
             except UserError as e:
                 print(f"{name}: {e}", file=sys.stderr)
                 return 1
-            weights = next(folder / f for f in ddpm.WEIGHT_FILES if (folder / f).is_file())
+            weights = next(folder / f for f in ddpm_weights.WEIGHT_FILES if (folder / f).is_file())
             print(f"{name}: {folder} sha256={file_sha256(weights)}")
             continue
         try:

@@ -50,8 +50,9 @@ def sized_overrides(work: Path, extra: list[str], needed: int) -> tuple[list[str
     from hydra import compose, initialize_config_dir
 
     from itdiffusion.data import load_images
-    from itdiffusion.stages import CONFIG_DIR
+    from itdiffusion.stages import CONFIG_DIR, register_configs
 
+    register_configs()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=drill_overrides(work, extra))
     steps_per_epoch = len(load_images(cfg.data, "train")) // cfg.finetune.batch_size  # one process

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
-from itdiffusion.stages import CONFIG_DIR
+from itdiffusion.stages import CONFIG_DIR, register_configs
+
+register_configs()  # what each stage's main does before Hydra composes (tests compose configs themselves)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,15 @@ from conftest import path_overrides, run_cli
 from itdiffusion import config
 from itdiffusion.config import check_values, value_problems
 from itdiffusion.errors import UserError
-from itdiffusion.stages import _created_by_this_process, check_writable_dir, remove_unused_run_dir
+from itdiffusion.models import families
+from itdiffusion.stages import (
+    _created_by_this_process,
+    check_writable_dir,
+    remove_unused_run_dir,
+    value_rules,
+)
+
+RULES = value_rules()  # what the stages check (the families' kinds and objectives too)
 
 # (override, the message's text): every kind of rule, run through Hydra's parsing of the value
 BAD_VALUES = [
@@ -63,15 +71,15 @@ GOOD_VALUES = [
 
 @pytest.mark.parametrize(("override", "message"), BAD_VALUES, ids=[case[0] for case in BAD_VALUES])
 def test_each_bad_value_is_named_with_what_is_allowed(make_cfg, override, message):
-    problems = value_problems(make_cfg(override))
+    problems = value_problems(make_cfg(override), rules=RULES)
     assert len(problems) == 1 and problems[0].startswith(message), problems  # may add why, e.g. "(bits/dim)"
     with pytest.raises(UserError) as info:
-        check_values(make_cfg(override))
+        check_values(make_cfg(override), rules=RULES)
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
 def test_good_values_and_every_shipped_config_pass(make_cfg):
-    assert value_problems(make_cfg(*GOOD_VALUES)) == []
+    assert value_problems(make_cfg(*GOOD_VALUES), rules=RULES) == []
     for overrides in (["experiment=smoke"], ["experiment=paper"], ["model=masked_pixels_tiny"],
                       ["model=masked_pixels_cifar10", "finetune=masked"], ["finetune=smoke_base"],
                       ["finetune=smoke_masked"], ["data=npz"], ["data=image_folder"], ["estimator=vlb"],
@@ -97,18 +105,21 @@ def test_a_group_alone_is_checked_against_its_own_rules():
         "finetune.epochs=0 must be >= 1", "finetune.lr=nan must be > 0 (the paper uses 2.5e-5)"]
 
 
-def test_allowed_sets_match_the_library():
-    """The table in config.py and the code that uses each value agree (no import cycle between them)."""
-    from itdiffusion import data, information, training
+def test_allowed_sets_are_the_library_s():
+    """Each allowed-values rule holds the very tuple the code that uses the value checks (no copy)."""
+    from itdiffusion import budget, data, information
     from itdiffusion.models import acceleration, schedules
 
-    assert set(config.DATASETS) == set(data.SOURCES)
-    assert set(config.ROUNDINGS) == set(information.ROUNDING_MODES)
-    assert set(config.LOGSNR_SAMPLINGS) == set(information.SAMPLING_MODES)
-    assert set(config.PRECISIONS) == set(acceleration.PRECISIONS)
-    assert set(config.COMPILE_MODES) == set(acceleration.COMPILE_MODES)
-    assert set(config.NOISE_SCHEDULES) == set(schedules.SCHEDULES)
-    assert set(config.FINETUNE_OBJECTIVES) == set(training.OBJECTIVES)
+    rules = {rule.key: rule.check.values for rule in config.VALUE_RULES if hasattr(rule.check, "values")}
+    assert rules["data.name"] is data.SOURCES
+    assert rules["estimator.rounding"] is information.ROUNDING_MODES
+    assert rules["estimator.logsnr_sampling"] is information.SAMPLING_MODES
+    assert rules["estimator.precision"] is acceleration.PRECISIONS
+    assert rules["estimator.compile"] is acceleration.COMPILE_MODES
+    assert rules["model.noise_schedule"] is schedules.SCHEDULES
+    assert rules["estimator.budget"] is budget.BUDGETS
+    assert families.allowed_values() == {"model.kind": ("iddpm", "masked_pixels", "ddpm"),  # the registry's
+                                         "finetune.objective": ("it", "iddpm", "any_order")}
 
 
 # --- folders the stage writes --------------------------------------------------------------------------

@@ -14,8 +14,8 @@ import torch
 from omegaconf import OmegaConf
 
 from itdiffusion.errors import UserError
-from itdiffusion.models.checkpoints import CheckpointError, load_checkpoint
 from itdiffusion.models.iddpm import build_model_and_diffusion
+from itdiffusion.models.weights import CheckpointError, load_checkpoint
 from itdiffusion.results import FORMAT, ResultsStoreError, load_runs
 from itdiffusion.stages import CONFIG_DIR
 

@@ -12,11 +12,11 @@ from hydra import compose, initialize_config_dir
 
 import itdiffusion.stages.finetune as finetune_stage
 from itdiffusion.artifacts import read_loss_curve
-from itdiffusion.checkpointing import load_training_state
 from itdiffusion.errors import UserError
-from itdiffusion.models import ddpm
+from itdiffusion.models import ddpm, ddpm_weights
 from itdiffusion.stages import CONFIG_DIR
 from itdiffusion.stages.finetune import SUMMARY, run
+from itdiffusion.training_state import load_training_state
 
 
 class Crash(Exception):
@@ -60,8 +60,9 @@ def test_two_it_steps_from_a_diffusers_directory(tmp_path, cache_dir, base_dir):
 
     # the exported state dict is a plain UNet2DModel's: it loads as model.checkpoint, and it moved
     cfg = cfg_for(tmp_path, cache_dir, f"model.checkpoint={run_dir / 'model.pt'}").model
-    tuned, _, _ = ddpm.load_unet(cfg, tmp_path / "checkpoints")
-    base, _, _ = ddpm.load_unet(cfg_for(tmp_path, cache_dir, f"model.pretrained={base_dir}").model, "unused")
+    tuned, _, _ = ddpm_weights.load_unet(cfg, tmp_path / "checkpoints")
+    base_cfg = cfg_for(tmp_path, cache_dir, f"model.pretrained={base_dir}").model
+    base, _, _ = ddpm_weights.load_unet(base_cfg, "unused")
     assert any(not torch.equal(v, base.state_dict()[k]) for k, v in tuned.state_dict().items())
 
 

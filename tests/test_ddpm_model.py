@@ -14,7 +14,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from itdiffusion.errors import CheckpointError, UserError
-from itdiffusion.models import ddpm
+from itdiffusion.members import load_member
+from itdiffusion.models import ddpm, ddpm_weights
 from itdiffusion.models.iddpm import build_model_and_diffusion, load_checkpoint, resolve_checkpoint
 from itdiffusion.models.schedules import linear_betas
 from itdiffusion.models.upstream import improved_diffusion
@@ -142,7 +143,7 @@ def test_network_and_denoiser_feed_the_unet_its_own_step(train_steps):
 @pytest.mark.parametrize("variance_type", ["fixed_large", "fixed_small"])
 def test_vlb_equals_calc_bpd_loop_on_a_saved_diffusers_model(pretrained_dir, variance_type):
     cfg = small_cfg(f"model.pretrained={pretrained_dir}", f"model.variance_type={variance_type}")
-    parts = ddpm.load_ddpm(cfg, "unused")
+    parts = load_member(cfg, "unused", None, torch.device("cpu"))
     gd = improved_diffusion().gaussian_diffusion
     assert parts.diffusion.model_mean_type == gd.ModelMeanType.EPSILON
     assert parts.diffusion.model_var_type.name == variance_type.upper()
@@ -164,7 +165,7 @@ def test_vlb_equals_calc_bpd_loop_on_a_saved_diffusers_model(pretrained_dir, var
 
 def test_diffusers_directory_loads_exactly(pretrained_dir):
     saved = UNet2DModel.from_pretrained(pretrained_dir, low_cpu_mem_usage=False).eval()
-    unet, source, sha = ddpm.load_unet(small_cfg(f"model.pretrained={pretrained_dir}"), "unused")
+    unet, source, sha = ddpm_weights.load_unet(small_cfg(f"model.pretrained={pretrained_dir}"), "unused")
     assert source == str(pretrained_dir)
     weights = pretrained_dir / "diffusion_pytorch_model.safetensors"
     assert sha == hashlib.sha256(weights.read_bytes()).hexdigest()
@@ -172,14 +173,14 @@ def test_diffusers_directory_loads_exactly(pretrained_dir):
     with torch.no_grad():
         torch.testing.assert_close(unet(z, t).sample, saved(z, t).sample, rtol=0, atol=0)
     # the same directory as model.checkpoint
-    _, source, _ = ddpm.load_unet(small_cfg(f"model.checkpoint={pretrained_dir}"), "unused")
+    _, source, _ = ddpm_weights.load_unet(small_cfg(f"model.checkpoint={pretrained_dir}"), "unused")
     assert source == str(pretrained_dir)
 
 
 def test_diffusers_directory_that_disagrees_with_the_config_is_a_user_error(pretrained_dir):
     with pytest.raises(UserError, match=r"block_out_channels: tiny-ddpm has \[32, 64\], the config \[32, 1"):
-        ddpm.load_unet(small_cfg(f"model.pretrained={pretrained_dir}", "model.block_out_channels=[32,128]"),
-                       "unused")
+        ddpm_weights.load_unet(
+            small_cfg(f"model.pretrained={pretrained_dir}", "model.block_out_channels=[32,128]"), "unused")
 
 
 def old_diffusers_keys(state: dict) -> dict:
@@ -207,7 +208,7 @@ def test_itd_style_state_dict_maps_to_the_unet(pretrained_dir, tmp_path, prefix)
     assert any(".attentions.0.query.weight" in k for k in state)
     path = tmp_path / "model_epoch10.pt"
     torch.save({prefix + k: v for k, v in state.items()}, path)
-    unet, where, sha = ddpm.load_unet(small_cfg(f"model.checkpoint={path}"), "unused")
+    unet, where, sha = ddpm_weights.load_unet(small_cfg(f"model.checkpoint={path}"), "unused")
     assert where == str(path) and sha == hashlib.sha256(path.read_bytes()).hexdigest()
     for k, v in source.state_dict().items():
         assert torch.equal(unet.state_dict()[k], v), k
@@ -217,7 +218,7 @@ def test_state_dict_that_does_not_fit_names_keys(tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"conv_in.weight": torch.zeros(1)}, path)
     with pytest.raises(CheckpointError, match="(?s)Shape mismatches .*conv_in.weight.*Missing from the file"):
-        ddpm.load_unet(small_cfg(f"model.checkpoint={path}"), "unused")
+        ddpm_weights.load_unet(small_cfg(f"model.checkpoint={path}"), "unused")
 
 
 def test_published_weights_download_is_checked(pretrained_dir, tmp_path):
@@ -228,16 +229,16 @@ def test_published_weights_download_is_checked(pretrained_dir, tmp_path):
     sha, size = hashlib.sha256(src.read_bytes()).hexdigest(), src.stat().st_size
     good = (f"model.checkpoint_url={src.as_uri()}", f"model.checkpoint_sha256={sha}",
             f"model.checkpoint_bytes={size}", "model.checkpoint_file=itd_ddpm.pt")
-    _, where, got = ddpm.load_unet(small_cfg(*good), tmp_path / "ckpts", progress=False)
+    _, where, got = ddpm_weights.load_unet(small_cfg(*good), tmp_path / "ckpts", progress=False)
     assert where == str(tmp_path / "ckpts" / "ddpm" / "itd_ddpm.pt") and got == sha
 
     bad = (*good[:1], f"model.checkpoint_sha256={'0' * 64}", *good[2:3], "model.checkpoint_file=bad.pt")
     with pytest.raises(CheckpointError, match="failed its check and was deleted.*expected 0000"):
-        ddpm.load_unet(small_cfg(*bad), tmp_path / "ckpts", progress=False)
+        ddpm_weights.load_unet(small_cfg(*bad), tmp_path / "ckpts", progress=False)
     assert not (tmp_path / "ckpts" / "ddpm" / "bad.pt").exists()
     short = (*good[:2], f"model.checkpoint_bytes={size + 1}", "model.checkpoint_file=short.pt")
     with pytest.raises(CheckpointError, match=f"has {size} bytes, expected {size + 1}"):
-        ddpm.load_unet(small_cfg(*short), tmp_path / "ckpts", progress=False)
+        ddpm_weights.load_unet(small_cfg(*short), tmp_path / "ckpts", progress=False)
 
 
 def test_itd_tuned_iddpm_state_dict_loads_through_the_iddpm_path(tmp_path):
@@ -264,7 +265,7 @@ def test_itd_tuned_iddpm_state_dict_loads_through_the_iddpm_path(tmp_path):
 def test_offline_hub_failure_names_id_cache_and_what_to_do(tmp_path):
     cfg = small_cfg("model.pretrained=google/ddpm-cifar10-32")
     with pytest.raises(UserError) as e:
-        ddpm.load_unet(cfg, "unused", cache_dir=tmp_path / "hf-cache", local_files_only=True)
+        ddpm_weights.load_unet(cfg, "unused", cache_dir=tmp_path / "hf-cache", local_files_only=True)
     message = str(e.value)
     for part in ("google/ddpm-cifar10-32", str(tmp_path / "hf-cache"), "model.pretrained=DIR",
                  "hf download google/ddpm-cifar10-32", "https://huggingface.co/google/ddpm-cifar10-32"):
@@ -280,7 +281,7 @@ def test_offline_hub_failure_names_id_cache_and_what_to_do(tmp_path):
 ])
 def test_bad_settings_are_user_errors(override, message):
     with pytest.raises(UserError, match=message):
-        ddpm.load_unet(small_cfg(override), "unused")
+        ddpm_weights.load_unet(small_cfg(override), "unused")
 
 
 @pytest.mark.parametrize(("name", "published_bytes"), [
@@ -301,11 +302,11 @@ def test_nonfinite_weights_are_refused_from_a_state_dict_and_a_diffusers_folder(
     state["conv_in.bias"] = state["conv_in.bias"].clone().fill_(float("nan"))
     torch.save(state, tmp_path / "nan.pt")
     with pytest.raises(CheckpointError, match="non-finite weights .*conv_in.bias"):
-        ddpm.load_unet(small_cfg(f"model.checkpoint={tmp_path / 'nan.pt'}"), "unused")
+        ddpm_weights.load_unet(small_cfg(f"model.checkpoint={tmp_path / 'nan.pt'}"), "unused")
     source.load_state_dict(state)
     source.save_pretrained(tmp_path / "nan_folder")
     with pytest.raises(CheckpointError, match="non-finite weights .*conv_in.bias"):
-        ddpm.load_unet(small_cfg(f"model.checkpoint={tmp_path / 'nan_folder'}"), "unused")
+        ddpm_weights.load_unet(small_cfg(f"model.checkpoint={tmp_path / 'nan_folder'}"), "unused")
 
 
 class _RunsCode:
@@ -328,7 +329,7 @@ def test_a_malicious_diffusers_bin_is_refused_as_unsafe(pretrained_dir, tmp_path
     marker = tmp_path / "code_ran"
     torch.save({"conv_in.weight": _RunsCode(marker)}, folder / "diffusion_pytorch_model.bin")
     with pytest.raises(CheckpointError) as info:
-        ddpm.load_unet(small_cfg(f"model.checkpoint={folder}"), "unused")
+        ddpm_weights.load_unet(small_cfg(f"model.checkpoint={folder}"), "unused")
     message = str(info.value)
     assert "refused as unsafe" in message and "none of its code ran" in message
     assert "download it again" not in message and "\n" not in message

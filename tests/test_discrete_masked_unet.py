@@ -8,18 +8,18 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from itdiffusion.config import MaskedPixelsModelConfig, register_configs
 from itdiffusion.discrete import (
     any_order_loss,
     bottom_given_top_nll,
     bottom_half,
-    build_masked_pixel_model,
     corrupt_images,
     corrupted_log_ratio,
     images_to_tokens,
     masked_pixel_metrics,
     tokens_to_images,
 )
+from itdiffusion.models.masked_unet import build_masked_pixel_model
+from itdiffusion.models.schemas import MaskedPixelsModelConfig
 from itdiffusion.stages import CONFIG_DIR
 
 CONF = Path(CONFIG_DIR)
@@ -30,7 +30,6 @@ def _gen(seed):
 
 
 def _model_cfg(name):
-    register_configs()
     with initialize_config_dir(str(CONF), version_base=None):
         return compose(overrides=[f"+model={name}"]).model
 

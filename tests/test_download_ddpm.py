@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from huggingface_hub import constants
 
+from itdiffusion.members import model_config
 from itdiffusion.models import ddpm
-from itdiffusion.models.loading import model_config
 
 REPO = Path(__file__).resolve().parents[1]
 

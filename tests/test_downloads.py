@@ -30,8 +30,8 @@ def test_a_failed_cifar10_download_says_what_to_do_and_leaves_nothing(make_cfg, 
 
 
 def test_a_failed_checkpoint_download_says_what_to_do_and_leaves_nothing(tmp_path, monkeypatch):
-    from itdiffusion.models.checkpoints import CheckpointError
     from itdiffusion.models.iddpm import resolve_checkpoint
+    from itdiffusion.models.weights import CheckpointError
 
     monkeypatch.setattr(urllib.request, "urlopen", _offline)
     url = "https://example.invalid/diffusion/cifar10_uncond_vlb_50M_500K.pt"

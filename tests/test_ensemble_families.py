@@ -14,8 +14,8 @@ import torch
 from conftest import TINY, run_cli
 from itdiffusion.artifacts import read_per_image
 from itdiffusion.errors import UserError
+from itdiffusion.members import model_config
 from itdiffusion.models import ddpm
-from itdiffusion.models.loading import model_config
 from itdiffusion.stages import evaluate
 
 # IT only (the VLB is per model and its chain length is a per-family setting), no pixel maps
@@ -82,7 +82,7 @@ def test_an_iddpm_and_a_ddpm_ensemble_like_their_own_runs(make_cfg, tmp_path, ti
     [
         (["ensemble_models=[iddpm_tiny,ddpm_tiny,ddpm_tiny]"], "3 model config"),
         (["ensemble_models=[iddpm_tiny,ddpm_tinyy]"], "'ddpm_tinyy' is no model config; choose from"),
-        (["ensemble_models=[iddpm_tiny,masked_pixels_tiny]"], "masked_pixels_tiny is a masked-pixel model"),
+        (["ensemble_models=[iddpm_tiny,masked_pixels_tiny]"], "masked_pixels_tiny is no Gaussian denoiser"),
     ],
 )
 def test_bad_ensemble_models_stop_before_any_work(make_cfg, tmp_path, overrides, message):
@@ -97,4 +97,4 @@ def test_the_cli_composes_member_configs_inside_the_stage(tmp_path):
     proc = run_cli("evaluate", *SETTINGS, f"paths.output_dir={tmp_path}", "ensemble=[a.pt,b.pt]",
                    "ensemble_models=[iddpm_tiny,masked_pixels_tiny]", cwd=tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "masked_pixels_tiny is a masked-pixel model" in proc.stderr
+    assert "masked_pixels_tiny is no Gaussian denoiser" in proc.stderr

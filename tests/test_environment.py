@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, path_overrides, run_cli
-from itdiffusion import io as itd_io
+from itdiffusion import fsio
 from itdiffusion.errors import UserError
 from itdiffusion.results import record_run, results_paths
 from itdiffusion.stages import check_writable_dir
@@ -112,7 +112,7 @@ def test_results_files_are_replaced_all_together_or_not_at_all(tmp_path, monkeyp
             raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path))
         return real_mkstemp(*args, **kwargs)
 
-    monkeypatch.setattr(itd_io.tempfile, "mkstemp", mkstemp_then_full)
+    monkeypatch.setattr(fsio.tempfile, "mkstemp", mkstemp_then_full)
     with pytest.raises(OSError, match="No space left"):
         record_run(tmp_path, {"run_id": "b", "label": "b", "vlb_bpd": 3.1})
     assert {k: paths[k].read_bytes() for k in ("json", "csv", "md")} == before
@@ -121,8 +121,8 @@ def test_results_files_are_replaced_all_together_or_not_at_all(tmp_path, monkeyp
     def replace_fails_late(src, dst):  # a rename cannot fail for lack of space; any other failure: none moved
         raise OSError(errno.EIO, "Input/output error", dst)
 
-    monkeypatch.setattr(itd_io.tempfile, "mkstemp", real_mkstemp)
-    monkeypatch.setattr(itd_io.os, "replace", replace_fails_late)
+    monkeypatch.setattr(fsio.tempfile, "mkstemp", real_mkstemp)
+    monkeypatch.setattr(fsio.os, "replace", replace_fails_late)
     with pytest.raises(OSError):
         record_run(tmp_path, {"run_id": "b", "label": "b", "vlb_bpd": 3.1})
     assert {k: paths[k].read_bytes() for k in ("json", "csv", "md")} == before

@@ -13,8 +13,8 @@ from conftest import TINY, run_cli
 from itdiffusion.artifacts import read_per_image
 from itdiffusion.data import load_images, to_model_range
 from itdiffusion.errors import UserError
-from itdiffusion.models.checkpoints import file_sha256
 from itdiffusion.models.iddpm import build_model_and_diffusion
+from itdiffusion.models.weights import file_sha256
 from itdiffusion.results import load_runs
 from itdiffusion.seeding import Stream, stream_seed
 from itdiffusion.stages import evaluate
@@ -164,3 +164,18 @@ def test_a_rerun_gives_identical_per_image_numbers(tiny_cfg, tiny_checkpoints, t
         assert a.files == b.files
         for key in a.files:
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_the_absurd_value_check_reads_bits_per_dim_not_counts():
+    """The paper's protocol evaluates a network 2 npoints + 4000 times per image: a count far above the
+    bits/dim bound is no reason to stop; an estimate beyond it is."""
+    from itdiffusion.artifacts import PerImage
+    from itdiffusion.stages.evaluation_frame import ABSURD_BPD, check_finite
+
+    per_image = PerImage(index=torch.arange(2), groups=["m0"])
+    per_image.member_values["network_evals"] = torch.tensor([[6000.0, 6000.0]], dtype=torch.float64)
+    per_image.member_values["vlb_bpd"] = torch.tensor([[3.0, 3.1]], dtype=torch.float64)
+    check_finite(per_image, dim=3072)
+    per_image.member_values["vlb_bpd"][0, 1] = 2 * ABSURD_BPD
+    with pytest.raises(UserError, match="m0.vlb_bpd of test image 1"):
+        check_finite(per_image, dim=3072)

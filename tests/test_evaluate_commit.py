@@ -11,7 +11,7 @@ from conftest import TINY
 from itdiffusion import artifacts
 from itdiffusion.errors import UserError
 from itdiffusion.results import load_runs
-from itdiffusion.stages import evaluate, skeleton
+from itdiffusion.stages import evaluate, evaluation_frame
 
 KEYS = ("it_continuous_bpd", "it_discrete_bpd", "it_dequantized_bpd", "vlb_bpd")
 
@@ -36,7 +36,7 @@ def cfg_for(make_cfg, shared_cache, tiny_checkpoints):
 
 
 # the stage's writes, in order: per_image.npz, metrics.json, the results row
-WRITES = [(artifacts, "write_per_image"), (artifacts, "atomic_write_json"), (skeleton, "record_run")]
+WRITES = [(artifacts, "write_per_image"), (artifacts, "atomic_write_json"), (evaluation_frame, "record_run")]
 
 
 @pytest.mark.parametrize("crash_at", range(len(WRITES)))

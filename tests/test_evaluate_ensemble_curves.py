@@ -14,8 +14,8 @@ from omegaconf import OmegaConf
 from conftest import TINY, path_overrides
 from itdiffusion.artifacts import commit_evaluation, read_per_image
 from itdiffusion.errors import UserError
-from itdiffusion.models.checkpoints import file_sha256
 from itdiffusion.models.iddpm import build_model_and_diffusion
+from itdiffusion.models.weights import file_sha256
 from itdiffusion.stages import CONFIG_DIR, evaluate
 from itdiffusion.summary import verified_evaluation
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from finetune_toys import denoising_loss, make_trainer
-from itdiffusion import checkpointing as ckpt
+from itdiffusion import training_state as ckpt
 from itdiffusion.artifacts import read_loss_curve
 from itdiffusion.training import FinetuneError, NonFiniteError, Preempted
 

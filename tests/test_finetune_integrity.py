@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 
 from finetune_toys import denoising_loss, make_trainer
 from itdiffusion.errors import UserError
-from itdiffusion.io import atomic_write_json
+from itdiffusion.fsio import atomic_write_json
 from itdiffusion.stages import CONFIG_DIR
 from itdiffusion.stages.finetune import run
 from itdiffusion.training import FinetuneError, NonFiniteError

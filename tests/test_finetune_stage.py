@@ -13,8 +13,8 @@ from hydra import compose, initialize_config_dir
 
 from itdiffusion.artifacts import read_loss_curve
 from itdiffusion.errors import UserError
-from itdiffusion.models.checkpoints import file_sha256
 from itdiffusion.models.iddpm import build_model_and_diffusion, load_checkpoint
+from itdiffusion.models.weights import file_sha256
 from itdiffusion.stages import CONFIG_DIR, evaluate
 from itdiffusion.stages.finetune import SUMMARY, run
 from itdiffusion.training import NonFiniteError

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from finetune_toys import BASE, denoising_loss, make_trainer
-from itdiffusion import checkpointing as ckpt
+from itdiffusion import training_state as ckpt
 from itdiffusion.artifacts import read_loss_curve
 from itdiffusion.seeding import Stream, stream_seed, stream_seed_tensor
 from itdiffusion.training import (
@@ -74,7 +74,6 @@ def test_ema_matches_the_recursion():
     ("lr", float("nan"), "finetune.lr=nan"),
     ("batch_size", 0, "finetune.batch_size=0"),
     ("epochs", 0, "finetune.epochs=0"),
-    ("objective", "mse", "finetune.objective='mse'"),
     ("ema_decay", 1.0, "finetune.ema_decay=1.0"),
     ("save_every_steps", 0, "finetune.save_every_steps=0"),
     ("keep_epochs", -2, "finetune.keep_epochs=-2 must be >= -1"),

@@ -8,9 +8,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from itdiffusion.models.checkpoints import CheckpointError, download, load_checkpoint
 from itdiffusion.models.iddpm import build_model_and_diffusion, resolve_checkpoint
 from itdiffusion.models.upstream import improved_diffusion
+from itdiffusion.models.weights import CheckpointError, download, load_checkpoint
 from itdiffusion.stages import CONFIG_DIR
 
 CONF = Path(CONFIG_DIR)

@@ -6,7 +6,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from itdiffusion.config import ModelConfig
 from itdiffusion.models.iddpm import (
     IDDPMDenoiser,
     build_model_and_diffusion,
@@ -14,6 +13,7 @@ from itdiffusion.models.iddpm import (
     iddpm_training_loss,
     timestep_to_logsnr,
 )
+from itdiffusion.models.schemas import ModelConfig
 from itdiffusion.models.upstream import improved_diffusion
 from itdiffusion.stages import CONFIG_DIR
 
@@ -67,7 +67,7 @@ def test_model_yamls_compose_with_hydra_against_the_schema(tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException
 
-    from itdiffusion.config import register_configs
+    from itdiffusion.stages import register_configs
 
     register_configs()
     (tmp_path / "config.yaml").write_text(

@@ -58,7 +58,7 @@ def test_train_evaluate_and_report_a_masked_model(tmp_path):
 
 def test_masked_images_are_seeded_per_image(tmp_path):
     """An image's estimates do not depend on which other images share its batch (sharding)."""
-    from itdiffusion.discrete import build_masked_pixel_model
+    from itdiffusion.models.masked_unet import build_masked_pixel_model
 
     cfg = masked_cfg(tmp_path)
     torch.manual_seed(0)

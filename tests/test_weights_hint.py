@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from conftest import path_overrides, run_cli
-from itdiffusion import checkpointing as ckpt
+from itdiffusion import training_state as ckpt
 from itdiffusion.weights_hint import chain_checkpoints
 
 

@@ -31,9 +31,9 @@ import torch
 from torch import Tensor
 
 from itdiffusion.errors import UserError
+from itdiffusion.fsio import atomic_savez, atomic_write_json
 from itdiffusion.information import Curves, LogSNRProposal
-from itdiffusion.io import atomic_savez, atomic_write_json
-from itdiffusion.models.checkpoints import file_sha256
+from itdiffusion.models.weights import file_sha256
 
 PER_IMAGE = "per_image.npz"
 METRICS = "metrics.json"

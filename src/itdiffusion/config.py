@@ -8,19 +8,27 @@ YAML files in ``conf/<group>/`` extend these schemas through their ``defaults`` 
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 import re
-import secrets
-import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from itdiffusion import run_ids, trajectory
+from itdiffusion.budget import BUDGETS
+from itdiffusion.data import SOURCES
 from itdiffusion.errors import UserError
+from itdiffusion.information.curves import ROUNDING_MODES
+from itdiffusion.information.proposal import SAMPLING_MODES
+from itdiffusion.models.acceleration import COMPILE_MODES, PRECISIONS
+from itdiffusion.models.schedules import SCHEDULES
+from itdiffusion.models.schemas import ModelConfig
+
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # the Hydra config tree, shipped in the package
 
 
 @dataclass
@@ -54,106 +62,6 @@ class DataConfig:
     patches_test_photos: list[str] = field(default_factory=lambda: ["chelsea", "coffee"])
     patch_photo_size: int = 256  # photos are resized so their shorter side has this many pixels
     seed: int = "${seed}"  # the reference's training subset, the patches' crops (default: the top-level seed)
-
-
-@dataclass
-class ModelConfig:
-    """Keys named exactly as improved-diffusion's flags, plus where the weights come from."""
-
-    name: str = MISSING
-    kind: str = "iddpm"  # iddpm | masked_pixels | ddpm
-    image_size: int = 32
-    num_channels: int = 128
-    num_res_blocks: int = 3
-    num_heads: int = 4
-    num_heads_upsample: int = -1
-    attention_resolutions: str = "16,8"
-    dropout: float = 0.3
-    learn_sigma: bool = True
-    sigma_small: bool = False
-    class_cond: bool = False
-    diffusion_steps: int = 4000
-    noise_schedule: str = "cosine"
-    timestep_respacing: str = ""
-    use_kl: bool = True
-    predict_xstart: bool = False
-    rescale_timesteps: bool = True
-    rescale_learned_sigmas: bool = True
-    use_checkpoint: bool = False
-    use_scale_shift_norm: bool = True
-    checkpoint: str | None = None  # local path; None with checkpoint_url: download on first use
-    checkpoint_url: str | None = None
-    checkpoint_sha256: str | None = None  # the download's expected sha256 (checked; None: not checked)
-    checkpoint_bytes: int | None = None  # the download's expected size in bytes (checked; None: not checked)
-    checkpoint_file: str | None = None  # file name of the download in <checkpoint_dir>/<kind>/ (None: URL's)
-    training_objective: str = "L_vlb"  # label for the report's "training objective" column
-
-
-@dataclass
-class MaskedPixelsModelConfig(ModelConfig):
-    """A masked (absorbing) diffusion model over sub-pixels: improved-diffusion's UNetModel with a
-    token embedding in and ``vocab_size`` logits per channel out (``discrete.build_masked_pixel_model``).
-
-    Uses the U-Net keys of ``ModelConfig`` (image_size, num_channels, num_res_blocks, num_heads,
-    num_heads_upsample, attention_resolutions, dropout, use_checkpoint, use_scale_shift_norm) and
-    ``checkpoint``; the Gaussian-diffusion keys do not apply.
-    """
-
-    kind: str = "masked_pixels"
-    vocab_size: int = 256  # values per sub-pixel; the mask id is vocab_size
-    embed_dim: int = 32  # token embedding width per colour channel (U-Net input: 3 * embed_dim)
-    training_objective: str = "any-order (I-MDCE)"
-
-
-@dataclass
-class DDPMModelConfig(ModelConfig):
-    """A diffusers ``UNet2DModel`` with DDPM's schedule (:mod:`itdiffusion.models.ddpm`).
-
-    Weights: ``checkpoint`` (a diffusers directory or a ``.pt`` state dict), else ``checkpoint_url`` (a
-    ``.pt`` state dict, downloaded into ``<checkpoint_dir>/ddpm/``), else ``pretrained`` (a Hugging Face
-    hub id or a diffusers directory, through the hub's cache). The U-Net is built from the keys below
-    (UNet2DModel's own names; ``image_size`` is its sample_size, ``dropout`` its dropout); a diffusers
-    directory or hub id must agree with them. ``diffusion_steps`` is the chain of the variational bound
-    (DDPM's betas rescaled to that many steps; ITD: 4000); ``noise_schedule`` must be linear. The other
-    improved-diffusion keys of ``ModelConfig`` do not apply.
-    """
-
-    kind: str = "ddpm"
-    pretrained: str | None = "google/ddpm-cifar10-32"  # hub id or diffusers directory (None: none)
-    hub_revision: str | None = None  # hub branch, tag or commit (None: main)
-    # UNet2DModel architecture (google/ddpm-cifar10-32's config.json)
-    in_channels: int = 3
-    out_channels: int = 3
-    block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 256, 256])
-    down_block_types: list[str] = field(
-        default_factory=lambda: ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"])
-    up_block_types: list[str] = field(
-        default_factory=lambda: ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"])
-    layers_per_block: int = 2
-    attention_head_dim: int | None = None  # None: one head as wide as the block
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-6
-    act_fn: str = "silu"
-    flip_sin_to_cos: bool = False
-    freq_shift: int = 1
-    downsample_padding: int = 0
-    mid_block_scale_factor: float = 1.0
-    center_input_sample: bool = False
-    time_embedding_type: str = "positional"
-    # DDPM's schedule (google/ddpm-cifar10-32's scheduler_config.json)
-    num_train_timesteps: int = 1000
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
-    beta_schedule: str = "linear"  # only linear
-    prediction_type: str = "epsilon"  # only epsilon
-    variance_type: str = "fixed_large"  # fixed_large (DDPM's CIFAR-10, ITD's VLB) | fixed_small
-    # ModelConfig keys with DDPM values
-    dropout: float = 0.0
-    learn_sigma: bool = False
-    noise_schedule: str = "linear"
-    diffusion_steps: int = 4000  # VLB chain: ITD's benchmark (1000: the model's own discrete chain)
-    use_kl: bool = False
-    training_objective: str = "L_simple"
 
 
 @dataclass
@@ -272,7 +180,7 @@ class Config:
     paper_row: str | None = None
     ensemble: list[str] = field(default_factory=list)  # evaluate: >= 2 checkpoints of `model` to ensemble
     # evaluate, ensembles across model families: one model config name (conf/model/) per `ensemble` entry,
-    # e.g. [iddpm_cifar10_vlb,ddpm_cifar10]; empty: every checkpoint is a `model` (itdiffusion.models.loading)
+    # e.g. [iddpm_cifar10_vlb,ddpm_cifar10]; empty: every checkpoint is a `model` (itdiffusion.members)
     ensemble_models: list[str] = field(default_factory=list)
     # evaluate, ensembles: one evaluate run per member (its run dir or per_image.npz, in `ensemble` order)
     # whose stored MMSE curves the ensemble reuses: no network evaluation (estimator.vlb=false; the runs
@@ -290,51 +198,16 @@ class Config:
     seed: int = 0
 
 
-def default_run_id() -> str:
-    """The run id when none is given: in a Hydra multirun job ``<sweep id>-<job number>``
-    (:mod:`itdiffusion.sweeps`), else :func:`process_run_id`."""
-    from itdiffusion.sweeps import job_run_id
-
-    return job_run_id() or process_run_id()
-
-
-@functools.cache
-def process_run_id() -> str:
-    """This process's run id: ``ITD_RUN_ID``, else one that every torchrun rank agrees on.
-
-    A single process gets a timestamp plus a random suffix. Under ``torchrun --standalone`` the
-    ranks share torchelastic's rendezvous id; other multi-process launches must pass ``run_id=...``
-    (``scripts/reproduce.sh`` always does), since ranks cannot talk before Hydra picks the run dir.
-    """
-    if os.environ.get("ITD_RUN_ID"):
-        return os.environ["ITD_RUN_ID"]
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        rdzv = os.environ.get("TORCHELASTIC_RUN_ID", "none")
-        if rdzv in ("", "none") and os.environ.get("SLURM_JOB_ID") and os.environ.get("SLURM_STEP_ID"):
-            return f"slurm-{os.environ['SLURM_JOB_ID']}-{os.environ['SLURM_STEP_ID']}"  # srun: one step
-        if rdzv in ("", "none"):
-            raise ValueError("launched with several processes: pass run_id=<name> (or set ITD_RUN_ID) "
-                             "so that all ranks write to one run dir")
-        return "torchrun-" + rdzv.replace("-", "")[:12]
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
-
-
-def register_configs() -> None:
-    """Register the schemas; YAML files name them in their defaults list (``- /schema/model@_here_``)."""
+def register_configs(model_schemas: Mapping[str, type] | None = None) -> None:
+    """Register the schemas; YAML files name them in their defaults list (``- /schema/model@_here_``).
+    ``model_schemas``: ``{kind: dataclass}`` of the model families (``/schema/model/<kind>``; the stages
+    pass :func:`itdiffusion.models.families.model_schemas`)."""
     if not OmegaConf.has_resolver("itd_run_id"):
-        OmegaConf.register_new_resolver("itd_run_id", default_run_id)
+        OmegaConf.register_new_resolver("itd_run_id", run_ids.default_run_id)
     if not OmegaConf.has_resolver("itd_settings_hash"):
-        from itdiffusion.trajectory import settings_hash_resolver
-
-        OmegaConf.register_new_resolver("itd_settings_hash", settings_hash_resolver)
-    if not OmegaConf.has_resolver("itd_help"):
-        from itdiffusion.help import help_text
-
-        OmegaConf.register_new_resolver("itd_help", help_text)
+        OmegaConf.register_new_resolver("itd_settings_hash", trajectory.settings_hash_resolver)
     if not OmegaConf.has_resolver("itd_sweep_id"):
-        from itdiffusion.sweeps import sweep_id
-
-        OmegaConf.register_new_resolver("itd_sweep_id", sweep_id)
+        OmegaConf.register_new_resolver("itd_sweep_id", run_ids.sweep_id)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     schemas = {"paths": PathsConfig, "data": DataConfig, "model": ModelConfig, "estimator": EstimatorConfig,
@@ -343,8 +216,8 @@ def register_configs() -> None:
         # group files extend a schema with `- /schema/<group>@_here_` or `- /schema/<group>@_here_: <group>`
         cs.store(group="schema", name=group, node=node)
         cs.store(group=f"schema/{group}", name=group, node=node)
-    cs.store(group="schema/model", name="masked_pixels", node=MaskedPixelsModelConfig)
-    cs.store(group="schema/model", name="ddpm", node=DDPMModelConfig)
+    for kind, node in (model_schemas or {}).items():
+        cs.store(group="schema/model", name=kind, node=node)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,18 +225,11 @@ def register_configs() -> None:
 # typing.Literal, and Enum fields would turn every value into an Enum in metrics.json). So every
 # value check that needs nothing but the config lives in VALUE_RULES, and check_values(cfg) applies
 # them before a stage runs (itdiffusion.stages.launch): a bad value is one line, exit 2, nothing written.
-# Checks that need data, weights or several keys at once stay in the stages.
+# Checks that need data, weights or several keys at once stay in the stages. model.kind and
+# finetune.objective take the registered families' values (itdiffusion.models.families.value_rules); the
+# other tuples are the library's own (data.SOURCES, information.ROUNDING_MODES, ...), never copies.
 # ----------------------------------------------------------------------------------------------
-MODEL_KINDS = ("iddpm", "masked_pixels", "ddpm")  # model.kind: add a kind here when its adapter lands
-NOISE_SCHEDULES = ("cosine", "linear")  # model.noise_schedule (itdiffusion.models.schedules.SCHEDULES)
-DATASETS = ("cifar10", "image_folder", "npz", "patches")  # data.name (itdiffusion.data.SOURCES)
-FINETUNE_OBJECTIVES = ("it", "iddpm", "any_order")  # finetune.objective (itdiffusion.training.OBJECTIVES)
-ROUNDINGS = ("soft", "hard", "none")  # estimator.rounding (itdiffusion.information.ROUNDING_MODES)
-LOGSNR_SAMPLINGS = ("stratified", "random", "grid")  # itdiffusion.information.SAMPLING_MODES
-PRECISIONS = ("fp32", "bf16", "auto")  # estimator.precision (itdiffusion.models.acceleration)
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")  # estimator.compile (same)
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")  # cuda:N: GPU number N
-BUDGETS = ("per_image", "dataset")  # estimator.budget (itdiffusion.budget.BUDGETS)
 
 
 @dataclass(frozen=True)
@@ -500,7 +366,7 @@ VALUE_RULES: tuple[Rule, ...] = (
     Rule("estimator.seed", SEED),
     Rule("finetune.seed", SEED),
     Rule("finetune.run_name", Name()),  # the folder under <checkpoint_dir>/finetune/
-    Rule("data.name", OneOf(DATASETS)),
+    Rule("data.name", OneOf(SOURCES)),
     Rule("data.image_size", AT_LEAST_ONE),
     Rule("data.num_images", AT_LEAST_ONE_OR_NULL),
     Rule("data.num_train_images", AT_LEAST_ONE_OR_NULL),
@@ -508,8 +374,7 @@ VALUE_RULES: tuple[Rule, ...] = (
     Rule("data.num_workers", NON_NEGATIVE),
     Rule("data.patches_per_photo", AT_LEAST_ONE),
     Rule("data.patch_photo_size", AT_LEAST_ONE),
-    Rule("model.kind", OneOf(MODEL_KINDS)),
-    Rule("model.noise_schedule", OneOf(NOISE_SCHEDULES)),
+    Rule("model.noise_schedule", OneOf(SCHEDULES)),
     Rule("model.image_size", AT_LEAST_ONE),
     Rule("model.diffusion_steps", AT_LEAST_ONE),
     # the U-Net's GroupNorm has 32 groups (improved-diffusion's normalization); heads: -1 = num_heads
@@ -521,8 +386,8 @@ VALUE_RULES: tuple[Rule, ...] = (
     Rule("model.vocab_size", Bounds(low=2)),  # masked_pixels models only
     Rule("model.embed_dim", AT_LEAST_ONE),
     Rule("estimator.npoints", Bounds(low=2, why="(a standard error needs two points)"), when="estimator.it"),
-    Rule("estimator.logsnr_sampling", OneOf(LOGSNR_SAMPLINGS)),
-    Rule("estimator.rounding", OneOf(ROUNDINGS)),
+    Rule("estimator.logsnr_sampling", OneOf(SAMPLING_MODES)),
+    Rule("estimator.rounding", OneOf(ROUNDING_MODES)),
     Rule("estimator.clip", Bounds(low=0, low_open=True, why="(scales of the log-SNR proposal)")),
     Rule("estimator.batch_size", AT_LEAST_ONE),
     Rule("estimator.vlb_steps_per_batch", AT_LEAST_ONE),
@@ -542,7 +407,6 @@ VALUE_RULES: tuple[Rule, ...] = (
                                                why="(bits/dim; null: target_stderr_ratio)")),
     Rule("estimator.target_stderr_ratio", Bounds(low=1, low_open=True, why="(times the full-cost stderr)")),
     Rule("estimator.pilot_images", Bounds(low=2, why="(a between-image variance needs two images)")),
-    Rule("finetune.objective", OneOf(FINETUNE_OBJECTIVES)),
     Rule("finetune.epochs", AT_LEAST_ONE),
     Rule("finetune.max_steps", AT_LEAST_ONE_OR_NULL),
     Rule("finetune.batch_size", Bounds(low=1, why="(images per step, all processes together)")),
@@ -665,7 +529,7 @@ def _lookup(cfg: Any, dotted: str) -> Any:
     return node
 
 
-def value_problems(cfg: Any, section: str | None = None) -> list[str]:
+def value_problems(cfg: Any, section: str | None = None, rules: tuple[Rule, ...] = VALUE_RULES) -> list[str]:
     """One message per value of ``cfg`` outside :data:`VALUE_RULES` (empty: all good).
 
     ``cfg`` is the whole config, or with ``section`` (e.g. ``"finetune"``) that group alone (a
@@ -673,7 +537,7 @@ def value_problems(cfg: Any, section: str | None = None) -> list[str]:
     """
     prefix = "" if section is None else section + "."
     problems = []
-    for rule in VALUE_RULES:
+    for rule in rules:
         if not rule.key.startswith(prefix):
             continue
         value = _lookup(cfg, rule.key.removeprefix(prefix))
@@ -708,12 +572,13 @@ def unknown_keys(cfg: Any, prefix: str = "") -> list[str]:
     return found
 
 
-def check_values(cfg: Any, section: str | None = None) -> None:
+def check_values(cfg: Any, section: str | None = None, rules: tuple[Rule, ...] = VALUE_RULES) -> None:
     """:func:`value_problems` (and, for a whole config, :func:`unknown_keys`) as one
     :class:`~itdiffusion.errors.UserError` (all problems, one line)."""
     problems = [] if section is not None else [
-        f"{key} is not a key of the config (a typo? the schema is in itdiffusion/config.py)"
+        f"{key} is not a key of the config (a typo? the schemas are in itdiffusion/config.py and "
+        "itdiffusion/models/schemas.py)"
         for key in unknown_keys(cfg)]
-    problems += value_problems(cfg, section)
+    problems += value_problems(cfg, section, rules)
     if problems:
         raise UserError("; ".join(problems))

@@ -37,7 +37,7 @@ def pyplot():
 
 def save(fig, path: Path) -> None:
     """The PNG and its sidecar ``<name>.json`` (:func:`drawn`)."""
-    from itdiffusion.io import atomic_write, atomic_write_json
+    from itdiffusion.fsio import atomic_write, atomic_write_json
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from itdiffusion.errors import UserError
-from itdiffusion.io import atomic_write_many, file_lock, json_text
+from itdiffusion.fsio import atomic_write_many, file_lock, json_text
 from itdiffusion.units import DEQUANT_OFFSET_BPD
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ def record_runs(
     revise: Callable[[dict[str, dict]], dict[str, dict]] | None = None,
 ) -> dict:
     """Merge ``runs`` (metrics dicts with a ``run_id``) into the store and rewrite json, csv and md together
-    (:func:`itdiffusion.io.atomic_write_many`: all three or none). ``revise(stored) -> stored``: a change of
+    (:func:`itdiffusion.fsio.atomic_write_many`: all three or none). ``revise(stored) -> stored``: a change of
     the stored rows made under the store's lock (the report's check of every row against its run dir)."""
     paths = results_paths(results_dir)
     with file_lock(paths["lock"]):

@@ -2,7 +2,7 @@
 
 ``python -m itdiffusion.stages.evaluate -m estimator.npoints=8,16 seed=1,2`` runs four jobs in
 ``<paths.output_dir>/multirun/<stage>/<sweep id>/<job number>/``. The sweep id is ``ITD_SWEEP_ID``, else
-the process's default run id (:func:`itdiffusion.config.default_run_id`); it is exported as
+the process's default run id (:func:`itdiffusion.run_ids.default_run_id`); it is exported as
 ``ITD_SWEEP_ID`` so that jobs started in other processes (the submitit launchers) agree on it. Each job's
 default ``run_id`` is ``<sweep id>-<job number>``: its own results row and wandb run name.
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,32 +24,12 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from itdiffusion.run_ids import current_job, sweep_id  # noqa: F401 (the stages' sweeps.current_job)
+
 log = logging.getLogger("itdiffusion")
 
 STATUS_FILE = "job_status.json"
 SWEEP_FAILED_EXIT = 1
-
-
-def current_job() -> tuple[int, list[str]] | None:
-    """(job number, its overrides) when this process runs a job of a Hydra multirun, else None."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized():
-        return None
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return None
-    return int(hydra_cfg.job.num), list(hydra_cfg.overrides.task)
-
-
-def sweep_id() -> str:
-    """This process's sweep id: ``ITD_SWEEP_ID``, else a new one (then exported as ``ITD_SWEEP_ID``)."""
-    from itdiffusion.config import process_run_id
-
-    if not os.environ.get("ITD_SWEEP_ID"):
-        os.environ["ITD_SWEEP_ID"] = process_run_id()
-    return os.environ["ITD_SWEEP_ID"]
 
 
 def job_group() -> str | None:
@@ -58,15 +37,9 @@ def job_group() -> str | None:
     return None if current_job() is None else f"sweep {sweep_id()}"
 
 
-def job_run_id() -> str | None:
-    """``<sweep id>-<job number>`` inside a multirun job, else None."""
-    job = current_job()
-    return None if job is None else f"{sweep_id()}-{job[0]}"
-
-
 def write_status(run_dir: Path, job: tuple[int, list[str]], error: BaseException | None) -> None:
     """``job_status.json`` in the job's run dir: its number, overrides, ok/failed and the error message."""
-    from itdiffusion.io import atomic_write_json
+    from itdiffusion.fsio import atomic_write_json
 
     record = {"job": job[0], "overrides": job[1], "status": "failed" if error else "ok", "time": time.time(),
               "error": None if error is None else f"{type(error).__name__}: {error}"}

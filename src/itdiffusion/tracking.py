@@ -73,7 +73,7 @@ def stored_run_id(id_file: Path | None) -> str | None:
 
 
 def _store_run_id(id_file: Path, run_id: str) -> None:
-    from itdiffusion.io import atomic_write_json
+    from itdiffusion.fsio import atomic_write_json
 
     try:
         Path(id_file).parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ noise as one process, and a resumed run draws exactly what an uninterrupted one 
 are drawn from the same hash. The only global RNG the loop leaves to torch is dropout's, one stream
 per process, which every checkpoint records.
 
-Resuming. Every checkpoint (:mod:`itdiffusion.checkpointing`) holds the model, optimizer, LR
+Resuming. Every checkpoint (:mod:`itdiffusion.training_state`) holds the model, optimizer, LR
 schedule, EMA, every process's RNG states, the epoch, the number of batches of that epoch already
 consumed, the step counter, skip counter, the partial epoch loss and the loss curve. The data
 order of an epoch is a pure function of (seed, epoch) (``DistributedSampler``), so restarting the
@@ -46,16 +46,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
-from itdiffusion import checkpointing as ckpt
 from itdiffusion import distributed, errors
+from itdiffusion import training_state as ckpt
 from itdiffusion.artifacts import LOSS_CURVE, write_loss_curve
 from itdiffusion.config import FinetuneConfig, value_problems
 from itdiffusion.data import to_model_range
 from itdiffusion.errors import UserError
 from itdiffusion.loss_display import LossDisplay
-from itdiffusion.models.checkpoints import first_nonfinite
+from itdiffusion.models.weights import first_nonfinite
 from itdiffusion.seeding import Stream, stream_seed, stream_seed_tensor
-from itdiffusion.trajectory import differences
+from itdiffusion.trajectory import RESUME_INVARIANT, differences
 from itdiffusion.units import ABSURD_BPD, nats_to_bpd
 
 log = logging.getLogger(__name__)
@@ -63,10 +63,6 @@ log = logging.getLogger(__name__)
 LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 """``loss_fn(model, x [B,C,H,W] in [-1, 1], seeds int64 [B]) -> per-image loss [B]``."""
 
-OBJECTIVES = ("it", "iddpm", "any_order")
-# finetune settings a resumed run must share with its checkpoint to continue the same run
-RESUME_INVARIANT = ("objective", "batch_size", "lr", "weight_decay", "grad_clip", "bf16", "ema_decay",
-                    "warmup_steps", "seed")
 
 
 
@@ -448,7 +444,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         losses = self._accumulate_gradients(net, x, seeds)
         loss = losses.mean()
-        grad_norm = self._grad_norm()
+        grad_norm = self._clip_grad_norm()
 
         # one collective per step: loss sum, image count, non-finite flag, stop request
         stats = torch.tensor([0.0, len(losses), 0.0, float(self._term_requested)], dtype=torch.float64,
@@ -524,7 +520,7 @@ class Trainer:
             parts.append(losses.detach())
         return torch.cat(parts)
 
-    def _grad_norm(self) -> Tensor:
+    def _clip_grad_norm(self) -> Tensor:
         """Total gradient 2-norm (before clipping); clips to ``grad_clip`` when set."""
         grads = [q.grad for q in self.model.parameters() if q.grad is not None]
         if self.cfg.grad_clip is not None:
@@ -581,7 +577,7 @@ class Trainer:
         if train_loss is not None:
             point.update(self._loss_fields("train_loss", train_loss))
         if heldout is not None and not math.isfinite(heldout):
-            # JSON has no NaN: the values become null (io.atomic_write_json) and this flag says why
+            # JSON has no NaN: the values become null (fsio.atomic_write_json) and this flag says why
             point["heldout_loss_nonfinite"] = True
             if distributed.is_main():
                 warnings.warn(f"the held-out loss at step {p.step} is {heldout}", stacklevel=2)

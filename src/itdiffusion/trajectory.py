@@ -26,9 +26,11 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-# the finetune settings that change the trajectory (training.RESUME_INVARIANT plus the starting weights)
-FINETUNE_KEYS = ("objective", "init", "batch_size", "lr", "weight_decay", "grad_clip", "bf16", "ema_decay",
-                 "warmup_steps", "seed")
+# finetune settings a resumed run must share with its checkpoint to continue the same run (training)
+RESUME_INVARIANT = ("objective", "batch_size", "lr", "weight_decay", "grad_clip", "bf16", "ema_decay",
+                    "warmup_steps", "seed")
+# the finetune settings that change the trajectory: those plus the starting weights
+FINETUNE_KEYS = ("init", *RESUME_INVARIANT)
 MODEL_EXCLUDED = ("training_objective",)
 DATA_EXCLUDED = ("download", "verify", "num_workers", "num_images")
 INIT_SHA256 = "finetune.init_sha256"

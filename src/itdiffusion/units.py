@@ -19,6 +19,7 @@ import torch
 
 LN2 = math.log(2.0)
 PIXEL_BIN = 2.0 / 255.0
+XINTERVAL = (-1.0, 1.0)  # the model range of pixels: the lattice is -1 + PIXEL_BIN * k
 DEQUANT_OFFSET_BPD = math.log2(127.5)
 # A per-image estimate or a loss above this many bits/dim is absurd (8-bit images need at most 8): an
 # evaluation stops, a fine-tuning run counts as diverged.

@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from itdiffusion.checkpointing import EXPORTED_MODEL, LAST, load_training_state
 from itdiffusion.errors import CheckpointError
+from itdiffusion.training_state import EXPORTED_MODEL, LAST, load_training_state
 
 # run-dir suffixes of the reproduce chain's trained models, per model kind, most wanted first
 CHAIN_STEPS = {"iddpm": ("-tune", "-base"), "ddpm": ("-ddpm-tune", "-ddpm-base"),

@@ -1,5 +1,6 @@
 """Masked (absorbing) diffusion: I-MDCE / I-MDSE likelihood estimators (Jeon et al., 2025), exact
-discrete distributions to test them against, and a masked denoiser over CIFAR-10 sub-pixels.
+discrete distributions to test them against, and CIFAR-10 images as sub-pixel tokens (the network:
+:mod:`itdiffusion.models.masked_unet`).
 
 All estimates are per-sequence nats; ``MaskedEstimate.bpd(dim)`` converts to bits/dim.
 """
@@ -16,7 +17,6 @@ from .estimators import (
     time_integral_nll,
 )
 from .exact import ExactScore, IndependentCategorical, JointTable, MarkovChain
-from .masked_unet import MaskedPixelUNet, build_masked_pixel_model, images_to_tokens, tokens_to_images
 from .masking import MaskedDenoiser, harmonic_number, vocab_size_of
 from .pixels import (
     bottom_given_top_nll,
@@ -25,6 +25,7 @@ from .pixels import (
     corrupted_log_ratio,
     masked_pixel_metrics,
 )
+from .tokens import images_to_tokens, tokens_to_images
 
 __all__ = [
     "SCHEDULES",
@@ -34,11 +35,9 @@ __all__ = [
     "MarkovChain",
     "MaskedDenoiser",
     "MaskedEstimate",
-    "MaskedPixelUNet",
     "any_order_loss",
     "bottom_given_top_nll",
     "bottom_half",
-    "build_masked_pixel_model",
     "conditional_nll",
     "corrupt_images",
     "corrupted_log_ratio",

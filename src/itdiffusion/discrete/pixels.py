@@ -15,14 +15,15 @@ import torch
 from torch import Tensor
 
 from .estimators import MaskedEstimate, conditional_nll, coupled_log_ratio, time_free_nll, time_integral_nll
-from .masked_unet import CHANNELS, MaskedPixelUNet, images_to_tokens
+from .masking import MaskedDenoiser
+from .tokens import CHANNELS, images_to_tokens
 
 
-def _tokens_on(model: MaskedPixelUNet, images: Tensor) -> Tensor:
+def _tokens_on(model: MaskedDenoiser, images: Tensor) -> Tensor:
     return images_to_tokens(images).to(next(model.parameters()).device)
 
 
-def masked_pixel_metrics(model: MaskedPixelUNet, images: Tensor, *, num_masks: int, batch_size: int = 256,
+def masked_pixel_metrics(model: MaskedDenoiser, images: Tensor, *, num_masks: int, batch_size: int = 256,
                          lambda_power: float = 2.0, generator: torch.Generator | None = None,
                          image_seeds: Sequence[int] | None = None) -> dict[str, Tensor]:
     """Per-image I-MDCE estimates for a batch of uint8 images (the evaluate stage's masked metrics).
@@ -53,7 +54,7 @@ def bottom_half(image_size: int) -> Tensor:
     return rows.expand(CHANNELS, image_size, image_size).flatten()
 
 
-def bottom_given_top_nll(model: MaskedPixelUNet, images: Tensor, *, num_masks: int,
+def bottom_given_top_nll(model: MaskedDenoiser, images: Tensor, *, num_masks: int,
                          schedule: str = "time_integral", **kwargs) -> tuple[MaskedEstimate, int]:
     """-log p(bottom half | top half) in nats per image, and the number of scored sub-pixels.
 
@@ -75,7 +76,7 @@ def corrupt_images(images: Tensor, *, fraction: float, generator: torch.Generato
     return torch.where(hit.to(images.device), noise.to(images.device), images)
 
 
-def corrupted_log_ratio(model: MaskedPixelUNet, images: Tensor, *, num_masks: int, fraction: float = 0.05,
+def corrupted_log_ratio(model: MaskedDenoiser, images: Tensor, *, num_masks: int, fraction: float = 0.05,
                         schedule: str = "time_integral", generator: torch.Generator | None = None,
                         **kwargs) -> tuple[Tensor, MaskedEstimate]:
     """(corrupted copies y, estimate of log p(y) - log p(x) in nats with coupled masks)."""

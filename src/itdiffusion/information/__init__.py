@@ -86,6 +86,7 @@ from itdiffusion.information.reference import (
     MOMENT_VARIANCE_FACTOR,
     GaussianReference,
 )
+from itdiffusion.units import PIXEL_BIN, XINTERVAL
 
 __all__ = [
     "DECISION_BINS", "DEFAULT_MIN_EIGVAL", "ESTIMATES", "ITD_CLIP", "ITD_VARIANCE_FACTOR", "LOG_2PI_E",
@@ -94,8 +95,15 @@ __all__ = [
     "cross_fitted_choice",
     "cross_fitted_coefficient", "discrete_nll_from_curve", "estimate", "image_draws", "it_loss", "it_nll",
     "itd_range", "left_tail", "mc_mean_and_stderr", "proposal_for", "resolving_logsnr", "right_tail_bound",
-    "round_to_lattice", "sample_curves",
+    "round_to_lattice", "sample_curves", "pixel_curve_options",
 ]
+
+
+def pixel_curve_options(est) -> dict:
+    """:func:`sample_curves`'s keyword arguments for images on the pixel lattice (spacing ``PIXEL_BIN`` in
+    ``XINTERVAL``, with dequantized twins) from the estimator settings ``est`` (``cfg.estimator``)."""
+    return dict(sampling=est.logsnr_sampling, delta=PIXEL_BIN, xinterval=XINTERVAL, rounding=est.rounding,
+                dequantize=True, control_variate=est.control_variate, batch_size=est.batch_size)
 
 
 def it_nll(denoiser: Denoiser, x: Tensor, reference: GaussianReference, *, npoints: int,

@@ -25,7 +25,7 @@ from itdiffusion.information.bounds import continuous_tails, left_tail
 from itdiffusion.information.proposal import SAMPLING_MODES, LogSNRProposal, itd_range
 from itdiffusion.information.reference import GaussianReference
 
-ROUNDING_MODES = ("none", "hard", "soft")
+ROUNDING_MODES = ("soft", "hard", "none")
 MODEL_FIELDS = ("mmse", "mmse_rounded", "mmse_dequantized")  # [M, B, K]: one row per model
 
 

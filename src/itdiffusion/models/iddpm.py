@@ -7,7 +7,7 @@
   log-SNR maps to a (continuous) timestep of the schedule (:mod:`itdiffusion.models.schedules`).
 - :func:`iddpm_training_loss`: the model's own training loss, for training small base models.
 - Weights: :func:`resolve_checkpoint` (local path or official URL) and :func:`load_checkpoint` (from
-  :mod:`itdiffusion.models.checkpoints`).
+  :mod:`itdiffusion.models.weights`).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from itdiffusion.models.checkpoints import CheckpointError, fetch, load_checkpoint
 from itdiffusion.models.schedules import logsnr_to_step, step_to_logsnr
 from itdiffusion.models.upstream import improved_diffusion
+from itdiffusion.models.weights import CheckpointError, fetch, load_checkpoint
 
 __all__ = [
     "CheckpointError",
@@ -70,7 +70,7 @@ def resolve_checkpoint(model_cfg: Any, checkpoint_dir: str | Path, *, progress: 
     """Path of the model's weights: ``model.checkpoint`` if set (it must exist), else the file of
     ``model.checkpoint_url`` in ``<checkpoint_dir>/<model.kind>/`` (named ``model.checkpoint_file``, else
     as in the URL), downloaded first when missing and checked against ``model.checkpoint_sha256`` and
-    ``model.checkpoint_bytes`` where set (:func:`itdiffusion.models.checkpoints.fetch`).
+    ``model.checkpoint_bytes`` where set (:func:`itdiffusion.models.weights.fetch`).
 
     Concurrent callers (one per torchrun rank) are serialized by a lock file: one downloads, the
     others then find the finished file.

@@ -31,25 +31,55 @@ import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from itdiffusion import distributed, sweeps
+from itdiffusion import config, distributed, sweeps
 from itdiffusion.config import (
+    CONFIG_DIR,
     STAGE_GROUPS,
+    VALUE_RULES,
     Name,
+    OneOf,
+    Rule,
     check_values,
     dependency_problems,
     override_keys,
-    register_configs,
 )
 from itdiffusion.errors import Preempted, UserError
 from itdiffusion.extras import check_extras
+from itdiffusion.help import help_text
+from itdiffusion.models import families
 from itdiffusion.weights_hint import missing_weights
 
 log = logging.getLogger("itdiffusion")
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # shipped inside the package
+__all__ = ["CONFIG_DIR", "launch", "prepare_process", "register_configs", "value_rules"]
 
-register_configs()
-distributed.adopt_slurm_env()  # srun without torchrun: ranks from SLURM's variables (before the run id)
+
+def value_rules() -> tuple[Rule, ...]:
+    """:data:`itdiffusion.config.VALUE_RULES` and the registered families' kinds and objectives
+    (:func:`itdiffusion.models.families.allowed_values`): every value check a stage makes at launch."""
+    return VALUE_RULES + tuple(Rule(key, OneOf(values)) for key, values in families.allowed_values().items())
+
+
+def register_configs() -> None:
+    """The model families' plug-ins imported (:func:`itdiffusion.models.families.load_plugins`), then the
+    schemas and resolvers in Hydra's ConfigStore (:func:`itdiffusion.config.register_configs`): what
+    composing a config needs (tests and scripts that compose call it too)."""
+    families.load_plugins()
+    config.register_configs(families.model_schemas())
+    if not OmegaConf.has_resolver("itd_help"):  # conf/config.yaml's hydra.help.template
+        OmegaConf.register_new_resolver("itd_help", help_text)
+
+
+def prepare_process() -> None:
+    """What a stage's command line does before Hydra composes its config (never at import):
+    :func:`register_configs`, and under srun without torchrun the ranks taken from SLURM's variables
+    (before the run id is chosen)."""
+    try:
+        register_configs()
+    except UserError as e:  # a plug-in that cannot be imported
+        report_user_error(e)
+        sys.exit(2)
+    distributed.adopt_slurm_env()
 
 
 def launch(stage: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> float | None:
@@ -124,6 +154,7 @@ def cli_entry(hydra_main: Callable[[], Any]) -> Callable[[], Any]:
         except UserError as e:
             report_user_error(e)
             sys.exit(2)
+        prepare_process()
         os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra re-raises instead of printing a report
         try:
             return hydra_main()
@@ -142,7 +173,7 @@ def check_launch(cfg: DictConfig, stage: Callable, overrides: list[str]) -> None
     the stage reads), the folders it writes (:func:`check_output_dirs`) and an evaluation's weights
     (:func:`itdiffusion.weights_hint.missing_weights`); a UserError names what to fix."""
     name = stage_name(stage)
-    check_values(cfg)
+    check_values(cfg, rules=value_rules())
     problems = dependency_problems(cfg, override_keys(overrides), STAGE_GROUPS.get(name))
     if problems:
         raise UserError("; ".join(problems))
@@ -281,7 +312,7 @@ def check_before_run_dir(config: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     HydraConfig.instance().set_config(config)  # ${hydra:job.name} in the run dir
-    check_values(config)
+    check_values(config, rules=value_rules())
     check_writable_dir(str(config.hydra.run.dir), "paths.output_dir (the run dir)")
     check_output_dirs(config, str(config.hydra.job.name))
 

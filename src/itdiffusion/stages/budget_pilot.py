@@ -20,12 +20,9 @@ from itdiffusion.artifacts import ArtifactError
 from itdiffusion.budget import IT_LADDER, VLB_LADDER, choose_k, it_pilot, vlb_pilot
 from itdiffusion.data import to_model_range
 from itdiffusion.errors import UserError
-from itdiffusion.information import sample_curves
+from itdiffusion.information import pixel_curve_options, sample_curves
 from itdiffusion.seeding import Stream, stream_seeds
-from itdiffusion.units import PIXEL_BIN
 from itdiffusion.variational import VLB_ALL_STEPS, vlb_sampled
-
-XINTERVAL = (-1.0, 1.0)
 
 
 def plan(members, test, reference, proposal, est, device) -> dict:
@@ -47,9 +44,7 @@ def plan(members, test, reference, proposal, est, device) -> dict:
         def sample(k: int):
             return sample_curves([m.denoiser for m in members], x, reference, npoints=k, proposal=proposal,
                                  seeds=stream_seeds(est.seed, idx, Stream.PILOT_POINTS, k),
-                                 sampling=est.logsnr_sampling, delta=PIXEL_BIN, xinterval=XINTERVAL,
-                                 rounding=est.rounding, dequantize=True, control_variate=est.control_variate,
-                                 batch_size=est.batch_size)
+                                 **pixel_curve_options(est))
 
         ladder = [k for k in IT_LADDER if k <= est.npoints] or [est.npoints]
         stats, choice, spent = it_pilot(sample, reference, ladder)

@@ -19,7 +19,7 @@ records the results row.
 Ensembles (``ensemble=[ckpt_a, ckpt_b, ...]``): every member sees the same points and noise, and per log-SNR
 bin the estimate uses the member (or the Gaussian decoder) with the lowest cross-fitted error.
 ``ensemble_curves=[run_a, run_b, ...]`` builds the ensemble from the members' stored curves with no network
-evaluation (:mod:`itdiffusion.ensemble`). Masked-diffusion models (``model.kind=masked_pixels``) go to
+evaluation (:mod:`itdiffusion.ensemble`). Models that are no Gaussian denoiser (masked diffusion) go to
 :mod:`itdiffusion.stages.evaluate_masked`.
 """
 
@@ -35,7 +35,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from itdiffusion import dashboard, distributed, summary
+from itdiffusion import distributed, stage_tracking, summary
 from itdiffusion.artifacts import ENSEMBLE, REPORTED_BPD, PerImage
 from itdiffusion.budget import DecoderChoice, estimate_with_choice
 from itdiffusion.data import load_images, to_model_range
@@ -46,11 +46,13 @@ from itdiffusion.information import (
     ITEstimate,
     LogSNRProposal,
     estimate,
+    pixel_curve_options,
     proposal_for,
     sample_curves,
 )
 from itdiffusion.information.pilot import PILOT_IMAGES
-from itdiffusion.models.loading import Member, check_ensemble, load_members
+from itdiffusion.members import Member, check_ensemble, load_members, member_configs
+from itdiffusion.models.families import family_of
 from itdiffusion.pixel_maps import pixel_maps
 from itdiffusion.seeding import Stream, stream_seeds
 from itdiffusion.stages import (
@@ -58,33 +60,32 @@ from itdiffusion.stages import (
     budget_pilot,
     cli_entry,
     evaluate_masked,
+    evaluation_frame,
     launch,
     rank_zero_first,
     setup_device,
-    skeleton,
 )
 from itdiffusion.stages.partial import Partial
 from itdiffusion.stages.precision import select_fast_path
 from itdiffusion.stages.stats import load_or_compute_reference
 from itdiffusion.tracking import Tracker
-from itdiffusion.units import PIXEL_BIN, nats_to_bpd
+from itdiffusion.units import PIXEL_BIN, XINTERVAL, nats_to_bpd
 from itdiffusion.variational import VLB_ALL_STEPS, vlb_per_image, vlb_sampled
 
 log = logging.getLogger(__name__)
 
-XINTERVAL = (-1.0, 1.0)  # pixels scaled to [-1, 1]: the lattice is -1 + PIXEL_BIN * k
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     """Evaluate ``cfg.model`` (or the ``cfg.ensemble``) on the test set; rank 0 writes the outputs."""
-    if cfg.model.kind == "masked_pixels":
+    if not family_of(cfg.model).gaussian:  # masked diffusion: I-MDCE instead of the IT and VLB estimates
         return evaluate_masked.run(cfg, run_dir)
-    if skeleton.skip_done(cfg, run_dir):
+    if evaluation_frame.skip_done(cfg, run_dir):
         return None
     _check_settings(cfg)
     started = time.time()
     device = setup_device(cfg)
-    with dashboard.evaluation_tracker(cfg, run_dir) as tracker:  # live from the start (rank 0)
+    with stage_tracking.evaluation_tracker(cfg, run_dir) as tracker:  # live from the start (rank 0)
         return _evaluate(cfg, run_dir, device, tracker, started)
 
 
@@ -117,16 +118,17 @@ def _evaluate(cfg: DictConfig, run_dir: Path, device: torch.device, tracker: Tra
             return summarize(with_estimates(PerImage.cat(list(parts)), reference, choice), members, reference,
                              proposal)
 
-        per_image = skeleton.evaluate_sharded(
+        per_image = evaluation_frame.evaluate_sharded(
             cfg.label,
             test,
             chunk,
             lambda idx, images: sample(members, images, idx, reference, proposal, est, device),
             Partial(
-                run_dir, skeleton.fingerprint(cfg, members, proposal=proposal, fast_path=precision["used"])
+                run_dir,
+                evaluation_frame.fingerprint(cfg, members, proposal=proposal, fast_path=precision["used"]),
             ),
-            dashboard.RunningLog(
-                tracker, running, skeleton.rank_images(len(test), chunk), cfg.logger.running_every_s,
+            stage_tracking.RunningLog(
+                tracker, running, evaluation_frame.rank_images(len(test), chunk), cfg.logger.running_every_s,
                 cfg.label,
             ),
         )
@@ -135,7 +137,7 @@ def _evaluate(cfg: DictConfig, run_dir: Path, device: torch.device, tracker: Tra
         distributed.barrier()
         return None
     per_image, found = estimate_groups(per_image, reference, _decoder_choice(budget))
-    skeleton.check_finite(per_image, reference.dim, run_dir)
+    evaluation_frame.check_finite(per_image, reference.dim, run_dir)
     maps = None
     if sources is None and len(members) == 1 and found:  # single models (an ensemble's maps: its members')
         maps = add_pixel_maps(per_image, found[0], members[0], test, reference, est, device)
@@ -143,13 +145,13 @@ def _evaluate(cfg: DictConfig, run_dir: Path, device: torch.device, tracker: Tra
         **summarize(per_image, members, reference, proposal),
         **({"budget": budget} if budget else {}),
         **({"pixel_maps": maps} if maps else {}),
-        **skeleton.provenance(cfg, members),
+        **evaluation_frame.provenance(cfg, members),
         "precision_check": precision,
         "elapsed_s": round(time.time() - started, 2),
     }
     if sources is not None:
         metrics["curves_from"] = sources
-    metrics = skeleton.finish(cfg, run_dir, per_image, metrics, REPORTED_BPD, tracker)
+    metrics = evaluation_frame.finish(cfg, run_dir, per_image, metrics, REPORTED_BPD, tracker)
     distributed.barrier()
     return metrics
 
@@ -203,13 +205,7 @@ def sample(
             npoints=est.npoints,
             proposal=proposal,
             seeds=stream_seeds(est.seed, indices, Stream.POINTS),
-            sampling=est.logsnr_sampling,
-            delta=PIXEL_BIN,
-            xinterval=XINTERVAL,
-            rounding=est.rounding,
-            dequantize=True,
-            control_variate=est.control_variate,
-            batch_size=est.batch_size,
+            **pixel_curve_options(est),
         )
         evals += out.curves.network_evals
     if est.vlb and str(est.vlb_steps) != VLB_ALL_STEPS:  # sampled timesteps: unbiased, with an MC stderr
@@ -407,6 +403,10 @@ def _check_settings(cfg: DictConfig) -> None:
             "is missing): evaluate that run first, or leave the key unset to run the pilot"
         )
     check_ensemble(cfg)  # ensemble= and ensemble_models= together (one UserError before any work)
+    no_vlb = [m.name for m in member_configs(cfg) if not family_of(m).vlb]
+    if est.vlb and no_vlb:
+        raise UserError(f"model={no_vlb[0]} has no variational bound (its family has no diffusion): set "
+                        "estimator.vlb=false")
     if cfg.ensemble and not est.it:
         raise UserError("an ensemble combines MMSE curves: it needs estimator.it=true")
     if cfg.ensemble_curves and not cfg.ensemble:

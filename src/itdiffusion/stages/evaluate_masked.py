@@ -1,4 +1,4 @@
-"""The evaluate stage for masked-diffusion models (``model.kind=masked_pixels``): I-MDCE bits/dim.
+"""The evaluate stage for masked-diffusion models (the masked-pixel family): I-MDCE bits/dim.
 
 ``python -m itdiffusion.stages.evaluate model=masked_pixels_tiny model.checkpoint=<finetune run>/model.pt``
 
@@ -6,8 +6,8 @@ I-MDCE estimates of the discrete -log P(x) with ``estimator.num_masks`` masks pe
 from its own seed: ``mdce_bpd`` (time integral) and ``mdce_timefree_bpd`` (time free), and two examples,
 ``mdce_bottom_given_top_bpd`` (bits/dim of the bottom half of the image given the top half) and
 ``mdce_corrupted_log_ratio_nats`` (log p(y) - log p(x) with y the image with a random
-``estimator.corrupt_fraction`` of sub-pixels replaced by uniform values; coupled masks). Same skeleton as
-the Gaussian models (:mod:`itdiffusion.stages.skeleton`); the Gaussian reference and the
+``estimator.corrupt_fraction`` of sub-pixels replaced by uniform values; coupled masks). Same frame as the
+Gaussian models (:mod:`itdiffusion.stages.evaluation_frame`); the Gaussian reference and the
 ``estimator.it`` / ``vlb`` switches do not apply.
 """
 
@@ -20,26 +20,26 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from itdiffusion import dashboard, distributed, summary
+from itdiffusion import distributed, stage_tracking, summary
 from itdiffusion.artifacts import MASKED_ESTIMATES, PerImage
 from itdiffusion.data import load_images
 from itdiffusion.discrete import bottom_given_top_nll, corrupted_log_ratio, masked_pixel_metrics
 from itdiffusion.errors import UserError
-from itdiffusion.models.loading import load_members
+from itdiffusion.members import load_members
 from itdiffusion.seeding import Stream, stream_seeds
-from itdiffusion.stages import rank_zero_first, setup_device, skeleton
+from itdiffusion.stages import evaluation_frame, rank_zero_first, setup_device
 from itdiffusion.stages.partial import Partial
 from itdiffusion.tracking import Tracker
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     """I-MDCE bits/dim of ``cfg.model`` on the test set and the two examples; rank 0 writes the outputs."""
-    if skeleton.skip_done(cfg, run_dir):
+    if evaluation_frame.skip_done(cfg, run_dir):
         return None
     _check_settings(cfg)
     started = time.time()
     device = setup_device(cfg)
-    with dashboard.evaluation_tracker(cfg, run_dir) as tracker:  # live from the start (rank 0)
+    with stage_tracking.evaluation_tracker(cfg, run_dir) as tracker:  # live from the start (rank 0)
         return _evaluate(cfg, run_dir, device, tracker, started)
 
 
@@ -50,16 +50,16 @@ def _evaluate(cfg: DictConfig, run_dir: Path, device, tracker: Tracker, started:
     member = load_members(cfg, device)[0]
     chunk = max(1, est.batch_size // est.num_masks)
     dim = member.network.length
-    per_image = skeleton.evaluate_sharded(
+    per_image = evaluation_frame.evaluate_sharded(
         cfg.label,
         test,
         chunk,
         lambda idx, images: sample(member.network, images, idx, est),
-        Partial(run_dir, skeleton.fingerprint(cfg, [member])),
-        dashboard.RunningLog(
+        Partial(run_dir, evaluation_frame.fingerprint(cfg, [member])),
+        stage_tracking.RunningLog(
             tracker,
             lambda parts: summarize(PerImage.cat(list(parts)), est, dim),
-            skeleton.rank_images(len(test), chunk),
+            evaluation_frame.rank_images(len(test), chunk),
             cfg.logger.running_every_s,
             cfg.label,
         ),
@@ -67,10 +67,10 @@ def _evaluate(cfg: DictConfig, run_dir: Path, device, tracker: Tracker, started:
     if not distributed.is_main():
         distributed.barrier()
         return None
-    skeleton.check_finite(per_image, dim, run_dir)
+    evaluation_frame.check_finite(per_image, dim, run_dir)
     metrics = summarize(per_image, est, dim)
-    metrics.update(skeleton.provenance(cfg, [member]), elapsed_s=round(time.time() - started, 2))
-    metrics = skeleton.finish(cfg, run_dir, per_image, metrics, MASKED_ESTIMATES, tracker)
+    metrics.update(evaluation_frame.provenance(cfg, [member]), elapsed_s=round(time.time() - started, 2))
+    metrics = evaluation_frame.finish(cfg, run_dir, per_image, metrics, MASKED_ESTIMATES, tracker)
     distributed.barrier()
     return metrics
 

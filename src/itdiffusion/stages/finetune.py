@@ -7,7 +7,7 @@ global batch 32, 10 epochs, from the _vlb checkpoint)
 ``python -m itdiffusion.stages.finetune model=iddpm_tiny data=patches finetune=smoke_base`` (train the
 tiny smoke model from scratch on IDDPM's loss)
 ``python -m itdiffusion.stages.finetune model=ddpm_cifar10 finetune=ddpm`` (ITD's DDPM(tune): IT loss,
-Adam, lr 1e-4, batch 64, 10 epochs, from google/ddpm-cifar10-32; ``model.kind=ddpm`` trains with ``it`` only)
+Adam, lr 1e-4, batch 64, 10 epochs, from google/ddpm-cifar10-32; the DDPM family trains with ``it`` only)
 
 Objectives (``finetune.objective``):
 
@@ -15,7 +15,7 @@ Objectives (``finetune.objective``):
   ``h_G + (1/2) w(a) [||eps - eps_hat(z, a)||^2 - mmse_G(a)]`` with ``a ~ q`` and ``w = 1/q``
   (:func:`itdiffusion.information.it_loss`; the Gaussian reference comes from the ``stats`` cache);
 - ``iddpm``: the model's own IDDPM loss (:func:`itdiffusion.models.iddpm.iddpm_training_loss`);
-- ``any_order``: masked-diffusion models (``model.kind=masked_pixels``, e.g. ``model=masked_pixels_tiny``)
+- ``any_order``: masked-diffusion models (the masked-pixel family, e.g. ``model=masked_pixels_tiny``)
   only, and their only objective: the any-order (time-free I-MDCE) loss of
   :func:`itdiffusion.discrete.any_order_loss`, an upper bound on -log P(x) in nats per image (every
   sub-pixel a token), one random mask per image; the held-out curve is the same loss.
@@ -41,33 +41,23 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from itdiffusion import distributed
 from itdiffusion.artifacts import LOSS_CURVE, checkpoint_provenance, write_export_provenance
-from itdiffusion.checkpointing import EXPORTED_MODEL, LAST, load_training_state
-from itdiffusion.config import FinetuneConfig, stage_config
-from itdiffusion.dashboard import TRACKING_ID, log_model
+from itdiffusion.config import FinetuneConfig, check_values, stage_config
 from itdiffusion.data import load_images
-from itdiffusion.discrete import any_order_loss, build_masked_pixel_model, images_to_tokens
 from itdiffusion.errors import UserError
-from itdiffusion.information import GaussianReference, it_loss
-from itdiffusion.io import atomic_write_json
-from itdiffusion.models.checkpoints import CheckpointError, file_sha256
-from itdiffusion.models.ddpm import DDPMDenoiser, DDPMNetwork, build_unet, load_unet_weights, train_alpha_bar
-from itdiffusion.models.iddpm import (
-    IDDPMDenoiser,
-    build_model_and_diffusion,
-    iddpm_training_loss,
-    load_checkpoint,
-    resolve_checkpoint,
-)
+from itdiffusion.fsio import atomic_write_json
+from itdiffusion.models.families import Family, family_of
+from itdiffusion.models.objectives import Objective
+from itdiffusion.models.weights import CheckpointError, file_sha256
+from itdiffusion.stage_tracking import TRACKING_ID, log_model
 from itdiffusion.stages import (
     CONFIG_DIR,
     cli_entry,
@@ -76,10 +66,12 @@ from itdiffusion.stages import (
     launch,
     rank_zero_first,
     setup_device,
+    value_rules,
 )
 from itdiffusion.stages.stats import load_or_compute_reference
 from itdiffusion.tracking import Tracker, run_tags
-from itdiffusion.training import LossFn, Trainer, validate_config
+from itdiffusion.training import Trainer, validate_config
+from itdiffusion.training_state import EXPORTED_MODEL, LAST, load_training_state
 from itdiffusion.trajectory import INIT_SHA256, differences, trajectory_settings
 
 log = logging.getLogger(__name__)
@@ -89,6 +81,7 @@ SUMMARY = "finetune.json"
 
 def finetune_settings(cfg: DictConfig) -> FinetuneConfig:
     """``cfg.finetune`` as a checked :class:`FinetuneConfig`."""
+    check_values(cfg, rules=value_rules())  # the registered families' kinds and objectives too
     settings = OmegaConf.to_object(cfg.finetune)
     validate_config(settings)
     return settings
@@ -99,28 +92,24 @@ def finetune_run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.paths.checkpoint_dir) / "finetune" / cfg.finetune.run_name
 
 
-def load_initial_weights(cfg: DictConfig, model: nn.Module) -> tuple[str, str | None]:
+def load_initial_weights(cfg: DictConfig, family: Family, model: nn.Module) -> tuple[str, str | None]:
     """Load the starting weights named by ``finetune.init``; returns their description (path and sha256)
     and their sha256 (None from scratch)."""
     init = cfg.finetune.init
-    if init is None and cfg.model.kind == "masked_pixels" and not cfg.model.checkpoint:
-        init = "scratch"  # masked-pixel models have no official weights
+    if init is None and not family.has_own_weights(cfg.model):
+        init = "scratch"  # e.g. masked-pixel models: no official weights
     if init == "scratch":
         return "scratch", None
-    if cfg.model.kind == "ddpm":
-        return load_ddpm_initial_weights(cfg, model)
+    hint = "(finetune.init: null = the model's checkpoint, a path, or scratch)"
+    if init and not Path(init).exists():
+        raise UserError(f"finetune.init={init} does not exist {hint}")
     try:
-        if init:
-            path = Path(init)
-            if not path.is_file():
-                raise FileNotFoundError(f"finetune.init={init} does not exist")
-        else:
-            with rank_zero_first():  # one download under torchrun
-                path = resolve_checkpoint(cfg.model, cfg.paths.checkpoint_dir)
-        sha256 = load_checkpoint(model, path)
+        with rank_zero_first():  # one download under torchrun
+            source, sha256 = family.load_weights(model, cfg.model, cfg.paths.checkpoint_dir,
+                                                 Path(init) if init else None)
     except (FileNotFoundError, ValueError, CheckpointError) as e:
-        raise UserError(f"{e} (finetune.init: null = the model's checkpoint, a path, or scratch)") from e
-    return f"{path} (sha256 {sha256})", sha256
+        raise UserError(f"{e} {hint}") from e
+    return f"{source} (sha256 {sha256})", sha256
 
 
 # The tables' names of the fine-tuning objectives (finetune.objective); "iddpm" is the model config's own
@@ -163,88 +152,17 @@ def check_finished_run(ckpt_dir: Path, settings: dict) -> None:
                         "name.")
 
 
-def load_ddpm_initial_weights(cfg: DictConfig, unet: nn.Module) -> tuple[str, str]:
-    """``finetune.init`` for a DDPM (a path: a diffusers directory or a ``.pt``; null: the model's weights,
-    :func:`itdiffusion.models.ddpm.load_unet_weights`); returns their description and sha256."""
-    model_cfg = cfg.model
-    if cfg.finetune.init:
-        if not Path(cfg.finetune.init).exists():
-            raise UserError(f"finetune.init={cfg.finetune.init} does not exist "
-                            f"(finetune.init: null = the model's checkpoint, a path, or scratch)")
-        model_cfg = OmegaConf.merge(cfg.model, {"checkpoint": str(cfg.finetune.init)})
-    try:
-        with rank_zero_first():  # one download under torchrun
-            source, sha256 = load_unet_weights(unet, model_cfg, cfg.paths.checkpoint_dir)
-    except CheckpointError as e:
-        raise UserError(f"{e} (finetune.init: null = the model's checkpoint, a path, or scratch)") from e
-    return f"{source} (sha256 {sha256})", sha256
-
-
-def ddpm_it_objective(model_cfg: Any, reference: GaussianReference) -> LossFn:
-    """The IT bound of a DDPM's ``UNet2DModel`` (through :class:`DDPMDenoiser`), seeded per image."""
-    alpha_bar = train_alpha_bar(model_cfg)
-
-    def loss(net: nn.Module, x: Tensor, seeds: Tensor) -> Tensor:
-        return it_loss(DDPMDenoiser(DDPMNetwork(net, alpha_bar)), x, reference, image_seeds=seeds)
-    return loss
-
-
-def it_objective(model_cfg: Any, reference: GaussianReference) -> LossFn:
-    """The IT bound with one log-SNR per image (nats per image), seeded per image."""
-    def loss(net: nn.Module, x: Tensor, seeds: Tensor) -> Tensor:
-        return it_loss(IDDPMDenoiser(net, model_cfg), x, reference, image_seeds=seeds)
-    return loss
-
-
-def iddpm_objective(diffusion: Any) -> LossFn:
-    """IDDPM's own training loss (one timestep per image), seeded per image."""
-    def loss(net: nn.Module, x: Tensor, seeds: Tensor) -> Tensor:
-        return iddpm_training_loss(net, diffusion, x, image_seeds=seeds)
-    return loss
-
-
-def model_range_to_tokens(x: Tensor) -> Tensor:
-    """Images in [-1, 1] (``x = p / 127.5 - 1``) -> their sub-pixel tokens Long[B, 3 s^2] (exact inverse)."""
-    pixels = ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return images_to_tokens(pixels)
-
-
-def any_order_objective() -> LossFn:
-    """The any-order loss of a masked-pixel model (nats per image), one mask per image from its seed."""
-    def loss(net: nn.Module, x: Tensor, seeds: Tensor) -> Tensor:
-        return any_order_loss(net, model_range_to_tokens(x), image_seeds=seeds.tolist())
-    return loss
-
-
-def check_objective(cfg: DictConfig, objective: str) -> None:
-    """Masked-diffusion models train with ``any_order`` only, IDDPM models never; DDPMs with ``it`` only."""
-    if cfg.model.kind == "ddpm" and objective != "it":
-        raise UserError(f"model={cfg.model.name} (kind ddpm) cannot train with "
-                        f"finetune.objective={objective}; use finetune.objective=it")
-    masked = cfg.model.kind == "masked_pixels"
-    if masked != (objective == "any_order"):
-        need = "finetune.objective=any_order" if masked else "finetune.objective=it or iddpm"
-        raise UserError(f"model={cfg.model.name} (kind {cfg.model.kind}) cannot train with "
-                        f"finetune.objective={objective}; use {need}")
-
-
-def build_objectives(cfg: DictConfig, settings: FinetuneConfig, device: torch.device
-                     ) -> tuple[nn.Module, LossFn, LossFn, int]:
+def build_objectives(cfg: DictConfig, family: Family, settings: FinetuneConfig, device: torch.device
+                     ) -> tuple[nn.Module, Objective, Objective, int]:
     """(network, training loss, held-out loss in nats, dimensions per image) for ``cfg.model``."""
-    check_objective(cfg, settings.objective)
-    if cfg.model.kind == "masked_pixels":
-        model = build_masked_pixel_model(cfg.model)
-        objective = any_order_objective()
-        return model, objective, objective, model.length
-    if cfg.model.kind == "ddpm":
-        reference = load_or_compute_reference(cfg, device)
-        objective = ddpm_it_objective(cfg.model, reference)
-        return build_unet(cfg.model), objective, objective, reference.dim
-    model, diffusion = build_model_and_diffusion(cfg.model)
-    reference = load_or_compute_reference(cfg, device)
-    train_objective = it_objective(cfg.model, reference) if settings.objective == "it" else \
-        iddpm_objective(diffusion)
-    return model, train_objective, it_objective(cfg.model, reference), reference.dim
+    train_cls = family.objective(cfg.model, settings.objective)
+    heldout_cls = family.objectives[family.heldout_objective]
+    model, diffusion = family.build(cfg.model)
+    needs_reference = train_cls.needs_reference or heldout_cls.needs_reference
+    reference = load_or_compute_reference(cfg, device) if needs_reference else None
+    train = train_cls(family, cfg.model, diffusion, reference)
+    heldout = heldout_cls(family, cfg.model, diffusion, reference)
+    return model, train, heldout, family.dim(model, reference)
 
 
 def heldout_images(cfg: DictConfig, count: int) -> Dataset | None:
@@ -271,12 +189,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                  tags=run_tags(cfg.experiment, cfg.model.name, cfg.paper_row, settings.objective),
                  id_file=ckpt_dir / TRACKING_ID) as tracker:  # live from the start; a restart resumes it
         torch.manual_seed(settings.seed)  # the initial weights when training from scratch
-        model, train_objective, heldout_objective, dim = build_objectives(cfg, settings, device)
-        init, init_sha256 = load_initial_weights(cfg, model)
+        family = family_of(cfg.model)
+        model, train_objective, heldout_objective, dim = build_objectives(cfg, family, settings, device)
+        init, init_sha256 = load_initial_weights(cfg, family, model)
         trajectory[INIT_SHA256] = init_sha256
         trainer = Trainer(
             model, train_objective, load_images(cfg.data, "train"), settings, ckpt_dir, device=device,
-            dim=dim, train_loss_is_nll=settings.objective in ("it", "any_order"),
+            dim=dim, train_loss_is_nll=train_objective.nll,
             heldout_set=heldout_images(cfg, settings.heldout_images),
             heldout_loss=heldout_objective, hflip=cfg.data.hflip,
             num_workers=cfg.data.num_workers, tracker=tracker, run_config=config_dict(cfg),

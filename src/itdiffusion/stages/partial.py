@@ -24,7 +24,7 @@ from pathlib import Path
 
 from itdiffusion import distributed
 from itdiffusion.artifacts import ArtifactError, PerImage, read_per_image, write_per_image
-from itdiffusion.io import atomic_write_json
+from itdiffusion.fsio import atomic_write_json
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ import torch
 
 from itdiffusion import distributed
 from itdiffusion.errors import UserError
+from itdiffusion.members import Member
 from itdiffusion.models.acceleration import FastPath, fast_path_from_config
-from itdiffusion.models.loading import Member
 from itdiffusion.units import mean_and_stderr
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,6 @@ from omegaconf import DictConfig
 from itdiffusion import artifacts, figures, run_figures, summary
 from itdiffusion.artifacts import PerImage
 from itdiffusion.config import stage_config
-from itdiffusion.dashboard import EVALUATION_ARTIFACT_TYPE, TRACKING_ID
 from itdiffusion.errors import UserError
 from itdiffusion.results import (
     CONTINUOUS_COLUMNS,
@@ -47,6 +46,7 @@ from itdiffusion.results import (
     results_paths,
     row_labels,
 )
+from itdiffusion.stage_tracking import EVALUATION_ARTIFACT_TYPE, TRACKING_ID
 from itdiffusion.stages import CONFIG_DIR, cli_entry, config_dict, launch
 from itdiffusion.tracking import Tracker, run_tags
 
@@ -181,7 +181,7 @@ def loss_series(points: Sequence[Mapping], kind: str) -> tuple[str, list[tuple[f
 
 
 def _save_figure(fig, path: Path) -> None:
-    from itdiffusion.io import atomic_write
+    from itdiffusion.fsio import atomic_write
 
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
 

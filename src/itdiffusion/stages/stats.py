@@ -31,8 +31,8 @@ from omegaconf import DictConfig
 from itdiffusion import distributed
 from itdiffusion.config import stage_config
 from itdiffusion.data import dataset_key, load_images, random_subset, source_files, to_model_range
+from itdiffusion.fsio import atomic_torch_save, atomic_write_json, file_lock
 from itdiffusion.information import GaussianReference
-from itdiffusion.io import atomic_torch_save, atomic_write_json, file_lock
 from itdiffusion.stages import CONFIG_DIR, cli_entry, config_dict, launch, rank_zero_first, setup_device
 from itdiffusion.tracking import Tracker
 from itdiffusion.units import nats_to_bpd

@@ -11,7 +11,7 @@ A run directory ``checkpoints/finetune/<run>/`` holds
 
 A training state is a dict with the model, optimizer, LR schedule, EMA, the RNG states of every
 process, the position in the data order, the step counter and the config (see
-:func:`itdiffusion.training.Trainer`). Every file is written atomically (:mod:`itdiffusion.io`), so
+:func:`itdiffusion.training.Trainer`). Every file is written atomically (:mod:`itdiffusion.fsio`), so
 a crash leaves either the old file or the new one. A file damaged some other way (an older crash,
 a full disk, a copy cut short) fails validation on load, and :func:`find_resume_checkpoint` falls
 back to the newest readable checkpoint with a warning.
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from itdiffusion.errors import CheckpointError
-from itdiffusion.io import atomic_torch_save, atomic_write_bytes
+from itdiffusion.fsio import atomic_torch_save, atomic_write_bytes
 
 FORMAT = "itdiffusion.finetune"
 VERSION = 1

@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from itdiffusion.io import atomic_write, atomic_write_json, file_lock
+from itdiffusion.fsio import atomic_write, atomic_write_json, file_lock
 
 
 def test_replaces_whole_file_and_leaves_no_temporaries(tmp_path):
@@ -67,7 +67,7 @@ def _no_flock(fd, op):
 
 
 def test_file_lock_falls_back_with_one_warning_where_flock_is_unsupported(tmp_path, monkeypatch, recwarn):
-    import itdiffusion.io as io_module
+    import itdiffusion.fsio as io_module
 
     monkeypatch.setattr(io_module.fcntl, "flock", _no_flock)
     monkeypatch.setattr(io_module, "_warned_no_flock", False)
@@ -86,7 +86,7 @@ def test_file_lock_falls_back_with_one_warning_where_flock_is_unsupported(tmp_pa
 
 
 def test_other_lock_errors_are_not_hidden(tmp_path, monkeypatch):
-    import itdiffusion.io as io_module
+    import itdiffusion.fsio as io_module
 
     def broken(fd, op):
         raise OSError(errno.EIO, "I/O error")

@@ -198,7 +198,7 @@ def log_model(tracker: Tracker, run_name: str, model_path: Path, sha256: str, me
     except (OSError, ValueError):
         record = {}
     record[Path(model_path).name] = {"name": name, "alias": alias, "sha256": sha256}
-    from itdiffusion.io import atomic_write_json
+    from itdiffusion.fsio import atomic_write_json
 
     try:
         atomic_write_json(record_path, record)

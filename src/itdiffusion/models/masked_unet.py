@@ -1,10 +1,9 @@
-"""A masked denoiser over CIFAR-style images: every sub-pixel is a token.
-
-An image uint8 [3, s, s] is the token sequence ``image.flatten()`` (channel-major, L = 3 s^2) over
-V = 256 values; the mask id is 256. The network is improved-diffusion's ``UNetModel``: each channel's
-tokens go through their own embedding table (V + 1 rows, ``embed_dim`` wide), the 3 embeddings are
-stacked as 3 * embed_dim input channels, and the U-Net returns 3 * V output channels, V logits per
-sub-pixel. Its "timestep" is the masked fraction times 1000 (improved-diffusion's timestep range).
+"""A masked denoiser over CIFAR-style images: every sub-pixel is a token
+(:mod:`itdiffusion.discrete.tokens`), L = 3 s^2 tokens over V = 256 values; the mask id is 256. The
+network is improved-diffusion's ``UNetModel``: each channel's tokens go through their own embedding
+table (V + 1 rows, ``embed_dim`` wide), the 3 embeddings are stacked as 3 * embed_dim input channels,
+and the U-Net returns 3 * V output channels, V logits per sub-pixel. Its "timestep" is the masked
+fraction times 1000 (improved-diffusion's timestep range).
 """
 
 from __future__ import annotations
@@ -12,24 +11,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..models.upstream import improved_diffusion
+from itdiffusion.discrete.tokens import CHANNELS
+from itdiffusion.models.upstream import improved_diffusion
 
-CHANNELS = 3
 _TIMESTEP_SCALE = 1000.0
 # improved-diffusion's channel multipliers per image size (script_util.create_model)
 _CHANNEL_MULT = {32: (1, 2, 2, 2), 64: (1, 2, 2, 2), 128: (1, 1, 2, 2, 2), 256: (1, 1, 2, 2, 2, 2)}
-
-
-def images_to_tokens(images: Tensor) -> Tensor:
-    """uint8 images [B, 3, s, s] -> tokens Long[B, 3 s^2] (channel-major flatten)."""
-    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != CHANNELS:
-        raise ValueError(f"expected uint8 images [B, 3, s, s], got {images.dtype} {tuple(images.shape)}")
-    return images.reshape(images.shape[0], -1).long()
-
-
-def tokens_to_images(tokens: Tensor, image_size: int) -> Tensor:
-    """Inverse of ``images_to_tokens`` (clean tokens only)."""
-    return tokens.reshape(tokens.shape[0], CHANNELS, image_size, image_size).to(torch.uint8)
 
 
 class MaskedPixelUNet(nn.Module):

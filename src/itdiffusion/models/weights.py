@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from itdiffusion.errors import CheckpointError
-from itdiffusion.io import atomic_write, file_lock
+from itdiffusion.fsio import atomic_write, file_lock
 
 _SHOW_KEYS = 5  # mismatched keys listed per kind in an error message
 

@@ -1,4 +1,4 @@
-"""The skeleton every evaluation stage shares: load, shard, run, gather, write.
+"""The frame every evaluation stage shares: load, shard, run, gather, write.
 
 :func:`skip_done` (a complete run dir is kept), :func:`evaluate_sharded` (the test images split over
 torchrun ranks, a per-chunk function under a progress bar, every rank's rows gathered on rank 0 in image
@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from itdiffusion import artifacts, dashboard, distributed
+from itdiffusion import artifacts, distributed, stage_tracking
 from itdiffusion.artifacts import PerImage
 from itdiffusion.errors import Preempted, UserError
 from itdiffusion.results import ResultsStoreError, record_run
@@ -87,7 +87,7 @@ def evaluate_sharded(
     ``partial``, finished chunks are kept and a rerun reuses them; SIGTERM keeps the chunk in progress and
     raises :class:`~itdiffusion.errors.Preempted` (:mod:`itdiffusion.stages.partial`). ``on_chunk`` (rank 0,
     after each chunk): called with rank 0's parts so far (the live view,
-    :class:`itdiffusion.dashboard.RunningLog`)."""
+    :class:`itdiffusion.stage_tracking.RunningLog`)."""
     starts = _rank_starts(len(dataset), chunk)
     if partial is not None:
         partial.open()
@@ -208,6 +208,8 @@ def check_finite(per_image: PerImage, dim: int, run_dir: Path) -> None:
     for name, values in named.items():
         if "stderr" in name:  # a Monte Carlo error is nan where it cannot be measured (too few terms)
             continue
+        if name.endswith(".network_evals"):  # a count, not bits/dim (2 npoints + the VLB's steps per image)
+            continue
         bpd = values / (dim * math.log(2)) if "_nats" in name else values
         bad = ~torch.isfinite(values) | (bpd.abs() > ABSURD_BPD)
         if bad.any():
@@ -228,7 +230,7 @@ def finish(cfg: DictConfig, run_dir: Path, per_image: PerImage, metrics: dict, s
     metrics = artifacts.commit_evaluation(run_dir, per_image, metrics)
     discard(run_dir)  # the finished chunks of a resumable run are in per_image.npz now
     _record(cfg, metrics, run_dir / artifacts.METRICS)
-    dashboard.log_evaluation(cfg, run_dir, per_image, metrics, tracker)
+    stage_tracking.log_evaluation(cfg, run_dir, per_image, metrics, tracker)
     log.info(
         "%s: %s",
         cfg.label,

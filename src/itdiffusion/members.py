@@ -1,9 +1,7 @@
 """Models under evaluation: the network, its diffusion (for the VLB), its denoiser and where the weights came
 from, built from ``cfg.model`` (one checkpoint) or ``cfg.ensemble`` (several), whatever the model family.
 
-A family (``model.kind``) is registered in :data:`FAMILIES` with two functions: ``load(model_cfg,
-checkpoint_dir, path) -> (network, diffusion or None, source, sha256)`` (``path``: a given checkpoint, or
-None for the model's own weights, downloaded when missing) and ``denoiser(network, model_cfg)``.
+The family of each model (``model.kind``) says how (:mod:`itdiffusion.models.families`).
 
 Ensembles across families (``ensemble_models=[iddpm_cifar10_vlb,ddpm_cifar10]`` beside ``ensemble=[a,b]``):
 member j is ``ensemble[j]`` loaded as the model config ``ensemble_models[j]`` (:func:`member_configs`): the
@@ -21,75 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
+from itdiffusion.config import CONFIG_DIR
 from itdiffusion.denoisers import Denoiser
 from itdiffusion.errors import CheckpointError, UserError
 from itdiffusion.models.acceleration import FastPath, accelerate
-from itdiffusion.models.checkpoints import load_checkpoint
-
-Loaded = tuple[nn.Module, Any, str, str]  # network, diffusion (or None), where the weights came from, sha256
-
-
-@dataclass(frozen=True)
-class Family:
-    """How to load and wrap the models of one ``model.kind``."""
-
-    load: Callable[[Any, str, Path | None], Loaded]
-    denoiser: Callable[[nn.Module, Any], Denoiser]
-
-
-def _from_file(build: Callable[[Any], tuple[nn.Module, Any]], resolve: Callable[[Any, str], Path]):
-    """``load`` for families whose weights are one state-dict file (``resolve`` finds the model's own)."""
-
-    def load(model_cfg: Any, checkpoint_dir: str, path: Path | None) -> Loaded:
-        path = resolve(model_cfg, checkpoint_dir) if path is None else path
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {path.resolve()}")
-        network, diffusion = build(model_cfg)
-        return network, diffusion, str(path), load_checkpoint(network, path)
-
-    return load
-
-
-def _iddpm() -> Family:
-    from itdiffusion.models import iddpm
-
-    return Family(_from_file(iddpm.build_model_and_diffusion, iddpm.resolve_checkpoint), iddpm.IDDPMDenoiser)
-
-
-def _ddpm() -> Family:
-    from itdiffusion.models import ddpm
-
-    def load(model_cfg: Any, checkpoint_dir: str, path: Path | None) -> Loaded:
-        if path is not None:  # a diffusers directory or a .pt state dict
-            model_cfg = OmegaConf.merge(model_cfg, {"checkpoint": str(path)})
-        parts = ddpm.load_ddpm(model_cfg, checkpoint_dir)
-        return parts.network, parts.diffusion, parts.checkpoint, parts.sha256
-
-    def denoiser(network: nn.Module, model_cfg: Any) -> Denoiser:  # network: maybe an accelerated one
-        return ddpm.DDPMDenoiser(network, ddpm.train_alpha_bar(model_cfg))
-
-    return Family(load, denoiser)
-
-
-def _masked_pixels() -> Family:
-    from itdiffusion.discrete import build_masked_pixel_model
-
-    def resolve(model_cfg: Any, checkpoint_dir: str) -> Path:
-        if not model_cfg.checkpoint:
-            raise ValueError(f"model={model_cfg.name} has no official weights: set model.checkpoint=<path to "
-                             "the finetune run's model.pt>")
-        return Path(model_cfg.checkpoint)
-
-    def no_denoiser(network: nn.Module, model_cfg: Any) -> Denoiser:
-        raise TypeError("a masked-pixel model is not a Gaussian denoiser")
-
-    return Family(_from_file(lambda cfg: (build_masked_pixel_model(cfg), None), resolve), no_denoiser)
-
-
-FAMILIES: dict[str, Callable[[], Family]] = {"iddpm": _iddpm, "ddpm": _ddpm, "masked_pixels": _masked_pixels}
+from itdiffusion.models.families import family_of
 
 
 @dataclass
@@ -110,25 +46,19 @@ class Member:
         """The same weights running on ``fast`` (bf16 autocast, channels_last, torch.compile)."""
         network = accelerate(self.network, fast)
         return dataclasses.replace(self, network=network,
-                                   denoiser=family(self.model_cfg).denoiser(network, self.model_cfg))
-
-
-def family(model_cfg: Any) -> Family:
-    kind = model_cfg.kind
-    if kind not in FAMILIES:
-        raise UserError(f"model.kind={kind!r} is not one of {', '.join(FAMILIES)}")
-    return FAMILIES[kind]()
+                                   denoiser=family_of(self.model_cfg).denoiser(network, self.model_cfg))
 
 
 def load_member(model_cfg: Any, checkpoint_dir: str, path: Path | None, device: torch.device) -> Member:
     """The model of ``model_cfg`` with the weights at ``path`` (None: its own), in eval mode on ``device``."""
-    fam = family(model_cfg)
+    family = family_of(model_cfg)
+    trained, diffusion = family.build(model_cfg)
     try:
-        network, diffusion, source, sha256 = fam.load(model_cfg, checkpoint_dir, path)
+        source, sha256 = family.load_weights(trained, model_cfg, checkpoint_dir, path)
     except (FileNotFoundError, ValueError, CheckpointError) as e:
         raise UserError(str(e)) from e
-    network.to(device).eval()
-    denoiser = None if diffusion is None else fam.denoiser(network, model_cfg)
+    network = family.network(trained, model_cfg).to(device).eval()
+    denoiser = family.denoiser(network, model_cfg) if family.gaussian else None
     return Member(network, diffusion, denoiser, source, sha256, model_cfg)
 
 
@@ -149,8 +79,6 @@ def load_members(cfg: Any, device: torch.device, resolve_first: Callable | None 
 
 def model_names() -> list[str]:
     """The model configs shipped in ``conf/model/`` (the names ``model=`` and ``ensemble_models`` take)."""
-    from itdiffusion.stages import CONFIG_DIR
-
     return sorted(p.stem for p in (Path(CONFIG_DIR) / "model").glob("*.yaml"))
 
 
@@ -172,10 +100,11 @@ def check_ensemble(cfg: Any) -> None:
     if unknown:
         raise UserError(f"ensemble_models: {', '.join(map(repr, unknown))} is no model config; choose from "
                         f"{', '.join(known)}")
-    masked = [n for n, m in zip(names, member_configs(cfg), strict=True) if m.kind == "masked_pixels"]
-    if masked:
-        raise UserError(f"ensemble_models: {', '.join(masked)} is a masked-pixel model, not a Gaussian "
-                        "denoiser: an ensemble combines MMSE curves")
+    kinds = {n: m.kind for n, m in zip(names, member_configs(cfg), strict=True) if not family_of(m).gaussian}
+    if kinds:
+        raise UserError("ensemble_models: " + ", ".join(f"{n} is no Gaussian denoiser (model.kind={k})"
+                                                        for n, k in kinds.items())
+                        + ": an ensemble combines MMSE curves")
 
 
 def member_configs(cfg: Any) -> list[Any]:
@@ -192,8 +121,6 @@ def model_config(name: str) -> Any:
     """The model config ``name`` as Hydra composes ``model=<name>`` (its schema and defaults list)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-
-    from itdiffusion.stages import CONFIG_DIR
 
     if GlobalHydra.instance().is_initialized():  # inside a stage (hydra.main): its config search path
         return compose(config_name="config", overrides=[f"model={name}"]).model
