@@ -9,15 +9,18 @@ per image, dataset mean +- total stderr of each, and their difference in units o
 <= 10% larger total stderr at the paper's sizes (the reduced sizes here give smaller ratios; the last table
 projects the paper's from the pilot's variances).
 
-Settings: the tiny U-Net ``make smoke`` trains (skipped, saying so, when its checkpoint is missing), and the
-CIFAR-10 architecture (iddpm_cifar10_vlb flags, random weights: its numbers are not CIFAR-10's) with a
-reduced chain on the CPU. Prints the machine load it ran under. A few minutes on 2 CPU cores.
+Settings: the tiny U-Net ``make smoke`` trains (skipped, saying so, when its checkpoint is missing), through
+the evaluate stage itself (:func:`stage_compare`: ``estimator.budget=per_image`` then ``dataset`` on the
+same images, as ``experiment=paper_full`` and ``paper`` differ; the budgeted run checks its realized stderr
+and tops up), and the CIFAR-10 architecture (iddpm_cifar10_vlb flags, random weights: its numbers are not
+CIFAR-10's) with a reduced chain on the CPU. Prints the machine load it ran under. Minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import math
 import os
 import sys
@@ -62,8 +65,8 @@ def compare(name: str, denoiser, network, diffusion, reference: GaussianReferenc
     proposal = LogSNRProposal.from_reference(reference, delta=PIXEL_BIN)
     it_ladder = [k for k in IT_LADDER if k <= full_points]
     vlb_ladder = [k for k in VLB_LADDER if k < steps - 1]
-    it_stats, choice, it_spent = it_pilot(lambda k: _curves(denoiser, pilot_x, reference, proposal, k, 10**6),
-                                          reference, it_ladder)
+    it_stats, choice, it_spent, _ = it_pilot(
+        lambda k: _curves(denoiser, pilot_x, reference, proposal, k, 10**6), reference, it_ladder)
     vlb_stats, vlb_spent = vlb_pilot(
         lambda k: vlb_sampled(network, diffusion, pilot_x, list(range(10**7 + 1000 * k, 10**7 + 1000 * k
                                                                       + pilot_x.shape[0])), k), vlb_ladder)
@@ -110,36 +113,64 @@ def compare(name: str, denoiser, network, diffusion, reference: GaussianReferenc
           f"per image per model ({paper_f / paper_b:.0f}x fewer)")
 
 
+STAGE_ESTIMATES = ("it_continuous", "it_discrete", "it_dequantized", "vlb", "vlb_continuous")
+
+
+def stage_compare(checkpoint: Path, num_images: int, full_points: int, ratio: float, pilot_images: int,
+                  out: Path, vlb: bool = True, target_bpd: float | None = None) -> None:
+    """The evaluate stage on the smoke U-Net's first ``num_images`` test crops: the full per-image protocol
+    (``full_points`` log-SNR points, the exact VLB) and the dataset budget (target ``ratio`` times the
+    full protocol's stderr as the pilot predicts it); prints the measured evaluations per image, each
+    estimate's realized stderr against its target and the two protocols' agreement."""
+    from hydra import compose, initialize_config_dir
+
+    from itdiffusion.config import register_configs
+    from itdiffusion.stages import CONFIG_DIR, evaluate
+
+    register_configs()
+    started = time.time()
+    runs = {}
+    for budget in ("per_image", "dataset"):
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+            cfg = compose("config", overrides=[
+                "experiment=smoke", f"model.checkpoint={checkpoint}", "logger=none",
+                f"run_id=bench_{budget}", f"paths.output_dir={out}", f"data.num_images={num_images}",
+                f"estimator.npoints={full_points}", "estimator.vlb_steps=all", f"estimator.budget={budget}",
+                f"estimator.target_stderr_ratio={ratio}", f"estimator.pilot_images={pilot_images}",
+                "estimator.batch_size=512", f"estimator.vlb={str(vlb).lower()}", "skip_done=true",
+                *([f"estimator.target_stderr_bpd={target_bpd}"] if target_bpd and budget == "dataset"
+                  else [])])
+        evaluate.run(cfg, out / budget)  # skip_done: a complete run of the same settings is kept
+        runs[budget] = json.loads((out / budget / "metrics.json").read_text())
+    full, budgeted = runs["per_image"], runs["dataset"]
+    plan = budgeted["budget"]
+    print(f"\n### smoke U-Net through the evaluate stage: {num_images} images, pilot {pilot_images} images; "
+          f"chosen {plan['chosen']} (full {plan['full']}); {len(plan['top_ups']) - 1} top-up(s); "
+          f"{time.time() - started:.0f} s\n")
+    print("| estimate | budget bpd | full bpd | \\|diff\\| / combined SE | target SE | predicted SE | "
+          "realized SE | realized / target | SE ratio budget/full |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in STAGE_ESTIMATES if vlb else STAGE_ESTIMATES[:3]:
+        b, sb, f, sf = (budgeted[f"{name}_bpd"], budgeted[f"{name}_bpd_stderr"], full[f"{name}_bpd"],
+                        full[f"{name}_bpd_stderr"])
+        check = plan["stderr_check"][name]
+        print(f"| {name} | {b:.4f} ± {sb:.4f} | {f:.4f} ± {sf:.4f} | {abs(b - f) / math.hypot(sb, sf):.2f} | "
+              f"{check['target']:.4f} | {check['predicted']:.4f} | {check['realized']:.4f} | "
+              f"{check['realized'] / check['target']:.3f} | {sb / sf:.3f} |")
+    evals = plan["network_evals_per_image"]
+    print(f"\nnetwork evaluations per image, measured: {evals['budgeted']} (planned {evals['planned']}) vs "
+          f"{full['network_evals'] / full['num_images']:g} ({evals['ratio']}x fewer); pilot "
+          f"{plan['pilot']['network_evals']} once; every target met: {plan['target_met']}; the same decoder "
+          f"per bin in both: {budgeted['decoder_choice']['groups'] == full['decoder_choice']['groups']}; "
+          f"reference-only: {budgeted['it_reference_only']}")
+
+
 def _load_script(name: str):
     spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
-
-
-def smoke_setting(num_images: int, pilot_images: int):
-    """The smoke model and its reference, through the pipeline's config and loaders (None if missing)."""
-    eff = _load_script("bench_estimator_efficiency")
-    checkpoint = eff.smoke_checkpoint()
-    if checkpoint is None:
-        return None
-    from hydra import compose, initialize_config_dir
-
-    from itdiffusion.data import load_images, to_model_range
-    from itdiffusion.members import load_members
-    from itdiffusion.stages import CONFIG_DIR, register_configs
-    from itdiffusion.stages.stats import load_or_compute_reference
-
-    register_configs()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        cfg = compose("config", overrides=["experiment=smoke", f"model.checkpoint={checkpoint}",
-                                           "logger=none", f"data.num_images={num_images + pilot_images}"])
-    reference = load_or_compute_reference(cfg)
-    test = load_images(cfg.data, "test")
-    x = to_model_range(torch.stack([test[i][0] for i in range(len(test))]))
-    member = load_members(cfg, torch.device("cpu"))[0]
-    return member, reference, x[:pilot_images], x[pilot_images:]
 
 
 def cifar_architecture_setting(steps: int, num_images: int, pilot_images: int, seed: int = 0):
@@ -182,17 +213,22 @@ def main(argv=None):
     parser.add_argument("--pilot-images", type=int, default=8)
     parser.add_argument("--cifar-pilot-images", type=int, default=4)
     parser.add_argument("--skip-cifar", action="store_true")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="the smoke U-Net (default: the newest IT fine-tuned one of make smoke)")
+    parser.add_argument("--it-only", action="store_true", help="the smoke U-Net without the VLB")
+    parser.add_argument("--target-bpd", type=float, default=None, help="absolute target (bits/dim)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench_budget"), help="the stage's run dirs")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     print(f"\n## Dataset budget vs full protocol ({time.strftime('%Y-%m-%d %H:%M')})\n{load_line()}")
-    smoke = smoke_setting(args.smoke_images, args.pilot_images)
-    if smoke is None:
+    checkpoint = args.checkpoint or _load_script("bench_estimator_efficiency").smoke_checkpoint()
+    if checkpoint is None:
         print("\n(smoke U-Net skipped: no checkpoints/finetune/smoke-*-tune/model.pt; "
               "`make smoke` trains it)")
     else:
-        member, reference, pilot_x, x = smoke
-        compare("smoke U-Net (iddpm_tiny, T = 20)", member.denoiser, member.network, member.diffusion,
-                reference, pilot_x, x, args.smoke_full_points, args.ratio)
+        print(f"smoke U-Net: {checkpoint}")
+        stage_compare(checkpoint, args.smoke_images, args.smoke_full_points, args.ratio, args.pilot_images,
+                      args.out, vlb=not args.it_only, target_bpd=args.target_bpd)
     if not args.skip_cifar:
         denoiser, model, diffusion, reference, pilot_x, x = cifar_architecture_setting(
             args.cifar_steps, args.cifar_images, args.cifar_pilot_images)

@@ -30,21 +30,30 @@ def test_dataset_budget_records_the_pilot_and_uses_its_choice(tiny_cfg, tiny_che
     evaluate.run(cfg, run_dir)
     stored = json.loads((run_dir / "metrics.json").read_text())
     budget = stored["budget"]
-    # a huge target: the fewest points (2) and VLB strata (2) do
-    assert budget["chosen"] == {"npoints": 2, "vlb_steps": "2"}
+    # a huge target: the fewest points and VLB strata (the floor, 4) do, with no top-up
+    assert budget["chosen"] == {"npoints": 4, "vlb_steps": "4", "it_blocks": 1, "vlb_blocks": 1}
     assert budget["full"] == {"npoints": 16, "vlb_steps": "all"}
-    assert budget["network_evals_per_image"] == {"budgeted": 2 * 2 + 3, "full": 2 * 16 + 12,
-                                                 "ratio": round(44 / 7, 2)}
+    assert budget["network_evals_per_image"] == {"budgeted": 2 * 4 + 5, "planned": 2 * 4 + 5,
+                                                 "full": 2 * 16 + 12, "ratio": round(44 / 13, 2)}
+    assert budget["target_met"] is True and len(budget["top_ups"]) == 1
+    for name in ("it_continuous", "it_discrete", "it_dequantized", "vlb", "vlb_continuous"):
+        check = budget["stderr_check"][name]
+        assert check["target"] == 1000 and check["met"] and check["predicted"] > 0
+        key = "vlb_bpd" if name == "vlb" else f"{name}_bpd"
+        assert check["realized"] == stored[f"{key}_stderr"] == budget["realized_stderr_bpd"][name]
     assert set(budget["pilot"]["it"]) == {"it_continuous", "it_discrete", "it_dequantized"}
     assert set(budget["pilot"]["vlb"]) == {"vlb", "vlb_continuous"}
     assert budget["pilot"]["it"]["it_continuous"]["ladder"] == [2, 4, 8, 16]
     assert budget["pilot"]["vlb"]["vlb"]["ladder"] == [2, 4, 8]
-    assert set(budget["decoder_choice"]["index"]) == {"continuous", "discrete", "dequantized"}
+    choice = stored["decoder_choice"]
+    assert choice["rule"] == "pilot" and choice["pilot_images"] == 4 and choice["points_per_image"] == 16
+    assert set(choice["groups"]["m0"]["index"]) == {"continuous", "discrete", "dequantized"}
     # the run evaluated what was chosen, and says so in its config
-    assert stored["config"]["estimator"]["npoints"] == 2 and stored["npoints"] == 2
-    assert stored["network_evals"] == 4 * 7
+    assert stored["config"]["estimator"]["npoints"] == 4 and stored["npoints"] == 4
+    assert stored["network_evals"] == 4 * 13
     per_image = read_per_image(run_dir / "per_image.npz")
-    assert per_image.curves.logsnr.shape == (4, 2)
+    assert per_image.curves.logsnr.shape == (4, 4)
+    assert per_image.pilot_curves.logsnr.shape == (4, 16)
     assert np.isfinite(stored["vlb_bpd_mc_stderr"]) and stored["vlb_bpd_mc_stderr"] > 0
     assert stored["vlb_bpd_stderr"] >= stored["vlb_bpd_mc_stderr"] * 0.5
     assert np.isfinite(stored["it_discrete_bpd_mc_stderr"])
@@ -54,8 +63,10 @@ def test_a_tight_target_falls_back_to_the_full_protocol(tiny_cfg, tiny_checkpoin
     cfg = tiny_cfg(f"model.checkpoint={tiny_checkpoints[0]}", "estimator.vlb=false", "estimator.npoints=8",
                    "estimator.budget=dataset", "estimator.pilot_images=3", "estimator.target_stderr_bpd=1e-6")
     metrics = evaluate.run(cfg, tmp_path / "run")
-    assert metrics["budget"]["chosen"] == {"npoints": 8}
+    assert metrics["budget"]["chosen"] == {"npoints": 8, "it_blocks": 1, "vlb_blocks": 1}
     assert metrics["budget"]["target_reached"] == {"npoints": False}
+    # the full protocol's points already: no top-up can help, and the run says the target was missed
+    assert metrics["budget"]["target_met"] is False and len(metrics["budget"]["top_ups"]) == 1
 
 
 def test_budget_values_are_checked_at_launch(tiny_cfg):

@@ -128,3 +128,18 @@ def test_figures_are_png_files_with_the_paper_layout(toy, tmp_path):
         with Image.open(path) as im:
             assert im.format == "PNG" and im.size[0] > 300
             assert np.asarray(im.convert("L")).std() > 5  # something is drawn
+
+
+def test_the_mmse_figure_shades_the_bins_where_the_gaussian_decoder_stands_in(toy, tmp_path):
+    _, reference, _, per_image = toy
+    proposal = per_image.curves.proposal
+    used = ["gaussian"] * 3 + ["m0"] * 26 + ["gaussian"] * 3
+    spans = figures.reference_spans(proposal, used)
+    edges = proposal.quantile(torch.tensor([0.0, 3 / 32, 29 / 32, 1.0], dtype=torch.float64)).tolist()
+    np.testing.assert_allclose(spans, [(edges[0], edges[1]), (edges[2], edges[3])])  # adjacent bins merged
+    assert figures.reference_spans(proposal, ["m0"] * 32) == []
+    mmse = figures.mmse_data(per_image, reference.dim, names=["exact"])
+    plain = np.asarray(Image.open(figures.plot_mmse(mmse, tmp_path / "plain.png")).convert("L"), float)
+    mmse.reference_spans = {"continuous": spans}
+    shaded = np.asarray(Image.open(figures.plot_mmse(mmse, tmp_path / "shaded.png")).convert("L"), float)
+    assert plain.shape == shaded.shape and (shaded < plain - 5).sum() > 1000  # grey bands drawn

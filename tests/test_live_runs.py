@@ -66,8 +66,20 @@ def test_an_evaluation_stopped_midway_leaves_a_run_with_its_running_estimates_an
     done = int(last["progress/images"])
     parts = [read_per_image(c) for c in chunks]
     assert sum(p.num_images for p in parts) >= done >= 3
-    per_image = evaluate.with_estimates(PerImage.cat(parts[:done]), reference)
-    expected = evaluate.summarize(per_image, [None], reference, per_image.curves.proposal, cfg.estimator)
+    # the decoder choice of both protocols is fitted on the pilot images' own draws before the run
+    import torch
+
+    from itdiffusion.data import load_images
+    from itdiffusion.members import load_members
+    from itdiffusion.stages import budget_pilot
+
+    cpu = torch.device("cpu")
+    pilot = budget_pilot.choice_curves(load_members(cfg, cpu), load_images(cfg.data, "test"), reference,
+                                       parts[0].curves.proposal, cfg.estimator, cpu)
+    per_image = PerImage.cat(parts[:done])
+    per_image.pilot_curves = pilot
+    per_image = evaluate.with_estimates(per_image, reference)
+    expected = evaluate.summarize(per_image, [None], reference, per_image.curves.proposal)
     for key in ("it_continuous_bpd", "it_continuous_bpd_stderr", "it_discrete_bpd", "it_dequantized_bpd"):
         assert last[f"running/{key}"] == pytest.approx(expected[key], rel=1e-12, abs=1e-12), key
     # its console output, up to the stop: the running estimates as printed

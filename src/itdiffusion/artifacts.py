@@ -83,6 +83,8 @@ class PerImage:
       ``network_evals``.
     - ``curves``: the IT error curves of the M models (None without IT estimates); ``reference_mmse``
       ``[B, K]``: the Gaussian reference's ``mmse_G(a)`` at every point (for figures).
+    - ``pilot_curves``: the curves the decoder choice is fitted on (the pilot images' held-out draws,
+      :func:`itdiffusion.stages.budget_pilot.choice_curves`), or None (then the choice is cross-fitted).
     - ``continuous_integrand`` ``[G, B, K]``: per group, the per-point values the continuous estimate
       averaged (:attr:`itdiffusion.information.ITEstimate.continuous_integrand`; for figures).
     - ``pixel_maps``: for the first few images, each pixel's share of the continuous estimate
@@ -97,6 +99,8 @@ class PerImage:
     curves: Curves | None = None
     reference_mmse: Tensor | None = None
     pixel_maps: dict[str, Tensor] | None = None
+    pilot_curves: Curves | None = None
+    choices: dict = field(default_factory=dict)  # the decoder choice per group (metrics.json holds it)
     continuous_integrand: Tensor | None = None
 
     @property
@@ -140,16 +144,19 @@ def write_per_image(path: str | os.PathLike, per_image: PerImage, *, exact: bool
     meta: dict = {"format": PER_IMAGE_FORMAT, "version": PER_IMAGE_VERSION, "groups": per_image.groups}
     arrays.update({f"estimate__{k}": v.numpy() for k, v in per_image.estimates.items()})
     arrays.update({f"member__{k}": v.numpy() for k, v in per_image.member_values.items()})
-    if per_image.curves is not None:
-        c = per_image.curves
-        meta["curves"] = {
+    for name, c in (("curves", per_image.curves), ("pilot_curves", per_image.pilot_curves)):
+        if c is None:
+            continue
+        meta[name] = {
             "proposal": dataclasses.asdict(c.proposal),
             "sampling": c.sampling,
             "delta": c.delta,
             "network_evals": c.network_evals,
         }
-        for k, v in c.tensors().items():  # [B, K] and [M, B, K] curves in float32, [B] constants in float64
-            arrays[f"curves__{k}"] = v.numpy().astype(np.float32) if v.dim() >= 2 and not exact else v.numpy()
+        # [B, K] and [M, B, K] curves in float32, [B] constants and the (small) pilot curves in float64
+        short = name == "curves" and not exact
+        for k, v in c.tensors().items():
+            arrays[f"{name}__{k}"] = v.numpy().astype(np.float32) if short and v.dim() >= 2 else v.numpy()
     if per_image.reference_mmse is not None:
         arrays["reference_mmse"] = per_image.reference_mmse.numpy().astype(np.float32)
     if per_image.continuous_integrand is not None:
@@ -186,15 +193,15 @@ def read_per_image(path: str | os.PathLike) -> PerImage:
             if k.startswith(prefix)
         }
 
-    curves = None
-    if "curves" in meta:
-        fields = section("curves__")
-        curves = Curves(
-            proposal=LogSNRProposal(**meta["curves"]["proposal"]),
-            sampling=meta["curves"]["sampling"],
-            delta=meta["curves"]["delta"],
-            network_evals=meta["curves"]["network_evals"],
-            **fields,
+    def curves_of(name: str) -> Curves | None:
+        if name not in meta:
+            return None
+        return Curves(
+            proposal=LogSNRProposal(**meta[name]["proposal"]),
+            sampling=meta[name]["sampling"],
+            delta=meta[name]["delta"],
+            network_evals=meta[name]["network_evals"],
+            **section(f"{name}__"),
         )
     reference_mmse = arrays.get("reference_mmse")
     integrand = arrays.get("continuous_integrand")
@@ -203,9 +210,10 @@ def read_per_image(path: str | os.PathLike) -> PerImage:
         groups=list(meta["groups"]),
         estimates=section("estimate__"),
         member_values=section("member__"),
-        curves=curves,
+        curves=curves_of("curves"),
         reference_mmse=None if reference_mmse is None else torch.from_numpy(reference_mmse).double(),
         pixel_maps=section("pixel__") or None,
+        pilot_curves=curves_of("pilot_curves"),
         continuous_integrand=None if integrand is None else torch.from_numpy(integrand).double(),
     )
 

@@ -13,15 +13,21 @@ predicted stderr reaches the target: ``target_stderr_bpd``, or ``target_ratio`` 
 protocol would give (``sigma_between^2 + v(K_full)``, ``v`` extrapolated as 1/K beyond the ladder; the
 measured ``v`` falls faster than 1/K, so that is conservative).
 
-**The estimand does not depend on the budget.** The IT estimates may use, per log-SNR bin, another decoder
-where the network is worse (the Gaussian decoder; the raw rather than the rounded x_hat; another ensemble
-member). Cross-fitted on the evaluated images (:mod:`itdiffusion.information.crossfit`), that choice depends
-on how many points fall in each bin (N x K): with few images it switches at other bins for other K, and the
-dataset mean moves. Under a dataset budget the choice is fitted once on the pilot's points
-(:func:`fit_decoder_choice`: all pilot images and ladder rungs pooled, the same two-standard-error rule) and
-applied unchanged to the main run (:func:`estimate_with_choice`): a function of the log-SNR bin alone, so a
-budgeted and a full-cost run estimate the same quantity, and, drawn with other seeds than the main run's, the
-choice never sees the noise it is applied to (unbiased for the decoders used; a valid bound).
+**One estimand in both protocols.** The IT estimates may use, per log-SNR bin, another decoder where the
+network is worse (the Gaussian decoder; the raw rather than the rounded x_hat; another ensemble member).
+Cross-fitted on the evaluated images, that choice would depend on how many points fall in each bin (N x K):
+at few points per image it switches in fewer bins, so a budgeted and a full-cost run would estimate
+different bounds. So both protocols (``estimator.budget=per_image`` and ``dataset``) fit the choice once,
+on held-out draws: the pilot images' curves at :func:`choice_points` points, drawn from their own seed
+stream (:func:`fit_decoder_choice`, the two-standard-error rule of the cross-fitted choice), and apply it to
+every evaluated image as a function of the log-SNR bin alone (:func:`estimate_with_choice`). The choice
+then never sees the noise it is applied to: each estimate is unbiased for the bound of the decoders used, a
+valid bound (every decoder's error averages to at least the MMSE), and the same quantity at any K.
+
+**The target is met, not only predicted.** The predicted stderr uses upper confidence bounds on the pilot's
+variances (:class:`EstimateStats`) and at least :data:`K_FLOOR` points; after the main run the realized
+stderr of every reported estimate is checked and, where it misses the target, more points are drawn for the
+same images (:mod:`itdiffusion.topup`).
 
 Per-image estimates (e.g. for outlier detection) should keep the per-image protocol
 (``estimator.budget=per_image``): the budget is chosen for dataset means, and at a few points per image the
@@ -49,6 +55,9 @@ IT_NAMES = ("it_continuous", "it_discrete", "it_dequantized")  # the estimates w
 VLB_NAMES = ("vlb", "vlb_continuous")
 FAMILIES = ("continuous", "discrete", "dequantized")  # decoder-choice families of the IT estimate
 Z_THRESHOLD = 2.0  # the same evidence rule as the cross-fitted choice
+UCB_Z = 2.0  # the predicted stderr uses this many standard errors above the pilot's mean variances
+K_FLOOR = 4  # the fewest points (and VLB strata) per image a budget chooses: below, v(K) is too erratic
+GAUSSIAN = "gaussian"  # the name of the reference's decoder among the candidates
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,13 +79,22 @@ class DecoderChoice:
         """How many models the choice was fitted for (the continuous candidates less the Gaussian)."""
         return len(self.candidates["continuous"]) - 1
 
-    def to_dict(self) -> dict:
-        return {"nbins": self.nbins, "index": self.index, "candidates": self.candidates}
+    def used(self, family: str) -> list[str]:
+        """The candidate's name used in each bin."""
+        return [self.candidates[family][i] for i in self.index[family]]
 
-    @classmethod
-    def from_dict(cls, d: dict) -> DecoderChoice:
-        return cls(nbins=int(d["nbins"]), index={k: list(v) for k, v in d["index"].items()},
-                   candidates={k: list(v) for k, v in d["candidates"].items()})
+    def reference_bins(self, family: str) -> Tensor:
+        """``[nbins]`` bool: the bins where the Gaussian reference's decoder stands in for the network."""
+        return torch.tensor([name == GAUSSIAN for name in self.used(family)], dtype=torch.bool)
+
+    def reference_only(self) -> dict[str, bool]:
+        """Per family, whether the reference's decoder is used in every bin: the estimate is then the
+        reference's bound, the network never enters it."""
+        return {f: bool(self.reference_bins(f).all()) for f in self.index}
+
+    def to_dict(self) -> dict:
+        return {"nbins": self.nbins, "index": self.index, "candidates": self.candidates,
+                "used": {f: self.used(f) for f in self.index}, "reference_only": self.reference_only()}
 
 
 def _candidates(curves: Curves, family: str) -> tuple[Tensor, list[str]] | None:
@@ -101,7 +119,7 @@ def _candidates(curves: Curves, family: str) -> tuple[Tensor, list[str]] | None:
             return None
         rows, names = [curves.mmse_dequantized[j] for j in range(m)], [f"m{j}" for j in range(m)]
         gauss = curves.gaussian_mmse_dequantized
-    return torch.stack([*rows, gauss]).to(torch.float64), [*names, "gaussian"]
+    return torch.stack([*rows, gauss]).to(torch.float64), [*names, GAUSSIAN]
 
 
 def fit_decoder_choice(pilot: Sequence[Curves], nbins: int = DECISION_BINS,
@@ -172,7 +190,15 @@ def estimate_with_choice(curves: Curves, reference: GaussianReference, choice: D
         out.discrete_notails = d.discrete_notails
         out.discrete_left_tail, out.discrete_right_tail = d.discrete_left_tail, d.discrete_right_tail
     out.curves = curves
+    out.reference_bins = {f: choice.reference_bins(f) for f in choice.index}
+    out.decoder_choice = choice
     return out
+
+
+def choice_points(npoints: int) -> int:
+    """The points per pilot image the decoder choice is fitted on: the top rung of the pilot's ladder (at
+    most ``npoints``), the same in both protocols."""
+    return max([k for k in IT_LADDER if k <= npoints] or [npoints])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,13 +206,23 @@ def estimate_with_choice(curves: Curves, reference: GaussianReference, choice: D
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class EstimateStats:
-    """One estimate's pilot figures (bits/dim^2): the mean per-image MC variance at each rung of the
-    ladder, and the between-image variance (the spread at the top rung minus its MC part, >= 0)."""
+    """One estimate's pilot figures (bits/dim^2): at each rung of the ladder, an upper confidence bound on
+    the mean per-image MC variance (the pilot's mean plus :data:`UCB_Z` standard errors of it: per-image
+    variances at a few points are heavy-tailed), and the between-image variance (the spread at the top rung
+    minus its MC part, >= 0, raised by :data:`UCB_Z` standard errors of a sample variance)."""
 
     ladder: list[int]
     mc_var: list[float]
     between_var: float
     evals: list[int]  # network evaluations per image at each rung (the IT pass count included)
+    mc_var_mean: list[float] = field(default_factory=list)  # the pilot's plain estimates (a ratio
+    between_var_mean: float | None = None  # target's reference: the full protocol's stderr)
+
+    def plain(self) -> EstimateStats:
+        """The pilot's plain estimates in place of the upper bounds."""
+        return dataclasses.replace(self, mc_var=self.mc_var_mean or self.mc_var,
+                                   between_var=self.between_var if self.between_var_mean is None
+                                   else self.between_var_mean)
 
     def mc_var_at(self, k: float) -> float:
         """``v(k)``: log-log interpolation between rungs, ``1/k`` beyond the top, the bottom rung's below."""
@@ -200,25 +236,31 @@ class EstimateStats:
         return math.exp(math.log(vs[i]) + frac * (math.log(vs[i + 1]) - math.log(vs[i])))
 
     def to_dict(self) -> dict:
-        return {"ladder": self.ladder, "mc_var_bpd2": self.mc_var, "between_var_bpd2": self.between_var,
+        return {"ladder": self.ladder, "mc_var_bpd2": self.mc_var, "mc_var_mean_bpd2": self.mc_var_mean,
+                "between_var_bpd2": self.between_var, "between_var_mean_bpd2": self.between_var_mean,
                 "mc_var_x_evals_bpd2": [v * e for v, e in zip(self.mc_var, self.evals, strict=True)],
                 "evals_per_image": self.evals}
 
 
 def _stats(ladder: Sequence[int], values: list[Tensor], mc_stderr: list[Tensor],
            evals: list[int]) -> EstimateStats:
-    mc_var = [float(s.square().mean()) for s in mc_stderr]
-    between = float(values[-1].var()) - mc_var[-1] if values[-1].numel() > 1 else 0.0
-    return EstimateStats(list(ladder), mc_var, max(between, 0.0), list(evals))
+    n = values[-1].numel()
+    mean = [float(s.square().mean()) for s in mc_stderr]
+    ucb = [m + UCB_Z * (float(s.square().std()) / math.sqrt(n) if n > 1 else 0.0)
+           for m, s in zip(mean, mc_stderr, strict=True)]
+    between = max(float(values[-1].var()) - mean[-1], 0.0) if n > 1 else 0.0
+    upper = between * (1 + UCB_Z * math.sqrt(2 / max(n - 1, 1)))
+    return EstimateStats(list(ladder), ucb, upper, list(evals), mean, between)
 
 
-def it_pilot(sample: Callable[[int], Curves], reference: GaussianReference,
-             ladder: Sequence[int] = IT_LADDER) -> tuple[dict[str, EstimateStats], DecoderChoice, int]:
+def it_pilot(
+    sample: Callable[[int], Curves], reference: GaussianReference, ladder: Sequence[int] = IT_LADDER
+) -> tuple[dict[str, EstimateStats], DecoderChoice, int, Curves]:
     """``sample(K)``: the pilot images' curves at K points (their own seeds per rung). Returns the stats of
-    every IT estimate, the decoder choice fitted on all rungs, and the pilot's network evaluations per
-    image."""
+    every IT estimate, the decoder choice fitted on the top rung (:func:`choice_points`: what the per-image
+    protocol fits it on), the pilot's network evaluations per image and the top rung's curves."""
     curves = [sample(k) for k in ladder]
-    choice = fit_decoder_choice(curves)
+    choice = fit_decoder_choice([curves[-1]])
     found = [estimate_with_choice(c, reference, choice).per_image() for c in curves]
     evals = [c.network_evals * c.num_models for c in curves]
     stats = {}
@@ -229,7 +271,7 @@ def it_pilot(sample: Callable[[int], Curves], reference: GaussianReference,
         bpd = [nats_to_bpd(f[key], reference.dim) for f in found]
         mc = [nats_to_bpd(f[key + "_mc_stderr"], reference.dim) for f in found]
         stats[name] = _stats(ladder, bpd, mc, evals)
-    return stats, choice, sum(evals)
+    return stats, choice, sum(evals), curves[-1]
 
 
 def vlb_pilot(sample: Callable[[int], object],
@@ -254,21 +296,25 @@ class Choice:
     target: dict[str, float] = field(default_factory=dict)
 
 
-def choose_k(stats: dict[str, EstimateStats], num_images: int, k_full: int, *, k_min: int = 2,
+def choose_k(stats: dict[str, EstimateStats], num_images: int, k_full: int, *, k_min: int = K_FLOOR,
              target_stderr_bpd: float | None = None, target_ratio: float | None = None) -> Choice:
-    """The fewest evaluations K per image (``k_min <= K <= k_full``) at which every estimate's predicted
-    total stderr ``sqrt((sigma_between^2 + v(K)) / N)`` is at most its target: ``target_stderr_bpd``, or
-    ``target_ratio`` times the full-cost protocol's (``K = k_full``). If no K reaches it, ``k_full``."""
+    """The fewest evaluations K per image (``k_min <= K <= k_full``, even: the stratified standard error
+    pairs neighbouring strata, and top-up blocks of K points concatenate) at which every estimate's
+    predicted total stderr ``sqrt((sigma_between^2 + v(K)) / N)`` (upper confidence bounds) is at most its
+    target: ``target_stderr_bpd``, or ``target_ratio`` times the full-cost protocol's (``K = k_full``, from
+    the pilot's plain estimates; the between-image part is then the plain one on both sides, where it
+    cancels, and the bound applies to ``v(K)``). If no K reaches it, ``k_full``."""
     if (target_stderr_bpd is None) == (target_ratio is None):
         raise ValueError("give exactly one of target_stderr_bpd and target_ratio")
 
     def stderr(s: EstimateStats, k: float) -> float:
-        return math.sqrt((s.between_var + s.mc_var_at(k)) / num_images)
+        between = s.plain().between_var if target_ratio is not None else s.between_var
+        return math.sqrt((between + s.mc_var_at(k)) / num_images)
 
-    full = {n: stderr(s, k_full) for n, s in stats.items()}
+    full = {n: stderr(s.plain(), k_full) for n, s in stats.items()}
     target = {n: target_stderr_bpd if target_stderr_bpd is not None else target_ratio * full[n]
               for n in stats}
-    for k in range(k_min, k_full + 1):
+    for k in range(min(k_min + k_min % 2, k_full), k_full + 1, 2):
         if all(stderr(s, k) <= target[n] for n, s in stats.items()):
             return Choice(k, True, {n: stderr(s, k) for n, s in stats.items()}, full, target)
-    return Choice(k_full, False, full, full, target)
+    return Choice(k_full, False, {n: stderr(s, k_full) for n, s in stats.items()}, full, target)

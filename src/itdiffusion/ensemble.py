@@ -22,7 +22,7 @@ from itdiffusion.errors import UserError
 from itdiffusion.information import Curves, GaussianReference, LogSNRProposal, image_draws
 from itdiffusion.seeding import Stream, stream_seed
 
-CURVE_SETTINGS = ("seed", "npoints", "logsnr_sampling", "clip", "rounding")
+CURVE_SETTINGS = ("seed", "npoints", "logsnr_sampling", "clip", "rounding", "pilot_images")
 REEVALUATE = "or drop ensemble_curves to evaluate the ensemble's networks here"
 
 
@@ -44,11 +44,13 @@ def curves_from_member_runs(
             f"ensemble_curves has {len(runs)} runs for {len(members)} ensemble checkpoints: "
             "give one evaluate run per checkpoint, in the order of ensemble="
         )
-    stored, sources = [], []
+    stored, pilots, sources = [], [], []
     for run, member in zip(runs, members, strict=True):
         npz = _checked_run(run, member, est_cfg)
         sources.append(str(npz))
-        stored.append(_member_curves(npz, len(test), est_cfg))
+        curves, pilot = _member_curves(npz, len(test), est_cfg)
+        stored.append(curves)
+        pilots.append(pilot)
     for npz, curves in zip(sources[1:], stored[1:], strict=True):
         if curves.proposal != stored[0].proposal:
             raise _refuse(
@@ -61,12 +63,19 @@ def curves_from_member_runs(
             raise _refuse(npz, f"its log-SNR points differ from those of {sources[0]}")
     _check_draws(sources[0], stored[0], test, reference, est_cfg, check_images)
     curves = Curves.stack(stored)
+    pilot = None
+    if all(p is not None for p in pilots):  # the decoder choice's held-out draws (same seeds in every run)
+        try:
+            pilot = Curves.stack(pilots)
+        except ValueError as e:
+            raise _refuse(sources[-1], f"its pilot curves do not match those of {sources[0]} ({e})") from e
     evals = torch.zeros(len(members), len(test), dtype=torch.float64)
     return PerImage(
         index=torch.arange(len(test)),
         groups=[f"m{j}" for j in range(len(members))],
         member_values={"network_evals": evals},
         curves=curves,
+        pilot_curves=pilot,
     ), sources
 
 
@@ -127,7 +136,7 @@ def _checked_run(run: str, member, est_cfg) -> Path:
     return npz
 
 
-def _member_curves(npz: Path, num_images: int, est_cfg) -> Curves:
+def _member_curves(npz: Path, num_images: int, est_cfg) -> tuple[Curves, Curves | None]:
     try:
         per_image = artifacts.read_per_image(npz)
     except ArtifactError as e:
@@ -137,15 +146,18 @@ def _member_curves(npz: Path, num_images: int, est_cfg) -> Curves:
     curves = per_image.curves
     if est_cfg.control_variate and curves.gaussian_errors is None:
         raise _refuse(npz, "it has no gaussian_errors (this run needs estimator.control_variate=true)")
+    pilot = per_image.pilot_curves
     if not est_cfg.control_variate:  # this run does without the control variate
         curves = dataclasses.replace(curves, gaussian_errors=None, gaussian_errors_dequantized=None)
+        if pilot is not None:
+            pilot = dataclasses.replace(pilot, gaussian_errors=None, gaussian_errors_dequantized=None)
     if not np.array_equal(per_image.index.numpy(), np.arange(num_images)):
         raise _refuse(
             npz,
             f"it holds test images {_span(per_image.index.numpy())}, this run evaluates "
             f"{_span(np.arange(num_images))} (data.num_images={num_images})",
         )
-    return curves
+    return curves, pilot
 
 
 def _check_draws(
@@ -156,7 +168,8 @@ def _check_draws(
     est_cfg,
     check_images: int,
 ) -> None:
-    """The stored points and Gaussian errors of a few images equal this run's (float32 storage)."""
+    """The stored points and Gaussian errors of a few images equal this run's (float32 storage; the first
+    block of a dataset budget's topped-up draw)."""
     rows = np.unique(np.linspace(0, len(test) - 1, min(check_images, len(test))).round().astype(int))
     x = to_model_range(torch.stack([test[int(i)][0] for i in rows])).to(reference.mean.device, torch.float64)
     points = torch.stack(
@@ -172,8 +185,9 @@ def _check_draws(
         ]
     )
     expected = {"logsnr": points, "gaussian_mmse": reference.pointwise_mmse(x, points).cpu()}
+    first = curves.first_points(est_cfg.npoints)
     for key, values in expected.items():
-        if not np.allclose(getattr(curves, key)[rows].numpy(), values.numpy(), rtol=1e-5, atol=0):
+        if not np.allclose(getattr(first, key)[rows].numpy(), values.numpy(), rtol=1e-5, atol=0):
             raise _refuse(
                 npz,
                 f"its {key} at test images {rows.tolist()} differ from this run's (another "

@@ -121,6 +121,9 @@ class MMSEData:
     continuous: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     discrete: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     best: np.ndarray | None = None
+    # per panel (continuous, discrete): log-SNR spans where the estimate's decoder choice uses the Gaussian
+    # decoder (reference_spans), shaded by shade_reference_spans
+    reference_spans: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
 
     GAUSSIAN_DECODER = "Gaussian decoder at these images"
     REFERENCE = "N(μ, Σ): mmse_G(a)"
@@ -146,6 +149,27 @@ def mmse_data(per_image: PerImage, dim: int, names: Sequence[str] | None = None)
     return out
 
 
+def reference_spans(proposal, used: Sequence[str]) -> list[tuple[float, float]]:
+    """The log-SNR spans of the equal-probability bins of ``proposal`` (a
+    :class:`~itdiffusion.information.LogSNRProposal`) whose decoder in ``used`` (metrics.json's
+    ``decoder_choice``) is the Gaussian one, adjacent bins merged."""
+    n = len(used)
+    edges = proposal.quantile(torch.linspace(0, 1, n + 1, dtype=torch.float64)).tolist()
+    spans: list[tuple[float, float]] = []
+    for j, name in enumerate(used):
+        if name != "gaussian":
+            continue
+        if spans and spans[-1][1] == edges[j]:
+            spans[-1] = (spans[-1][0], edges[j + 1])
+        else:
+            spans.append((edges[j], edges[j + 1]))
+    return spans
+
+
+def shade_reference_spans(ax, spans: Sequence[tuple[float, float]]) -> None:
+    """Grey bands over the log-SNR spans where the Gaussian decoder stands in for the network."""
+    for k, (lo, hi) in enumerate(spans):
+        ax.axvspan(lo, hi, color="0.5", alpha=0.12, lw=0, label="Gaussian decoder used" if k == 0 else None)
 # The references' styles (colour, linestyle), distinct from each other and from the models' colours.
 REFERENCE_STYLES = {
     MMSEData.REFERENCE: ("k", "-"),
@@ -180,7 +204,8 @@ def plot_mmse(data: MMSEData, path: Path, title: str = "") -> Path:
                  label=MMSEData.STANDARD)
         ax2.set_title("discrete: x̂ rounded to the pixel lattice")
         panels_axes.append(ax2)
-    for a in panels_axes:
+    for a, panel in zip(panels_axes, ("continuous", "discrete"), strict=False):
+        shade_reference_spans(a, data.reference_spans.get(panel, ()))
         a.set_xlabel("log-SNR a")
         a.set_ylabel("E||ε − ε̂||²  (summed over d)")
         lo, hi = _data_range(a, data.dim)

@@ -221,6 +221,55 @@ def format_cell(value: tuple[float, float] | None) -> str:
     return f"{mean:.3f} ± {stderr:.3f}" if math.isfinite(stderr) else f"{mean:.3f}"
 
 
+REFERENCE_ONLY_MARK = " ᴳ"  # the Gaussian reference's decoder in every log-SNR bin: the reference's bound
+MISSED_TARGET_MARK = " ‡"  # a dataset budget's stderr target not met
+FAMILY_OF = {"it_continuous_itd_range": "it_continuous", "it_discrete_notails": "it_discrete"}
+
+
+def cell_marks(run: Mapping, column: Column) -> str:
+    """The marks after a cell: :data:`REFERENCE_ONLY_MARK` where metrics.json's ``it_reference_only`` says the
+    estimate is the Gaussian reference's bound, :data:`MISSED_TARGET_MARK` where the dataset budget's
+    ``stderr_check`` says its stderr target was missed."""
+    name = column.metric.removesuffix("_bpd")
+    marks = ""
+    if (run.get("it_reference_only") or {}).get(name):
+        marks += REFERENCE_ONLY_MARK
+    check = ((run.get("budget") or {}).get("stderr_check") or {}).get(FAMILY_OF.get(name, name))
+    if check is not None and not check.get("met", True):
+        marks += MISSED_TARGET_MARK
+    return marks
+
+
+def decoder_choice_notes(rows: list[dict]) -> list[str]:
+    """One line per run whose IT estimates used a decoder choice fitted on the pilot: in which of the
+    equal-probability log-SNR bins of its proposal the Gaussian decoder stood in for the network."""
+    labels = row_labels(rows)
+    out = []
+    for run in rows:
+        found = run.get("decoder_choice") or {}
+        groups_ = found.get("groups") or {}
+        group = groups_.get("ensemble") or groups_.get("m0")
+        if not group:
+            continue
+        parts = []
+        for family, used in group.get("used", {}).items():
+            bins = [j for j, name in enumerate(used) if name == "gaussian"]
+            parts.append(f"{family} {_ranges(bins) or 'none'}")
+        out.append(f"- {labels[run['run_id']]}: Gaussian decoder in log-SNR bins {'; '.join(parts)} "
+                   f"(of {group['nbins']}; fitted on {found.get('pilot_images')} pilot images' own draws)")
+    return out
+
+
+def _ranges(bins: list[int]) -> str:
+    spans: list[list[int]] = []
+    for j in bins:
+        if spans and spans[-1][1] == j - 1:
+            spans[-1][1] = j
+        else:
+            spans.append([j, j])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
 def groups(runs: Mapping[str, Mapping]) -> list[tuple[str, list[dict]]]:
     """Runs by reproduction group, newest group first; in a group: paper rows in paper order, then by time.
     Rows marked :data:`INVALID` are left out."""
@@ -244,7 +293,7 @@ def table_rows(rows: list[dict], columns: tuple[Column, ...], lead: tuple[str, .
     for run in rows:
         paper = PAPER.get(run.get("paper_row") or "", {})
         line = [labels[run["run_id"]], *[_lead(run, f) for f in lead]]
-        line += [format_cell(cell_value(run, c)) for c in columns]
+        line += [format_cell(cell_value(run, c)) + cell_marks(run, c) for c in columns]
         line += [f"{paper[c.name]:.2f}" if c.name in paper else "—" for c in columns if _paper_has(c)]
         out.append(line)
     return out
@@ -378,8 +427,16 @@ def render_markdown(runs: Mapping[str, Mapping], figures: Mapping[str, list[str]
             "IT discrete: the paper leaves out the integral outside the sampled log-SNR range (the tails);",
             "the next column adds them (a bound). IT dequantized: the continuous IT estimate of uniformly",
             "dequantized images plus log2(127.5).",
+            f"{REFERENCE_ONLY_MARK.strip()}: the Gaussian reference's decoder in every log-SNR bin, so the",
+            "IT value is the reference's bound and says nothing about the network. "
+            f"{MISSED_TARGET_MARK.strip()}: the",
+            "dataset budget's stderr target was not met (metrics.json budget.stderr_check).",
             "",
         ]
+        notes = decoder_choice_notes(gaussian_rows)
+        if notes:
+            lines += ["Decoder choice per equal-probability log-SNR bin of the proposal (both protocols):",
+                      "", *notes, ""]
         if mdce_rows:
             lines += _md_table(
                 "Masked diffusion (I-MDCE), bits/dim",

@@ -35,7 +35,7 @@ def summarize(per_image: PerImage, dim: int) -> dict:
     ``dim``: values per image (bits/dim = nats / (dim ln 2))."""
     out: dict = {
         "num_images": per_image.num_images,
-        "npoints": None if per_image.curves is None else int(per_image.curves.logsnr.shape[-1]),
+        "npoints": None if per_image.curves is None else per_image.curves.num_points,  # all blocks drawn
     }
     if per_image.curves is not None and per_image.curves.gaussian_nll is not None:  # closed form, per image
         gaussian = nats_to_bpd(per_image.curves.gaussian_nll, dim)

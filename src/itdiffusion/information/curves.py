@@ -112,6 +112,28 @@ class Curves:
             k: torch.cat([p.tensors()[k] for p in parts], dim=1 if k in MODEL_FIELDS else 0)
             for k in first.tensors()})
 
+    def first_points(self, k: int) -> Curves:
+        """The first ``k`` points of every image (the first block of a topped-up draw)."""
+        return dataclasses.replace(self, network_evals=self.network_evals * k // self.num_points,
+                                   **{n: v[..., :k] for n, v in self.tensors().items() if v.dim() >= 2})
+
+    @staticmethod
+    def cat_points(parts: Sequence[Curves]) -> Curves:
+        """The points of several draws for the same images and models, one after the other (``[B, sum K]``;
+        the per-image constants ``[B]`` must agree: the draws share the images and the dequantization
+        noise, see ``uniform_seeds`` of :func:`sample_curves`)."""
+        first = parts[0]
+        out = {}
+        for k, v in first.tensors().items():
+            if v.dim() == 1:
+                if any(not torch.equal(p.tensors()[k], v) for p in parts[1:]):
+                    raise ValueError(f"Curves.cat_points: the draws' {k} differ (other images or "
+                                     "dequantization noise)")
+                out[k] = v
+            else:
+                out[k] = torch.cat([p.tensors()[k] for p in parts], dim=-1)
+        return dataclasses.replace(first, network_evals=sum(p.network_evals for p in parts), **out)
+
     @staticmethod
     def stack(members: Sequence[Curves]) -> Curves:
         """The models of several curves of the same images, points and noise, as one (an ensemble)."""
@@ -154,7 +176,7 @@ def sample_curves(denoisers: Denoiser | Sequence[Denoiser], x: Tensor, reference
                   sampling: str = "stratified", delta: float | None = None,
                   xinterval: tuple[float, float] | None = None, rounding: str = "soft",
                   dequantize: bool = False, control_variate: bool = False,
-                  batch_size: int = 256) -> Curves:
+                  batch_size: int = 256, uniform_seeds: Sequence[int] | None = None) -> Curves:
     """The error curves of one or several models on the images ``x`` ``[B, *shape]`` (see :class:`Curves`).
 
     Every model sees the same points and noise: image b's come from ``seeds[b]`` (:func:`image_draws`).
@@ -164,6 +186,9 @@ def sample_curves(denoisers: Denoiser | Sequence[Denoiser], x: Tensor, reference
     (:func:`round_to_lattice`, ``hard`` or ``soft``). ``dequantize``: a second pass at
     ``x + delta (U - 1/2)``, U from the image's seed. ``control_variate``: the reference decoder's errors on
     the same noise (no network call, a ``d x d`` product per point). ``batch_size``: denoiser inputs per call.
+    ``uniform_seeds``: the seeds whose :func:`image_draws` (at the same ``npoints``) give the dequantization
+    noise, when they are not ``seeds`` (further draws of the same dequantized images: the dataset budget's
+    top-up blocks, concatenated with :meth:`Curves.cat_points`).
     Time is linear in images x points; memory is ``O(B K + batch_size d)`` besides ``x``.
     """
     denoisers = list(denoisers) if isinstance(denoisers, Sequence) else [denoisers]
@@ -182,6 +207,9 @@ def sample_curves(denoisers: Denoiser | Sequence[Denoiser], x: Tensor, reference
         noise_seeds.append(noise_seed)
         if uniform is not None:
             uniform[b] = u
+    if uniform is not None and uniform_seeds is not None:
+        for b, seed in enumerate(draw_seeds(num, uniform_seeds)):
+            uniform[b] = image_draws(seed, proposal, npoints, sampling, shape)[1]
 
     cv_reference = reference if control_variate else None
     passes = [_Pass(images, "", _network_errors(interval, delta, rounding), cv_reference)]

@@ -61,6 +61,11 @@ class ITEstimate:
     dequantized_stderr: Tensor | None = None
     continuous_itd_range: Tensor | None = None
     continuous_itd_range_stderr: Tensor | None = None
+    # a decoder choice fitted on held-out draws (itdiffusion.budget.estimate_with_choice): per family
+    # (continuous, discrete, dequantized) a [nbins] bool, True where the Gaussian reference's decoder
+    # stands in for the network in that equal-probability log-SNR bin of the proposal; None: cross-fitted
+    reference_bins: dict[str, Tensor] | None = None
+    decoder_choice: object | None = None  # the itdiffusion.budget.DecoderChoice behind reference_bins
     continuous_integrand: Tensor | None = None  # [B, K]: the continuous estimate's per-point values
     continuous_decisions: Decisions | None = None
 

@@ -11,13 +11,17 @@ estimates by :func:`itdiffusion.information.estimate`: the same two calls the ex
 
 Every image draws its log-SNR points, noise and dequantization noise from its own seeds
 (:mod:`itdiffusion.seeding`), so the curves do not depend on batching or on the number of processes. The
-decoder choices inside the estimate (clamp, rounding, ensemble member) are cross-fitted over the other
-images, so rank 0 forms every estimate from the gathered curves: one process and many give the same
-per-image numbers. Rank 0 commits ``per_image.npz`` and ``metrics.json`` (:mod:`itdiffusion.artifacts`) and
+decoder choices inside the estimate (clamp, rounding, ensemble member) are made per log-SNR bin on held-out
+draws of the first test images (the pilot curves, stored in ``per_image.npz``; the same rule under both
+``estimator.budget`` protocols, :mod:`itdiffusion.budget`), and the control variate's coefficients are
+cross-fitted over the other images, so rank 0 forms every estimate from the gathered curves: one process and
+many give the same per-image numbers. Under ``estimator.budget=dataset`` the realized stderr is checked after
+the main run and topped up (:func:`itdiffusion.stages.budget_pilot.top_up`). Rank 0 commits
+``per_image.npz`` and ``metrics.json`` (:mod:`itdiffusion.artifacts`) and
 records the results row.
 
 Ensembles (``ensemble=[ckpt_a, ckpt_b, ...]``): every member sees the same points and noise, and per log-SNR
-bin the estimate uses the member (or the Gaussian decoder) with the lowest cross-fitted error.
+bin the estimate uses the member (or the Gaussian decoder) that is best on the pilot curves.
 ``ensemble_curves=[run_a, run_b, ...]`` builds the ensemble from the members' stored curves with no network
 evaluation (:mod:`itdiffusion.ensemble`). Models that are no Gaussian denoiser (masked diffusion) go to
 :mod:`itdiffusion.stages.evaluate_masked`.
@@ -37,11 +41,12 @@ from omegaconf import DictConfig
 
 from itdiffusion import distributed, stage_tracking, summary
 from itdiffusion.artifacts import ENSEMBLE, REPORTED_BPD, PerImage
-from itdiffusion.budget import DecoderChoice, estimate_with_choice
+from itdiffusion.budget import estimate_with_choice, fit_decoder_choice
 from itdiffusion.data import load_images, to_model_range
 from itdiffusion.ensemble import REEVALUATE, curves_from_member_runs, proposal_of_run
 from itdiffusion.errors import UserError
 from itdiffusion.information import (
+    Curves,
     GaussianReference,
     ITEstimate,
     LogSNRProposal,
@@ -96,53 +101,72 @@ def _evaluate(cfg: DictConfig, run_dir: Path, device: torch.device, tracker: Tra
         test = load_images(cfg.data, "test")
     members = load_members(cfg, device, resolve_first=rank_zero_first)
     if cfg.ensemble_curves:  # the members' stored curves: rank 0 reads them, no network runs anywhere
-        budget, est = _budget(cfg, members, test, reference, None, device)  # the first member's plan
+        budget, est, pilot = _budget(cfg, members, test, reference, None, device)  # the first member's plan
         found = distributed.on_main(
             lambda: curves_from_member_runs(cfg.ensemble_curves, members, test, reference, est)
         )
         per_image, sources = found or (None, None)
         proposal = None if per_image is None else per_image.curves.proposal
+        pilot = None if per_image is None else per_image.pilot_curves
         precision = {"checked": False, "used": None, "reason": "ensemble_curves: no network evaluation"}
     else:
         proposal = distributed.broadcast_object(
             distributed.on_main(lambda: choose_proposal(cfg, members, test, reference))
         )
-        budget, est = _budget(cfg, members, test, reference, proposal, device)
+        budget, est, pilot = _budget(cfg, members, test, reference, proposal, device)
         members, precision = select_fast_path(  # fp32 eager unless a fast path keeps the numbers
             members, est, device, lambda ms: check_estimates(ms, test, reference, proposal, est, device)
         )
         chunk = max(1, est.batch_size // est.npoints) if est.it else max(1, est.batch_size)
-        choice = _decoder_choice(budget)
+        blocks = budget_pilot.blocks_of(budget)
 
-        def running(parts):  # metrics.json's numbers on the images done so far
-            return summarize(with_estimates(PerImage.cat(list(parts)), reference, choice), members, reference,
-                             proposal)
+        def running(parts):  # metrics.json's numbers on the images done so far (the same decoder choice)
+            done = PerImage.cat(list(parts))
+            done.pilot_curves = pilot
+            return summarize(with_estimates(done, reference), members, reference, proposal)
 
-        per_image = evaluation_frame.evaluate_sharded(
-            cfg.label,
-            test,
-            chunk,
-            lambda idx, images: sample(members, images, idx, reference, proposal, est, device),
-            Partial(
-                run_dir,
-                evaluation_frame.fingerprint(cfg, members, proposal=proposal, fast_path=precision["used"]),
-            ),
-            stage_tracking.RunningLog(
-                tracker, running, evaluation_frame.rank_images(len(test), chunk), cfg.logger.running_every_s,
-                cfg.label,
-            ),
-        )
+        def draw(first: dict, last: dict, partial=None):
+            return evaluation_frame.evaluate_sharded(
+                cfg.label if partial else f"{cfg.label} top-up",
+                test,
+                max(1, chunk // max(1, last["npoints"] - first["npoints"])),
+                lambda idx, images: sample(
+                    members, images, idx, reference, proposal, est, device,
+                    it_blocks=range(first["npoints"], last["npoints"]),
+                    vlb_blocks=range(first["vlb_steps"], last["vlb_steps"]),
+                ),
+                partial,
+                stage_tracking.RunningLog(
+                    tracker, running, evaluation_frame.rank_images(len(test), chunk),
+                    cfg.logger.running_every_s, cfg.label,
+                ) if partial else None,
+            )
+
+        none = dict.fromkeys(blocks, 0)
+        per_image = draw(none, blocks, Partial(
+            run_dir,
+            evaluation_frame.fingerprint(cfg, members, proposal=proposal, fast_path=precision["used"]),
+        ))
+        if per_image is not None:
+            per_image.pilot_curves = pilot
+        if budget is not None:  # the realized stderr against the target; more blocks where it misses
+            per_image = budget_pilot.top_up(
+                per_image, budget, blocks, draw,
+                lambda p: summarize(with_estimates(p, reference), members, reference, proposal),
+            )
         sources = None
     if not distributed.is_main():
         distributed.barrier()
         return None
-    per_image, found = estimate_groups(per_image, reference, _decoder_choice(budget))
+    per_image.pilot_curves = pilot
+    per_image, found = estimate_groups(per_image, reference)
     evaluation_frame.check_finite(per_image, reference.dim, run_dir)
     maps = None
     if sources is None and len(members) == 1 and found:  # single models (an ensemble's maps: its members')
         maps = add_pixel_maps(per_image, found[0], members[0], test, reference, est, device)
     metrics = {
         **summarize(per_image, members, reference, proposal),
+        **budget_pilot.decoder_choice_metrics(per_image),
         **({"budget": budget} if budget else {}),
         **({"pixel_maps": maps} if maps else {}),
         **evaluation_frame.provenance(cfg, members),
@@ -189,36 +213,54 @@ def sample(
     proposal: LogSNRProposal,
     est,
     device: torch.device,
+    it_blocks: range = range(1),
+    vlb_blocks: range = range(1),
 ) -> PerImage:
     """The network work on uint8 ``images`` with test indices ``indices``: every member's IT error curves
-    (shared points and noise) and VLBs, and the network evaluations per image; no estimate yet."""
+    (shared points and noise) and VLBs, and the network evaluations per image; no estimate yet.
+
+    ``it_blocks`` / ``vlb_blocks``: which blocks of ``estimator.npoints`` points / ``vlb_steps`` sampled
+    steps each image draws (block r from its seed stream with coordinate r; block 0 is the per-image
+    protocol's draw): the dataset budget's top-up draws blocks beyond the first (:mod:`itdiffusion.topup`).
+    The curves of several blocks are concatenated; the sampled VLB is their mean."""
     x = to_model_range(images).to(device)
     out = PerImage(
         index=torch.as_tensor(list(indices), dtype=torch.long), groups=[f"m{j}" for j in range(len(members))]
     )
     evals = torch.zeros(len(members), len(indices), dtype=torch.float64)
-    if est.it:
-        out.curves = sample_curves(
-            [m.denoiser for m in members],
-            x,
-            reference,
-            npoints=est.npoints,
-            proposal=proposal,
-            seeds=stream_seeds(est.seed, indices, Stream.POINTS),
-            **pixel_curve_options(est),
-        )
+    if est.it and len(it_blocks):
+        first = stream_seeds(est.seed, indices, Stream.POINTS)
+        out.curves = Curves.cat_points([
+            sample_curves(
+                [m.denoiser for m in members],
+                x,
+                reference,
+                npoints=est.npoints,
+                proposal=proposal,
+                seeds=stream_seeds(est.seed, indices, Stream.POINTS, r),
+                uniform_seeds=None if r == 0 else first,  # one dequantized image for every block
+                **pixel_curve_options(est),
+            )
+            for r in it_blocks
+        ])
         evals += out.curves.network_evals
-    if est.vlb and str(est.vlb_steps) != VLB_ALL_STEPS:  # sampled timesteps: unbiased, with an MC stderr
-        seeds = stream_seeds(est.seed, indices, Stream.VLB)
+    if est.vlb and str(est.vlb_steps) != VLB_ALL_STEPS and len(vlb_blocks):  # sampled steps, an MC stderr
         results = [
-            vlb_sampled(m.network, m.diffusion, x, seeds, int(est.vlb_steps), batch_size=est.batch_size)
+            [
+                vlb_sampled(m.network, m.diffusion, x, stream_seeds(est.seed, indices, Stream.VLB, r),
+                            int(est.vlb_steps), batch_size=est.batch_size)
+                for r in vlb_blocks
+            ]
             for m in members
         ]
+        n = len(vlb_blocks)  # the blocks' mean, and its Monte Carlo stderr
         for key, continuous in (("vlb_bpd", False), ("vlb_continuous_bpd", True)):
-            out.member_values[key] = torch.stack([r.total(continuous) for r in results])
-            out.member_values[key + "_mc_stderr"] = torch.stack([r.mc_stderr_bpd for r in results])
-        evals += torch.tensor([[r.network_evals] for r in results], dtype=torch.float64)
-    elif est.vlb:  # one pass per image serves both decoders (discrete, continuous-density)
+            out.member_values[key] = torch.stack([sum(r.total(continuous) for r in rs) / n for rs in results])
+            out.member_values[key + "_mc_stderr"] = torch.stack(
+                [sum(r.mc_stderr_bpd.square() for r in rs).sqrt() / n for rs in results]
+            )
+        evals += torch.tensor([[sum(r.network_evals for r in rs)] for rs in results], dtype=torch.float64)
+    elif est.vlb and len(vlb_blocks) and str(est.vlb_steps) == VLB_ALL_STEPS:  # one pass: both decoders
         seeds = stream_seeds(est.seed, indices, Stream.VLB)
         results = [
             vlb_per_image(m.network, m.diffusion, x, seeds, steps_per_batch=est.vlb_steps_per_batch)
@@ -233,21 +275,23 @@ def sample(
     return out
 
 
-def with_estimates(
-    per_image: PerImage, reference: GaussianReference, choice: DecoderChoice | None = None
-) -> PerImage:
+def with_estimates(per_image: PerImage, reference: GaussianReference, choice=None) -> PerImage:
     """``per_image`` with the IT estimates (nats, ``[G, B]``) of every member and, for several members,
-    of their ensemble (group ``ensemble``), each by :func:`itdiffusion.information.estimate`; with a
-    dataset budget's ``choice`` (fitted on the pilot, for the run's models together), by
-    :func:`itdiffusion.budget.estimate_with_choice` for the groups it was fitted for."""
+    of their ensemble (group ``ensemble``). With ``per_image.pilot_curves`` (both protocols of the stage),
+    each group's decoder choice is fitted on them (:func:`itdiffusion.budget.fit_decoder_choice`) and
+    applied per log-SNR bin (:func:`itdiffusion.budget.estimate_with_choice`; ``per_image.choices``);
+    without them (the precision check's paired estimates), cross-fitted
+    (:func:`itdiffusion.information.estimate`). A given ``choice`` (a
+    :class:`~itdiffusion.budget.DecoderChoice`) is used instead for the groups of its number of models."""
     return estimate_groups(per_image, reference, choice)[0]
 
 
 def estimate_groups(
-    per_image: PerImage, reference: GaussianReference, choice: DecoderChoice | None = None
+    per_image: PerImage, reference: GaussianReference, given=None
 ) -> tuple[PerImage, list[ITEstimate]]:
     """:func:`with_estimates`, and the :class:`~itdiffusion.information.ITEstimate` of each group (in
-    ``per_image.groups`` order; empty without curves): what the pixel maps decompose."""
+    ``per_image.groups`` order; empty without curves): what the pixel maps decompose (the decoder choice
+    per bin: ``ITEstimate.reference_bins``)."""
     curves = per_image.curves
     if curves is None:
         return per_image, []
@@ -255,12 +299,16 @@ def estimate_groups(
     if curves.num_models > 1:
         groups.append(list(range(curves.num_models)))
     mmse_g = reference.mmse(curves.logsnr.to(reference.mean.device))  # B K d operations: once for all groups
-    found = [
-        estimate_with_choice(curves.models(g), reference, choice)
-        if choice is not None and len(g) == choice.num_models
-        else estimate(curves.models(g), reference, reference_mmse=mmse_g)
-        for g in groups
-    ]
+    pilot = per_image.pilot_curves
+    found, per_image.choices = [], {}
+    for g in groups:
+        if pilot is None and (given is None or len(g) != given.num_models):
+            found.append(estimate(curves.models(g), reference, reference_mmse=mmse_g))
+            continue
+        choice = given if given is not None and len(g) == given.num_models else fit_decoder_choice(
+            [pilot.models(g)])
+        per_image.choices[f"m{g[0]}" if len(g) == 1 else ENSEMBLE] = choice
+        found.append(estimate_with_choice(curves.models(g), reference, choice))
     values = [f.per_image() for f in found]
     per_image.groups = [f"m{g[0]}" for g in groups[: curves.num_models]] + [ENSEMBLE] * (len(groups) > 1)
     per_image.estimates = {f"it_{name}_nats": torch.stack([v[name] for v in values]) for name in values[0]}
@@ -359,33 +407,41 @@ def check_estimates(
 
 
 def _budget(cfg: DictConfig, members, test, reference, proposal, device):
-    """The dataset budget's plan (None for ``estimator.budget=per_image``) and the estimator settings the
+    """The dataset budget's plan (None for ``estimator.budget=per_image``), the estimator settings the
     run uses (the plan's npoints and vlb_steps, also written into ``cfg`` so metrics.json's config says
-    what was evaluated; the budget section keeps the full-cost settings)."""
+    what was evaluated; the budget section keeps the full-cost settings), and on rank 0 the pilot curves
+    the decoder choice is fitted on (both protocols; None with ``ensemble_curves``: the members' runs
+    stored theirs)."""
     est = cfg.estimator
+
+    def pilot_curves():
+        if not est.it or cfg.ensemble_curves:
+            return None
+        return budget_pilot.choice_curves(members, test, reference, proposal, est, device)
+
     if est.budget != "dataset":
-        return None, est
+        return None, est, distributed.on_main(pilot_curves)
     source = est.budget_from or (cfg.ensemble_curves[0] if cfg.ensemble_curves else None)
+    pilot = None
     if source is not None:
         budget = budget_pilot.plan_from_run(source)
+        pilot = distributed.on_main(pilot_curves)
     else:
-        budget = distributed.broadcast_object(
-            distributed.on_main(lambda: budget_pilot.plan(members, test, reference, proposal, est, device))
+        found = distributed.on_main(
+            lambda: budget_pilot.plan(members, test, reference, proposal, est, device)
         )
+        budget = distributed.broadcast_object(None if found is None else found[0])
+        pilot = None if found is None else found[1]
     log.info(
         "dataset budget: %s per image (full protocol: %s), network evaluations per image %s",
         budget["chosen"],
         budget["full"],
         budget.get("network_evals_per_image"),
     )
-    for key, value in budget["chosen"].items():
-        cfg.estimator[key] = value
-    return budget, cfg.estimator
-
-
-def _decoder_choice(budget: dict | None) -> DecoderChoice | None:
-    found = (budget or {}).get("decoder_choice")
-    return DecoderChoice.from_dict(found) if found else None
+    for key in ("npoints", "vlb_steps"):
+        if key in budget["chosen"]:
+            cfg.estimator[key] = budget["chosen"][key]
+    return budget, cfg.estimator, pilot
 
 
 def _check_settings(cfg: DictConfig) -> None:

@@ -302,6 +302,10 @@ def _group_mmse(with_curves, labels) -> figures.MMSEData:
         merged.discrete.update(data.discrete)
     merged.best = np.min([v[0] for v in merged.continuous.values()], axis=0)
     merged.continuous.update(references)
+    choice = (first_run.get("decoder_choice") or {}).get("groups") or {}
+    used = (choice.get("m0") or choice.get("ensemble") or {}).get("used", {})
+    merged.reference_spans = {panel: figures.reference_spans(first.curves.proposal, used[panel])
+                              for panel in ("continuous", "discrete") if panel in used}
     return merged
 
 
