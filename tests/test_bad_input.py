@@ -13,12 +13,8 @@ from itdiffusion import config
 from itdiffusion.config import check_values, value_problems
 from itdiffusion.errors import UserError
 from itdiffusion.models import families
-from itdiffusion.stages import (
-    _created_by_this_process,
-    check_writable_dir,
-    remove_unused_run_dir,
-    value_rules,
-)
+from itdiffusion.stages import _created_by_this_process, remove_unused_run_dir, value_rules
+from itdiffusion.stages.output_dirs import check_writable_dir
 
 RULES = value_rules()  # what the stages check (the families' kinds and objectives too)
 

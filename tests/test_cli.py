@@ -9,7 +9,7 @@ import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from conftest import run_cli
-from itdiffusion.artifacts import PerImage, commit_evaluation
+from fake_runs import commit_fake_evaluation
 from itdiffusion.stages import evaluate
 
 
@@ -51,11 +51,10 @@ def test_a_gpu_requested_where_none_exists(make_cfg, tmp_path):
 
 def test_report_on_the_command_line(tmp_path):
     run_dir = tmp_path / "outputs" / "evaluate" / "r1"
-    run_dir.mkdir(parents=True)
-    metrics = {"run_id": "r1", "label": "m", "group": "g"}
+    metrics = {"run_id": "r1", "label": "m", "group": "g", "num_images": 2}
     metrics.update(it_continuous_bpd=-4.0, it_continuous_bpd_stderr=0.1, it_continuous_itd_range_bpd=-4.1,
                    it_continuous_itd_range_bpd_stderr=0.1)
-    commit_evaluation(run_dir, PerImage(index=torch.arange(2)), metrics)
+    commit_fake_evaluation(run_dir, metrics)
     proc = run_cli("report", "logger=none", "run_id=rep", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (tmp_path / "outputs" / "results" / "results.md").read_text()

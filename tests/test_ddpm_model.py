@@ -307,3 +307,30 @@ def test_nonfinite_weights_are_refused_from_a_state_dict_and_a_diffusers_folder(
     source.save_pretrained(tmp_path / "nan_folder")
     with pytest.raises(CheckpointError, match="non-finite weights .*conv_in.bias"):
         ddpm_weights.load_unet(small_cfg(f"model.checkpoint={tmp_path / 'nan_folder'}"), "unused")
+
+
+class _RunsCode:
+    """Unpickling this calls ``os.system``: a weights file must never get that far."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_malicious_diffusers_bin_is_refused_as_unsafe(pretrained_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "evil"
+    shutil.copytree(pretrained_dir, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    marker = tmp_path / "code_ran"
+    torch.save({"conv_in.weight": _RunsCode(marker)}, folder / "diffusion_pytorch_model.bin")
+    with pytest.raises(CheckpointError) as info:
+        ddpm_weights.load_unet(small_cfg(f"model.checkpoint={folder}"), "unused")
+    message = str(info.value)
+    assert "refused as unsafe" in message and "none of its code ran" in message
+    assert "download it again" not in message and "\n" not in message
+    assert not marker.exists()

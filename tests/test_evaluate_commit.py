@@ -70,3 +70,34 @@ def test_a_crash_at_any_write_is_redone_or_refused_never_mixed(cfg_for, tmp_path
     row = load_runs(tmp_path / "outputs" / "results")["unit"]
     assert all(row[key] == stored[key] for key in KEYS)  # the results store agrees with metrics.json
     assert rerun is None or rerun[KEYS[0]] == fresh[KEYS[0]]
+
+
+def test_a_rerun_removes_the_temporary_files_of_a_killed_commit(cfg_for, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    stale = [run_dir / ".per_image.npz.k1ll3d.tmp", run_dir / ".metrics.json.k1ll3d.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a file")
+    evaluate.run(cfg_for(), run_dir)
+    assert artifacts.is_complete(run_dir) and not any(p.exists() for p in stale)
+
+
+def test_a_nonfinite_estimate_stops_the_run_and_leaves_no_chunks(cfg_for, tmp_path, monkeypatch):
+    real = evaluate.estimate_groups
+
+    def with_a_nan(per_image, *args, **kwargs):
+        out, found = real(per_image, *args, **kwargs)
+        out.estimates["it_continuous_nats"][0, 1] = float("nan")
+        return out, found
+
+    monkeypatch.setattr(evaluate, "estimate_groups", with_a_nan)
+    run_dir = tmp_path / "run"
+    with pytest.raises(UserError, match=r"evaluation stopped: m0.it_continuous_nats of test image 1 is nan"):
+        evaluate.run(cfg_for(), run_dir)
+    assert not (run_dir / "partial").exists() and not (run_dir / artifacts.METRICS).exists()
+
+
+def test_more_images_asked_for_than_the_set_holds_are_logged_and_recorded(cfg_for, tmp_path, caplog):
+    metrics = evaluate.run(cfg_for("data.patches_per_photo=2", "data.num_images=100"), tmp_path / "run")
+    assert metrics["num_images"] == 4 and metrics["num_images_requested"] == 100
+    assert "data.num_images=100, but the test split holds 4 images: all 4 are used" in caplog.text

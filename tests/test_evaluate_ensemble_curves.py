@@ -18,6 +18,7 @@ from itdiffusion.errors import UserError
 from itdiffusion.models.iddpm import build_model_and_diffusion
 from itdiffusion.models.weights import file_sha256
 from itdiffusion.stages import CONFIG_DIR, evaluate
+from itdiffusion.summary import verified_evaluation
 
 ESTIMATES = ("it_continuous", "it_discrete", "it_discrete_notails", "it_dequantized")
 
@@ -72,6 +73,9 @@ def test_the_reused_ensemble_is_the_evaluated_ensemble(members, tmp_path, monkey
     assert reused["checkpoint_sha256"] == fresh["checkpoint_sha256"]
     stored = json.loads((tmp_path / "reused" / "metrics.json").read_text())
     assert stored["curves_from"] == reused["curves_from"] and stored["network_evals"] == 0
+    for run in ("fresh", "reused"):  # the report's check: every number, the members' too, from per_image.npz
+        metrics, _ = verified_evaluation(tmp_path / run)  # raises ArtifactError on any difference
+        assert len(metrics["members"]) == 2
     with np.load(tmp_path / "fresh/per_image.npz") as f, np.load(tmp_path / "reused/per_image.npz") as r:
         assert set(r.files) == set(f.files)
         assert json.loads(str(r["meta"]))["groups"] == ["m0", "m1", "ensemble"]

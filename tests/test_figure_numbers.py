@@ -151,13 +151,15 @@ def test_per_image_and_loss_figures(small_run):
 
 
 def test_a_figure_that_disagrees_with_its_table_stops_the_report(small_run, tmp_path):
-    """metrics.json edited after the evaluation (its per_image.npz unchanged, so still a complete run): the
-    gap figure would show another number than the table, and the report fails naming both."""
+    """metrics.json edited after the evaluation (its per_image.npz unchanged): the gap figure would show
+    another number than the table; the report's check of every number against per_image.npz leaves the row
+    out of the tables before any figure is drawn, and the report fails naming the run."""
     import shutil
 
     from hydra import compose, initialize_config_dir
 
     from conftest import path_overrides
+    from itdiffusion.errors import UserError
     from itdiffusion.stages import CONFIG_DIR
 
     _, _, results = small_run
@@ -168,5 +170,7 @@ def test_a_figure_that_disagrees_with_its_table_stops_the_report(small_run, tmp_
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=[*path_overrides(tmp_path), "logger=none", "run_id=bad-report"])
-    with pytest.raises(report.FigureCheckError, match="figs-base.*estimate: figure .*, table"):
+    with pytest.raises(UserError, match=r"1 run\(s\) no longer verify .*\(figs-base;"):
         report.run(cfg, tmp_path / "report")
+    assert "| figs-base |" not in (tmp_path / "outputs" / "results" / "results.md").read_text().split(
+        "## Left out")[0]

@@ -118,6 +118,28 @@ def test_skip_nonfinite_gives_up_after_max_skipped_steps_and_exports_nothing(tmp
     json.loads((run_dir / "loss_curve.json").read_text())  # strict JSON
 
 
+def test_a_diverged_run_with_skipped_steps_exports_nothing(tmp_path, cache_dir):
+    """lr = 1e12 with skip_nonfinite: the weights stay finite (~1e12), the held-out loss is absurd."""
+    cfg = cfg_for(tmp_path, cache_dir, "finetune.lr=1e12", "finetune.skip_nonfinite=true",
+                  "finetune.max_steps=3", "finetune.run_name=diverged")
+    with pytest.raises(FinetuneError, match=r"held-out loss of the trained weights is .* bits/dim .* nothing "
+                                            r"was exported") as info:
+        run(cfg, tmp_path / "run")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "checkpoints" / "finetune" / "diverged" / "model.pt").exists()
+
+
+def test_a_run_whose_every_step_was_skipped_exports_nothing(tmp_path):
+    def inf_grad_loss(model, x, seeds):  # a finite loss, an infinite gradient: d sqrt(u)/du at u = 0
+        out = denoising_loss(model, x, seeds)
+        return out + torch.sqrt((out * 0).sum())
+
+    trainer = make_trainer(tmp_path, loss=inf_grad_loss, skip_nonfinite=True, max_steps=3)
+    with pytest.raises(FinetuneError, match=r"all \d+ steps were skipped .* never updated"):
+        trainer.run()
+    assert not (trainer.run_dir / "model.pt").exists()
+
+
 def test_nonfinite_initial_weights_name_the_weights_not_the_learning_rate(tmp_path):
     trainer = make_trainer(tmp_path)
     with torch.no_grad():

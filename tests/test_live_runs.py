@@ -79,7 +79,7 @@ def test_an_evaluation_stopped_midway_leaves_a_run_with_its_running_estimates_an
     per_image = PerImage.cat(parts[:done])
     per_image.pilot_curves = pilot
     per_image = evaluation.with_estimates(per_image, reference)
-    expected = evaluation.summarize(per_image, [None], reference, per_image.curves.proposal, cfg.estimator)
+    expected = evaluation.summarize(per_image, [None], reference, per_image.curves.proposal)
     for key in ("it_continuous_bpd", "it_continuous_bpd_stderr", "it_discrete_bpd", "it_dequantized_bpd"):
         assert last[f"running/{key}"] == pytest.approx(expected[key], rel=1e-12, abs=1e-12), key
     # its console output, up to the stop: the running estimates as printed

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from itdiffusion.artifacts import PerImage, commit_evaluation, write_loss_curve
+from fake_runs import commit_fake_evaluation
+from itdiffusion.artifacts import PerImage, write_loss_curve
 from itdiffusion.information import Curves, LogSNRProposal
 from itdiffusion.results import ResultsStoreError, load_runs, record_run, record_runs
 from itdiffusion.results.tables import CONTINUOUS_COLUMNS, DISCRETE_COLUMNS, cell_value
@@ -182,13 +185,12 @@ def test_gap_data_integrates_a_known_gap():
 def fake_evaluation(outputs: Path, run_id: str, group: str, **values) -> None:
     """A run dir as the evaluate stage leaves it: metrics.json and per_image.npz."""
     run_dir = outputs / "evaluate" / run_id
-    run_dir.mkdir(parents=True)
     rng = np.random.default_rng(len(run_id))
     logsnr = rng.uniform(-5, 5, (6, 16))
     mmse_g = 3072 / (1 + np.exp(-logsnr))
-    commit_evaluation(
-        run_dir, curves_per_image(logsnr, mmse_g, mmse_g * 0.9),
-        metrics(run_id, group=group, dim=3072, gaussian_entropy_bpd=1.0, **values)
+    commit_fake_evaluation(
+        run_dir, metrics(run_id, group=group, dim=3072, gaussian_entropy_bpd=1.0, **values),
+        curves_per_image(logsnr, mmse_g, mmse_g * 0.9),
     )
 
 
@@ -228,7 +230,9 @@ def test_report_stage_writes_tables_figures_and_keeps_old_rows(tmp_path, make_cf
             for s in range(6)
         ],
     )
-    record_run(outputs / "results", metrics("older", group="repro0", vlb_bpd=3.3, vlb_bpd_stderr=0.1))
+    fake_evaluation(tmp_path / "elsewhere", "older", "repro0", vlb_bpd=3.3, vlb_bpd_stderr=0.1)  # not below
+    older = tmp_path / "elsewhere" / "evaluate" / "older" / "metrics.json"  # outputs/, but in the store
+    record_run(outputs / "results", {**json.loads(older.read_text()), "metrics_path": str(older)})
     (outputs / "evaluate" / "broken").mkdir(parents=True)
     (outputs / "evaluate" / "broken" / "metrics.json").write_text("{ truncated")
 
@@ -239,8 +243,9 @@ def test_report_stage_writes_tables_figures_and_keeps_old_rows(tmp_path, make_cf
     assert md.index("## repro1") < md.index("## repro0")  # newest group first
     assert md.index("r-base [IDDPM]") < md.index("r-tuned [IDDPM(tune)]")
     figures = out["figures"]["repro1"]
-    # (no per-image or gap figure: these fake runs hold curves but no per-image estimates)
-    assert {Path(f).stem.removeprefix("repro1_") for f in figures} == {"mmse", "loss"}
+    made = {Path(f).stem.removeprefix("repro1_") for f in figures}
+    # (no gap figure: these fake runs' per-image estimates are not the estimate of their curves)
+    assert made == {"mmse", "per_image", "loss"}
     for fig in figures:
         assert f"]({fig})" in md
         with Image.open(outputs / "results" / fig) as im:
@@ -303,3 +308,102 @@ def test_report_has_the_ddpm_rows_and_the_published_weights_rows(tmp_path, make_
     assert next(x for x in table1.splitlines() if x.startswith("| IDDPM |")).endswith("| -4.05 | -4.09 |")
     csv_rows = {r.split(",")[0]: r for r in (outputs / "results" / "results.csv").read_text().splitlines()}
     assert "3.37" in csv_rows["d-base"] and "3.41" in csv_rows["d-pub"]
+
+
+# --- runs that no longer verify ------------------------------------------------------------------------
+def _edit_number(run_dir: Path) -> None:
+    data = json.loads((run_dir / "metrics.json").read_text())
+    data["it_continuous_bpd"] = -5.760
+    (run_dir / "metrics.json").write_text(json.dumps(data))
+
+
+def _flip_byte(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+TAMPERS = {  # name: what is done to run "a" (run "b" stays as it was)
+    "edited number": _edit_number,
+    "added number": lambda d: (d / "metrics.json").write_text(json.dumps(
+        {**json.loads((d / "metrics.json").read_text()), "it_discrete_bpd": 1.0})),
+    "truncated per_image": lambda d: (d / "per_image.npz").write_bytes(
+        (d / "per_image.npz").read_bytes()[:100]),
+    "flipped per_image byte": lambda d: _flip_byte(d / "per_image.npz"),
+    "truncated metrics": lambda d: (d / "metrics.json").write_text((d / "metrics.json").read_text()[:50]),
+    "swapped per_image": lambda d: (d / "per_image.npz").write_bytes(
+        (d.parent / "b" / "per_image.npz").read_bytes()),
+    "deleted per_image": lambda d: (d / "per_image.npz").unlink(),
+    "deleted run dir": lambda d: shutil.rmtree(d),
+}
+
+
+@pytest.mark.parametrize("tamper", list(TAMPERS))
+def test_a_run_that_no_longer_verifies_leaves_the_tables_and_fails_the_report(tmp_path, make_cfg, tamper):
+    from itdiffusion.errors import UserError
+
+    outputs = tmp_path / "outputs"
+    for run_id, value in (("a", 2.464), ("b", 2.5)):
+        fake_evaluation(outputs, run_id, "g", it_continuous_bpd=value, it_continuous_bpd_stderr=0.01)
+    report.run(make_cfg("run_id=rep1"), tmp_path / "rep1")  # both rows verify
+    md = (outputs / "results" / "results.md").read_text()
+    assert "| a | L_vlb | — | — | — | 2.464 ± 0.010 |" in md and "Left out" not in md
+    TAMPERS[tamper](outputs / "evaluate" / "a")
+    with pytest.raises(UserError, match=r"1 run\(s\) no longer verify .*\(a; .*report.allow_invalid=true"):
+        report.run(make_cfg("run_id=rep2"), tmp_path / "rep2")
+    md = (outputs / "results" / "results.md").read_text()
+    tables, left_out = md.split("## Left out")
+    assert "| a |" not in tables and "| b | L_vlb | — | — | — | 2.500 ± 0.010 |" in tables
+    assert "-5.760" not in md and "| a | a |" in left_out
+    csv_ids = [line.split(",")[0] for line in (outputs / "results" / "results.csv").read_text().splitlines()]
+    assert csv_ids == ["run_id", "b"]
+    stored = load_runs(outputs / "results")
+    assert stored["a"]["invalid"] and "invalid" not in stored["b"]
+    with pytest.raises(UserError):  # the row stays marked: every report says so until the run is redone
+        report.run(make_cfg("run_id=rep3"), tmp_path / "rep3")
+    # told to skip: the row is dropped from the store and the report succeeds
+    report.run(make_cfg("run_id=rep4", "report.allow_invalid=true"), tmp_path / "rep4")
+    assert set(load_runs(outputs / "results")) == {"b"}
+    assert "Left out" not in (outputs / "results" / "results.md").read_text()
+
+
+def test_a_rerun_run_comes_back_and_an_edited_store_heals(tmp_path, make_cfg):
+    outputs = tmp_path / "outputs"
+    fake_evaluation(outputs, "a", "g", it_continuous_bpd=2.464, it_continuous_bpd_stderr=0.01)
+    report.run(make_cfg("run_id=rep1"), tmp_path / "rep1")
+    store = outputs / "results" / "results.json"
+    data = json.loads(store.read_text())
+    data["runs"]["a"]["it_continuous_bpd"] = -5.76  # an edited store: the report rewrites rows from run dirs
+    store.write_text(json.dumps(data))
+    _edit_number(outputs / "evaluate" / "a")
+    from itdiffusion.errors import UserError
+
+    with pytest.raises(UserError):
+        report.run(make_cfg("run_id=rep2"), tmp_path / "rep2")
+    shutil.rmtree(outputs / "evaluate" / "a")  # the run redone
+    fake_evaluation(outputs, "a", "g", it_continuous_bpd=2.47, it_continuous_bpd_stderr=0.01)
+    report.run(make_cfg("run_id=rep3"), tmp_path / "rep3")
+    runs = load_runs(outputs / "results")
+    assert runs["a"]["it_continuous_bpd"] == pytest.approx(2.47) and "invalid" not in runs["a"]
+
+
+def test_an_edited_number_fails_the_report_on_the_command_line(tmp_path):
+    from conftest import run_cli
+
+    outputs = tmp_path / "outputs"
+    fake_evaluation(outputs, "a", "g", it_continuous_bpd=2.464, it_continuous_bpd_stderr=0.01)
+    _edit_number(outputs / "evaluate" / "a")
+    proc = run_cli("report", "logger=none", "run_id=rep", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.splitlines()[-1]
+    assert last.startswith("error: 1 run(s) no longer verify and are left out of the tables (a;")
+    assert "it_continuous_bpd: -5.76 stored" in (outputs / "results" / "results.md").read_text()
+    assert "-5.760" not in (outputs / "results" / "results.csv").read_text()
+
+
+def test_a_label_with_a_pipe_keeps_the_markdown_table(tmp_path):
+    record_run(tmp_path, metrics("p", label="a|b", vlb_bpd=3.0, vlb_bpd_stderr=0.1))
+    md = (tmp_path / "results.md").read_text()
+    line = next(x for x in md.splitlines() if x.startswith("| a"))
+    assert line.startswith("| a\\|b | ") and line.count(" | ") == md.splitlines()[
+        md.splitlines().index(line) - 2].count(" | ")

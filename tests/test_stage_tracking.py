@@ -140,10 +140,9 @@ def test_wandb_variables_are_honoured_and_explicit_config_wins(wb_cfg, tiny_chec
 
 
 def test_report_tables_are_numeric_and_its_figures_agree_with_the_tables(wb_cfg, tiny_checkpoints, tmp_path):
-    import torch
     from PIL import Image
 
-    from itdiffusion.artifacts import PerImage, commit_evaluation
+    from fake_runs import commit_fake_evaluation
     from itdiffusion.stages import report
 
     common = ("data.num_images=16", "estimator.npoints=16", "estimator.pixel_maps=2")
@@ -151,10 +150,9 @@ def test_report_tables_are_numeric_and_its_figures_agree_with_the_tables(wb_cfg,
         evaluate.run(wb_cfg(f"model.checkpoint={tiny_checkpoints[ckpt]}", f"run_id={run_id}",
                             f"paper_row='{row}'", *common), tmp_path / "outputs" / "evaluate" / run_id)
     masked = tmp_path / "outputs" / "evaluate" / "masked"  # a masked-diffusion run's metrics
-    masked.mkdir(parents=True)
-    commit_evaluation(masked, PerImage(index=torch.arange(2)),
-                      {"run_id": "masked", "group": "g", "label": "mdm", "created": "x", "mdce_bpd": 3.5,
-                       "mdce_bpd_stderr": 0.1, "mdce_timefree_bpd": 3.4, "mdce_timefree_bpd_stderr": 0.1})
+    commit_fake_evaluation(masked, {"run_id": "masked", "group": "g", "label": "mdm", "created": "x",
+                                    "num_images": 2, "mdce_bpd": 3.5, "mdce_bpd_stderr": 0.1,
+                                    "mdce_timefree_bpd": 3.4, "mdce_timefree_bpd_stderr": 0.1})
     out = report.run(wb_cfg("run_id=rep"), tmp_path / "rep")
 
     # the gap figure's numbers give each table's continuous estimate (within its standard error)

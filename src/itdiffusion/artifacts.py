@@ -228,6 +228,9 @@ def commit_evaluation(run_dir: str | os.PathLike, per_image: PerImage, metrics: 
     ``metrics.json`` (with the format version and ``per_image_sha256``). Returns the metrics written."""
     run_dir = Path(run_dir)
     (run_dir / METRICS).unlink(missing_ok=True)  # from here until the end the run dir reads as incomplete
+    for name in (PER_IMAGE, METRICS):  # temporary files of a commit that was killed (io.atomic_write's names)
+        for stale in run_dir.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
     write_per_image(run_dir / PER_IMAGE, per_image)
     metrics = {
         "format": METRICS_FORMAT,

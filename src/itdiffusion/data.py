@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +31,8 @@ from torch.utils.data import Dataset
 
 from itdiffusion import cifar10_files
 from itdiffusion.errors import DatasetError
+
+log = logging.getLogger(__name__)
 
 SOURCES = ("cifar10", "image_folder", "npz", "patches")
 SPLITS = ("train", "test")
@@ -124,6 +127,10 @@ def load_images(data_cfg, split: str, limit: bool = True) -> Dataset:
         if count < 1:
             name = "data.num_images" if split == "test" else "data.num_train_images"
             raise DatasetError(f"{name} must be >= 1 (or null for all images), got {count}")
+        if count > len(dataset):
+            key = "data.num_images" if split == "test" else "data.num_train_images"
+            log.warning("%s=%d, but the %s split holds %d images: all %d are used", key, count, split,
+                        len(dataset), len(dataset))
         dataset = _first(dataset, count)
     return dataset
 

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from itdiffusion.artifacts import ENSEMBLE, IT_ESTIMATES, PerImage
+from itdiffusion import summary
+from itdiffusion.artifacts import ENSEMBLE, PerImage
 from itdiffusion.budget import estimate_with_choice, fit_decoder_choice
 from itdiffusion.data import to_model_range
 from itdiffusion.ensemble import REEVALUATE, proposal_of_run
@@ -47,7 +48,7 @@ from itdiffusion.members import Member, check_ensemble, member_configs
 from itdiffusion.models.families import family_of
 from itdiffusion.pixel_maps import pixel_maps
 from itdiffusion.seeding import Stream, stream_seeds
-from itdiffusion.units import PIXEL_BIN, XINTERVAL, mean_and_stderr, nats_to_bpd
+from itdiffusion.units import PIXEL_BIN, XINTERVAL, nats_to_bpd
 from itdiffusion.variational import VLB_ALL_STEPS, vlb_per_image, vlb_sampled
 
 log = logging.getLogger(__name__)
@@ -230,52 +231,24 @@ def summarize(
     members: Sequence[Member],
     reference: GaussianReference,
     proposal: LogSNRProposal,
-    est,
 ) -> dict:
-    """metrics.json's numbers: dataset means in bits/dim with their standard errors (over images, which
-    includes each image's Monte Carlo noise) and Monte Carlo standard errors; per member for ensembles."""
+    """metrics.json's numbers (:func:`itdiffusion.summary.summarize`, the function the report checks them
+    with), the reference's entropy, the log-SNR range and, for ensembles, each member's model and weights."""
     dim = reference.dim
     metrics: dict = {
-        "num_images": per_image.num_images,
-        "npoints": per_image.curves.num_points if per_image.curves is not None else None,  # all blocks
+        **summary.summarize(per_image, dim),
         "dim": dim,
         "gaussian_entropy_bpd": float(nats_to_bpd(float(reference.entropy), dim)),
         "logsnr_range": list(proposal.bounds),
         "logsnr_core_range": list(proposal.core_bounds),
         "logsnr_proposal": dataclasses.asdict(proposal),
     }
-    if per_image.curves is not None and per_image.curves.gaussian_nll is not None:  # closed form, per image
-        gaussian = nats_to_bpd(per_image.curves.gaussian_nll, dim)
-        metrics["gaussian_nll_bpd"], metrics["gaussian_nll_bpd_stderr"] = mean_and_stderr(gaussian)
-    per_member = [_group_metrics(per_image, f"m{j}", j, dim) for j in range(len(members))]
-    if len(members) == 1:
-        return {**metrics, **per_member[0]}
-    metrics["members"] = [
-        {"model": m.model_cfg.name, "checkpoint": m.checkpoint, "checkpoint_sha256": m.sha256, **values}
-        for m, values in zip(members, per_member, strict=True)
-    ]
-    ensemble = _group_metrics(per_image, ENSEMBLE, None, dim)
-    return {**metrics, **ensemble, "network_evals": sum(m["network_evals"] for m in per_member)}
-
-
-def _group_metrics(per_image: PerImage, group: str, member: int | None, dim: int) -> dict:
-    out: dict = {}
-    if group in per_image.groups and per_image.estimates:
-        values = per_image.group(group)
-        for name in (n for n in IT_ESTIMATES if f"{n}_nats" in values):
-            bpd = nats_to_bpd(values[f"{name}_nats"], dim)
-            out[f"{name}_bpd"], out[f"{name}_bpd_stderr"] = mean_and_stderr(bpd)
-            mc = nats_to_bpd(values[f"{name}_mc_stderr_nats"], dim)
-            out[f"{name}_bpd_mc_stderr"] = float(mc.square().sum().sqrt() / mc.numel())  # MC noise alone
-    if member is not None:
-        for key, rows in per_image.member_values.items():
-            if key == "network_evals":
-                out[key] = int(rows[member].sum().item())
-            elif key.endswith("_mc_stderr"):  # the Monte Carlo noise of the mean alone
-                out[key] = float(rows[member].square().sum().sqrt() / rows[member].numel())
-            else:
-                out[key], out[f"{key}_stderr"] = mean_and_stderr(rows[member])
-    return out
+    if len(members) > 1:
+        metrics["members"] = [
+            {"model": m.model_cfg.name, "checkpoint": m.checkpoint, "checkpoint_sha256": m.sha256, **values}
+            for m, values in zip(members, metrics["members"], strict=True)
+        ]
+    return metrics
 
 
 def check_estimates(

@@ -51,9 +51,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:  # a write: name the file
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
     _fsync_dir(path.parent)
     return path
@@ -80,10 +82,43 @@ def finite_json(obj: Any) -> Any:
     return obj
 
 
+def json_text(obj: Any) -> str:
+    """``obj`` as JSON text (strict: non-finite floats become null, see :func:`finite_json`)."""
+    return json.dumps(finite_json(obj), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n"
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as JSON (strict: non-finite floats become null, see :func:`finite_json`)."""
-    text = json.dumps(finite_json(obj), indent=2, sort_keys=True, default=str, allow_nan=False)
-    return atomic_write_text(path, text + "\n")
+    """Write ``obj`` as JSON (:func:`json_text`)."""
+    return atomic_write_text(path, json_text(obj))
+
+
+def atomic_write_many(texts: dict[Path, str]) -> None:
+    """Replace several files together: every text goes to a temporary file first (fsync'ed), and only when
+    all are written are they renamed over their targets. A failed write (a full disk) leaves every target
+    as it was and no temporary file behind."""
+    temps: list[tuple[str, Path]] = []
+    try:
+        for path, text in texts.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            temps.append((tmp, path))
+            os.fchmod(fd, 0o666 & ~_umask())
+            with os.fdopen(fd, "wb") as f:
+                f.write(text.encode("utf-8"))
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in temps:
+            os.replace(tmp, path)
+    except BaseException as e:
+        for tmp, _ in temps:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None and temps:
+            raise OSError(e.errno, e.strerror, str(temps[-1][1])) from e
+        raise
+    for folder in {path.parent for _, path in temps}:
+        _fsync_dir(folder)
 
 
 def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:

@@ -21,6 +21,9 @@ LN2 = math.log(2.0)
 PIXEL_BIN = 2.0 / 255.0
 XINTERVAL = (-1.0, 1.0)  # the model range of pixels: the lattice is -1 + PIXEL_BIN * k
 DEQUANT_OFFSET_BPD = math.log2(127.5)
+# A per-image estimate or a loss above this many bits/dim is absurd (8-bit images need at most 8): an
+# evaluation stops, a fine-tuning run counts as diverged.
+ABSURD_BPD = 1e3
 
 
 def nats_to_bpd(nats, dim: int):

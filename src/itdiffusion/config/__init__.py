@@ -16,9 +16,12 @@ from itdiffusion.config.rules import (
     VALUE_RULES,
     AllOrCount,
     Bounds,
+    Name,
     OneOf,
     Rule,
+    WholeNumber,
     check_values,
+    unknown_keys,
     value_problems,
 )
 from itdiffusion.config.schema import (
@@ -29,13 +32,14 @@ from itdiffusion.config.schema import (
     FinetuneConfig,
     LoggerConfig,
     PathsConfig,
+    ReportConfig,
     register_configs,
 )
 
 __all__ = [
-    "CONFIG_DIR", "DEPENDENT_KEYS", "DEVICES", "GROUPS", "STAGE_GROUPS", "VALUE_RULES", "AllOrCount",
-    "Bounds",
-    "Config", "DataConfig", "EstimatorConfig", "FinetuneConfig", "LoggerConfig", "Needs", "OneOf",
-    "PathsConfig", "Rule", "check_values", "dependency_problems", "override_keys", "register_configs",
-    "stage_config", "value_problems",
+    "AllOrCount", "Bounds", "CONFIG_DIR", "Config", "DEPENDENT_KEYS", "DEVICES", "DataConfig",
+    "EstimatorConfig", "FinetuneConfig", "GROUPS", "LoggerConfig", "Name", "Needs", "OneOf", "PathsConfig",
+    "ReportConfig", "Rule", "STAGE_GROUPS", "VALUE_RULES", "WholeNumber", "check_values",
+    "dependency_problems", "override_keys", "register_configs", "stage_config", "unknown_keys",
+    "value_problems",
 ]

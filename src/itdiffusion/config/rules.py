@@ -12,8 +12,11 @@ other tuples are the library's own (data.SOURCES, information.ROUNDING_MODES, ..
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
+
+from omegaconf import OmegaConf
 
 from itdiffusion.budget import BUDGETS
 from itdiffusion.data import SOURCES
@@ -94,6 +97,47 @@ class AllOrCount:
         return f"{key}={value!r} must be 'all' or a whole number >= {self.low}"
 
 
+@dataclass(frozen=True)
+class WholeNumber:
+    """A whole number in [``low``, ``high``], or one of ``also`` (e.g. -1 for "the default")."""
+
+    low: int
+    high: int | None = None
+    also: tuple[int, ...] = ()
+    multiple_of: int = 1
+    why: str = ""
+
+    def allows(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return False
+        if value in self.also:
+            return True
+        within = value >= self.low and (self.high is None or value <= self.high)
+        return within and value % self.multiple_of == 0
+
+    def problem(self, key: str, value: Any) -> str:
+        text = f"a whole number >= {self.low}" if self.high is None else f"a whole number in [{self.low}, " \
+            f"{self.high}]"
+        text += f" divisible by {self.multiple_of}" if self.multiple_of > 1 else ""
+        text += "".join(f" or {v}" for v in self.also)
+        return f"{key}={value!r} must be {text}" + (f" {self.why}" if self.why else "")
+
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+@dataclass(frozen=True)
+class Name:
+    """A folder name: one path component of letters, digits, ``.``, ``_``, ``-``, not starting with ``.``."""
+
+    def allows(self, value: Any) -> bool:
+        return isinstance(value, str) and NAME_PATTERN.fullmatch(value) is not None
+
+    def problem(self, key: str, value: Any) -> str:
+        return (f"{key}={value!r} must be a folder name: letters, digits, '.', '_', '-', not empty and not "
+                "starting with '.'")
+
+
 POSITIVE = Bounds(low=0, low_open=True)
 AT_LEAST_ONE = Bounds(low=1)
 AT_LEAST_ONE_OR_NULL = Bounds(low=1, nullable=True)
@@ -105,12 +149,20 @@ class Rule:
     """``key`` (dotted, from the config root) must satisfy ``check``; only when the key ``when`` is true."""
 
     key: str
-    check: OneOf | Bounds | AllOrCount
+    check: OneOf | Bounds | AllOrCount | WholeNumber | Name
     when: str | None = None
 
 
+SEED = WholeNumber(0, 2**32 - 1)  # numpy's and torch's seeds; the patches' crops scale it (data.py)
+
 VALUE_RULES: tuple[Rule, ...] = (
     Rule("device", OneOf(DEVICES)),
+    Rule("seed", SEED),
+    Rule("run_id", Name()),  # the run dir's name under <output_dir>/<stage>/
+    Rule("data.seed", SEED),
+    Rule("estimator.seed", SEED),
+    Rule("finetune.seed", SEED),
+    Rule("finetune.run_name", Name()),  # the folder under <checkpoint_dir>/finetune/
     Rule("data.name", OneOf(SOURCES)),
     Rule("data.image_size", AT_LEAST_ONE),
     Rule("data.num_images", AT_LEAST_ONE_OR_NULL),
@@ -122,6 +174,11 @@ VALUE_RULES: tuple[Rule, ...] = (
     Rule("model.noise_schedule", OneOf(SCHEDULES)),
     Rule("model.image_size", AT_LEAST_ONE),
     Rule("model.diffusion_steps", AT_LEAST_ONE),
+    # the U-Net's GroupNorm has 32 groups (improved-diffusion's normalization); heads: -1 = num_heads
+    Rule("model.num_channels", WholeNumber(32, multiple_of=32, why="(the U-Net normalizes in 32 groups)")),
+    Rule("model.num_res_blocks", WholeNumber(1)),
+    Rule("model.num_heads", WholeNumber(1)),
+    Rule("model.num_heads_upsample", WholeNumber(1, also=(-1,), why="(-1: num_heads)")),
     Rule("model.dropout", Bounds(low=0, high=1, high_open=True)),
     Rule("model.vocab_size", Bounds(low=2)),  # masked_pixels models only
     Rule("model.embed_dim", AT_LEAST_ONE),
@@ -196,13 +253,42 @@ def value_problems(cfg: Any, section: str | None = None, rules: tuple[Rule, ...]
         value = lookup(cfg, rule.key.removeprefix(prefix))
         if value is ABSENT or (rule.when and not lookup(cfg, rule.when.removeprefix(prefix))):
             continue
+        if isinstance(value, str) and value.startswith("${"):  # a dataclass's unresolved default (run_name)
+            continue
         if not rule.check.allows(value):
             problems.append(rule.check.problem(rule.key, value))
     return problems
 
 
+def unknown_keys(cfg: Any, prefix: str = "") -> list[str]:
+    """Keys of a composed config that its schema lacks: Hydra lets ``+key=value`` add them even to a
+    structured config (``+estimator.npoint=5``), where they would be silently ignored."""
+    import dataclasses
+
+    from omegaconf import DictConfig
+
+    if not isinstance(cfg, DictConfig):
+        return []
+    schema = OmegaConf.get_type(cfg)
+    fields = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    found = []
+    for key in cfg.keys():
+        if key == "hydra":
+            continue
+        if fields is not None and key not in fields:
+            found.append(f"{prefix}{key}")
+        elif OmegaConf.is_dict(cfg._get_node(key)):
+            found += unknown_keys(cfg._get_node(key), f"{prefix}{key}.")
+    return found
+
+
 def check_values(cfg: Any, section: str | None = None, rules: tuple[Rule, ...] = VALUE_RULES) -> None:
-    """:func:`value_problems` as one :class:`~itdiffusion.errors.UserError` (all problems, one line)."""
-    problems = value_problems(cfg, section, rules)
+    """:func:`value_problems` (and, for a whole config, :func:`unknown_keys`) as one
+    :class:`~itdiffusion.errors.UserError` (all problems, one line)."""
+    problems = [] if section is not None else [
+        f"{key} is not a key of the config (a typo? the schemas are in itdiffusion/config/schema.py and "
+        "itdiffusion/models/schemas.py)"
+        for key in unknown_keys(cfg)]
+    problems += value_problems(cfg, section, rules)
     if problems:
         raise UserError("; ".join(problems))

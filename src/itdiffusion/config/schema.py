@@ -146,6 +146,15 @@ class LoggerConfig:
 
 
 @dataclass
+class ReportConfig:
+    """The ``report`` stage (:mod:`itdiffusion.stages.report`)."""
+
+    # true: drop the rows of runs that no longer verify (metrics.json does not match per_image.npz, files
+    # missing) and exit 0; false: such rows leave the tables, stay marked in the store, and the report exits 2
+    allow_invalid: bool = False
+
+
+@dataclass
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     data: DataConfig = MISSING
@@ -153,6 +162,7 @@ class Config:
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     experiment: str = "default"
     run_id: str = "${itd_run_id:}"  # names the run dir; shared by all torchrun ranks (see default_run_id)
     label: str = "${model.name}"  # the row name in the results tables

@@ -21,6 +21,7 @@ from itdiffusion.models.weights import (
     file_sha256,
     load_checkpoint,
     load_state_checked,
+    refused_by_weights_only,
     strip_wrapper_prefixes,
 )
 
@@ -157,8 +158,18 @@ def _load_diffusers_dir(unet: nn.Module, folder: Path, cfg: dict[str, Any]) -> P
     try:
         loaded = UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False)
     except (OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"diffusers could not load {folder} ({type(e).__name__}: {e}); delete and "
-                              f"download it again") from e
+        chain, cause = [], e  # diffusers wraps torch's UnpicklingError in errors of its own
+        while cause is not None and len(chain) < 10:
+            chain.append(str(cause))
+            cause = cause.__cause__ or cause.__context__
+        refused = refused_by_weights_only(" ".join(chain), weights) if weights.suffix == ".bin" else None
+        if refused:  # a well-formed pickle asking for more than tensors: not a damaged download
+            raise CheckpointError(
+                f"{weights} asks to unpickle {refused}: refused as unsafe by the weights-only loader, so it "
+                "was not loaded and none of its code ran. Use weights from a trusted source (a .safetensors "
+                "file holds no code)") from e
+        raise CheckpointError(f"diffusers could not load {folder} ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())}); delete and download it again") from e
     load_state_checked(unet, loaded.state_dict(), folder, _architecture_hint)
     return weights
 

@@ -142,7 +142,7 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        refused = _refused_by_weights_only(str(e), path)
+        refused = refused_by_weights_only(str(e), path)
         if refused:  # a well-formed pickle asking for more than tensors
             raise CheckpointError(
                 f"{path} asks to unpickle {refused}, which torch.load(weights_only=True) refuses: it "
@@ -160,7 +160,7 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     return dict(obj)
 
 
-def _refused_by_weights_only(message: str, path: Path) -> str | None:
+def refused_by_weights_only(message: str, path: Path) -> str | None:
     """What torch's weights-only unpickler refused in a well-formed file (a global, or the instructions
     of a plain pickle), else None (damaged or random bytes).
 
@@ -238,9 +238,9 @@ def load_state_checked(model: nn.Module, state: Mapping[str, Tensor], source: st
 def _iddpm_suspects(model: nn.Module, state: Mapping[str, Tensor]) -> list[str]:
     suspects = suspect_flags(model, state)
     if suspects:
-        return ["Probably wrong flag(s):", *(f"  - {s}" for s in suspects)]
+        return [f"Probably wrong flag(s): {' | '.join(suspects)}."]
     return ["No flag could be read off the file's shapes (num_heads, dropout and the diffusion flags do not "
-            "show in the weights); compare the keys below."]
+            "show in the weights); compare the keys that follow."]
 
 
 def _mismatch_message(source: str | Path, explanation: list[str], expected: Mapping[str, Tensor],
@@ -255,7 +255,7 @@ def _mismatch_message(source: str | Path, explanation: list[str], expected: Mapp
         lines.append(f"Missing from the file ({len(missing)}): {', '.join(missing[:_SHOW_KEYS])}")
     if unexpected:
         lines.append(f"Unexpected in the file ({len(unexpected)}): {', '.join(unexpected[:_SHOW_KEYS])}")
-    return "\n".join(lines)
+    return " ".join(lines)  # one line, as every error a stage reports
 
 
 def _unet_structure(state: Mapping[str, Tensor]) -> dict[str, Any]:
@@ -327,5 +327,19 @@ def suspect_flags(model: nn.Module, state: Mapping[str, Tensor]) -> list[str]:
         "class_cond": model.num_classes is not None,
         "channel_mult": tuple(model.channel_mult),
     }
-    return [f"{flag}: the file has {describe(got[k])}, the config gives {describe(want[k])}"
-            for k, (flag, describe) in _FLAGS.items() if k in got and got[k] != want[k]]
+    differ = [k for k in _FLAGS if k in got and got[k] != want[k]]
+    out = []
+    if "attention_ds" in differ and _scaled(got["attention_ds"], want["attention_ds"]):
+        # the same attention_resolutions at another image_size (the widths do not show image_size): name both
+        factor = want["attention_ds"][0] / got["attention_ds"][0]
+        differ.remove("attention_ds")
+        out.append(f"image_size (or attention_resolutions): the file has {_fractions(got['attention_ds'])}, "
+                   f"the config gives {_fractions(want['attention_ds'])}: its image_size is {factor:g}x the "
+                   "file's, if attention_resolutions is the same")
+    return out + [f"{flag}: the file has {describe(got[k])}, the config gives {describe(want[k])}"
+                  for k, (flag, describe) in _FLAGS.items() if k in differ]
+
+
+def _scaled(got: tuple[int, ...], want: tuple[int, ...]) -> bool:
+    """Whether two attention depth sets differ by one factor (what another image_size does)."""
+    return bool(got) and len(got) == len(want) and len({w / g for g, w in zip(got, want, strict=True)}) == 1

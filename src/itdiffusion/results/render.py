@@ -11,6 +11,7 @@ from pathlib import Path
 from itdiffusion.results.tables import (
     CONTINUOUS_COLUMNS,
     DISCRETE_COLUMNS,
+    INVALID,
     MDCE_COLUMNS,
     MISSED_TARGET_MARK,
     PAPER,
@@ -124,6 +125,14 @@ def render_markdown(runs: Mapping[str, Mapping], figures: Mapping[str, list[str]
         )
         for fig in figures.get(group, []):
             lines += [f"![{Path(fig).stem}]({fig})", ""]
+    invalid = {run_id: run for run_id, run in runs.items() if run.get(INVALID)}
+    if invalid:
+        lines += ["## Left out: runs that no longer verify", "",
+                  "Their run dirs changed since they were evaluated (files edited, truncated, swapped or "
+                  "deleted); rerun them, or run the report with report.allow_invalid=true to drop them.", ""]
+        lines += _md_table("Runs left out", ["run id", "label", "why"],
+                           [[run_id, str(run.get("label") or "—"), str(run[INVALID])]
+                            for run_id, run in invalid.items()])
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -152,8 +161,13 @@ def render_csv(runs: Mapping[str, Mapping]) -> str:
 
 def _md_table(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
     out = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
+    out += ["| " + " | ".join(md_cell(c) for c in r) + " |" for r in rows]
     return out + [""]
+
+
+def md_cell(text: str) -> str:
+    """``text`` as one markdown table cell: ``|`` escaped, line breaks as spaces."""
+    return " ".join(str(text).replace("\\", "\\\\").replace("|", "\\|").splitlines())
 
 
 def _csv_scalar(value) -> str:

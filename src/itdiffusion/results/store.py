@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from itdiffusion.errors import UserError
-from itdiffusion.fsio import atomic_write_json, atomic_write_text, file_lock
+from itdiffusion.fsio import atomic_write_many, file_lock, json_text
 from itdiffusion.results.render import render_csv, render_markdown
 
 log = logging.getLogger(__name__)
@@ -57,9 +57,14 @@ def load_runs(results_dir: str | Path) -> dict[str, dict]:
 
 
 def record_runs(
-    results_dir: str | Path, runs: Iterable[Mapping], figures: Mapping[str, list[str]] | None = None
+    results_dir: str | Path,
+    runs: Iterable[Mapping],
+    figures: Mapping[str, list[str]] | None = None,
+    revise: Callable[[dict[str, dict]], dict[str, dict]] | None = None,
 ) -> dict:
-    """Merge ``runs`` (metrics dicts with a ``run_id``) into the store and rewrite json, csv and md."""
+    """Merge ``runs`` (metrics dicts with a ``run_id``) into the store and rewrite json, csv and md together
+    (:func:`itdiffusion.fsio.atomic_write_many`: all three or none). ``revise(stored) -> stored``: a change of
+    the stored rows made under the store's lock (the report's check of every row against its run dir)."""
     paths = results_paths(results_dir)
     with file_lock(paths["lock"]):
         stored = load_runs(results_dir)
@@ -68,13 +73,15 @@ def record_runs(
             if not metrics.get("run_id"):
                 raise ValueError("a results row needs a run_id")
             stored[str(metrics["run_id"])] = {k: v for k, v in metrics.items() if k != "config"}
-        atomic_write_json(
-            paths["json"],
-            {"format": FORMAT, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": stored,
-             "figures": stored_figures},
-        )
-        atomic_write_text(paths["csv"], render_csv(stored))
-        atomic_write_text(paths["md"], render_markdown(stored, stored_figures))
+        if revise is not None:
+            stored = revise(stored)
+        store = {"format": FORMAT, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": stored,
+                 "figures": stored_figures}
+        atomic_write_many({
+            paths["json"]: json_text(store),
+            paths["csv"]: render_csv(stored),
+            paths["md"]: render_markdown(stored, stored_figures),
+        })
     return stored
 
 

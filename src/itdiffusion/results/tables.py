@@ -54,6 +54,9 @@ PAPER = {
 }
 PAPER_ORDER = tuple(PAPER)
 
+# The key of a stored row whose run dir no longer verifies (the reason): such rows are left out of the tables.
+INVALID = "invalid"
+
 
 @dataclass(frozen=True)
 class Column:
@@ -160,10 +163,12 @@ def _ranges(bins: list[int]) -> str:
 
 
 def groups(runs: Mapping[str, Mapping]) -> list[tuple[str, list[dict]]]:
-    """Runs by reproduction group, newest group first; in a group: paper rows in paper order, then by time."""
+    """Runs by reproduction group, newest group first; in a group: paper rows in paper order, then by time.
+    Rows marked :data:`INVALID` are left out."""
     by_group: dict[str, list[dict]] = {}
     for run_id, run in runs.items():
-        by_group.setdefault(run.get("group") or "ungrouped", []).append({"run_id": run_id, **run})
+        if not run.get(INVALID):  # rows of runs that no longer verify are listed apart (render_markdown)
+            by_group.setdefault(run.get("group") or "ungrouped", []).append({"run_id": run_id, **run})
 
     def row_key(run):
         paper = run.get("paper_row")

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from itdiffusion import config, distributed, preemption, sweeps
@@ -34,6 +35,7 @@ from itdiffusion.config import (
     CONFIG_DIR,
     STAGE_GROUPS,
     VALUE_RULES,
+    Name,
     OneOf,
     Rule,
     check_values,
@@ -44,9 +46,16 @@ from itdiffusion.errors import Preempted, UserError
 from itdiffusion.extras import check_extras
 from itdiffusion.help import help_text
 from itdiffusion.models import families
+from itdiffusion.stages.output_dirs import (
+    ENVIRONMENT_ERRNOS,
+    check_output_dirs,
+    check_writable_dir,
+    environment_error,
+)
 from itdiffusion.weights_hint import missing_weights
 
 log = logging.getLogger("itdiffusion")
+
 
 __all__ = ["CONFIG_DIR", "launch", "prepare_process", "register_configs", "value_rules"]
 
@@ -98,8 +107,13 @@ def launch(stage: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> float |
         return launch_sweep_job(stage, cfg, run_dir, job)
     created = _created_by_this_process(run_dir)
     try:
-        check_launch(cfg, stage, list(hydra_cfg.overrides.task))
-        value = objective_value(cfg, stage(cfg, run_dir))
+        try:
+            check_launch(cfg, stage, list(hydra_cfg.overrides.task))
+            value = objective_value(cfg, stage(cfg, run_dir))
+        except OSError as e:
+            if e.errno not in ENVIRONMENT_ERRNOS:
+                raise
+            raise environment_error(e) from e
     except UserError as e:
         report_user_error(e)
         if created:
@@ -133,17 +147,29 @@ def objective_value(cfg: DictConfig, result: Any) -> float | None:
 def cli_entry(hydra_main: Callable[[], Any]) -> Callable[[], Any]:
     """A stage's console entry point: ``hydra_main`` (the ``@hydra.main`` function) after the command line's
     launcher and sweeper choices are checked for their extras (:func:`itdiffusion.extras.check_extras`:
-    one line and exit 2 instead of Hydra's "Could not load ...")."""
+    one line and exit 2 instead of Hydra's "Could not load ..."); a command line that Hydra cannot compose
+    into a config (a mistyped key, a value of the wrong type, an unknown config name) is one line and exit 2
+    too, before anything is created."""
 
     @functools.wraps(hydra_main)
     def main() -> Any:
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
         try:
             check_extras(sys.argv[1:])
         except UserError as e:
             report_user_error(e)
             sys.exit(2)
         prepare_process()
-        return hydra_main()
+        os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra re-raises instead of printing a report
+        try:
+            return hydra_main()
+        except (HydraException, OmegaConfBaseException) as e:
+            if _composed:
+                raise
+            report_user_error(UserError(_one_line(e)))  # a command line Hydra cannot compose: one line
+            sys.exit(2)
 
     return main
 
@@ -181,37 +207,60 @@ def report_user_error(error: UserError) -> None:
         logger = logger.parent if logger.propagate else None
 
 
-# Folders each stage writes into (besides its Hydra run dir), checked before it runs: (key, path).
-# The cache dir is left out for evaluate and finetune: they write there only when the reference is
-# missing, and a read-only cache that holds it is fine.
-STAGE_OUTPUT_DIRS: dict[str, Callable[[DictConfig], list[tuple[str, str]]]] = {
-    "stats": lambda cfg: [("paths.cache_dir", cfg.paths.cache_dir)],
-    "evaluate": lambda cfg: [("paths.results_dir", cfg.paths.results_dir)],
-    "finetune": lambda cfg: [
-        ("paths.checkpoint_dir", str(Path(cfg.paths.checkpoint_dir) / "finetune" / cfg.finetune.run_name))
-    ],
-    "report": lambda cfg: [("paths.results_dir", cfg.paths.results_dir)],
-}
+_composed = False  # Hydra composed the config: later errors are not the command line's (see cli)
 
 
-def check_output_dirs(cfg: DictConfig, stage_name: str) -> None:
-    """:func:`check_writable_dir` for each folder that the stage ``stage_name`` writes."""
-    for key, path in STAGE_OUTPUT_DIRS.get(stage_name, lambda _: [])(cfg):
-        check_writable_dir(path, key)
+def _one_line(error: BaseException) -> str:
+    """Hydra's message and its cause's first line, without Hydra's advice to append with ``+``."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("To append to your config use")]
+    cause = error.__cause__
+    if cause is not None and str(cause).strip():
+        first = str(cause).strip().splitlines()[0]
+        lines += [first] if first not in lines else []
+    return " ".join(lines)
 
 
-def check_writable_dir(path: str | Path, key: str) -> None:
-    """UserError unless ``path`` is a writable folder, or does not exist yet and can be created
-    (its nearest existing parent is a writable folder). Creates nothing."""
-    path = Path(path)
-    target = path
-    while not target.exists() and target != target.parent:
-        target = target.parent
-    where = f"{key}: {path}" + ("" if target == path else f" cannot be created: {target}")
-    if not target.is_dir():
-        raise UserError(f"{where} is not a directory")
-    if not os.access(target, os.W_OK | os.X_OK):
-        raise UserError(f"{where} is not writable")
+class LaunchCheck(Callback):
+    """Hydra callback: before Hydra creates the run dir, every value is checked
+    (:func:`itdiffusion.config.check_values`: run ids and folder names included, so no name leads outside
+    its folder) and so are the folders the stage writes, the run dir's among them (a file in the way, a
+    read-only or full disk). A problem is one line on stderr and exit status 2, with nothing created."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _composed
+        _composed = True  # each job checks its own values (launch_sweep_job)
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _composed
+        _composed = True
+        try:
+            check_before_run_dir(config)
+        except UserError as e:
+            report_user_error(e)
+            _log_in_earlier_run_dir(config, e)
+            sys.exit(2)
+
+
+def _log_in_earlier_run_dir(config: DictConfig, error: UserError) -> None:
+    """Append the error to the stage's log in the run dir when that dir exists already (an earlier run's), as
+    Hydra's logging would once the stage runs; a refused launch creates no dir."""
+    with contextlib.suppress(Exception):
+        run_dir = Path(str(config.hydra.run.dir))
+        if Name().allows(config.run_id) and run_dir.is_dir():  # never a folder a bad name points at
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            with open(run_dir / f"{config.hydra.job.name}.log", "a") as f:
+                f.write(f"[{stamp}][{log.name}][ERROR] - {error}\n")
+
+
+def check_before_run_dir(config: DictConfig) -> None:
+    """What :class:`LaunchCheck` checks of a config composed with its ``hydra`` node (UserError)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().set_config(config)  # ${hydra:job.name} in the run dir
+    check_values(config, rules=value_rules())
+    check_writable_dir(str(config.hydra.run.dir), "paths.output_dir (the run dir)")
+    check_output_dirs(config, str(config.hydra.job.name))
 
 
 HYDRA_SUBDIR = ".hydra"

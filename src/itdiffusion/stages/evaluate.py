@@ -91,11 +91,11 @@ def _evaluate(cfg: DictConfig, run_dir: Path, device: torch.device, tracker: Tra
         def running(parts):  # metrics.json's numbers on the images done so far (the same decoder choice)
             done = PerImage.cat(list(parts))
             done.pilot_curves = pilot
-            return summary(done)
+            return summary_of(done)
 
-        def summary(done: PerImage) -> dict:  # metrics.json's numbers on these images
+        def summary_of(done: PerImage) -> dict:  # metrics.json's numbers on these images
             estimated = evaluation.with_estimates(done, reference)
-            return evaluation.summarize(estimated, members, reference, proposal, est)
+            return evaluation.summarize(estimated, members, reference, proposal)
 
         def draw(first: dict, last: dict, partial=None):
             return evaluation_frame.evaluate_sharded(
@@ -122,19 +122,19 @@ def _evaluate(cfg: DictConfig, run_dir: Path, device: torch.device, tracker: Tra
         if per_image is not None:
             per_image.pilot_curves = pilot
         if budget is not None:  # the realized stderr against the target; more blocks where it misses
-            per_image = budget_pilot.top_up(per_image, budget, blocks, draw, summary)
+            per_image = budget_pilot.top_up(per_image, budget, blocks, draw, summary_of)
         sources = None
     if not distributed.is_main():
         distributed.barrier()
         return None
     per_image.pilot_curves = pilot
     per_image, found = evaluation.estimate_groups(per_image, reference)
-    evaluation_frame.check_finite(per_image, reference.dim)
+    evaluation_frame.check_finite(per_image, reference.dim, run_dir)
     maps = None
     if sources is None and len(members) == 1 and found:  # single models (an ensemble's maps: its members')
         maps = evaluation.add_pixel_maps(per_image, found[0], members[0], test, reference, est, device)
     metrics = {
-        **evaluation.summarize(per_image, members, reference, proposal, est),
+        **evaluation.summarize(per_image, members, reference, proposal),
         **budget_pilot.decoder_choice_metrics(per_image),
         **({"budget": budget} if budget else {}),
         **({"pixel_maps": maps} if maps else {}),
@@ -185,6 +185,7 @@ def _budget(cfg: DictConfig, members, test, reference, proposal, device):
         if key in budget["chosen"]:
             cfg.estimator[key] = budget["chosen"][key]
     return budget, cfg.estimator, pilot
+
 
 
 @cli_entry

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from itdiffusion import distributed, stage_tracking
+from itdiffusion import distributed, stage_tracking, summary
 from itdiffusion.artifacts import MASKED_ESTIMATES, PerImage
 from itdiffusion.data import load_images
 from itdiffusion.discrete import bottom_given_top_nll, corrupted_log_ratio, masked_pixel_metrics
@@ -30,7 +30,6 @@ from itdiffusion.seeding import Stream, stream_seeds
 from itdiffusion.stages import evaluation_frame, rank_zero_first, setup_device
 from itdiffusion.stages.partial import Partial
 from itdiffusion.tracking import Tracker
-from itdiffusion.units import mean_and_stderr
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict | None:
@@ -68,7 +67,7 @@ def _evaluate(cfg: DictConfig, run_dir: Path, device, tracker: Tracker, started:
     if not distributed.is_main():
         distributed.barrier()
         return None
-    evaluation_frame.check_finite(per_image, dim)
+    evaluation_frame.check_finite(per_image, dim, run_dir)
     metrics = summarize(per_image, est, dim)
     metrics.update(evaluation_frame.provenance(cfg, [member]), elapsed_s=round(time.time() - started, 2))
     metrics = evaluation_frame.finish(cfg, run_dir, per_image, metrics, MASKED_ESTIMATES, tracker)
@@ -77,18 +76,9 @@ def _evaluate(cfg: DictConfig, run_dir: Path, device, tracker: Tracker, started:
 
 
 def summarize(per_image: PerImage, est, dim: int) -> dict:
-    """metrics.json's numbers: the dataset mean of each I-MDCE estimate (bits/dim) with its standard error."""
-    metrics: dict = {
-        "num_images": per_image.num_images,
-        "num_masks": est.num_masks,
-        "npoints": None,
-        "dim": dim,
-    }
-    values = per_image.group("m0")
-    for key in MASKED_ESTIMATES:
-        metrics[key], metrics[f"{key}_stderr"] = mean_and_stderr(values[key])
-    metrics["network_evals"] = int(per_image.member_values["network_evals"].sum().item())
-    return metrics
+    """metrics.json's numbers (:func:`itdiffusion.summary.summarize`, the function the report checks them
+    with): the dataset mean of each I-MDCE estimate (bits/dim) with its standard error."""
+    return {**summary.summarize(per_image, dim), "num_masks": est.num_masks, "dim": dim}
 
 
 @torch.no_grad()

@@ -29,11 +29,10 @@ from itdiffusion.stages import config_dict, git_commit
 from itdiffusion.stages.partial import Partial, discard
 from itdiffusion.sweeps import job_group
 from itdiffusion.tracking import Tracker
+from itdiffusion.units import ABSURD_BPD
 
 log = logging.getLogger(__name__)
 
-# A per-image estimate above this many bits/dim is absurd (8-bit images need at most 8): it stops the run.
-ABSURD_BPD = 1e3
 
 
 def skip_done(cfg: DictConfig, run_dir: Path) -> bool:
@@ -170,6 +169,7 @@ def provenance(cfg: DictConfig, members: Sequence) -> dict:
         "checkpoint": members[0].checkpoint if one else [m.checkpoint for m in members],
         "checkpoint_sha256": members[0].sha256 if one else [m.sha256 for m in members],
         "git_commit": git_commit(),
+        "num_images_requested": cfg.data.num_images,  # num_images: those evaluated (fewer in a small set)
         "world_size": distributed.world_size(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": config_dict(cfg),
@@ -195,8 +195,9 @@ def _model_names(members: Sequence) -> str | list[str] | None:
     return None if not names else names[0] if len(set(names)) == 1 else names
 
 
-def check_finite(per_image: PerImage, dim: int) -> None:
-    """UserError naming the first image and estimate that is non-finite or absurd (> :data:`ABSURD_BPD`)."""
+def check_finite(per_image: PerImage, dim: int, run_dir: Path) -> None:
+    """UserError naming the first image and estimate that is non-finite or absurd (> :data:`ABSURD_BPD`);
+    the finished chunks of ``run_dir`` are then discarded (a rerun evaluates again, e.g. with new weights)."""
     named = {
         **{
             f"{g}.{k}": v
@@ -213,6 +214,7 @@ def check_finite(per_image: PerImage, dim: int) -> None:
         bpd = values / (dim * math.log(2)) if "_nats" in name else values
         bad = ~torch.isfinite(values) | (bpd.abs() > ABSURD_BPD)
         if bad.any():
+            discard(run_dir)
             b = int(bad.nonzero()[0])
             raise UserError(
                 f"evaluation stopped: {name} of test image {int(per_image.index[b])} is "

@@ -3,7 +3,11 @@
 ``python -m itdiffusion.stages.report``
 
 1. Every ``metrics.json`` under ``paths.output_dir`` is merged by run id into
-   ``<paths.results_dir>/results.{json,csv,md}`` (see :mod:`itdiffusion.results`).
+   ``<paths.results_dir>/results.{json,csv,md}`` (see :mod:`itdiffusion.results`), once its numbers are
+   recomputed from its ``per_image.npz`` (:mod:`itdiffusion.summary`). A stored row whose run dir no longer
+   verifies (edited, truncated, swapped or deleted files) leaves the tables (results.md lists it apart with
+   the reason) and the report ends with exit status 2 naming it, unless ``report.allow_invalid=true``
+   (such rows are then dropped from the store).
 2. Figures in ``<paths.results_dir>/figures/``, per reproduction group, from each run's
    ``per_image.npz`` (:mod:`itdiffusion.figures`: made from what the estimator integrates): the paper's
    MMSE figure (``<group>_mmse.png``), the MMSE gap the continuous estimate integrates
@@ -39,25 +43,12 @@ from itdiffusion.results.tables import (
     numeric_table,
     row_labels,
 )
+from itdiffusion.results.verify import RowCheck
 from itdiffusion.stage_tracking import EVALUATION_ARTIFACT_TYPE, TRACKING_ID
 from itdiffusion.stages import CONFIG_DIR, cli_entry, config_dict, launch
 from itdiffusion.tracking import Tracker, run_tags
 
 log = logging.getLogger(__name__)
-
-def find_metrics(root: str | Path) -> list[dict]:
-    """The metrics of every complete evaluation below ``root`` that belongs in the tables (not run with
-    ``results=false``; incomplete or unreadable ones, or those of another format version: a warning each)."""
-    found = []
-    for path in sorted(Path(root).rglob(artifacts.METRICS)):
-        try:
-            metrics, _ = artifacts.read_evaluation(path.parent)
-        except artifacts.ArtifactError as e:
-            log.warning("skipping %s", e)
-            continue
-        if metrics.get("run_id") and metrics.get("results", True):
-            found.append({**metrics, "metrics_path": str(path)})
-    return found
 
 
 def find_loss_curves(*roots: str | Path) -> list[tuple[str, list[dict], str | None]]:
@@ -254,12 +245,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if not distributed.is_main():
         return {}
     results_dir = Path(cfg.paths.results_dir)
-    found = find_metrics(cfg.paths.output_dir)
-    if not found and not load_runs(results_dir):
+    if not any(Path(cfg.paths.output_dir).rglob(artifacts.METRICS)) and not load_runs(results_dir):
         raise UserError(
             f"no metrics.json under {Path(cfg.paths.output_dir).resolve()}: run the evaluate stage first"
         )
-    runs = record_runs(results_dir, found)
+    row_check = RowCheck(cfg.paths.output_dir, cfg.report.allow_invalid)
+    runs = record_runs(results_dir, [], revise=row_check)
+    found = row_check.found
     figure_paths: dict[str, dict[str, Path]] = {}
     checks: dict = {}
     figure_dir = results_dir / "figures"
@@ -286,6 +278,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             tracker.log_table("figure_checks", ["run_id", *columns],
                               [[k, *(v[c] for c in columns)] for k, v in checks.items()])
     log.info("wrote %s (%d runs)", paths["md"], len(runs))
+    problem = row_check.problem()
+    if problem is not None:
+        raise UserError(problem)
     return {
         "runs": len(runs),
         "figures": listed,

@@ -22,6 +22,7 @@ from itdiffusion.models.weights import first_nonfinite
 from itdiffusion.seeding import Stream, stream_seed
 from itdiffusion.training.errors import FinetuneError
 from itdiffusion.trajectory import RESUME_INVARIANT, differences
+from itdiffusion.units import ABSURD_BPD
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,24 @@ class Saving:
         self._saved_at_step = self.progress.step
         distributed.barrier()
 
+    def _check_converged(self) -> None:
+        """FinetuneError (nothing exported) when the run diverged: the final held-out loss is non-finite or
+        absurd (> :data:`~itdiffusion.units.ABSURD_BPD`), or every step was skipped as non-finite (the weights
+        were never updated)."""
+        p, last = self.progress, (self.curve[-1] if self.curve else {})
+        bpd = last.get("heldout_loss_bpd")
+        if last.get("heldout_loss_nonfinite") or (bpd is not None and bpd > ABSURD_BPD):
+            value = "not finite" if bpd is None else f"{bpd:.3g} bits/dim"
+            raise FinetuneError(
+                f"the held-out loss of the trained weights is {value} (step {last.get('step')}): the run "
+                f"diverged ({p.skipped_steps} step(s) skipped); nothing was exported to {self.run_dir}. "
+                "Lower finetune.lr (or set finetune.grad_clip), then start a new run (another run name)")
+        if p.step > 0 and p.skipped_steps >= p.step:
+            raise FinetuneError(
+                f"all {p.step} steps were skipped (non-finite loss or gradient): the weights were never "
+                f"updated; nothing was exported to {self.run_dir}. Lower finetune.lr and start a new run "
+                "(another finetune.run_name)")
+
     def _export(self) -> FinetuneResult:
         """Write the final weights as plain state_dicts (rank 0) and summarize the run."""
         model_path = self.run_dir / ckpt.EXPORTED_MODEL
@@ -163,6 +182,7 @@ class Saving:
             if bad is not None:
                 raise FinetuneError(f"the trained {what} are non-finite ({bad}); nothing was exported to "
                                     f"{self.run_dir}. Lower finetune.lr, or start a new run.")
+        self._check_converged()
         if distributed.is_main():
             ckpt.export_state_dict(model_path, self.model.state_dict())
             if self.ema is not None:
