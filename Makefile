@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: setup test test-slow test-package lint smoke smoke-ddpm reproduce bench clean
+.PHONY: setup test test-slow test-slurm test-package lint smoke smoke-ddpm reproduce bench clean
 
 setup: $(STAMP)
 
@@ -18,10 +18,17 @@ $(STAMP): pyproject.toml
 
 # Two workers (pytest-xdist; tests use their own tmp folders and free ports): PYTEST_ARGS="-n 0" for one process.
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" -n 2 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow and not slurm" -n 2 $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "slow and not slurm" $(PYTEST_ARGS)
+
+# On a local single-node SLURM that scripts/local_slurm.sh installs (apt: slurm-wlm, munge) and starts (root):
+# the sbatch template, its time-limit requeue and resubmission, srun -n2 and submitit sweeps (about half an
+# hour on 2 cores). `bash scripts/local_slurm.sh down` stops the daemons afterwards.
+test-slurm: $(STAMP)
+	bash scripts/local_slurm.sh up
+	$(PY) -m pytest -q -s -m slurm tests/test_slurm_cluster.py $(PYTEST_ARGS)
 
 # A wheel of this tree installed (non-editable) into a temporary venv runs a stage from another folder.
 test-package: $(STAMP)

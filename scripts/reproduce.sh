@@ -26,7 +26,8 @@
 # <paths.output_dir>/<stage>/<REPRO_ID>-<step> (fine-tuned weights in
 # <paths.checkpoint_dir>/finetune/<REPRO_ID>-<base|tune>/). A stage whose outputs exist is skipped:
 # rerunning the same command resumes where it stopped (fine-tuning resumes from its last checkpoint).
-# REPRO_ID defaults to <experiment>-<hash of the overrides>; all its runs share that wandb group.
+# REPRO_ID defaults to <experiment>-<hash of the overrides> (<experiment>-<REPRO_TAG>-<hash> with REPRO_TAG,
+# e.g. slurm under scripts/slurm.sbatch); all its runs share that wandb group.
 #
 # Sweeps: `-m a=1,2 b=x,y` runs the whole chain once per combination (each its own REPRO_ID), goes on
 # after a failed one, and exits 1 unless all succeeded.
@@ -107,7 +108,7 @@ settings_id=()
 for setting in MODELS MASKED PUBLISHED; do
   if [[ " $DEFAULTS " != *" $setting=${!setting} "* ]]; then settings_id+=("$setting=${!setting}"); fi
 done
-REPRO_ID="${REPRO_ID:-$experiment-$(printf '%s\n' "$@" "${settings_id[@]}" | sha1sum | cut -c1-8)}"
+REPRO_ID="${REPRO_ID:-$experiment-${REPRO_TAG:+$REPRO_TAG-}$(printf '%s\n' "$@" "${settings_id[@]}" | sha1sum | cut -c1-8)}"
 
 if [[ "$experiment" == smoke ]]; then
   NPROC=1

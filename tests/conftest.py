@@ -18,6 +18,17 @@ register_configs()  # what each stage's main does before Hydra composes (tests c
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slurm`` need a running SLURM: they run only when selected (``-m slurm``,
+    ``make test-slurm``), never in a plain ``pytest`` or ``make test``."""
+    if "slurm" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="needs a SLURM cluster: make test-slurm (scripts/local_slurm.sh up)")
+    for item in items:
+        if item.get_closest_marker("slurm") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """The suite's tensors and convolutions are small: one thread is fastest on the 2-core CI machine

@@ -206,6 +206,8 @@ def register_configs(model_schemas: Mapping[str, type] | None = None) -> None:
         OmegaConf.register_new_resolver("itd_run_id", run_ids.default_run_id)
     if not OmegaConf.has_resolver("itd_settings_hash"):
         OmegaConf.register_new_resolver("itd_settings_hash", trajectory.settings_hash_resolver)
+    if not OmegaConf.has_resolver("itd_tasks_per_node"):  # conf/hydra/launcher/slurm.yaml
+        OmegaConf.register_new_resolver("itd_tasks_per_node", lambda gpus: max(1, int(gpus or 0)))
     if not OmegaConf.has_resolver("itd_sweep_id"):
         OmegaConf.register_new_resolver("itd_sweep_id", run_ids.sweep_id)
     cs = ConfigStore.instance()

@@ -6,13 +6,14 @@ maps ``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS`` (or ``SLURM_NTASKS``) and ``SLUR
 ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``, and ``MASTER_ADDR`` (if not given) to the first host of
 ``SLURM_NODELIST`` (``MASTER_PORT``: given, else derived from ``SLURM_JOB_ID``). Without either (no
 ``WORLD_SIZE``) everything runs as a single process of rank 0. Backend: NCCL on CUDA, gloo on CPU.
-Only rank 0 writes files and logs (:func:`is_main`).
+Only rank 0 writes files and logs (:func:`is_main`, :func:`quiet_unless_main`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
 import re
 import shutil
@@ -35,7 +36,10 @@ def world_size() -> int:
 
 
 def is_main() -> bool:
-    return rank() == 0
+    """Rank 0 of the process group; before (or without) one, the launcher's rank (torchrun's ``RANK``, or
+    ``SLURM_PROCID`` through :func:`adopt_slurm_env`), so that a one-process stage started on every task
+    of an ``srun`` step (the report on every node) writes and logs once."""
+    return rank() == 0 if is_distributed() else int(os.environ.get("RANK", "0")) == 0
 
 
 def launched_by_torchrun() -> bool:
@@ -89,6 +93,13 @@ def adopt_slurm_env(env: dict | None = None) -> None:
     env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=str(ntasks), LOCAL_RANK=env.get("SLURM_LOCALID", "0"),
                MASTER_ADDR=master,
                MASTER_PORT=env.get("MASTER_PORT") or str(15000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+
+
+def quiet_unless_main() -> None:
+    """On every rank but the launcher's rank 0, show warnings and errors only (no info lines, no
+    progress): one log per job however many tasks run the stage."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        logging.disable(logging.INFO)
 
 
 def resolve_device(requested: str = "auto") -> torch.device:

@@ -19,10 +19,11 @@ consumed, the step counter, skip counter, the partial epoch loss and the loss cu
 order of an epoch is a pure function of (seed, epoch) (``DistributedSampler``), so restarting the
 same command continues mid-epoch with the same batches, bit for bit on CPU.
 
-Faults. SIGTERM (SLURM pre-emption) makes every process finish its current step, save, and raise
-:class:`Preempted`. A non-finite loss or gradient norm raises :class:`NonFiniteError` naming the
-step, before anything is written, so the last good checkpoint stays the newest; with
-``skip_nonfinite`` the step is skipped instead (no update) and counted.
+Faults. SIGTERM (SLURM pre-emption) or, under submitit, its signal (:mod:`itdiffusion.preemption`) makes
+every process finish its current step, save, and raise :class:`Preempted`. A non-finite loss or
+gradient norm raises :class:`NonFiniteError` naming the step, before anything is written, so the last
+good checkpoint stays the newest; with ``skip_nonfinite`` the step is skipped instead (no update) and
+counted.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
-from itdiffusion import distributed, errors
+from itdiffusion import distributed, errors, preemption
 from itdiffusion import training_state as ckpt
 from itdiffusion.artifacts import LOSS_CURVE, write_loss_curve
 from itdiffusion.config import FinetuneConfig, value_problems
@@ -79,10 +80,11 @@ class NonFiniteError(FinetuneError):
 
 
 class Preempted(errors.Preempted):
-    """SIGTERM arrived; a checkpoint at ``step`` was saved. Rerun the same command to resume."""
+    """A stop signal arrived; a checkpoint at ``step`` was saved. Rerun the same command to resume."""
 
-    def __init__(self, step: int, path: Path):
-        super().__init__(f"SIGTERM received: saved step {step} to {path}; rerun the same command to resume")
+    def __init__(self, step: int, path: Path, signal_name: str = "SIGTERM"):
+        super().__init__(f"{signal_name} received: saved step {step} to {path}; rerun the same command to "
+                         "resume")
         self.step = step
         self.path = path
 
@@ -296,7 +298,7 @@ class Trainer:
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay is not None else None
         self.progress = Progress()
         self.curve: list[dict[str, Any]] = []
-        self._term_requested = False
+        self._stop = preemption.StopRequest()
         self._saved_at_step = -1
         self._start_step = 0  # the step this process started (or resumed) at
         self._window_sum, self._window_count = 0.0, 0  # train loss since the last log line
@@ -307,7 +309,7 @@ class Trainer:
         """Train to ``total_steps`` (resuming from ``run_dir`` if it holds a checkpoint); export weights."""
         with contextlib.ExitStack() as stack:
             self._start(stack)
-            stack.enter_context(self._sigterm_flag())
+            self._stop = stack.enter_context(preemption.stop_requested())
             net = self._wrap()
             bar = tqdm(total=self.total_steps, initial=self.progress.step, desc="finetune", unit="step",
                        disable=not distributed.is_main(), dynamic_ncols=True, mininterval=1.0)
@@ -399,17 +401,6 @@ class Trainer:
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(self.model, device_ids=device_ids)
 
-    @contextlib.contextmanager
-    def _sigterm_flag(self) -> Iterator[None]:
-        def request_stop(_signum: int, _frame: Any) -> None:
-            self._term_requested = True
-
-        previous = signal.signal(signal.SIGTERM, request_stop)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-
     # ------------------------------------------------------------------ training
     def _run_epoch(self, net: nn.Module, bar: tqdm) -> None:
         p = self.progress
@@ -427,7 +418,7 @@ class Trainer:
             if stop_requested:
                 if self._saved_at_step != p.step:
                     self._save()
-                raise Preempted(p.step, self.run_dir / ckpt.LAST)
+                raise Preempted(p.step, self.run_dir / ckpt.LAST, self._stop.name)
             if epoch_done or p.step == self.total_steps:
                 return
 
@@ -447,7 +438,7 @@ class Trainer:
         grad_norm = self._clip_grad_norm()
 
         # one collective per step: loss sum, image count, non-finite flag, stop request
-        stats = torch.tensor([0.0, len(losses), 0.0, float(self._term_requested)], dtype=torch.float64,
+        stats = torch.tensor([0.0, len(losses), 0.0, float(bool(self._stop))], dtype=torch.float64,
                              device=loss.device)
         stats[0] = losses.detach().double().sum()
         stats[2] = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).double()

@@ -31,7 +31,7 @@ import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from itdiffusion import config, distributed, sweeps
+from itdiffusion import config, distributed, preemption, sweeps
 from itdiffusion.config import (
     CONFIG_DIR,
     STAGE_GROUPS,
@@ -95,6 +95,7 @@ def launch(stage: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> float |
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    distributed.quiet_unless_main()
     job = sweeps.current_job()
     if job is not None:
         return launch_sweep_job(stage, cfg, run_dir, job)
@@ -113,10 +114,10 @@ def launch(stage: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> float |
             remove_unused_run_dir(run_dir, hydra_cfg.job.name, cfg.paths.output_dir)
         distributed.shutdown()
         sys.exit(2)
-    except Preempted as e:  # SIGTERM: what was done is saved, the same command resumes
+    except Preempted as e:  # a stop signal: what was done is saved, the same command resumes
         log.warning("%s", e)
         distributed.shutdown()
-        sys.exit(Preempted.EXIT_STATUS)
+        preemption.exit_preempted()
     distributed.shutdown()
     return value
 
@@ -369,8 +370,10 @@ def launch_sweep_job(stage: Callable[[DictConfig, Path], Any], cfg: DictConfig, 
     try:
         check_launch(cfg, stage, list(HydraConfig.get().overrides.task))
         value = objective_value(cfg, stage(cfg, run_dir))
-    except Preempted:
-        raise  # SIGTERM: the whole sweep is being stopped
+    except Preempted as e:  # a stop signal: no job status, no result; SLURM or submitit requeues the job
+        log.warning("sweep job #%d (%s): %s", job[0], " ".join(job[1]), e)
+        distributed.shutdown()
+        preemption.exit_preempted()
     except Exception as e:
         if isinstance(e, UserError):
             log.error("sweep job #%d (%s) failed: %s", job[0], " ".join(job[1]), e)

@@ -23,9 +23,10 @@ from tqdm import tqdm
 from itdiffusion import artifacts, distributed, stage_tracking
 from itdiffusion.artifacts import PerImage
 from itdiffusion.errors import Preempted, UserError
+from itdiffusion.preemption import StopRequest, stop_requested
 from itdiffusion.results import ResultsStoreError, record_run
 from itdiffusion.stages import config_dict, git_commit
-from itdiffusion.stages.partial import Partial, discard, sigterm_flag
+from itdiffusion.stages.partial import Partial, discard
 from itdiffusion.sweeps import job_group
 from itdiffusion.tracking import Tracker
 from itdiffusion.units import ABSURD_BPD
@@ -84,9 +85,9 @@ def evaluate_sharded(
 ) -> PerImage | None:
     """``fn(indices, uint8 images)`` on chunks of ``chunk`` images of ``dataset`` (global chunks dealt to
     the ranks in turn); the rows of every rank, in image order, on rank 0 (None on the other ranks). With
-    ``partial``, finished chunks are kept and a rerun reuses them; SIGTERM keeps the chunk in progress and
-    raises :class:`~itdiffusion.errors.Preempted` (:mod:`itdiffusion.stages.partial`). ``on_chunk`` (rank 0,
-    after each chunk): called with rank 0's parts so far (the live view,
+    ``partial``, finished chunks are kept and a rerun reuses them; SIGTERM (or submitit's signal) keeps the
+    chunk in progress and raises :class:`~itdiffusion.errors.Preempted` (:mod:`itdiffusion.preemption`).
+    ``on_chunk`` (rank 0, after each chunk): called with rank 0's parts so far (the live view,
     :class:`itdiffusion.stage_tracking.RunningLog`)."""
     starts = _rank_starts(len(dataset), chunk)
     if partial is not None:
@@ -100,7 +101,7 @@ def evaluate_sharded(
             disable=not distributed.is_main(),
             dynamic_ncols=True,
         ) as bar,
-        sigterm_flag() if partial is not None else contextlib.nullcontext([False]) as stop_requested,
+        stop_requested() if partial is not None else contextlib.nullcontext(StopRequest()) as stop_request,
     ):
         for k, start in enumerate(starts):
             stop = min(start + chunk, len(dataset))
@@ -114,9 +115,9 @@ def evaluate_sharded(
             bar.update((stop - start) * distributed.world_size())
             if on_chunk is not None and distributed.is_main():
                 on_chunk(parts)
-            if stop_requested[0] and k + 1 < len(starts):
+            if stop_request and k + 1 < len(starts):
                 raise Preempted(
-                    f"SIGTERM: {k + 1} of this rank's {len(starts)} chunks are kept in "
+                    f"{stop_request.name}: {k + 1} of this rank's {len(starts)} chunks are kept in "
                     f"{partial.folder}; rerun the same command to resume"
                 )
     gathered = distributed.gather_to_main(parts)

@@ -7,19 +7,15 @@ estimator, checkpoints' sha256, log-SNR proposal, the U-Net's fast path). A reru
 the chunks it finds and evaluates the rest; the result is identical to an uninterrupted run, since every
 image's draws come from its own seeds. Chunks are global (``range(0, N, chunk)``, dealt to ranks in turn),
 so a rerun with another number of processes reuses them too. Partial files of other settings are deleted
-with a warning. SIGTERM finishes and keeps the chunk in progress, then stops the stage with exit 143
-(:class:`~itdiffusion.errors.Preempted`).
+with a warning. SIGTERM (or submitit's signal) finishes and keeps the chunk in progress, then stops the
+stage (:class:`~itdiffusion.errors.Preempted`, :mod:`itdiffusion.preemption`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import shutil
-import signal
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 from itdiffusion import distributed
@@ -79,21 +75,3 @@ class Partial:
 def discard(run_dir: Path) -> None:
     """Remove the finished chunks of a run dir once its ``per_image.npz`` holds them (or they are stale)."""
     shutil.rmtree(Path(run_dir) / PARTIAL, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def sigterm_flag() -> Iterator[list[bool]]:
-    """A one-element list that turns ``[True]`` when SIGTERM arrives (handled only in the main thread)."""
-    flag = [False]
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def request_stop(_signum, _frame) -> None:
-        flag[0] = True
-
-    previous = signal.signal(signal.SIGTERM, request_stop)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -30,7 +30,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from itdiffusion import artifacts, figures, run_figures, summary
+from itdiffusion import artifacts, distributed, figures, run_figures, summary
 from itdiffusion.artifacts import PerImage
 from itdiffusion.config import stage_config
 from itdiffusion.errors import UserError
@@ -334,7 +334,10 @@ CAPTIONS = {
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Merge all metrics, draw the figures, write results.{json,csv,md} and log them to wandb."""
+    """Merge all metrics, draw the figures, write results.{json,csv,md} and log them to wandb (on the
+    launcher's rank 0 only: started on every task of an ``srun`` step, the others do nothing)."""
+    if not distributed.is_main():
+        return {}
     results_dir = Path(cfg.paths.results_dir)
     if not any(Path(cfg.paths.output_dir).rglob(artifacts.METRICS)) and not load_runs(results_dir):
         raise UserError(
