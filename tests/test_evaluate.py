@@ -166,7 +166,7 @@ def test_a_rerun_gives_identical_per_image_numbers(tiny_cfg, tiny_checkpoints, t
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-def test_the_absurd_value_check_reads_bits_per_dim_not_counts():
+def test_the_absurd_value_check_reads_bits_per_dim_not_counts(tmp_path):
     """The paper's protocol evaluates a network 2 npoints + 4000 times per image: a count far above the
     bits/dim bound is no reason to stop; an estimate beyond it is."""
     from itdiffusion.artifacts import PerImage
@@ -175,7 +175,7 @@ def test_the_absurd_value_check_reads_bits_per_dim_not_counts():
     per_image = PerImage(index=torch.arange(2), groups=["m0"])
     per_image.member_values["network_evals"] = torch.tensor([[6000.0, 6000.0]], dtype=torch.float64)
     per_image.member_values["vlb_bpd"] = torch.tensor([[3.0, 3.1]], dtype=torch.float64)
-    check_finite(per_image, dim=3072)
+    check_finite(per_image, dim=3072, run_dir=tmp_path)
     per_image.member_values["vlb_bpd"][0, 1] = 2 * ABSURD_BPD
     with pytest.raises(UserError, match="m0.vlb_bpd of test image 1"):
-        check_finite(per_image, dim=3072)
+        check_finite(per_image, dim=3072, run_dir=tmp_path)

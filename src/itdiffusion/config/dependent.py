@@ -81,12 +81,12 @@ def override_keys(overrides: list[str]) -> set[str]:
 # The config groups each stage reads: its wandb config carries these (and the top-level keys) only, and
 # only their keys are checked against DEPENDENT_KEYS (scripts/reproduce.sh hands its overrides to every
 # stage).
-GROUPS = ("paths", "data", "model", "estimator", "finetune", "logger")
+GROUPS = ("paths", "data", "model", "estimator", "finetune", "logger", "report")
 STAGE_GROUPS: dict[str, tuple[str, ...]] = {
     "stats": ("paths", "data", "logger"),
     "evaluate": ("paths", "data", "model", "estimator", "logger"),
     "finetune": ("paths", "data", "model", "finetune", "logger"),
-    "report": ("paths", "logger"),
+    "report": ("paths", "logger", "report"),
 }
 
 
