@@ -69,6 +69,7 @@ def test_a_malicious_file_is_reported_as_such_not_as_truncated(tmp_path, writer)
 def test_finetune_from_nonfinite_weights_is_a_user_error(tmp_path):
     from hydra import compose, initialize_config_dir
 
+    from itdiffusion.models.families import family_of
     from itdiffusion.stages import CONFIG_DIR
     from itdiffusion.stages.finetune import load_initial_weights
 
@@ -79,7 +80,7 @@ def test_finetune_from_nonfinite_weights_is_a_user_error(tmp_path):
         cfg = compose(config_name="config",
                       overrides=["model=iddpm_tiny", f"finetune.init={tmp_path / 'nan.pt'}"])
     with pytest.raises(UserError, match="holds non-finite weights"):
-        load_initial_weights(cfg, model)
+        load_initial_weights(cfg, family_of(cfg.model), model)
 
 
 def test_results_store_whose_runs_is_a_list_is_a_clear_error(tmp_path):
