@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import TINY
-from itdiffusion import artifacts
+from itdiffusion import artifacts, evaluation
 from itdiffusion.errors import UserError
 from itdiffusion.results import load_runs
 from itdiffusion.stages import evaluate, evaluation_frame
@@ -83,14 +83,14 @@ def test_a_rerun_removes_the_temporary_files_of_a_killed_commit(cfg_for, tmp_pat
 
 
 def test_a_nonfinite_estimate_stops_the_run_and_leaves_no_chunks(cfg_for, tmp_path, monkeypatch):
-    real = evaluate.estimate_groups
+    real = evaluation.estimate_groups
 
     def with_a_nan(per_image, *args, **kwargs):
         out, found = real(per_image, *args, **kwargs)
         out.estimates["it_continuous_nats"][0, 1] = float("nan")
         return out, found
 
-    monkeypatch.setattr(evaluate, "estimate_groups", with_a_nan)
+    monkeypatch.setattr(evaluation, "estimate_groups", with_a_nan)
     run_dir = tmp_path / "run"
     with pytest.raises(UserError, match=r"evaluation stopped: m0.it_continuous_nats of test image 1 is nan"):
         evaluate.run(cfg_for(), run_dir)

@@ -258,15 +258,16 @@ def check_estimates(
     proposal: LogSNRProposal,
     est,
     device: torch.device,
+    pilot: Curves | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-image bits/dim of every reported estimate on the first ``estimator.precision_check_images``
-    test images, from the same seeds at every call (the paired check of :mod:`~itdiffusion.stages.precision`).
+    test images, from the same seeds at every call (the paired check of :mod:`~itdiffusion.stages.precision`),
+    with the run's decoder choice (fitted on the ``pilot`` curves; cross-fitted without them).
     Keys as in metrics.json (``it_continuous_bpd``, ``vlb_bpd``, ...); ensembles: ``<group>_<key>``."""
     idx = list(range(min(est.precision_check_images, len(test))))
-    per_image = with_estimates(
-        sample(members, torch.stack([test[i][0] for i in idx]), idx, reference, proposal, est, device),
-        reference,
-    )
+    per_image = sample(members, torch.stack([test[i][0] for i in idx]), idx, reference, proposal, est, device)
+    per_image.pilot_curves = pilot
+    per_image = with_estimates(per_image, reference)
     single = len(members) == 1
     out = {}
     for row, group in enumerate(per_image.groups):

@@ -83,7 +83,7 @@ def _evaluate(cfg: DictConfig, run_dir: Path, device: torch.device, tracker: Tra
         budget, est, pilot = _budget(cfg, members, test, reference, proposal, device)
         members, precision = select_fast_path(  # fp32 eager unless a fast path keeps the numbers
             members, est, device,
-            lambda ms: evaluation.check_estimates(ms, test, reference, proposal, est, device),
+            lambda ms: evaluation.check_estimates(ms, test, reference, proposal, est, device, pilot),
         )
         chunk = max(1, est.batch_size // est.npoints) if est.it else max(1, est.batch_size)
         blocks = budget_pilot.blocks_of(budget)
