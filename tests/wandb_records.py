@@ -36,6 +36,8 @@ def records(path: str | Path) -> list[pb.Record]:
         if kind == 0 and length == 0:  # padding up to the block end
             pos += room
             continue
+        if pos + HEADER + length > len(data):  # a record still being written (or cut by a kill): the end
+            break
         chunk = data[pos + HEADER:pos + HEADER + length]
         pos += HEADER + length
         parts.append(chunk)
