@@ -25,14 +25,15 @@ SMOKE_UNET = "/work/baseline/checkpoints/finetune/smoke-*-base/model.pt"  # make
 
 
 def _cfg(root: Path, cache: Path, experiment: str, *overrides: str):
-    """``experiment=paper`` / ``paper_full`` at a small size on the smoke chain's data and tiny U-Net."""
+    """``experiment=paper`` / ``paper_full`` at a small size on the smoke chain's data and tiny U-Net, without
+    pixel maps (most of these runs' cost; their sums under both budgets: test_pixel_maps.py)."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose("config", overrides=[
             f"experiment={experiment}", "data=patches", "model=iddpm_tiny", *path_overrides(root),
             f"paths.cache_dir={cache}", "device=cpu", "logger=none", "data.num_workers=0",
             "data.patches_per_photo=8", "data.stats_images=40", "data.stats_diagonal=true",
             "model.diffusion_steps=8", "estimator.vlb_steps_per_batch=8", "estimator.batch_size=256",
-            "estimator.precision_check_images=2", *overrides])
+            "estimator.precision_check_images=2", "estimator.pixel_maps=0", *overrides])
 
 
 @pytest.fixture(scope="module")
