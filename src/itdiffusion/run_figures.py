@@ -97,13 +97,15 @@ def plot_per_image(values: Mapping[str, Mapping[str, np.ndarray]], path: Path) -
         ax.set_ylabel("images")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
-    lims = sc.get_xlim() + sc.get_ylim()
-    lo, hi = min(lims), max(lims)
-    sc.plot([lo, hi], [lo, hi], "k:", lw=0.8)
     sc.set_xlabel("VLB (discrete), bits/dim")
     sc.set_ylabel("IT discrete, bits/dim")
     sc.set_title("per image: IT against VLB")
-    if runs and any("vlb_bpd" in v for v in runs.values()):
+    if sc.get_legend_handles_labels()[0]:
+        lims = sc.get_xlim() + sc.get_ylim()
+        sc.plot([min(lims), max(lims)], [min(lims), max(lims)], "k:", lw=0.8)
         sc.legend(fontsize="small")
+    else:  # e.g. runs with estimator.vlb=false: say so rather than draw an empty diagonal
+        sc.text(0.5, 0.5, "no run has both per-image\nVLB and IT discrete values", ha="center",
+                va="center", transform=sc.transAxes)
     save(fig, path)
     return path
