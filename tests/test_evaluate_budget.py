@@ -77,3 +77,45 @@ def test_budget_values_are_checked_at_launch(tiny_cfg):
                 "estimator.pilot_images"):
         assert key in problems
     assert not value_problems(tiny_cfg("estimator.vlb_steps=32"))
+
+
+def test_each_stderr_check_is_logged_live_as_metrics_json_records_it(tiny_cfg, tiny_checkpoints, tmp_path,
+                                                                     monkeypatch, caplog):
+    """A pilot that says 4 points reach a target no estimate can meet: the run tops up to the full
+    protocol's points and reports the miss; every check is in the offline wandb run (read back from disk)
+    with metrics.json's ``budget.top_ups`` values, and on the console, as it is made."""
+    import dataclasses
+    import logging
+
+    from itdiffusion.stages import budget_pilot
+    from wandb_records import offline_runs
+
+    real = budget_pilot.choose_k
+    monkeypatch.setattr(budget_pilot, "choose_k",
+                        lambda *a, **kw: dataclasses.replace(real(*a, **kw), k=4, reached=True))
+    cfg = tiny_cfg(f"model.checkpoint={tiny_checkpoints[0]}", "model.diffusion_steps=12",
+                   "estimator.npoints=16", "estimator.budget=dataset", "estimator.pilot_images=4",
+                   "estimator.target_stderr_bpd=1e-6", "estimator.pixel_maps=0", "run_id=topup",
+                   "logger=wandb", f"logger.dir={tmp_path / 'wb'}")
+    with caplog.at_level(logging.INFO, logger="itdiffusion"):
+        metrics = evaluate.run(cfg, tmp_path / "run")
+    rounds = json.loads((tmp_path / "run" / "metrics.json").read_text())["budget"]["top_ups"]
+    assert rounds == metrics["budget"]["top_ups"]
+    assert [r["blocks"]["npoints"] for r in rounds] == [1, 4]  # 4 of the full 16 points, then all 16
+    assert metrics["budget"]["target_met"] is False
+    [run] = offline_runs(tmp_path / "wb")
+    logged = [row for row in run.history if "budget/check" in row]
+    assert [row["budget/check"] for row in logged] == list(range(len(rounds)))
+    for row, entry in zip(logged, rounds, strict=True):
+        assert row["budget/it_blocks"] == entry["blocks"]["npoints"]
+        assert row["budget/vlb_blocks"] == entry["blocks"]["vlb_steps"]
+        assert entry["stderr_check"]
+        for name, found in entry["stderr_check"].items():
+            assert row[f"budget/{name}/realized_stderr_bpd"] == found["realized"]
+            assert row[f"budget/{name}/target_stderr_bpd"] == found["target"] == 1e-6
+            assert row[f"budget/{name}/met"] == int(found["met"]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dataset budget check")]
+    assert len(lines) == len(rounds)
+    assert "drawing blocks up to" in lines[0] and "drawing" not in lines[-1]
+    shown = f"it_discrete {rounds[0]['stderr_check']['it_discrete']['realized']:.4g}/1e-06 MISSED"
+    assert shown in lines[0], lines[0]

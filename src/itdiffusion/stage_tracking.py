@@ -3,7 +3,10 @@
 - evaluate: the run opens when the stage starts (:func:`evaluation_tracker`); while it works, per finished
   chunk of images, ``progress/*`` and the running estimate ``running/<estimate>_bpd`` (+ ``_stderr``: the
   dataset means so far, by the function that writes metrics.json; :class:`RunningLog`), also printed on
-  the console. At the end (:func:`log_evaluation`): the settings and provenance as config; every
+  the console. Under ``estimator.budget=dataset``, each stderr check after the main run as it is made
+  (:func:`log_top_up`: ``budget/check``, ``budget/it_blocks``, ``budget/vlb_blocks`` and per estimate
+  ``budget/<estimate>/realized_stderr_bpd``, ``/target_stderr_bpd``, ``/met``: metrics.json's
+  ``budget.top_ups`` entry). At the end (:func:`log_evaluation`): the settings and provenance as config; every
   estimate once, as numbers (``<estimate>_bpd``, ``_bpd_stderr``, ``_bpd_mc_stderr``; ensemble members
   as ``m<j>/...``); ``mmse_curve`` (binned mean MMSE per log-SNR of each model and of the Gaussian
   references, a table and a line plot); ``histogram/<estimate>`` (per-image bits/dim); ``per_image`` (a
@@ -139,6 +142,17 @@ class RunningLog:
             log.info("%s running estimate over %d/%d images: %s", self.label, done, self.total,
                      ", ".join(shown))
         self.tracker.log(row)
+
+
+def log_top_up(tracker: Tracker, round_: int, entry: Mapping) -> None:
+    """One stderr check of the dataset budget (``entry``: the ``budget.top_ups`` item metrics.json keeps)."""
+    row: dict = {"budget/check": round_, "budget/it_blocks": entry["blocks"]["npoints"],
+                 "budget/vlb_blocks": entry["blocks"]["vlb_steps"]}
+    for name, found in entry["stderr_check"].items():
+        row.update({f"budget/{name}/realized_stderr_bpd": found["realized"],
+                    f"budget/{name}/target_stderr_bpd": found["target"],
+                    f"budget/{name}/met": int(found["met"])})
+    tracker.log(row)
 
 
 def log_mmse_curves(tracker: Tracker, per_image: PerImage, dim: int) -> None:

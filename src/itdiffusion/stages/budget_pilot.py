@@ -159,13 +159,16 @@ def blocks_of(budget: dict | None) -> dict[str, int]:
 
 
 def top_up(per_image: PerImage | None, budget: dict, blocks: dict[str, int],
-           draw: Callable[[dict, dict], PerImage | None], summarize: Callable[[PerImage], dict]):
+           draw: Callable[[dict, dict], PerImage | None], summarize: Callable[[PerImage], dict],
+           on_round: Callable[[int, dict], None] | None = None):
     """Every rank: check the realized stderr of every estimate with a target (:func:`itdiffusion.topup.check`
     on rank 0's ``summarize(per_image)``) and, while one misses it, draw more blocks for every image
     (``draw(first, last)``: blocks ``first .. last - 1``, sharded like the main run), at most
     :data:`~itdiffusion.topup.MAX_TOP_UPS` times and up to the full protocol's points. Records in
     ``budget`` the blocks used, the predicted and realized stderrs and whether every target was met (a
-    loud warning if not). Returns rank 0's merged per-image values (None elsewhere)."""
+    loud warning if not). Each check is logged as it is made (an INFO line, and on rank 0
+    ``on_round(round, entry)`` with the entry ``budget["top_ups"]`` records). Returns rank 0's merged
+    per-image values (None elsewhere)."""
     rounds = []
     for round_ in range(topup.MAX_TOP_UPS + 1):
         def decide(per_image=per_image, blocks=blocks):
@@ -180,6 +183,10 @@ def top_up(per_image: PerImage | None, budget: dict, blocks: dict[str, int],
 
         checks, want = distributed.broadcast_object(distributed.on_main(decide))
         rounds.append({"blocks": dict(blocks), "stderr_check": checks})
+        if distributed.is_main():
+            _log_round(round_, rounds[-1], want)
+            if on_round is not None:
+                on_round(round_, rounds[-1])
         if want == blocks or round_ == topup.MAX_TOP_UPS:
             break
         extra = draw(blocks, want)
@@ -204,6 +211,14 @@ def top_up(per_image: PerImage | None, budget: dict, blocks: dict[str, int],
                         "between images exceeds the target, or the full protocol's points were reached: "
                         "raise data.num_images or the target", len(rounds) - 1, missed)
     return per_image
+
+
+def _log_round(round_: int, entry: dict, want: dict[str, int]) -> None:
+    stderrs = ", ".join(f"{n} {c['realized']:.4g}/{c['target']:.4g}{'' if c['met'] else ' MISSED'}"
+                        for n, c in entry["stderr_check"].items())
+    after = "" if want == entry["blocks"] else f"; drawing blocks up to {want}"
+    log.info("dataset budget check %d: blocks per image %s; stderr/target (bits/dim): %s%s",
+             round_, entry["blocks"], stderrs, after)
 
 
 def merge_blocks(old: PerImage, new: PerImage, before: dict[str, int], after: dict[str, int]) -> PerImage:

@@ -122,7 +122,8 @@ def _evaluate(cfg: DictConfig, run_dir: Path, device: torch.device, tracker: Tra
         if per_image is not None:
             per_image.pilot_curves = pilot
         if budget is not None:  # the realized stderr against the target; more blocks where it misses
-            per_image = budget_pilot.top_up(per_image, budget, blocks, draw, summary_of)
+            per_image = budget_pilot.top_up(per_image, budget, blocks, draw, summary_of,
+                                            lambda r, entry: stage_tracking.log_top_up(tracker, r, entry))
         sources = None
     if not distributed.is_main():
         distributed.barrier()
