@@ -183,7 +183,7 @@ class Config:
     # evaluate: add this run to the results tables (results.{json,csv,md}); false keeps its run dir and
     # metrics.json but leaves it out of the tables, now and in every later report
     results: bool = True
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     # everything random in a stage: data.seed, estimator.seed and finetune.seed follow it unless set
     seed: int = 0
 
