@@ -32,3 +32,19 @@ def test_a_two_trial_finetune_search_writes_the_best_trials_parameters(tmp_path)
     assert set(best["best_params"]) == {"finetune.lr", "finetune.warmup_steps"}
     assert best["best_params"]["finetune.lr"] == pytest.approx(float(overrides["finetune.lr"]), rel=1e-12)
     assert best["best_params"]["finetune.warmup_steps"] == int(overrides["finetune.warmup_steps"])
+
+
+def test_a_search_whose_every_trial_fails_ends_with_one_line(tmp_path):
+    """finetune=smoke without the finetune=smoke_base weights it starts from: each trial fails (logged), and
+    the search ends with one line and exit 1 instead of Optuna's traceback ("No trials are completed yet")."""
+    proc = run_cli("finetune", "hparams_search=finetune_lr", "hydra.sweeper.n_trials=2", *TINY,
+                   "finetune=smoke", "finetune.max_steps=1", *path_overrides(tmp_path), cwd=tmp_path,
+                   timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: every trial of the search failed")
+    # each trial's reason, logged as it failed: its starting weights are missing
+    assert (proc.stdout + proc.stderr).count("does not exist") >= 2
+    (sweep,) = (tmp_path / "outputs" / "multirun" / "finetune").iterdir()
+    statuses = [json.loads(p.read_text())["status"] for p in sweep.glob("*/job_status.json")]
+    assert statuses == ["failed", "failed"]

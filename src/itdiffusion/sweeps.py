@@ -30,6 +30,10 @@ log = logging.getLogger("itdiffusion")
 
 STATUS_FILE = "job_status.json"
 SWEEP_FAILED_EXIT = 1
+# Optuna's study.best_trial when no trial completed: the Optuna sweeper raises it after the last trial
+OPTUNA_NO_TRIAL = "No trials are completed yet."
+SEARCH_FAILED = ("every trial of the search failed, so it has no best parameters (each trial's error is "
+                 "logged above and in its job_status.json)")
 
 
 def job_group() -> str | None:
@@ -118,6 +122,11 @@ class SweepReport(Callback):
         log.error("%s", message)
         print(message, file=sys.stderr)
         sys.exit(SWEEP_FAILED_EXIT)
+
+
+def no_trial_succeeded(error: BaseException) -> bool:
+    """Whether ``error`` is the Optuna sweeper's end of a search whose every trial failed."""
+    return isinstance(error, ValueError) and str(error) == OPTUNA_NO_TRIAL
 
 
 def expand(arguments: list[str]) -> list[list[str]]:

@@ -170,6 +170,11 @@ def cli_entry(hydra_main: Callable[[], Any]) -> Callable[[], Any]:
                 raise
             report_user_error(UserError(_one_line(e)))  # a command line Hydra cannot compose: one line
             sys.exit(2)
+        except ValueError as e:  # an Optuna search whose every trial failed (each one logged as it failed)
+            if not sweeps.no_trial_succeeded(e):
+                raise
+            print(f"error: {sweeps.SEARCH_FAILED}", file=sys.stderr, flush=True)
+            sys.exit(sweeps.SWEEP_FAILED_EXIT)
 
     return main
 
