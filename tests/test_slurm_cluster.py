@@ -220,8 +220,8 @@ def test_srun_n2_is_one_job_of_two_ranks_with_one_writer(uninterrupted, tmp_path
               f"paths.cache_dir={outputs / 'cache'}", "logger.group=srun"]
     tuned = uninterrupted / "checkpoints" / "finetune" / f"{rid}-tune" / "model.pt"
     proc = srun(["itdiffusion.stages.evaluate", *common, "run_id=srun2", f"model.checkpoint={tuned}",
-                 "model.training_objective=IT", f"estimator.logsnr_proposal_from={base}",
-                 f"estimator.budget_from={base}"], cwd=tmp_path)
+                 "model.training_objective=IT", f"estimator.logsnr_proposal_from={base}"],
+                cwd=tmp_path)  # as the chain evaluated it (smoke: the per-image budget, no budget_from)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "outputs" / "evaluate" / "srun2" / "metrics.json").read_text())
     assert metrics["world_size"] == 2
