@@ -138,7 +138,9 @@ TINY = [
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
-    """Two iddpm_tiny checkpoints with different random weights (plain state_dicts)."""
+    """Two iddpm_tiny checkpoints with different random weights (plain state_dicts). improved-diffusion
+    zero-initialises its output layers (eps_hat = 0 for any weights), so those get small random values
+    too: the two networks predict different, nonzero noise."""
     import torch
     from omegaconf import OmegaConf
 
@@ -150,6 +152,10 @@ def tiny_checkpoints(tmp_path_factory):
     for seed in (0, 1):
         torch.manual_seed(seed)
         model, _ = build_model_and_diffusion(model_cfg)
+        with torch.no_grad():
+            for param in model.parameters():
+                if not param.any():
+                    param.normal_(0.0, 0.05)
         paths.append(folder / f"tiny_{seed}.pt")
         torch.save(model.state_dict(), paths[-1])
     return paths

@@ -82,6 +82,9 @@ def test_ensemble_of_a_model_with_itself_is_that_model(tiny_cfg, tiny_checkpoint
     stored = read_per_image(tmp_path / "pair" / "per_image.npz")
     assert stored.curves.num_models == 2 and stored.groups == ["m0", "m1", "ensemble"]
     assert stored.estimates["it_continuous_nats"].shape == (3, 4)
+    # two different networks (not the Gaussian decoder twice): their member estimates differ
+    m0, m1 = stored.estimates["it_continuous_nats"][:2]
+    assert not torch.equal(m0, m1)
 
 
 @pytest.mark.parametrize(
