@@ -136,28 +136,34 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoints(tmp_path_factory):
-    """Two iddpm_tiny checkpoints with different random weights (plain state_dicts). improved-diffusion
-    zero-initialises its output layers (eps_hat = 0 for any weights), so those get small random values
-    too: the two networks predict different, nonzero noise."""
+def random_tiny_unet(seed: int = 0):
+    """iddpm_tiny with every weight random: improved-diffusion zero-initialises its output layers (eps_hat = 0
+    for any other weights), so those get small random values too."""
     import torch
     from omegaconf import OmegaConf
 
     from itdiffusion.models.iddpm import build_model_and_diffusion
 
+    torch.manual_seed(seed)
+    model, _ = build_model_and_diffusion(OmegaConf.load(Path(CONFIG_DIR) / "model" / "iddpm_tiny.yaml"))
+    with torch.no_grad():
+        for param in model.parameters():
+            if not param.any():
+                param.normal_(0.0, 0.05)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """Two iddpm_tiny checkpoints of :func:`random_tiny_unet` (plain state_dicts): two different networks
+    predicting nonzero noise."""
+    import torch
+
     folder = tmp_path_factory.mktemp("tiny_checkpoints")
-    model_cfg = OmegaConf.load(Path(CONFIG_DIR) / "model" / "iddpm_tiny.yaml")
     paths = []
     for seed in (0, 1):
-        torch.manual_seed(seed)
-        model, _ = build_model_and_diffusion(model_cfg)
-        with torch.no_grad():
-            for param in model.parameters():
-                if not param.any():
-                    param.normal_(0.0, 0.05)
         paths.append(folder / f"tiny_{seed}.pt")
-        torch.save(model.state_dict(), paths[-1])
+        torch.save(random_tiny_unet(seed).state_dict(), paths[-1])
     return paths
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import TINY, run_cli
+from conftest import TINY, random_tiny_unet, run_cli
 from itdiffusion.config import check_values
 from itdiffusion.errors import UserError
 from itdiffusion.models.acceleration import (
@@ -26,18 +26,6 @@ from itdiffusion.stages import CONFIG_DIR, evaluate, precision
 from itdiffusion.variational import vlb
 
 TINY_MODEL = OmegaConf.load(Path(CONFIG_DIR) / "model" / "iddpm_tiny.yaml")
-
-
-def random_tiny_unet(seed: int = 0) -> torch.nn.Module:
-    """iddpm_tiny with every weight random: improved-diffusion zero-initialises the output layers, and a
-    network that returns exactly 0 would give identical outputs at any precision."""
-    torch.manual_seed(seed)
-    model, _ = build_model_and_diffusion(TINY_MODEL)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0.0, 0.05)
-    return model
 
 
 @pytest.fixture(scope="module")
