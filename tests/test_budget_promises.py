@@ -14,14 +14,14 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from conftest import path_overrides
+from conftest import REPO, path_overrides
 from itdiffusion.artifacts import read_per_image
 from itdiffusion.results.render import render_markdown
 from itdiffusion.results.tables import MISSED_TARGET_MARK, REFERENCE_ONLY_MARK
 from itdiffusion.stages import CONFIG_DIR, budget_pilot, evaluate, finetune
 
 IT = ("it_continuous", "it_discrete", "it_dequantized")
-SMOKE_UNET = "/work/baseline/checkpoints/finetune/smoke-*-base/model.pt"  # make smoke's base model
+SMOKE_UNET = str(REPO / "checkpoints/finetune/smoke-*-base/model.pt")  # `make smoke` trains it in this clone
 
 
 def _cfg(root: Path, cache: Path, experiment: str, *overrides: str):
@@ -168,7 +168,7 @@ def test_an_all_reference_choice_marks_the_row(tiny_checkpoints, shared_cache, t
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not glob.glob(SMOKE_UNET), reason="make smoke's base U-Net has not been trained here")
+@pytest.mark.skipif(not glob.glob(SMOKE_UNET), reason="run `make smoke` first: it trains the base U-Net")
 def test_the_budget_keeps_its_promises_on_the_smoke_unet(tmp_path, shared_cache):
     checkpoint = Path(sorted(glob.glob(SMOKE_UNET))[-1])
     full, budgeted, target = _pair(checkpoint, tmp_path, shared_cache, 48, 64, "model.diffusion_steps=20",
