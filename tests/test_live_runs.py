@@ -92,6 +92,32 @@ def test_an_evaluation_stopped_midway_leaves_a_run_with_its_running_estimates_an
     assert "SIGTERM" in console or "SIGTERM" in out
 
 
+def test_an_evaluation_killed_outright_keeps_the_running_estimates_written_before(tmp_path, tiny_checkpoints,
+                                                                                  shared_cache):
+    """SIGKILL (no handler runs, wandb's service ends with the process): the offline run file keeps what was
+    written up to the last ``logger.flush_every_s`` (wandb alone writes only full 32 KiB blocks: the
+    file held its 7-byte header after a run killed a few chunks in)."""
+    settings = [*TINY, *path_overrides(tmp_path), f"paths.cache_dir={shared_cache}", "logger=wandb",
+                f"logger.dir={tmp_path / 'wb'}", "logger.running_every_s=0", "logger.flush_every_s=0.2",
+                "run_id=killed9", f"model.checkpoint={tiny_checkpoints[0]}", "data.num_images=32",
+                "estimator.npoints=32", "estimator.batch_size=32", "estimator.vlb=false",
+                "estimator.pixel_maps=0"]
+    proc = launch("evaluate", *settings, cwd=tmp_path)
+    partial = tmp_path / "outputs" / "evaluate" / "killed9" / "partial"
+    deadline = time.time() + 240
+    while len(list(partial.glob("chunk_*.npz"))) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # five flush intervals
+    assert proc.poll() is None, "the evaluation ended before it could be killed: " + proc.communicate()[0]
+    proc.kill()
+    proc.communicate(timeout=60)
+    [run] = offline_runs(tmp_path / "wb", wait_s=0)
+    assert run.job_type == "evaluate" and run.name == "evaluate-killed9"
+    running = [row for row in run.history if "running/it_continuous_bpd" in row]
+    assert len(running) >= 2, run.history
+    assert all(0 < row["progress/fraction"] < 1 for row in running)
+
+
 def test_finetune_shows_its_loss_in_the_bar_and_the_log(tmp_path):
     steps = 6
     proc = launch("finetune", "model=iddpm_tiny", "data=patches", "finetune=smoke", "finetune.init=scratch",

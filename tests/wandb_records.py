@@ -91,14 +91,15 @@ def _media_field(key: str, row: dict) -> bool:
     return bool(head) and tail != "_type" and f"{head}/_type" in row
 
 
-def read_run(path: str | Path) -> OfflineRun:
-    """An :class:`OfflineRun` from a ``run-<id>.wandb`` file or its ``offline-run-*`` folder."""
+def read_run(path: str | Path, wait_s: float = 20) -> OfflineRun:
+    """An :class:`OfflineRun` from a ``run-<id>.wandb`` file or its ``offline-run-*`` folder (waiting up to
+    ``wait_s`` for the run's exit record: 0 for a killed run, which has none)."""
     path = Path(path)
     if path.is_dir():
         path = next(path.glob("run-*.wandb"))
     run = OfflineRun(path)
     found = records(path)
-    deadline = time.time() + 20  # wandb's service may still be writing the end of the file
+    deadline = time.time() + wait_s  # wandb's service may still be writing the end of the file
     while not any(r.WhichOneof("record_type") == "exit" for r in found) and time.time() < deadline:
         time.sleep(0.2)
         found = records(path)
@@ -124,6 +125,6 @@ def read_run(path: str | Path) -> OfflineRun:
     return run
 
 
-def offline_runs(wandb_parent: str | Path) -> list[OfflineRun]:
+def offline_runs(wandb_parent: str | Path, wait_s: float = 20) -> list[OfflineRun]:
     """Every offline run under ``<wandb_parent>/wandb/``, oldest first."""
-    return [read_run(p) for p in sorted(Path(wandb_parent, "wandb").glob("offline-run-*"))]
+    return [read_run(p, wait_s) for p in sorted(Path(wandb_parent, "wandb").glob("offline-run-*"))]

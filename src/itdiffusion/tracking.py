@@ -197,7 +197,8 @@ class Tracker:
             return None
 
     def _settings(self, logger_cfg):
-        return self._wandb.Settings(init_timeout=logger_cfg.init_timeout, console="wrap", silent=True)
+        return self._wandb.Settings(init_timeout=logger_cfg.init_timeout, console="wrap", silent=True,
+                                    x_transaction_log_flush_interval=logger_cfg.flush_every_s)
 
     def _call(self, what: str, fn, *args, **kwargs) -> None:
         if self.run is None:

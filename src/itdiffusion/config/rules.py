@@ -196,6 +196,7 @@ VALUE_RULES: tuple[Rule, ...] = (
     Rule("estimator.corrupt_fraction", Bounds(low=0, high=1, low_open=True)),
     Rule("estimator.pixel_maps", NON_NEGATIVE),
     Rule("logger.running_every_s", Bounds(low=0, why="(seconds between running estimates)")),
+    Rule("logger.flush_every_s", Bounds(low=0, why="(seconds between writes of the run file; 0: when full)")),
     Rule("estimator.pixel_map_points", Bounds(low=2, why="(a standard error needs two points)"),
          when="estimator.it"),
     Rule("estimator.vlb_steps", AllOrCount(low=2), when="estimator.vlb"),

@@ -143,6 +143,9 @@ class LoggerConfig:
     # evaluate: seconds between two running estimates (the dataset means so far, logged and printed while
     # the evaluation runs; each costs an estimate over the images done, kept under a tenth of the time)
     running_every_s: float = 30.0
+    # seconds between writes of the run's local .wandb file (so that a run killed with SIGKILL keeps all but
+    # the last ones; 0: only when a 32 KiB block fills or the run ends)
+    flush_every_s: float = 15.0
 
 
 @dataclass
