@@ -13,8 +13,9 @@ from itdiffusion import config
 from itdiffusion.config import check_values, value_problems
 from itdiffusion.errors import UserError
 from itdiffusion.models import families
-from itdiffusion.stages import _created_by_this_process, remove_unused_run_dir, value_rules
+from itdiffusion.stages import value_rules
 from itdiffusion.stages.output_dirs import check_writable_dir
+from itdiffusion.stages.run_dir import created_by_this_process, remove_unused_run_dir
 
 RULES = value_rules()  # what the stages check (the families' kinds and objectives too)
 
@@ -167,9 +168,9 @@ def test_a_run_dir_of_an_earlier_process_counts_as_not_ours(tmp_path):
     _hydra_files(tmp_path / "old", "[earlier run] started\n")
     past = time.time() - 3600
     os.utime(tmp_path / "old", (past, past))
-    assert not _created_by_this_process(tmp_path / "old")
+    assert not created_by_this_process(tmp_path / "old")
     (tmp_path / "new").mkdir()  # made after this process (and the stages package) started
-    assert _created_by_this_process(tmp_path / "new")
+    assert created_by_this_process(tmp_path / "new")
 
 
 # --- the real command line -----------------------------------------------------------------------------

@@ -18,7 +18,6 @@ import functools
 import inspect
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -52,6 +51,7 @@ from itdiffusion.stages.output_dirs import (
     check_writable_dir,
     environment_error,
 )
+from itdiffusion.stages.run_dir import created_by_this_process, remove_unused_run_dir
 from itdiffusion.weights_hint import missing_weights
 
 log = logging.getLogger("itdiffusion")
@@ -105,7 +105,7 @@ def launch(stage: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> float |
     job = sweeps.current_job()
     if job is not None:
         return launch_sweep_job(stage, cfg, run_dir, job)
-    created = _created_by_this_process(run_dir)
+    created = created_by_this_process(run_dir)
     try:
         try:
             check_launch(cfg, stage, list(hydra_cfg.overrides.task))
@@ -266,42 +266,6 @@ def check_before_run_dir(config: DictConfig) -> None:
     check_values(config, rules=value_rules())
     check_writable_dir(str(config.hydra.run.dir), "paths.output_dir (the run dir)")
     check_output_dirs(config, str(config.hydra.job.name))
-
-
-HYDRA_SUBDIR = ".hydra"
-
-
-def remove_unused_run_dir(run_dir: Path, job_name: str, output_dir: str | Path) -> bool:
-    """Remove ``run_dir`` if it holds nothing but Hydra's files (``.hydra/``, ``<job_name>.log``), then its
-    empty parents below ``output_dir``. Returns whether it was removed; a dir with outputs is kept."""
-    try:
-        entries = {p.name for p in run_dir.iterdir()}
-    except OSError:
-        return False
-    if not entries <= {HYDRA_SUBDIR, f"{job_name}.log"}:
-        return False
-    shutil.rmtree(run_dir, ignore_errors=True)
-    root = Path(output_dir).resolve()
-    parent = run_dir.resolve().parent
-    while parent != root and root in parent.parents:
-        try:
-            parent.rmdir()  # only while empty
-        except OSError:
-            break
-        parent = parent.parent
-    return not run_dir.exists()
-
-
-_PROCESS_START = time.time()  # before hydra.main creates the run dir (stage modules import this first)
-
-
-def _created_by_this_process(run_dir: Path) -> bool:
-    """Whether ``run_dir``'s entries were made since this process started (Hydra made the dir, or added
-    ``.hydra/`` and the log to an empty one): a dir of an earlier run keeps its old modification time."""
-    try:
-        return run_dir.stat().st_mtime >= _PROCESS_START - 1.0  # 1 s: coarse file-system clocks
-    except OSError:
-        return False
 
 
 def _env_rank() -> int:
