@@ -37,6 +37,7 @@ from itdiffusion.budget import (
     it_pilot,
     vlb_pilot,
 )
+from itdiffusion.config import CONFIG_DIR
 from itdiffusion.information import GaussianReference, LogSNRProposal, sample_curves
 from itdiffusion.units import PIXEL_BIN, XINTERVAL, mean_and_stderr, nats_to_bpd
 from itdiffusion.variational import vlb_per_image, vlb_sampled
@@ -180,7 +181,7 @@ def cifar_architecture_setting(steps: int, num_images: int, pilot_images: int, s
 
     from itdiffusion.models.iddpm import IDDPMDenoiser, build_model_and_diffusion
 
-    cfg = OmegaConf.to_container(OmegaConf.load("conf/model/iddpm_cifar10_vlb.yaml"))
+    cfg = OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / "model" / "iddpm_cifar10_vlb.yaml"))
     cfg.pop("defaults", None)
     cfg.update(diffusion_steps=steps, dropout=0.0)
     torch.manual_seed(seed)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -33,8 +34,10 @@ H100_DENSE_BF16_FLOPS = 989e12
 def _model_cfg(tiny: bool) -> dict:
     from omegaconf import OmegaConf
 
+    from itdiffusion.config import CONFIG_DIR
+
     name = "iddpm_tiny" if tiny else "iddpm_cifar10_vlb"
-    cfg = OmegaConf.to_container(OmegaConf.load(f"src/itdiffusion/conf/model/{name}.yaml"))
+    cfg = OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / "model" / f"{name}.yaml"))
     cfg.pop("defaults", None)
     return cfg
 

@@ -15,10 +15,12 @@ import argparse
 import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from itdiffusion.config import CONFIG_DIR
 from itdiffusion.models.iddpm import build_model_and_diffusion
 from itdiffusion.variational import vlb
 
@@ -43,7 +45,7 @@ def run(model_name: str, steps: int | None, num_images: int, steps_per_batch: in
         seed: int = 0, rounds: int = 5) -> dict:
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.to_container(OmegaConf.load(f"src/itdiffusion/conf/model/{model_name}.yaml"))
+    cfg = OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / "model" / f"{model_name}.yaml"))
     cfg.pop("defaults", None)
     if steps is not None:
         cfg["diffusion_steps"] = steps
