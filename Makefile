@@ -20,7 +20,9 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not slurm" -n 2 $(PYTEST_ARGS)
 
+# runs `make smoke` first when its base model is missing (the dataset budget's promise on the smoke U-Net)
 test-slow: $(STAMP)
+	@ls checkpoints/finetune/smoke-*-base/model.pt >/dev/null 2>&1 || $(MAKE) smoke
 	$(PY) -m pytest -q -m "slow and not slurm" $(PYTEST_ARGS)
 
 # On a local single-node SLURM that scripts/local_slurm.sh installs (apt: slurm-wlm, munge) and starts (root):
