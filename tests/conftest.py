@@ -171,3 +171,16 @@ def tiny_checkpoints(tmp_path_factory):
 def shared_cache(tmp_path_factory):
     """One reference cache for the whole session (the reference of the TINY patches is computed once)."""
     return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def optimistic_pilot(monkeypatch):
+    """The dataset budget's pilot says the fewest points (4) reach every target, whatever the variances:
+    the main run then misses its targets and the top-ups must correct it."""
+    import dataclasses
+
+    from itdiffusion.stages import budget_pilot
+
+    real = budget_pilot.choose_k
+    monkeypatch.setattr(budget_pilot, "choose_k",
+                        lambda *a, **kw: dataclasses.replace(real(*a, **kw), k=4, reached=True))

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import json
 import math
@@ -18,7 +17,7 @@ from conftest import REPO, path_overrides
 from itdiffusion.artifacts import read_per_image
 from itdiffusion.results.render import render_markdown
 from itdiffusion.results.tables import MISSED_TARGET_MARK, REFERENCE_ONLY_MARK
-from itdiffusion.stages import CONFIG_DIR, budget_pilot, evaluate, finetune
+from itdiffusion.stages import CONFIG_DIR, evaluate, finetune
 
 IT = ("it_continuous", "it_discrete", "it_dequantized")
 SMOKE_UNET = str(REPO / "checkpoints/finetune/smoke-*-base/model.pt")  # `make smoke` trains it in this clone
@@ -105,19 +104,12 @@ def test_the_budget_keeps_its_promises_on_a_weakly_fit_unet(weak_unet, shared_ca
 
 @pytest.mark.slow  # fast counterpart: test_budget.py::test_blocks_added_later_are_one_draw_of_all_blocks...
 def test_topped_up_blocks_are_what_one_draw_of_all_blocks_gives(weak_unet, shared_cache, tmp_path,
-                                                                monkeypatch):
+                                                                optimistic_pilot):
     """A pilot that predicts too optimistically (the fewest points, 4, said to reach every target) is
     corrected by top-ups until every IT estimate's realized stderr meets the target; the final per-image
     estimates are bit-identical to a run drawing all the blocks at once (estimator.budget_from: the
     topped-up run's plan), and the sampled VLBs equal to float tolerance."""
     checkpoint, _ = weak_unet
-    real = budget_pilot.choose_k
-
-    def optimistic(stats, n, k_full, **target):
-        found = real(stats, n, k_full, **target)
-        return dataclasses.replace(found, k=4, reached=True)
-
-    monkeypatch.setattr(budget_pilot, "choose_k", optimistic)
     common = [f"model.checkpoint={checkpoint}", "data.num_images=8", "estimator.npoints=32",
               "model.diffusion_steps=12", "estimator.vlb_steps=8", "estimator.vlb_steps_per_batch=12",
               "estimator.pilot_images=4"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from itdiffusion.artifacts import read_per_image
 from itdiffusion.config import value_problems
 from itdiffusion.stages import evaluate
+from wandb_records import offline_runs
 
 
 @pytest.fixture
@@ -80,19 +82,10 @@ def test_budget_values_are_checked_at_launch(tiny_cfg):
 
 
 def test_each_stderr_check_is_logged_live_as_metrics_json_records_it(tiny_cfg, tiny_checkpoints, tmp_path,
-                                                                     monkeypatch, caplog):
+                                                                     optimistic_pilot, caplog):
     """A pilot that says 4 points reach a target no estimate can meet: the run tops up to the full
     protocol's points and reports the miss; every check is in the offline wandb run (read back from disk)
     with metrics.json's ``budget.top_ups`` values, and on the console, as it is made."""
-    import dataclasses
-    import logging
-
-    from itdiffusion.stages import budget_pilot
-    from wandb_records import offline_runs
-
-    real = budget_pilot.choose_k
-    monkeypatch.setattr(budget_pilot, "choose_k",
-                        lambda *a, **kw: dataclasses.replace(real(*a, **kw), k=4, reached=True))
     cfg = tiny_cfg(f"model.checkpoint={tiny_checkpoints[0]}", "model.diffusion_steps=12",
                    "estimator.npoints=16", "estimator.budget=dataset", "estimator.pilot_images=4",
                    "estimator.target_stderr_bpd=1e-6", "estimator.pixel_maps=0", "run_id=topup",

@@ -35,17 +35,30 @@ def output_log(run) -> str:
     return path.read_text()
 
 
+def evaluation_settings(tmp_path: Path, checkpoint: Path, cache: Path, run_id: str, images: int,
+                        *extra: str) -> list[str]:
+    """A tiny evaluation with wandb offline under ``tmp_path/wb`` and a running estimate after every chunk."""
+    return [*TINY, *path_overrides(tmp_path), f"paths.cache_dir={cache}", "logger=wandb",
+            f"logger.dir={tmp_path / 'wb'}", "logger.running_every_s=0", f"run_id={run_id}",
+            f"model.checkpoint={checkpoint}", f"data.num_images={images}", "estimator.npoints=32",
+            "estimator.batch_size=32", "estimator.vlb=false", "estimator.pixel_maps=0", *extra]
+
+
+def launch_until_chunks(settings: list[str], tmp_path: Path, run_id: str, chunks: int = 3):
+    """The evaluate stage launched on the command line, once ``chunks`` chunks are in its partial/ folder:
+    (the process, that folder)."""
+    proc = launch("evaluate", *settings, cwd=tmp_path)
+    partial = tmp_path / "outputs" / "evaluate" / run_id / "partial"
+    deadline = time.time() + 240
+    while len(list(partial.glob("chunk_*.npz"))) < chunks and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    return proc, partial
+
+
 def test_an_evaluation_stopped_midway_leaves_a_run_with_its_running_estimates_and_console(
         tmp_path, tiny_checkpoints, shared_cache, make_cfg):
-    settings = [*TINY, *path_overrides(tmp_path), f"paths.cache_dir={shared_cache}", "logger=wandb",
-                f"logger.dir={tmp_path / 'wb'}", "logger.running_every_s=0", "run_id=killed",
-                f"model.checkpoint={tiny_checkpoints[0]}", "data.num_images=16", "estimator.npoints=32",
-                "estimator.batch_size=32", "estimator.vlb=false", "estimator.pixel_maps=0"]
-    proc = launch("evaluate", *settings, cwd=tmp_path)
-    partial = tmp_path / "outputs" / "evaluate" / "killed" / "partial"
-    deadline = time.time() + 240
-    while len(list(partial.glob("chunk_*.npz"))) < 3 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    settings = evaluation_settings(tmp_path, tiny_checkpoints[0], shared_cache, "killed", 16)
+    proc, partial = launch_until_chunks(settings, tmp_path, "killed")
     assert proc.poll() is None, "the evaluation ended before it could be stopped: " + proc.communicate()[0]
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
@@ -97,16 +110,9 @@ def test_an_evaluation_killed_outright_keeps_the_running_estimates_written_befor
     """SIGKILL (no handler runs, wandb's service ends with the process): the offline run file keeps what was
     written up to the last ``logger.flush_every_s`` (wandb alone writes only full 32 KiB blocks: the
     file held its 7-byte header after a run killed a few chunks in)."""
-    settings = [*TINY, *path_overrides(tmp_path), f"paths.cache_dir={shared_cache}", "logger=wandb",
-                f"logger.dir={tmp_path / 'wb'}", "logger.running_every_s=0", "logger.flush_every_s=0.2",
-                "run_id=killed9", f"model.checkpoint={tiny_checkpoints[0]}", "data.num_images=32",
-                "estimator.npoints=32", "estimator.batch_size=32", "estimator.vlb=false",
-                "estimator.pixel_maps=0"]
-    proc = launch("evaluate", *settings, cwd=tmp_path)
-    partial = tmp_path / "outputs" / "evaluate" / "killed9" / "partial"
-    deadline = time.time() + 240
-    while len(list(partial.glob("chunk_*.npz"))) < 3 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    settings = evaluation_settings(tmp_path, tiny_checkpoints[0], shared_cache, "killed9", 32,
+                                   "logger.flush_every_s=0.2")
+    proc, _ = launch_until_chunks(settings, tmp_path, "killed9")
     time.sleep(1.0)  # five flush intervals
     assert proc.poll() is None, "the evaluation ended before it could be killed: " + proc.communicate()[0]
     proc.kill()
