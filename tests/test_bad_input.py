@@ -50,6 +50,7 @@ BAD_VALUES = [
     ("device=cuda:x", "device='cuda:x' is not one of auto, cpu, cuda, cuda:N"),
     ("logger.backend=tensorboard", "logger.backend='tensorboard' is not one of wandb, none"),
     ("logger.mode=onlin", "logger.mode='onlin' is not one of offline, online, disabled"),
+    ("logger.flush_every_s=-1", "logger.flush_every_s=-1.0 must be >= 0"),
     ("model.kind=ddpmm", "model.kind='ddpmm' is not one of iddpm, masked_pixels"),
     ("model.noise_schedule=quadratic", "model.noise_schedule='quadratic' is not one of cosine, linear"),
     ("data.name=cifar100", "data.name='cifar100' is not one of cifar10, image_folder, npz, patches"),
@@ -62,7 +63,7 @@ GOOD_VALUES = [
     "finetune.ema_decay=0.5",
     "data.num_images=null", "data.num_images=1", "estimator.corrupt_fraction=1", "estimator.rounding=none",
     "estimator.logsnr_sampling=grid", "estimator.compile=reduce-overhead", "logger.mode=disabled",
-    "model.noise_schedule=linear",
+    "model.noise_schedule=linear", "logger.flush_every_s=0",
 ]
 
 
